@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each creates .venv if missing.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: demo test test-slow bench clean
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # CPU build first, so nothing pulls a CUDA torch
+	$(PY) -m pip install -q -e ".[dev,demo,plot]"
+	touch $(VENV_STAMP)
+
+demo: $(VENV_STAMP)
+	$(PY) -m lorakit.demo
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(VENV_STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV_STAMP)
+	$(PY) bench/dora_layer.py
+	$(PY) bench/mixed_batch.py
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,18 @@
+"""lorakit: low-rank adapters for any PyTorch model — create, train, shrink, combine, serve, inspect."""
+from . import errors
+from .config import AdapterConfig
+from .io import load_adapter, read_adapter, save_adapter
+from .model import (active_adapters, adapter_names, adapter_parameters, count_parameters, delete_adapter,
+                    disabled, get_config, inject, mark_trainable, merge, merge_and_unload, parameter_report,
+                    set_active, unload, unmerge)
+from .routing import BASE, route
+from .variants import get_variant, register_variant, variant_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "BASE", "active_adapters", "adapter_names", "adapter_parameters", "count_parameters",
+    "delete_adapter", "disabled", "errors", "get_config", "get_variant", "inject", "load_adapter",
+    "mark_trainable", "merge", "merge_and_unload", "parameter_report", "read_adapter", "register_variant",
+    "route", "save_adapter", "set_active", "unload", "unmerge", "variant_names",
+]

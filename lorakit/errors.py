@@ -1,0 +1,49 @@
+"""Typed exceptions. Each message says what was expected, what was found, and where."""
+
+
+class LorakitError(Exception):
+    """Base class of every lorakit error."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """An adapter config is malformed: unknown key, bad value, conflicting options."""
+
+
+class UnknownVariantError(ConfigError):
+    """A variant name or `peft_type` that no registered variant answers to."""
+
+
+class UnsupportedFeatureError(ConfigError):
+    """A PEFT feature lorakit does not implement (refused by name, never silently ignored)."""
+
+
+class TargetError(LorakitError, ValueError):
+    """Targets match nothing, or match a module that cannot be adapted."""
+
+
+class AdapterNameError(LorakitError, ValueError):
+    """An adapter name is invalid, unknown, or already taken."""
+
+
+class AdapterFileError(LorakitError):
+    """An adapter folder or file cannot be used. Subclasses say why."""
+
+
+class CorruptFileError(AdapterFileError):
+    """A file is missing, truncated, or not valid JSON / safetensors."""
+
+
+class PickleRefusedError(AdapterFileError):
+    """Only a pickle (`adapter_model.bin`) is present; lorakit never unpickles."""
+
+
+class StateDictError(AdapterFileError):
+    """Tensors in a file do not fit the model: missing or extra keys, wrong shapes, non-finite values."""
+
+
+class MergeError(LorakitError):
+    """A merge was refused (non-finite result in safe mode, unmergeable variant, bad state)."""
+
+
+class RoutingError(LorakitError, ValueError):
+    """A routing request cannot be served (unknown adapter, batch size mismatch, merged layers)."""

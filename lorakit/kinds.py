@@ -1,0 +1,169 @@
+"""How each supported base module maps to one matrix view W (out × in) and applies factors A, B.
+
+Variants are written once against this interface and work on every module type:
+`down(x, A)` maps input rows into rank space, `up(h, B)` maps back, `weight()` is W as (out, in),
+`to_layout(ΔW)` turns an (out, in) delta back into the base weight's own layout.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TargetError
+
+try:  # transformers is a dependency, but the core works on plain torch models too
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+class LinearKind:
+    """nn.Linear (weight out×in), or transformers Conv1D / `fan_in_fan_out` (weight in×out)."""
+
+    key_a, key_b, takes_dropout = "lora_A.weight", "lora_B.weight", True
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+        self.transposed = bool(Conv1D) and isinstance(base, Conv1D)  # PEFT's fan_in_fan_out
+        w = base.weight
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if self.transposed else w.shape
+
+    def a_shape(self, r):
+        return (r, self.in_features)
+
+    def b_shape(self, r):
+        return (self.out_features, r)
+
+    def weight(self) -> torch.Tensor:
+        w = self.base.weight
+        return w.T if self.transposed else w
+
+    def to_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.transposed else delta
+
+    def matrix(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor
+
+    def down(self, x, a):
+        return F.linear(x, a)
+
+    def up(self, h, b):
+        return F.linear(h, b)
+
+    def base_no_bias(self, x):
+        return F.linear(x, self.weight().to(x.dtype))
+
+    def per_out(self, vec: torch.Tensor) -> torch.Tensor:
+        """Shape an (out,) vector to broadcast against this layer's output."""
+        return vec
+
+    def vector_shape(self) -> tuple:
+        """File shape of a per-output vector (PEFT's DoRA magnitude)."""
+        return (self.out_features,)
+
+    def init_factors(self, a, b, how):
+        _init_down_up(a, b, how)
+
+
+class ConvKind(LinearKind):
+    """nn.Conv1d / nn.Conv2d: A is a conv with the base kernel/stride/padding, B a 1×…×1 conv."""
+
+    def __init__(self, base: nn.Module):
+        if base.groups != 1:
+            raise TargetError(f"grouped convolutions (groups={base.groups}) are not supported")
+        if base.padding_mode != "zeros":
+            raise TargetError(f"conv padding_mode={base.padding_mode!r} is not supported (only 'zeros')")
+        self.base, self.transposed = base, False
+        self.out_features = base.out_channels
+        self.in_features = base.weight[0].numel()
+        self.conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
+        self.ones = (1,) * (base.weight.dim() - 2)
+
+    def a_shape(self, r):
+        return (r, *self.base.weight.shape[1:])
+
+    def b_shape(self, r):
+        return (self.out_features, r, *self.ones)
+
+    def weight(self):
+        return self.base.weight.flatten(1)
+
+    def to_layout(self, delta):
+        return delta.view(self.base.weight.shape)
+
+    def matrix(self, factor):
+        return factor.flatten(1)
+
+    def down(self, x, a):
+        c = self.base
+        return self.conv(x, a, None, c.stride, c.padding, c.dilation)
+
+    def up(self, h, b):
+        return self.conv(h, b)
+
+    def base_no_bias(self, x):
+        c = self.base
+        return self.conv(x, c.weight.to(x.dtype), None, c.stride, c.padding, c.dilation)
+
+    def per_out(self, vec):
+        return vec.view(-1, *self.ones)
+
+    def vector_shape(self):
+        return (1, self.out_features, *self.ones)
+
+
+class EmbeddingKind(LinearKind):
+    """nn.Embedding as a linear map from one-hot ids: W = weight.T (dim × num_embeddings).
+
+    PEFT layout: `lora_embedding_A` (r, num_embeddings), `lora_embedding_B` (dim, r); init reversed
+    (A = 0, B normal). Dropout is not applied to ids.
+    """
+
+    key_a, key_b, takes_dropout = "lora_embedding_A", "lora_embedding_B", False
+
+    def __init__(self, base: nn.Module):
+        self.base, self.transposed = base, True
+        self.in_features, self.out_features = base.weight.shape
+
+    def down(self, ids, a):
+        e = self.base
+        return F.embedding(ids, a.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+
+    def base_no_bias(self, ids):
+        return self.base(ids)
+
+    def init_factors(self, a, b, how):
+        with torch.no_grad():  # reversed: A = 0, B ~ N(0, 1) as nn.Embedding; `False` makes both random
+            nn.init.normal_(a) if how is False else nn.init.zeros_(a)
+            nn.init.normal_(b)
+
+
+def _init_down_up(down: torch.Tensor, up: torch.Tensor, how) -> None:
+    """PEFT's init: `True` → kaiming-uniform(a=√5) down, zero up; "gaussian" → N(0, 1/r) down;
+    `False` → both random (a non-identity adapter, for tests)."""
+    with torch.no_grad():
+        if how == "gaussian":
+            nn.init.normal_(down, std=1 / down.shape[0])
+        else:
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        if how is False:
+            nn.init.kaiming_uniform_(up, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(up)
+
+
+def kind_for(module: nn.Module):
+    """The kind for a supported module, or None."""
+    if isinstance(module, nn.Embedding):
+        return EmbeddingKind(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return ConvKind(module)
+    if isinstance(module, nn.Linear) or (Conv1D and isinstance(module, Conv1D)):
+        return LinearKind(module)
+    return None
+
+
+SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, transformers Conv1D"

@@ -1,0 +1,146 @@
+"""The adapted layer: keeps the original module as `base_layer` and holds any number of named adapters."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import MergeError, RoutingError
+from .kinds import kind_for
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps one base module; output = base(x) + Σ over active adapters of their deltas.
+
+    Under `lorakit.route(...)`, `routing` is set and each adapter runs only on its own rows,
+    at its own rank, on contiguous slices of the (stably sorted) batch.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind_for(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+        self.merged: dict[str, Optional[torch.Tensor]] = {}  # name → row scale used at merge time
+        self.routing = None
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, x, *args, **kwargs):
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        if self.routing is not None:
+            return self._routed(x, out)
+        names = [n for n in self.active if n in self.adapters and n not in self.merged]
+        if not names:
+            return out
+        xa = self._cast(x, names[0])
+        y = out
+        for name in names:
+            y = y + self.adapters[name].delta(xa, out)
+        return y.to(out.dtype)
+
+    def _cast(self, x, name):
+        dtype = self.adapters[name].lora_dtype
+        return x.to(dtype) if x.is_floating_point() else x
+
+    def _routed(self, x, out):
+        if self.merged:
+            raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
+        plan = self.routing.plan(x.shape[0], x.device)
+        pieces, rows = [], []
+        for name, start, stop in plan.segments:
+            variant = self.adapters[name] if name in self.adapters else None
+            if variant is None:
+                continue  # this adapter does not touch this layer
+            idx = plan.order[start:stop]
+            if plan.identity:
+                xs, ys = x[start:stop], out[start:stop]
+            else:
+                xs, ys = x.index_select(0, idx), out.index_select(0, idx)
+            pieces.append(variant.delta(self._cast(xs, name), ys))
+            rows.append((start, stop))
+        if not pieces:
+            return out
+        delta = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if plan.identity and len(plan.order) == out.shape[0] and len(rows) == len(plan.segments):
+            return (out + delta).to(out.dtype)  # every row routed, already in order: no scatter
+        idx = torch.cat([plan.order[a:b] for a, b in rows]) if len(rows) > 1 else plan.order[rows[0][0]:rows[0][1]]
+        return out.to(delta.dtype).index_add(0, idx, delta).to(out.dtype)
+
+    # ---- merging -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_merged(self, names: list[str], safe: bool = False) -> None:
+        """Make exactly `names` (those this layer holds) folded into the base weight.
+
+        Effective weight of one adapter: c ⊙ (W + ΔW) with c its row scale (1 for LoRA); several
+        merged adapters add their changes. Unmerging solves the same relation back for W.
+        """
+        names = [n for n in dict.fromkeys(names) if n in self.adapters]
+        if list(self.merged) == names:
+            return
+        for n in names:
+            if not self.adapters[n].mergeable:
+                raise MergeError(f"adapter {n!r} ({self.adapters[n].name}) cannot be merged into one weight")
+        original = self._unmerged_weight()
+        scales = {n: self.merged[n] if n in self.merged else self.adapters[n].row_scale(original) for n in names}
+        new = original.clone()
+        for n, c in scales.items():
+            d = self.adapters[n].delta_weight().float()
+            new += d if c is None else c[:, None] * (original + d) - original
+        if safe and not torch.isfinite(new).all():
+            raise MergeError(f"merging {names} gives non-finite weights in {type(self.base_layer).__name__}; "
+                             "nothing was changed")
+        self._write_weight(new)
+        self.merged = scales
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """W recovered from merged = W·(1 + Σ(c−1)) + Σ c·ΔW (c = 1 for plain deltas); fp32 (out, in)."""
+        w = self.kind.weight().float()
+        if not self.merged:
+            return w.clone()
+        num, den = w.clone(), torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
+        for n, c in self.merged.items():
+            d = self.adapters[n].delta_weight().float()
+            num -= d if c is None else c[:, None] * d
+            if c is not None:
+                den += c - 1
+        return num / den[:, None]
+
+    def _write_weight(self, matrix: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w.copy_(self.kind.to_layout(matrix).to(w.dtype))
+
+
+class TrainedCopy(nn.Module):
+    """PEFT's `modules_to_save`: a fully trained copy of a module (e.g. a classification head) per adapter."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+        self.routing = None
+
+    def add(self, name: str) -> nn.Module:
+        self.copies[name] = copy.deepcopy(self.original_module)
+        return self.copies[name]
+
+    def forward(self, x, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
+        if self.routing is None:
+            name = next((n for n in self.active if n in self.copies), None)
+            return (self.copies[name] if name else self.original_module)(x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs)
+        plan = self.routing.plan(x.shape[0], x.device)
+        for name, start, stop in plan.segments:
+            if name in self.copies:
+                idx = plan.order[start:stop]
+                out = out.index_copy(0, idx, self.copies[name](x.index_select(0, idx), *args, **kwargs))
+        return out

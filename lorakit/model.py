@@ -1,0 +1,362 @@
+"""Adapters on a model: inject, activate, disable, delete, merge, unmerge, unload, trainable params."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_TARGETS, AdapterConfig, is_targeted, name_matches
+from .errors import AdapterNameError, MergeError, TargetError
+from .kinds import SUPPORTED, Conv1D, kind_for
+from .layers import AdaptedLayer, TrainedCopy
+from .routing import BASE
+from .variants import Variant, get_variant
+
+BOOK_ATTR = "_lorakit"
+
+
+@dataclass
+class _Book:
+    """What lorakit keeps on a model: each adapter's config, and which adapters are active."""
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def _book(model: nn.Module) -> _Book:
+    if not hasattr(model, BOOK_ATTR):
+        object.__setattr__(model, BOOK_ATTR, _Book())
+    return getattr(model, BOOK_ATTR)
+
+
+def check_name(name: str) -> None:
+    bad = not isinstance(name, str) or not name or any(s in name for s in ("/", "\\", "..", ".")) or name == BASE
+    if bad or name != name.strip():
+        raise AdapterNameError(f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' "
+                               f"or surrounding spaces, other than {BASE!r}")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(_book(model).configs)
+
+
+def get_config(model: nn.Module, name: str = "default") -> AdapterConfig:
+    return _book(model).configs[_known(model, name)]
+
+
+def _known(model: nn.Module, name: str) -> str:
+    if name not in _book(model).configs:
+        raise AdapterNameError(f"no adapter named {name!r}; this model has {adapter_names(model)}")
+    return name
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for path, m in model.named_modules():
+        if isinstance(m, (AdaptedLayer, TrainedCopy)):
+            yield path, m
+
+
+# ---- targeting ---------------------------------------------------------------------------------
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) for every module except the root and the insides of lorakit wrappers."""
+    inside: Optional[str] = None
+    for path, m in model.named_modules():
+        if not path or (inside is not None and path.startswith(inside)):
+            continue
+        if isinstance(m, (AdaptedLayer, TrainedCopy)):
+            inside = path + "."
+        yield path, m
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def _all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
+    linear = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+    names = [p for p, m in _candidates(model) if isinstance(_base_of(m), linear)]
+    skip = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None and config.task_type == "SEQ_CLS":
+        head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    for p, m in _candidates(model):
+        if head is not None and _base_of(m) is head:
+            skip.add(p)
+    return [p for p in names if p not in skip]
+
+
+def resolve_targets(model: nn.Module, config: AdapterConfig):
+    """The `target_modules` to match with: explicit, "all-linear" expanded, or the model's default."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise TargetError(f"target_modules is not set and there is no default for model type {model_type!r}; "
+                              f"defaults exist for {sorted(DEFAULT_TARGETS)}")
+        return DEFAULT_TARGETS[model_type]
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return _all_linear(model, config)
+    return targets
+
+
+def plan_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module this config adapts; raises TargetError when there are none."""
+    targets = resolve_targets(model, config)
+    found = []
+    for path, module in _candidates(model):
+        if isinstance(module, TrainedCopy) or not is_targeted(config, path, targets):
+            continue
+        if kind_for(_base_of(module)) is None:
+            raise TargetError(f"target {path!r} is a {type(module).__name__}, which cannot be adapted; "
+                              f"supported: {SUPPORTED}")
+        found.append((path, module))
+    if not found:
+        raise TargetError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}, "
+                          f"layers_to_transform={config.layers_to_transform!r}) matched no module of "
+                          f"{type(model).__name__}; module names look like {_sample_names(model)}")
+    return found
+
+
+def _sample_names(model: nn.Module, k: int = 6) -> list[str]:
+    names = [p for p, m in _candidates(model) if kind_for(_base_of(m)) is not None]
+    return names[:k]
+
+
+def _saved_modules(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    if not config.modules_to_save:
+        return []
+    found = [(p, m) for p, m in _candidates(model)
+             if name_matches(config.modules_to_save, p) and not isinstance(m, AdaptedLayer)]
+    missing = [s for s in config.modules_to_save if not any(name_matches([s], p) for p, _ in found)]
+    if missing:
+        raise TargetError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+    return found
+
+
+# ---- building and attaching --------------------------------------------------------------------
+@dataclass
+class PreparedAdapter:
+    """An adapter built for a model but not yet attached: its variants and module copies by path."""
+
+    name: str
+    config: AdapterConfig
+    variants: dict[str, Variant]
+    copies: dict[str, nn.Module]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return _tensor_map(self.variants, self.copies)
+
+
+def _tensor_map(variants: dict[str, Variant], copies: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    out = {f"{p}.{k}": t for p, v in variants.items() for k, t in v.file_tensors().items()}
+    out.update({f"{p}.{k}": t for p, c in copies.items() for k, t in c.state_dict(keep_vars=True).items()})
+    return out
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters on half-precision bases are kept in fp32 (PEFT's autocast_adapter_dtype)."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() \
+        else weight.dtype
+
+
+def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool = True) -> PreparedAdapter:
+    """Build an adapter for `model` without touching it (validates name, targets, modules_to_save)."""
+    check_name(name)
+    if name in _book(model).configs:
+        raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+    cls = get_variant(config.variant)
+    if config.target_modules is None or config.target_modules == "all-linear":
+        config = dataclasses.replace(config, target_modules=sorted(resolve_targets(model, config)))
+    variants = {}
+    for path, module in plan_targets(model, config):
+        base = _base_of(module)
+        kind = module.kind if isinstance(module, AdaptedLayer) else kind_for(base)
+        variant = cls(kind, config.rank_for(path), config.scale_for(path), config.lora_dropout, config)
+        variant.to(device=base.weight.device, dtype=adapter_dtype(base.weight))
+        if initialize:
+            variant.initialize(config.init_lora_weights)
+        variants[path] = variant
+    copies = {}
+    for path, module in _saved_modules(model, config):
+        original = module.original_module if isinstance(module, TrainedCopy) else module
+        copies[path] = TrainedCopy(original).add(name)
+    return PreparedAdapter(name, config, variants, copies)
+
+
+def attach(model: nn.Module, prepared: PreparedAdapter) -> None:
+    """Put a prepared adapter on the model (wrapping modules on first use); activate it if none is active."""
+    modules = dict(model.named_modules())
+    name = prepared.name
+    for path, variant in prepared.variants.items():
+        layer = modules[path]
+        if not isinstance(layer, AdaptedLayer):
+            layer = AdaptedLayer(layer)
+            _replace(model, path, layer)
+        layer.adapters[name] = variant
+    for path, copy_ in prepared.copies.items():
+        wrapper = modules[path]
+        if not isinstance(wrapper, TrainedCopy):
+            wrapper = TrainedCopy(wrapper)
+            _replace(model, path, wrapper)
+        wrapper.copies[name] = copy_
+    book = _book(model)
+    book.configs[name] = prepared.config
+    set_active(model, book.active or [name])
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+    """Add adapter `name` to every module `config` targets; returns the same (mutated) model.
+
+    The base model is frozen and the new adapter's parameters are trainable. The adapter is
+    activated when no other adapter is active.
+    """
+    attach(model, prepare(model, config, name))
+    mark_trainable(model, [name])
+    return model
+
+
+# ---- activation --------------------------------------------------------------------------------
+def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Activate one or several adapters (their deltas are summed)."""
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        _known(model, n)
+    _book(model).active = names
+    for _, w in wrappers(model):
+        w.active = list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(_book(model).active)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Run the base model only inside this context (merged layers are unmerged, then re-merged)."""
+    merged = {id(m): list(m.merged) for _, m in wrappers(model) if getattr(m, "merged", None)}
+    for _, w in wrappers(model):
+        if isinstance(w, AdaptedLayer) and id(w) in merged:
+            w.set_merged([])
+        w.disabled = True
+    try:
+        yield model
+    finally:
+        for _, w in wrappers(model):
+            w.disabled = False
+            if id(w) in merged:
+                w.set_merged(merged[id(w)])
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; modules left with no adapter get their original module back."""
+    _known(model, name)
+    for path, w in list(wrappers(model)):
+        if isinstance(w, AdaptedLayer) and name in w.merged:
+            raise MergeError(f"adapter {name!r} is merged into {path}; unmerge before deleting it")
+    for path, w in list(wrappers(model)):
+        held = w.adapters if isinstance(w, AdaptedLayer) else w.copies
+        if name in held:
+            del held[name]
+        if not len(held):
+            _replace(model, path, _base_of(w) if isinstance(w, AdaptedLayer) else w.original_module)
+    book = _book(model)
+    del book.configs[name]
+    set_active(model, [n for n in book.active if n != name])
+
+
+# ---- merging -----------------------------------------------------------------------------------
+def _layers(model: nn.Module) -> list[AdaptedLayer]:
+    return [w for _, w in wrappers(model) if isinstance(w, AdaptedLayer)]
+
+
+def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe: bool = False) -> None:
+    """Fold adapters (default: the active ones) into the base weights.
+
+    With `safe=True` a non-finite result raises MergeError and every layer is left as it was.
+    """
+    names = [_known(model, n) for n in (adapter_names or active_adapters(model))]
+    before = [(layer, list(layer.merged)) for layer in _layers(model)]
+    try:
+        for layer, was in before:
+            layer.set_merged(was + [n for n in names if n not in was], safe=safe)
+    except Exception:
+        for layer, was in before:
+            layer.set_merged(was)
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every base weight (within float rounding)."""
+    for layer in _layers(model):
+        layer.set_merged([])
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove all adapters and give the original modules back (unmerging first)."""
+    unmerge(model)
+    return _strip(model, keep_copy_of=[])
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe: bool = False) -> nn.Module:
+    """Merge adapters (default: active) and return a plain model with no lorakit modules."""
+    names = adapter_names or active_adapters(model)
+    merge(model, names, safe=safe)
+    return _strip(model, keep_copy_of=names)
+
+
+def _strip(model: nn.Module, keep_copy_of: list[str]) -> nn.Module:
+    for path, w in list(wrappers(model)):
+        if isinstance(w, AdaptedLayer):
+            _replace(model, path, w.base_layer)
+        else:
+            name = next((n for n in keep_copy_of if n in w.copies), None)
+            _replace(model, path, w.copies[name] if name else w.original_module)
+    object.__delattr__(model, BOOK_ATTR) if hasattr(model, BOOK_ATTR) else None
+    return model
+
+
+# ---- trainable parameters ----------------------------------------------------------------------
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of adapter `name` by file key (module path + PEFT key suffix), live."""
+    _known(model, name)
+    variants, copies = {}, {}
+    for path, w in wrappers(model):
+        if isinstance(w, AdaptedLayer) and name in w.adapters:
+            variants[path] = w.adapters[name]
+        elif isinstance(w, TrainedCopy) and name in w.copies:
+            copies[path] = w.copies[name]
+    return _tensor_map(variants, copies)
+
+
+def mark_trainable(model: nn.Module, names: Optional[list[str]] = None) -> None:
+    """Freeze everything except the parameters of adapters `names` (default: active ones)."""
+    names = names if names is not None else active_adapters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        for t in adapter_parameters(model, n).values():
+            if isinstance(t, nn.Parameter) and t.is_floating_point():
+                t.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared tensors counted once."""
+    seen = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    return sum(p.numel() for p in seen.values() if p.requires_grad), total
+
+
+def parameter_report(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"

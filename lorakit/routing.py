@@ -1,0 +1,94 @@
+"""Which adapter applies to which rows of a batch: built once, shared by every adapted layer.
+
+`with lorakit.route(model, adapter_names=[...]):` assigns one adapter (or "__base__") to each row.
+The rows are stably sorted by adapter once; each layer then runs every distinct adapter on its
+contiguous slice at that adapter's own rank. The plan for a given number of rows is cached, so a
+model forward builds it at most once, and it stays valid for a backward that recomputes
+(gradient checkpointing) as long as the context is open.
+
+Rows are the first axis of each layer's input. An input with k·N rows for N names (beam search,
+`num_return_sequences`, or a model that flattens (batch, tokens) into one token axis) maps row i
+to name i // k, i.e. the names are repeat-interleaved over the flattened token axis.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import RoutingError
+
+BASE = "__base__"
+
+
+@dataclass
+class Plan:
+    """Routed rows in stable adapter order, and each adapter's [start, stop) slice of `order`."""
+
+    order: torch.Tensor  # long, rows that use some adapter, grouped by adapter
+    segments: list[tuple[str, int, int]]
+    identity: bool  # order == arange(len(order)): slices of the input are views, no gather needed
+
+
+class Routing:
+    """Per-row adapter names for one batch; plans are computed once per (rows, device)."""
+
+    def __init__(self, adapter_names: list[str]):
+        self.names = list(adapter_names)
+        self.distinct = list(dict.fromkeys(n for n in self.names if n != BASE))
+        self._plans: dict[tuple[int, torch.device], Plan] = {}
+
+    def plan(self, rows: int, device: torch.device) -> Plan:
+        key = (rows, device)
+        if key not in self._plans:
+            self._plans[key] = self._build_plan(rows, device)
+        return self._plans[key]
+
+    def _build_plan(self, rows: int, device: torch.device) -> Plan:
+        n = len(self.names)
+        if n == 0 or rows % n:
+            raise RoutingError(f"routing has {n} adapter names but a layer got {rows} rows; "
+                               f"the row count must be a multiple of the number of names")
+        k = rows // n
+        order, segments = [], []
+        for name in self.distinct:
+            members = [i * k + j for i, a in enumerate(self.names) if a == name for j in range(k)]
+            segments.append((name, len(order), len(order) + len(members)))
+            order += members
+        identity = order == list(range(len(order)))
+        return Plan(torch.tensor(order, dtype=torch.long, device=device), segments, identity)
+
+
+def routed_modules(model: nn.Module) -> list[nn.Module]:
+    from .layers import AdaptedLayer, TrainedCopy
+
+    return [m for m in model.modules() if isinstance(m, (AdaptedLayer, TrainedCopy))]
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, adapter_names: list[str]):
+    """Run each row of the batch with its own adapter ("__base__" = none) inside this context.
+
+    Works for forward, `generate()` and backward (training on a mixed batch sends each adapter the
+    gradient of its own rows only). Refused while any layer is merged.
+    """
+    from .model import adapter_names as known_names
+
+    known = set(known_names(model))
+    unknown = sorted({n for n in adapter_names if n != BASE} - known)
+    if unknown:
+        raise RoutingError(f"unknown adapter name(s) {unknown}; this model has {sorted(known)} and {BASE!r}")
+    modules = routed_modules(model)
+    if any(getattr(m, "merged", None) for m in modules):
+        raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
+    routing = Routing(adapter_names)
+    previous = [m.routing for m in modules]
+    for m in modules:
+        m.routing = routing
+    try:
+        yield routing
+    finally:
+        for m, prev in zip(modules, previous):
+            m.routing = prev

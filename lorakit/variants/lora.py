@@ -1,0 +1,44 @@
+"""LoRA (Hu et al. 2022): y = W x + s·B A dropout(x), s = α/r (α/√r with rsLoRA)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import register_variant
+from .base import Variant
+
+
+@register_variant
+class LoRA(Variant):
+    """Trainable A (r×in, "down") and B (out×r, "up"); A kaiming-uniform, B = 0 by default."""
+
+    name = "lora"
+
+    def __init__(self, kind, r, scale, dropout, config):
+        super().__init__(kind, r, scale, dropout, config)
+        self.lora_A = nn.Parameter(torch.empty(kind.a_shape(r)))
+        self.lora_B = nn.Parameter(torch.empty(kind.b_shape(r)))
+
+    def initialize(self, how):
+        self.kind.init_factors(self.lora_A, self.lora_B, how)
+
+    def lora_out(self, x):
+        """s·B·A·x (pass x after dropout)."""
+        return self.kind.up(self.kind.down(x, self.lora_A), self.lora_B) * self.scale
+
+    def delta(self, x, base_out):
+        return self.lora_out(self.dropout(x))
+
+    def file_tensors(self):
+        return {self.kind.key_a: self.lora_A, self.kind.key_b: self.lora_B}
+
+    def matrices(self):
+        """(A, B, s) with A as (r, in) and B as (out, r) matrices."""
+        return self.kind.matrix(self.lora_A), self.kind.matrix(self.lora_B), self.scale
+
+    def factors(self):
+        return self.matrices()
+
+    def delta_weight(self):
+        a, b, s = self.matrices()
+        return (b @ a) * s
