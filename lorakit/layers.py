@@ -38,6 +38,9 @@ class AdaptedLayer(nn.Module):
         names = [n for n in self.active if n in self.adapters and n not in self.merged]
         if not names:
             return out
+        if self.merged and any(self.adapters[n].reads_base_weight for n in names):
+            raise MergeError(f"adapters {names} read the base weight, which has {list(self.merged)} merged into it; "
+                             "merge them too, or unmerge first")
         xa = self._cast(x, names[0])
         y = out
         for name in names:
@@ -74,41 +77,54 @@ class AdaptedLayer(nn.Module):
 
     # ---- merging -----------------------------------------------------------------------------
     @torch.no_grad()
-    def set_merged(self, names: list[str], safe: bool = False) -> None:
-        """Make exactly `names` (those this layer holds) folded into the base weight.
+    def merged_weight(self, names: list[str]) -> tuple[torch.Tensor, dict[str, Optional[torch.Tensor]]]:
+        """The (out, in) fp64 weight with exactly `names` folded in, and each one's row scale.
 
-        Effective weight of one adapter: c ⊙ (W + ΔW) with c its row scale (1 for LoRA); several
-        merged adapters add their changes. Unmerging solves the same relation back for W.
+        Effective weight of one adapter: c ⊙ (W + ΔW), c its row scale (1 for LoRA); several merged
+        adapters add their changes. Unmerging solves the same relation back for W.
         """
-        names = [n for n in dict.fromkeys(names) if n in self.adapters]
-        if list(self.merged) == names:
-            return
-        for n in names:
-            if not self.adapters[n].mergeable:
-                raise MergeError(f"adapter {n!r} ({self.adapters[n].name}) cannot be merged into one weight")
+        names = self.check_mergeable(names)
         original = self._unmerged_weight()
         scales = {n: self.merged[n] if n in self.merged else self.adapters[n].row_scale(original) for n in names}
         new = original.clone()
         for n, c in scales.items():
-            d = self.adapters[n].delta_weight().float()
-            new += d if c is None else c[:, None] * (original + d) - original
-        if safe and not torch.isfinite(new).all():
-            raise MergeError(f"merging {names} gives non-finite weights in {type(self.base_layer).__name__}; "
-                             "nothing was changed")
-        self._write_weight(new)
-        self.merged = scales
+            d = self.adapters[n].delta_weight().double()
+            new += d if c is None else c.double()[:, None] * (original + d) - original
+        return new, scales
+
+    def check_mergeable(self, names: list[str]) -> list[str]:
+        """The names this layer holds, in order; MergeError if one cannot be merged."""
+        names = [n for n in dict.fromkeys(names) if n in self.adapters]
+        for n in names:
+            if not self.adapters[n].mergeable:
+                raise MergeError(f"adapter {n!r} ({self.adapters[n].name}) cannot be merged into one weight")
+        return names
+
+    @torch.no_grad()
+    def set_merged(self, names: list[str]) -> None:
+        """Make exactly `names` (those this layer holds) merged into the base weight.
+
+        Unmerging restores W up to one fp32 rounding of the merged weight, amplified by 1/c for DoRA:
+        within 1e-6·max|W| while ΔW is not much larger than W.
+        """
+        if list(self.merged) != self.check_mergeable(names):
+            new, self.merged = self.merged_weight(names)
+            self._write_weight(new)
 
     def _unmerged_weight(self) -> torch.Tensor:
-        """W recovered from merged = W·(1 + Σ(c−1)) + Σ c·ΔW (c = 1 for plain deltas); fp32 (out, in)."""
-        w = self.kind.weight().float()
+        """W recovered from merged = W·(1 + Σ(c−1)) + Σ c·ΔW (c = 1 for plain deltas); fp64 (out, in).
+
+        fp64 arithmetic leaves one rounding of the stored weight as the only error.
+        """
+        w = self.kind.weight().double()
         if not self.merged:
-            return w.clone()
+            return w
         num, den = w.clone(), torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
         for n, c in self.merged.items():
-            d = self.adapters[n].delta_weight().float()
-            num -= d if c is None else c[:, None] * d
+            d = self.adapters[n].delta_weight().double()
+            num -= d if c is None else c.double()[:, None] * d
             if c is not None:
-                den += c - 1
+                den += c.double() - 1
         return num / den[:, None]
 
     def _write_weight(self, matrix: torch.Tensor) -> None:

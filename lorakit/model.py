@@ -127,12 +127,19 @@ def _sample_names(model: nn.Module, k: int = 6) -> list[str]:
     return names[:k]
 
 
+# Heads PEFT appends to `modules_to_save` for these task types (so its files list names a model may lack).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
 def _saved_modules(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
     if not config.modules_to_save:
         return []
     found = [(p, m) for p, m in _candidates(model)
              if name_matches(config.modules_to_save, p) and not isinstance(m, AdaptedLayer)]
-    missing = [s for s in config.modules_to_save if not any(name_matches([s], p) for p, _ in found)]
+    optional = TASK_HEADS.get(config.task_type, ())  # PEFT adds these for the task; a model has one of them
+    missing = [s for s in config.modules_to_save
+               if s not in optional and not any(name_matches([s], p) for p, _ in found)]
     if missing:
         raise TargetError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
     return found
@@ -286,14 +293,14 @@ def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe: boo
     With `safe=True` a non-finite result raises MergeError and every layer is left as it was.
     """
     names = [_known(model, n) for n in (adapter_names or active_adapters(model))]
-    before = [(layer, list(layer.merged)) for layer in _layers(model)]
-    try:
-        for layer, was in before:
-            layer.set_merged(was + [n for n in names if n not in was], safe=safe)
-    except Exception:
-        for layer, was in before:
-            layer.set_merged(was)
-        raise
+    plan = [(path, layer, list(layer.merged) + [n for n in names if n not in layer.merged])
+            for path, layer in wrappers(model) if isinstance(layer, AdaptedLayer)]
+    for path, layer, wanted in plan:  # check every layer before writing any
+        layer.check_mergeable(wanted)
+        if safe and not torch.isfinite(layer.merged_weight(wanted)[0]).all():
+            raise MergeError(f"merging {names} gives non-finite weights in {path}; nothing was changed")
+    for _, layer, wanted in plan:
+        layer.set_merged(wanted)
 
 
 def unmerge(model: nn.Module) -> None:

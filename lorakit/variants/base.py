@@ -21,6 +21,7 @@ class Variant(nn.Module):
     name: ClassVar[str]
     peft_type: ClassVar[str] = "LORA"
     mergeable: ClassVar[bool] = True
+    reads_base_weight: ClassVar[bool] = False  # True when the output depends on W (cannot run on a merged W)
 
     def __init__(self, kind, r: int, scale: float, dropout: float, config):
         super().__init__()

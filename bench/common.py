@@ -1,0 +1,131 @@
+"""Shared benchmark helpers: interleaved median timing, peak RSS, machine info, BENCHMARKS.md sections."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def compare(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> dict[str, float]:
+    """Median wall time (s) of each function, run round-robin so load changes hit all of them alike.
+
+    Every call runs under `torch.no_grad()` unless the function manages grad itself (callers pass
+    training steps that enable grad inside).
+    """
+    times = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """Current resident set size (VmRSS) of this process."""
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size (VmHWM) since process start or the last `reset_peak_rss()`."""
+    return _status_kb("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux `/proc/self/clear_refs` = 5); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_subprocess(args: list[str]) -> str:
+    """Run `python <args>` with the same interpreter and return its stdout (raises on failure)."""
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    if res.returncode:
+        raise RuntimeError(f"subprocess {args} failed:\n{res.stdout}\n{res.stderr}")
+    return res.stdout
+
+
+# ---- reporting -------------------------------------------------------------------------------
+def cpu_model() -> str:
+    name, fam, model, flags = platform.processor() or "?", "?", "?", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        name = re.search(r"^model name\s*:\s*(.+)$", text, re.M).group(1).strip()
+        fam = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.M).group(1)
+        model = re.search(r"^model\s*:\s*(\d+)$", text, re.M).group(1)
+        flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
+    except (OSError, AttributeError):
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} (family {fam} model {model}; {', '.join(isa) or 'no AVX2'})"
+
+
+def machine_info() -> list[str]:
+    import peft
+    import transformers
+
+    return [
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(key: str, title: str, body: str) -> None:
+    """Replace (or append) this script's section of BENCHMARKS.md, delimited by HTML comments."""
+    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    section = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (
+        "# Benchmarks\n\nEach section is written by the script named in it (`.venv/bin/python bench/<name>.py`);"
+        " re-running a script replaces only its own section.\n")
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def header_lines(load_before: str, extra: list[str] = ()) -> str:
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return "\n".join([f"- Date: {now}", *machine_info(), f"- Load average (1/5/15 min) at start: {load_before}, "
+                      f"at end: {load_average()}", *extra])
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}" if seconds < 1 else f"{seconds * 1e3:.0f}"
