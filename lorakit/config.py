@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -82,6 +83,7 @@ class AdapterConfig:
     def __post_init__(self):
         from .variants import get_variant  # late: variants import this module
 
+        _check_types(self)
         if self.use_dora and self.variant not in ("lora", "dora"):
             raise ConfigError(f"use_dora=True conflicts with variant={self.variant!r}; use one of them")
         if self.use_dora:
@@ -167,6 +169,39 @@ class AdapterConfig:
         return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
 
 
+def _check_types(config: AdapterConfig) -> None:
+    """ConfigError for values of the wrong type (a JSON file can hold anything)."""
+    def number(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def names(v):
+        return v is None or isinstance(v, str) or (isinstance(v, (list, tuple, set))
+                                                   and all(isinstance(x, str) for x in v))
+
+    def layers(v):
+        return v is None or integer(v) or (isinstance(v, (list, tuple)) and all(integer(i) for i in v))
+
+    def by_name(v):
+        return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+    checks = {"lora_alpha": (number, "a finite number"), "lora_dropout": (number, "a number in [0, 1)"),
+              "layers_to_transform": (layers, "an int, a list of ints, or null")}
+    checks.update({k: (lambda v: isinstance(v, bool), "true or false")
+                   for k in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode")})
+    checks.update({k: (names, "a string, a list of strings, or null")
+                   for k in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save")})
+    checks.update({k: (by_name, "an object mapping module names to values") for k in ("rank_pattern", "alpha_pattern")})
+    for key, (ok, expected) in checks.items():
+        if not ok(getattr(config, key)):
+            raise ConfigError(f"{key} must be {expected}, got {getattr(config, key)!r}")
+    for key, value in config.alpha_pattern.items():
+        if not number(value):
+            raise ConfigError(f"alpha_pattern[{key!r}] must be a finite number, got {value!r}")
+
+
 def _check_rank(label: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{label} must be a positive int, got {value!r}")
@@ -208,8 +243,8 @@ def is_targeted(config: AdapterConfig, module_path: str, targets: Union[str, lis
     if not name_matches(targets, module_path):
         return False
     wanted = config.layers_to_transform
-    if isinstance(targets, str) or wanted is None or wanted == []:
-        return True
+    if isinstance(targets, str) or wanted is None or wanted == [] or module_path in targets:
+        return True  # as PEFT: a target given as its exact path is not subject to layer selection
     index = layer_index(module_path, config.layers_pattern)
     if index is None:
         return False

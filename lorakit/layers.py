@@ -1,7 +1,6 @@
 """The adapted layer: keeps the original module as `base_layer` and holds any number of named adapters."""
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -55,18 +54,26 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
         plan = self.routing.plan(x.shape[0], x.device)
+        segments = [(self.adapters[name], name, start, stop) for name, start, stop in plan.segments
+                    if name in self.adapters]  # adapters that do not touch this layer are skipped
+        if not segments:
+            return out
+        if plan.identity:  # slices are views
+            xs_all, ys_all = x, out
+        else:  # one gather for all routed rows, then contiguous slices per adapter
+            xs_all, ys_all = x.index_select(0, plan.order), out.index_select(0, plan.order)
+        in_place = not torch.is_grad_enabled()  # nothing can have saved `out` for a backward
         pieces, rows = [], []
-        for name, start, stop in plan.segments:
-            variant = self.adapters[name] if name in self.adapters else None
-            if variant is None:
-                continue  # this adapter does not touch this layer
-            idx = plan.order[start:stop]
-            if plan.identity:
-                xs, ys = x[start:stop], out[start:stop]
+        for variant, name, start, stop in segments:
+            d = variant.delta(self._cast(xs_all[start:stop], name), ys_all[start:stop])
+            if in_place and d.dtype == out.dtype:  # no autograd: add straight into the base output
+                if plan.identity:
+                    out[start:stop] += d
+                else:
+                    out.index_add_(0, plan.order[start:stop], d)
             else:
-                xs, ys = x.index_select(0, idx), out.index_select(0, idx)
-            pieces.append(variant.delta(self._cast(xs, name), ys))
-            rows.append((start, stop))
+                pieces.append(d)
+                rows.append((start, stop))
         if not pieces:
             return out
         delta = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
@@ -142,10 +149,6 @@ class TrainedCopy(nn.Module):
         self.active: list[str] = []
         self.disabled = False
         self.routing = None
-
-    def add(self, name: str) -> nn.Module:
-        self.copies[name] = copy.deepcopy(self.original_module)
-        return self.copies[name]
 
     def forward(self, x, *args, **kwargs):
         if self.disabled:

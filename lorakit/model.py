@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -190,13 +191,22 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool
         variants[path] = variant
     copies = {}
     for path, module in _saved_modules(model, config):
-        original = module.original_module if isinstance(module, TrainedCopy) else module
-        copies[path] = TrainedCopy(original).add(name)
+        copies[path] = copy.deepcopy(module.original_module if isinstance(module, TrainedCopy) else module)
     return PreparedAdapter(name, config, variants, copies)
 
 
-def attach(model: nn.Module, prepared: PreparedAdapter) -> None:
-    """Put a prepared adapter on the model (wrapping modules on first use); activate it if none is active."""
+def attach(model: nn.Module, prepared: PreparedAdapter, trainable: bool = True) -> None:
+    """Put a prepared adapter on the model (wrapping modules on first use); activate it if none is active.
+
+    The base model is frozen; the new adapter's tensors get `requires_grad=trainable`; other adapters keep theirs.
+    """
+    adapter_ids = {id(t) for n in adapter_names(model) for t in adapter_parameters(model, n).values()}
+    for p in model.parameters():
+        if id(p) not in adapter_ids:
+            p.requires_grad_(False)
+    for t in prepared.tensors().values():
+        if isinstance(t, nn.Parameter):
+            t.requires_grad_(trainable and t.is_floating_point())
     modules = dict(model.named_modules())
     name = prepared.name
     for path, variant in prepared.variants.items():
@@ -229,7 +239,6 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
     activated when no other adapter is active.
     """
     attach(model, prepare(model, config, name))
-    mark_trainable(model, [name])
     return model
 
 
@@ -329,7 +338,8 @@ def _strip(model: nn.Module, keep_copy_of: list[str]) -> nn.Module:
         else:
             name = next((n for n in keep_copy_of if n in w.copies), None)
             _replace(model, path, w.copies[name] if name else w.original_module)
-    object.__delattr__(model, BOOK_ATTR) if hasattr(model, BOOK_ATTR) else None
+    if hasattr(model, BOOK_ATTR):
+        object.__delattr__(model, BOOK_ATTR)
     return model
 
 

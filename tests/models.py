@@ -71,8 +71,42 @@ def convnet(seed: int = 0) -> nn.Module:
     return ConvNet().eval()
 
 
-BUILDERS = {"llama": llama, "gpt2": gpt2, "minilm": minilm, "convnet": convnet}
-VOCAB = {"llama": 128, "gpt2": 100, "minilm": 1000, "convnet": 50}
+class Block(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.proj(self.mlp(x))
+
+
+class Nested(nn.Module):
+    """Numbered lists at two depths, for layer-selection rules: `blocks.{0,1}` at the root,
+    `tower.layers.{0,1,2}` one level down; each block has `mlp.{0,2}` (Linear) and `proj`."""
+
+    def __init__(self, vocab: int = 30, dim: int = 8, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList([Block(dim) for _ in range(2)])
+        self.tower = nn.Module()
+        self.tower.layers = nn.ModuleList([Block(dim) for _ in range(3)])
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        for block in [*self.blocks, *self.tower.layers]:
+            h = block(h)
+        return self.head(h)
+
+
+def nested(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Nested().eval()
+
+
+BUILDERS = {"llama": llama, "gpt2": gpt2, "minilm": minilm, "convnet": convnet, "nested": nested}
+VOCAB = {"llama": 128, "gpt2": 100, "minilm": 1000, "convnet": 50, "nested": 30}
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict:

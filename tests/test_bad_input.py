@@ -109,9 +109,9 @@ def folders(tmp_path_factory):
             made[kind] = {}
             for source in ("lora", "dora"):
                 model = make_model(kind, "bare")
-                cfg = lorakit.AdapterConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=source == "dora",
-                                            **getattr(SPECS[kind], source))
-                lorakit.inject(model, cfg)
+                config = lorakit.AdapterConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                               use_dora=source == "dora", **getattr(SPECS[kind], source))
+                lorakit.inject(model, config)
                 with torch.no_grad():
                     for key, t in lorakit.adapter_parameters(model, "default").items():
                         if key.endswith("lora_magnitude_vector"):
@@ -144,8 +144,10 @@ def snapshot(model: nn.Module) -> dict:
     return {
         "parameters": [(n, id(p), p.dtype, tuple(p.shape), p.requires_grad, _bytes(p))
                        for n, p in model.named_parameters(remove_duplicate=False)],
-        "buffers": [(n, id(b), b.dtype, tuple(b.shape), _bytes(b)) for n, b in model.named_buffers(remove_duplicate=False)],
-        "modules": [(n, id(m), type(m), m.training, wrapper_state(m)) for n, m in model.named_modules(remove_duplicate=False)],
+        "buffers": [(n, id(b), b.dtype, tuple(b.shape), _bytes(b))
+                    for n, b in model.named_buffers(remove_duplicate=False)],
+        "modules": [(n, id(m), type(m), m.training, wrapper_state(m))
+                    for n, m in model.named_modules(remove_duplicate=False)],
         "adapters": names,
         "configs": {n: lorakit.get_config(model, n) for n in names},
         "active": lorakit.active_adapters(model),
@@ -239,6 +241,11 @@ def cfg(**updates):
     return config_edit(lambda d, ctx: d.update(updates))
 
 
+def own_cfg(**updates):
+    """A config without `peft_type` (lorakit's own dict form), with updates."""
+    return config_edit(lambda d, ctx: (d.pop("peft_type"), d.update(updates)))
+
+
 def write(filename, content):
     def corrupt(folder, ctx):
         path = folder / filename
@@ -299,9 +306,10 @@ class Case:
     source: str  # "lora" or "dora" folder to start from
     corrupt: Callable
     error: type
-    match: tuple = ()  # substrings the message must contain
+    match: tuple = ()  # substrings the message must contain ("{unsupported}" is filled in per model)
     name: str = "default"
     states: tuple = STATES
+    kinds: tuple = tuple(SPECS)
 
 
 NAN, INF = float("nan"), float("inf")
@@ -311,11 +319,13 @@ TRUNCATION = [
     Case("truncated_in_length", "lora", raw_edit(lambda raw, n: raw[:4]), E.CorruptFileError),
     Case("empty_weights", "lora", write(WEIGHTS_NAME, b""), E.CorruptFileError),
     Case("trailing_bytes", "lora", raw_edit(lambda raw, n: raw + b"\0" * 16), E.CorruptFileError),
-    Case("header_length_huge", "lora", raw_edit(lambda raw, n: struct.pack("<Q", 2**60) + raw[8:]), E.CorruptFileError),
+    Case("header_length_huge", "lora", raw_edit(lambda raw, n: struct.pack("<Q", 2**60) + raw[8:]),
+         E.CorruptFileError),
     Case("header_length_zero", "lora", raw_edit(lambda raw, n: struct.pack("<Q", 0) + raw[8:]), E.CorruptFileError),
     Case("header_first_byte_flipped", "lora", flip(lambda n: 8), E.CorruptFileError),
     Case("header_middle_byte_flipped", "lora", flip(lambda n: 8 + n // 2), E.CorruptFileError),
-    Case("header_unknown_dtype", "lora", raw_edit(lambda raw, n: raw.replace(b'"F32"', b'"XYZ"', 1)), E.CorruptFileError),
+    Case("header_unknown_dtype", "lora", raw_edit(lambda raw, n: raw.replace(b'"F32"', b'"XYZ"', 1)),
+         E.CorruptFileError),
     Case("header_shape_digit", "dora", raw_edit(lambda raw, n: raw.replace(b'"shape":[4', b'"shape":[5', 1)),
          E.CorruptFileError),
     Case("weights_are_json", "lora", write(WEIGHTS_NAME, '{"not": "safetensors"}'), E.CorruptFileError),
@@ -342,7 +352,7 @@ MISSING = [
 KEYS = [
     Case("missing_lora_B", "lora", drop("lora_B.weight"), E.StateDictError, ("lora_B.weight",)),
     Case("missing_embedding_A", "lora", drop("lora_embedding_A"), E.StateDictError, ("lora_embedding_A",)),
-    Case("missing_saved_module_tensor", "lora", drop("head.weight"), E.StateDictError),
+    Case("missing_saved_module_tensor", "lora", drop("head.weight"), E.StateDictError, ("head.weight",)),
     Case("missing_magnitude", "dora", drop("lora_magnitude_vector"), E.StateDictError, ("lora_magnitude_vector",)),
     Case("no_tensors", "lora", tensors_edit(dict.clear), E.StateDictError),
     Case("extra_key_unknown_suffix", "lora", add("lora_C.weight", "lora_A.weight"), E.StateDictError, ("lora_C",)),
@@ -391,14 +401,11 @@ VARIANTS = [
     Case("unknown_peft_type", "lora", cfg(peft_type="VERA"), E.UnknownVariantError, ("VERA",)),
     Case("peft_type_not_a_string", "lora", cfg(peft_type=7), E.UnknownVariantError),
     Case("lora_peft_type_unknown_variant", "lora", cfg(variant="nope"), E.UnknownVariantError, ("nope",)),
-    Case("unknown_variant_no_peft_type", "lora", config_edit(lambda d, ctx: (d.pop("peft_type"),
-                                                                          d.update(variant="nope"))),
-         E.UnknownVariantError, ("nope",)),
+    Case("unknown_variant_no_peft_type", "lora", own_cfg(variant="nope"), E.UnknownVariantError, ("nope",)),
     Case("use_dora_with_probe_variant", "lora", cfg(peft_type=ProbeVariant.peft_type, variant=ProbeVariant.name,
                                                     use_dora=True), E.ConfigError, ("use_dora",)),
-    Case("use_dora_with_unknown_variant", "lora", config_edit(lambda d, ctx: (d.pop("peft_type"),
-                                                                           d.update(variant="nope", use_dora=True))),
-         E.ConfigError),
+    Case("use_dora_with_unknown_variant", "lora", own_cfg(variant="nope", use_dora=True), E.ConfigError,
+         ("use_dora",)),
 ]
 FEATURES = {  # PEFT options we do not implement, each set to a non-default value
     "lora_bias": True, "target_parameters": ["lin.weight"], "layer_replication": [[0, 1]],
@@ -413,7 +420,7 @@ FEATURE_CASES = [Case(f"feature_{k}", "lora", cfg(**{k: v}), E.UnsupportedFeatur
 CONFIG_VALUES = [
     Case("unknown_config_key", "lora", cfg(lora_frobnicate=1), E.ConfigError,
          ("lora_frobnicate", "lora_alpha", "target_modules")),
-    Case("r_zero", "lora", cfg(r=0), E.ConfigError, ("r",)),
+    Case("r_zero", "lora", cfg(r=0), E.ConfigError, ("r must",)),
     Case("r_negative", "lora", cfg(r=-4), E.ConfigError),
     Case("r_string", "lora", cfg(r="4"), E.ConfigError),
     Case("r_float", "lora", cfg(r=4.5), E.ConfigError),
@@ -446,8 +453,9 @@ TARGETS = [
          ("nothing_here",)),
     Case("everything_excluded", "lora", config_edit(lambda d, ctx: d.update(exclude_modules=d["target_modules"])),
          E.TargetError),
-    Case("layer_not_in_model", "dora", cfg(layers_to_transform=[7]), E.TargetError),
-    Case("unsupported_module_type", "lora", config_edit(unsupported_target), E.TargetError, ("cannot be adapted",)),
+    Case("layer_not_in_model", "dora", cfg(layers_to_transform=[7]), E.TargetError, kinds=("llama",)),
+    Case("unsupported_module_type", "lora", config_edit(unsupported_target), E.TargetError,
+         ("cannot be adapted", "{unsupported}")),
     Case("modules_to_save_missing", "lora", cfg(modules_to_save=["no_such_head"]), E.TargetError,
          ("no_such_head",)),
 ]
@@ -457,10 +465,11 @@ NAMES = [Case(f"name_{label}", "lora", lambda folder, ctx: None, E.AdapterNameEr
                              ("padded", " x "), ("traversal", "../evil")]]
 NAMES.append(Case("name_exists", "lora", lambda folder, ctx: None, E.AdapterNameError, ("first",), name="first",
                   states=("adapter",)))
-CASES = TRUNCATION + JSON + MISSING + KEYS + SHAPES + VALUES + VARIANTS + FEATURE_CASES + CONFIG_VALUES + TARGETS + NAMES
+CASES = (TRUNCATION + JSON + MISSING + KEYS + SHAPES + VALUES + VARIANTS + FEATURE_CASES + CONFIG_VALUES + TARGETS
+         + NAMES)
 assert len({c.id for c in CASES}) == len(CASES)
 PARAMS = [pytest.param(case, kind, state, id=f"{case.id}-{kind}-{state}")
-          for case in CASES for kind in SPECS for state in case.states]
+          for case in CASES for kind in case.kinds for state in case.states]
 
 
 @pytest.fixture
@@ -485,7 +494,7 @@ def test_valid_folders_load_and_change_the_model(folders, kind, state, source):
         assert_unchanged(model, before)
 
 
-def test_snapshot_sees_one_bit_and_requires_grad(folders):
+def test_snapshot_sees_one_bit_and_requires_grad():
     """The snapshot catches the smallest changes: one ulp in one weight, one requires_grad flag."""
     model = make_model("toy", "adapter")
     before = snapshot(model)
@@ -513,7 +522,7 @@ def test_failed_load_leaves_model_unchanged(case, kind, state, folders, tmp_path
     with pytest.raises(case.error) as info:
         lorakit.load_adapter(model, folder, name=case.name, trainable=True)
     for text in case.match:
-        assert text in str(info.value)
+        assert text.format(**ctx) in str(info.value)
     assert_unchanged(model, before)
     assert torch.equal(output(model, kind), out)
     assert not ctx["marker"].exists()
@@ -534,6 +543,7 @@ def test_read_adapter_alone(case, folders, tmp_path, probe_variant):
     else:
         with pytest.raises(case.error):
             lorakit.read_adapter(folder)
+    assert not (tmp_path / "marker").exists()
 
 
 def test_pickle_is_never_unpickled(folders, tmp_path, monkeypatch):
@@ -559,6 +569,10 @@ def test_pickle_is_never_unpickled(folders, tmp_path, monkeypatch):
         lorakit.read_adapter(folder)
     assert not marker.exists()
     assert_unchanged(model, before)
+    shutil.copy(folders("toy")["lora"] / WEIGHTS_NAME, folder / WEIGHTS_NAME)  # beside a valid file
+    lorakit.load_adapter(model, folder, name="second")  # the safetensors file is used, the pickle ignored
+    assert "second" in lorakit.adapter_names(model)
+    assert not marker.exists()
 
 
 INJECT_CASES = [

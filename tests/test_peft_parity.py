@@ -14,14 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
+from models import build, forward  # sets HF_HUB_OFFLINE
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
-import lorakit  # noqa: E402
-from lorakit.layers import AdaptedLayer  # noqa: E402
-from models import build, forward  # noqa: E402
+import lorakit
+from lorakit.layers import AdaptedLayer
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PREFIX = "base_model.model."
@@ -94,7 +92,7 @@ def check_nontrivial(model, ref_out: torch.Tensor, base_out: torch.Tensor, varia
 # ---- PEFT saves, shared by the output and file tests ----------------------------------------------
 @pytest.fixture(scope="module")
 def peft_saved(tmp_path_factory):
-    """(model, variant) → (folder of a PEFT save of a perturbed adapter, PEFT's output on the inputs)."""
+    """(model, variant) → (folder of a PEFT save of a perturbed adapter, PEFT's output, PEFT's ranks/scales)."""
     cache = {}
 
     def get(model_name: str, variant: str):
@@ -104,7 +102,7 @@ def peft_saved(tmp_path_factory):
             perturb(peft_adapter_tensors(pm), seed=1)
             folder = tmp_path_factory.mktemp(f"peft-{model_name}-{variant}")
             pm.save_pretrained(folder)
-            cache[model_name, variant] = folder, forward(pm, batch)
+            cache[model_name, variant] = folder, forward(pm, batch), adapted_by_peft(pm)
         return cache[model_name, variant]
 
     return get
@@ -113,16 +111,17 @@ def peft_saved(tmp_path_factory):
 # ---- 1. outputs, both directions --------------------------------------------------------------------
 @pytest.mark.parametrize("model_name,variant", CASES, ids=CASE_IDS)
 def test_peft_to_lorakit(peft_saved, model_name, variant):
-    folder, ref = peft_saved(model_name, variant)
+    folder, ref, peft_layers = peft_saved(model_name, variant)
     model, batch = build(model_name)
     base_out = forward(model, batch)
     lorakit.load_adapter(model, folder)
+    assert adapted_by_lorakit(model) == peft_layers
     check_nontrivial(model, ref, base_out, variant)
     assert_close(forward(model, batch), ref)
 
 
 @pytest.mark.parametrize("model_name,variant", CASES, ids=CASE_IDS)
-def test_lorakit_to_peft(tmp_path, model_name, variant):
+def test_lorakit_to_peft(peft_saved, tmp_path, model_name, variant):
     model, batch = build(model_name)
     base_out = forward(model, batch)
     lorakit.inject(model, lorakit_config(SPECS[model_name], variant, init_lora_weights=False))
@@ -131,6 +130,9 @@ def test_lorakit_to_peft(tmp_path, model_name, variant):
     ours = forward(model, batch)
     check_nontrivial(model, ours, base_out, variant)
     lorakit.save_adapter(model, tmp_path)
+    peft_dir = peft_saved(model_name, variant)[0]  # PEFT's save of the same config
+    assert shapes(file_tensors(tmp_path)) == shapes(file_tensors(peft_dir))
+    assert config_meaning(tmp_path) == config_meaning(peft_dir)
     pm = PeftModel.from_pretrained(build(model_name)[0], tmp_path).eval()
     # PEFT must have used our ranks and scales, not fallen back to its defaults
     assert adapted_by_peft(pm) == adapted_by_lorakit(model)
@@ -142,23 +144,39 @@ def file_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, WEIGHTS))
 
 
+def shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+
+
+def config_meaning(folder) -> dict:
+    """adapter_config.json without provenance keys, name lists as sets (PEFT writes sets in any order)."""
+    data = json.loads((folder / CONFIG).read_text())
+    for key in ("auto_mapping", "base_model_name_or_path"):  # provenance only; PEFT fills them from the model
+        data.pop(key)
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(data[key], list):
+            data[key] = set(data[key])
+    return data
+
+
 @pytest.mark.parametrize("model_name,variant", CASES, ids=CASE_IDS)
 def test_files_match_peft(peft_saved, tmp_path, model_name, variant):
     """Same keys, shapes and metadata as PEFT; PEFT → ours is lossless; save → load → save is bit-exact."""
-    peft_dir, _ = peft_saved(model_name, variant)
+    peft_dir = peft_saved(model_name, variant)[0]
     model = build(model_name)[0]
     lorakit.load_adapter(model, peft_dir)
     ours_dir = lorakit.save_adapter(model, tmp_path / "ours")
 
     theirs, ours = file_tensors(peft_dir), file_tensors(ours_dir)
     assert all(k.startswith(PREFIX) for k in ours)
-    assert {k: tuple(t.shape) for k, t in ours.items()} == {k: tuple(t.shape) for k, t in theirs.items()}
-    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in theirs)
+    assert shapes(ours) == shapes(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     with safe_open(os.path.join(ours_dir, WEIGHTS), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     peft_json = json.loads((peft_dir / CONFIG).read_text())
     our_json = json.loads((ours_dir / CONFIG).read_text())
     assert set(our_json) == set(peft_json)
+    assert config_meaning(ours_dir) == config_meaning(peft_dir)
     assert our_json["peft_type"] == "LORA" and our_json["use_dora"] == ("dora" in variant)
 
     again = build(model_name)[0]
@@ -171,42 +189,59 @@ def test_files_match_peft(peft_saved, tmp_path, model_name, variant):
 
 
 # ---- 3. bf16 base, fp32 adapters --------------------------------------------------------------------
-BF16_ULP = 2.0 ** -7  # spacing of bf16 numbers in [1, 2); relative precision of one rounding is half that
+BF16_ULP = 2.0 ** -7  # spacing of bf16 numbers in [1, 2)
+
+
+def assert_bf16_close(ours: torch.Tensor, ref: torch.Tensor, base_out: torch.Tensor) -> None:
+    """Logits agree within 4 bf16 ulps of their scale (measured: 0), while the adapter moves them ≥ 50 ulps.
+
+    Both sides run the same bf16 base ops and fp32 adapter math, casting back to bf16 after each adapted
+    layer; a last-bit fp32 difference can flip one bf16 rounding, which 2 layers may amplify a little.
+    """
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    scale = max(1.0, ref.float().abs().max().item())
+    assert (ref.float() - base_out.float()).abs().max() > 50 * BF16_ULP * scale, "adapter has no effect"
+    err = (ours.float() - ref.float()).abs().max().item()
+    assert err <= 4 * BF16_ULP * scale, f"bf16: max|ours - peft| = {err:.3g}, scale {scale:.3g}"
+
+
+def bf16_llama():
+    model, batch = build("llama")
+    return model.to(torch.bfloat16), batch
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora_rslora"])
-def test_bf16_base_matches_peft(tmp_path, variant):
-    """Both keep adapters fp32 on a bf16 Llama; logits agree to a few bf16 ulps of the logit scale.
-
-    The two sides round the same bf16 activations the same way except where their fp32 adapter math
-    differs in the last fp32 bits and a bf16 rounding boundary lies in between; such flips propagate
-    through 2 layers, so allow 4 ulps at the logits' magnitude.
-    """
-    spec = SPECS["llama"]
-    base, batch = build("llama")
-    base = base.to(torch.bfloat16)
-    pm = get_peft_model(base, peft_config(spec, variant, init_lora_weights=False)).eval()
+def test_bf16_base_peft_to_lorakit(tmp_path, variant):
+    """PEFT and lorakit both keep adapters fp32 on a bf16 Llama (in memory and in the file)."""
+    base, batch = bf16_llama()
+    pm = get_peft_model(base, peft_config(SPECS["llama"], variant, init_lora_weights=False)).eval()
     adapters = peft_adapter_tensors(pm)
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     perturb(adapters, seed=3)
     pm.save_pretrained(tmp_path)
     ref = forward(pm, batch)
-    assert ref.dtype == torch.bfloat16
 
-    model = build("llama")[0].to(torch.bfloat16)
+    model = bf16_llama()[0]
     base_out = forward(model, batch)
     lorakit.load_adapter(model, tmp_path)
-    params = lorakit.adapter_parameters(model, "default")
-    assert all(t.dtype == torch.float32 for t in params.values())
-    ours = forward(model, batch)
-    assert ours.dtype == torch.bfloat16
-    scale = max(1.0, ref.float().abs().max().item())
-    assert (ref.float() - base_out.float()).abs().max() > 50 * BF16_ULP * scale
-    err = (ours.float() - ref.float()).abs().max().item()
-    assert err <= 4 * BF16_ULP * scale, f"bf16: max|ours - peft| = {err:.3g}, scale {scale:.3g}"
-
+    assert all(t.dtype == torch.float32 for t in lorakit.adapter_parameters(model, "default").values())
+    assert_bf16_close(forward(model, batch), ref, base_out)
     lorakit.save_adapter(model, tmp_path / "ours")
     assert all(t.dtype == torch.float32 for t in file_tensors(tmp_path / "ours").values())
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora_rslora"])
+def test_bf16_base_lorakit_to_peft(tmp_path, variant):
+    model, batch = bf16_llama()
+    base_out = forward(model, batch)
+    lorakit.inject(model, lorakit_config(SPECS["llama"], variant, init_lora_weights=False))
+    params = lorakit.adapter_parameters(model, "default")
+    assert all(t.dtype == torch.float32 for t in params.values())
+    perturb(params.values(), seed=4)
+    lorakit.save_adapter(model, tmp_path)
+    pm = PeftModel.from_pretrained(bf16_llama()[0], tmp_path).eval()
+    assert all(p.dtype == torch.float32 for p in peft_adapter_tensors(pm))
+    assert_bf16_close(forward(model.eval(), batch), forward(pm, batch), base_out)
 
 
 # ---- 4. targeting -----------------------------------------------------------------------------------
@@ -250,6 +285,18 @@ TARGETING = {
         target_modules=["q_proj", "k_proj"], rank_pattern={"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6},
         alpha_pattern={r"layers\.1\..*": 9, "k_proj": 1})),
     "convnet": ("convnet", dict(target_modules=["emb", "conv", "head"], rank_pattern={"emb": 5})),
+    # PEFT skips the layer filter for a target given as its exact module path
+    "exact-path-skips-layers": ("llama", dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
+                                              layers_to_transform=[1])),
+    # no layers_pattern: the first numbered segment after at least two names (root-level `blocks.N` never counts)
+    "nested-first-number": ("nested", dict(target_modules=["proj", "mlp.2"], layers_to_transform=[1])),
+    "nested-pattern-root": ("nested", dict(target_modules=["proj", "mlp.0"], layers_to_transform=0,
+                                           layers_pattern="blocks")),
+    "nested-pattern-list": ("nested", dict(target_modules=["proj", "mlp.2"], layers_to_transform=[1, 2],
+                                           layers_pattern=["blocks", "layers"])),
+    "nested-regex-patterns": ("nested", dict(target_modules=r".*mlp\.(0|2)",
+                                             rank_pattern={r"blocks\.\d\.mlp\.0": 2},
+                                             alpha_pattern={r"tower\..*\.2": 3})),
 }
 
 
@@ -262,7 +309,28 @@ def test_targeting_matches_peft(case):
     ours = adapted_by_lorakit(lorakit.inject(build(model_name)[0], lorakit.AdapterConfig(**cfg)))
     assert theirs, "case selects nothing in PEFT"
     assert ours == theirs
-    for path, (r, scale) in theirs.items():
-        want = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        if scale != want:  # an alpha pattern applied: make sure the case exercises it
-            assert cfg.get("alpha_pattern")
+    if cfg.get("rank_pattern"):  # the patterns are exercised, not silently matching nothing
+        assert any(r != cfg["r"] for r, _ in theirs.values())
+    if cfg.get("alpha_pattern"):
+        assert any(s != cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+                   for r, s in theirs.values())
+
+
+REFUSED = {
+    "nothing-matches": ("llama", dict(target_modules=["nope"])),
+    "regex-with-layers": ("llama", dict(target_modules=r".*q_proj", layers_to_transform=[0])),
+    "all-linear-with-layers": ("llama", dict(target_modules="all-linear", layers_to_transform=0)),
+    "layers-select-nothing": ("llama", dict(target_modules=["q_proj"], layers_to_transform=[5])),
+    "root-list-without-pattern": ("nested", dict(target_modules=["mlp.0", "proj"], layers_to_transform=[0],
+                                                 exclude_modules=r"tower\..*")),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_targeting_refused_like_peft(case):
+    """Configs PEFT refuses (bad combination, or nothing selected) raise a lorakit error too."""
+    model_name, cfg = REFUSED[case]
+    with pytest.raises(ValueError):
+        get_peft_model(build(model_name)[0], LoraConfig(r=4, **cfg))
+    with pytest.raises(lorakit.errors.LorakitError):
+        lorakit.inject(build(model_name)[0], lorakit.AdapterConfig(r=4, **cfg))

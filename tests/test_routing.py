@@ -143,3 +143,23 @@ def test_routing_refused_when_merged():
     with pytest.raises(lorakit.errors.RoutingError):
         with lorakit.route(model, ["a"]):
             pass
+
+
+def test_gradient_checkpointing_recompute_uses_the_same_routing():
+    names = ["a", "c", "__base__", "a"]
+    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(3))
+
+    def grads(checkpointing):
+        model = model_with_adapters(a=("lora", 4, False), c=("dora", 2, False)).train()
+        lorakit.mark_trainable(model, ["a", "c"])
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        with lorakit.route(model, names):
+            model(ids, labels=ids).loss.backward()  # backward inside the context: recompute sees the routing
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], recomputed[n], atol=1e-6, rtol=1e-4), n

@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import AdapterConfig
-from ..errors import CorruptFileError, LorakitError, PickleRefusedError, StateDictError
-from ..model import adapter_parameters, attach, delete_adapter, get_config, mark_trainable, prepare
+from ..errors import CorruptFileError, PickleRefusedError, StateDictError
+from ..model import adapter_parameters, attach, get_config, prepare
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,8 +57,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     if not config_path.is_file():
         raise CorruptFileError(f"{config_path} is missing")
     try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise CorruptFileError(f"{config_path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise CorruptFileError(f"{config_path} must hold a JSON object, found {type(data).__name__}")
@@ -80,7 +80,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     for key, t in tensors.items():
         if not t.is_floating_point():
             raise StateDictError(f"{weights_path}: tensor {key!r} has dtype {t.dtype}, expected floating point")
-        if not torch.isfinite(t).all():
+        if not torch.isfinite(t if t.element_size() > 1 else t.float()).all():  # no isfinite for float8
             raise StateDictError(f"{weights_path}: tensor {key!r} has non-finite values (NaN or Inf)")
     return config, tensors
 
@@ -104,13 +104,7 @@ def load_adapter(model: torch.nn.Module, directory: str | os.PathLike, name: str
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))
-    try:
-        attach(model, prepared)
-        mark_trainable(model, [name] if trainable else [])
-    except LorakitError:
-        if name in getattr(model, "_lorakit").configs:
-            delete_adapter(model, name)
-        raise
+    attach(model, prepared, trainable=trainable)
     return model
 
 
