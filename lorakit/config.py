@@ -43,6 +43,7 @@ PEFT_INERT_DEFAULTS: dict[str, Any] = {
 }
 # `init_lora_weights` values; data-driven ones (PiSSA, EVA, ...) arrive with later issues.
 INIT_CHOICES = (True, False, "gaussian")
+PEFT_DATA_INITS = ("pissa", "olora", "eva", "corda", "loftq", "lora_ga", "orthogonal", "mica")
 BIAS_CHOICES = ("none",)
 DEFAULT_TARGETS = {  # PEFT's per-architecture defaults for `target_modules=None`
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
@@ -96,7 +97,10 @@ class AdapterConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.init_lora_weights not in INIT_CHOICES:
-            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is not one of {INIT_CHOICES}")
+            peft_init = isinstance(self.init_lora_weights, str) and self.init_lora_weights.split("_niter_")[0] in \
+                PEFT_DATA_INITS
+            raise (UnsupportedFeatureError if peft_init else ConfigError)(
+                f"init_lora_weights={self.init_lora_weights!r} is not implemented; supported: {INIT_CHOICES}")
         if self.bias not in BIAS_CHOICES:
             raise UnsupportedFeatureError(
                 f"bias={self.bias!r} is not implemented (training base-layer biases); supported: {BIAS_CHOICES}")

@@ -180,6 +180,9 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool
     cls = get_variant(config.variant)
     if config.target_modules is None or config.target_modules == "all-linear":
         config = dataclasses.replace(config, target_modules=sorted(resolve_targets(model, config)))
+    heads = [h for h in TASK_HEADS.get(config.task_type, ()) if h not in (config.modules_to_save or [])]
+    if heads:  # as PEFT: a classification task trains and saves its head
+        config = dataclasses.replace(config, modules_to_save=(config.modules_to_save or []) + heads)
     variants = {}
     for path, module in plan_targets(model, config):
         base = _base_of(module)

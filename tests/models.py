@@ -12,13 +12,14 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def llama(seed: int = 0) -> nn.Module:
+def llama(seed: int = 0, **overrides) -> nn.Module:
     """Random-weight LlamaForCausalLM: hidden 64, 2 layers, 4 heads, 2 kv heads, vocab 128, MLP 128."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=128, intermediate_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                vocab_size=128, intermediate_size=128, max_position_embeddings=64,
+                                tie_word_embeddings=False), **overrides})
     return LlamaForCausalLM(cfg).eval()
 
 

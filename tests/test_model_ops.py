@@ -7,31 +7,15 @@ from torch import nn
 
 import lorakit
 from lorakit.layers import AdaptedLayer, TrainedCopy
-
-
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(30, 12)
-        self.conv = nn.Conv1d(12, 12, 3, padding=1)
-        self.conv2d = nn.Conv2d(1, 4, 3, padding=1)
-        self.lin = nn.Linear(12, 12)
-        self.head = nn.Linear(12 * 4, 3)
-
-    def forward(self, ids):
-        h = self.emb(ids)                                   # (B, T, 12)
-        h = self.conv(h.transpose(1, 2)).transpose(1, 2)    # (B, T, 12)
-        h = self.lin(torch.tanh(h))
-        img = self.conv2d(h[:, None])                       # (B, 4, T, 12)
-        return self.head(img.mean(2).flatten(1))
+from models import convnet, minilm
 
 
 def build(variant="lora", names=("a",), rs=False, noise=0.3):
-    torch.manual_seed(0)
-    model = ConvNet().eval()
+    model = convnet()
     for i, name in enumerate(names):
+        torch.manual_seed(10 + i)
         cfg = lorakit.AdapterConfig(r=3 + i, lora_alpha=5, variant=variant, use_rslora=rs, init_lora_weights=False,
-                                    target_modules=["emb", "conv", "conv2d", "lin"], modules_to_save=["head"])
+                                    target_modules=["emb", "conv", "conv2d"], modules_to_save=["head"])
         lorakit.inject(model, cfg, name)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -40,7 +24,7 @@ def build(variant="lora", names=("a",), rs=False, noise=0.3):
     return model
 
 
-IDS = torch.randint(0, 30, (4, 9), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(0))
 
 
 def close(a, b):
@@ -98,15 +82,16 @@ def test_unmerge_restores_base_weights(variant, rs):
 
 def test_active_adapters_sum_their_deltas():
     model = build("lora", names=("a", "b"))
+    x = torch.randn(2, 16, 5)
     with torch.no_grad():
         with lorakit.disabled(model):
-            base = model.lin(torch.ones(2, 12))
+            base = model.conv(x)
         deltas = []
         for name in ("a", "b"):
             lorakit.set_active(model, [name])
-            deltas.append(model.lin(torch.ones(2, 12)) - base)
+            deltas.append(model.conv(x) - base)
         lorakit.set_active(model, ["a", "b"])
-        both = model.lin(torch.ones(2, 12))
+        both = model.conv(x)
     assert close(both, base + deltas[0] + deltas[1])
 
 
@@ -114,7 +99,7 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing():
     model = build("lora", names=("a",))
     before = base_weights(model)
     with torch.no_grad():
-        model.lin.adapters["a"].lora_B[0, 0] = float("inf")
+        model.conv.adapters["a"].lora_B[0, 0] = float("inf")
     with pytest.raises(lorakit.errors.MergeError):
         lorakit.merge(model, safe=True)
     after = base_weights(model)
@@ -130,7 +115,7 @@ def test_delete_adapter_restores_original_modules_when_last_goes():
     assert all("b" not in m.adapters for m in model.modules() if isinstance(m, AdaptedLayer))
     lorakit.delete_adapter(model, "a")
     assert lorakit.adapter_names(model) == []
-    assert type(model.lin) is nn.Linear and type(model.head) is nn.Linear
+    assert type(model.conv) is nn.Conv1d and type(model.head) is nn.Linear
 
 
 def test_trainable_parameters_and_counts():
@@ -157,3 +142,14 @@ def test_training_moves_only_adapter_parameters():
     assert all(torch.equal(p, frozen[n]) for n, p in base_weights(model).items())
     moved = [k for k, t in lorakit.adapter_parameters(model, "a").items() if not torch.equal(t, adapter_before[k])]
     assert len(moved) == len(adapter_before)  # every A, B, magnitude and head tensor learned
+
+
+def test_classification_task_trains_and_saves_its_head(tmp_path):
+    """As PEFT: task_type SEQ_CLS adds the classifier head to modules_to_save."""
+    model = minilm()
+    lorakit.inject(model, lorakit.AdapterConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    assert isinstance(model.classifier, TrainedCopy)
+    assert all(p.requires_grad for p in model.classifier.copies["default"].parameters())
+    assert lorakit.get_config(model).modules_to_save == ["classifier", "score"]
+    lorakit.save_adapter(model, tmp_path)
+    assert "classifier.weight" in lorakit.read_adapter(tmp_path)[1]

@@ -1,20 +1,15 @@
 """Mixed batches: each row equals running it alone with its adapter; gradients stay in their rows."""
-import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit.routing import Routing
+from models import llama
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+def tiny_llama():
+    return llama(eos_token_id=None, pad_token_id=0)  # no EOS: generations run to max_new_tokens
 
 
 def perturb(model, scale=0.2):
@@ -54,7 +49,7 @@ def tol(ref):
 
 def test_mixed_batch_forward_equals_each_row_alone():
     model = model_with_adapters(**ADAPTERS)
-    ids = torch.randint(0, 96, (len(NAMES), 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (len(NAMES), 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), lorakit.route(model, NAMES):
         mixed = model(ids).logits
     with torch.no_grad():
@@ -67,7 +62,7 @@ def test_mixed_batch_forward_equals_each_row_alone():
 
 def test_mixed_batch_greedy_generate():
     model = model_with_adapters(**ADAPTERS)
-    prompt = torch.randint(1, 96, (len(NAMES), 5), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(1, 128, (len(NAMES), 5), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad(), lorakit.route(model, NAMES):
         mixed = model.generate(prompt, **kw)
@@ -88,7 +83,7 @@ def test_mixed_batch_greedy_generate():
 def test_gradients_reach_each_adapter_only_from_its_rows():
     model = model_with_adapters(a=("lora", 4, False), c=("dora", 2, False))
     lorakit.mark_trainable(model, ["a", "c"])
-    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(2))
     names = ["a", "__base__", "c", "a"]
 
     def grads(rows, route_names):
@@ -117,7 +112,7 @@ def test_routing_plan_built_once_per_forward_and_true_rank_matmuls(monkeypatch):
     from lorakit.kinds import LinearKind
     down = LinearKind.down
     monkeypatch.setattr(LinearKind, "down", lambda self, x, a: ranks.append((a.shape[0], x.shape[0])) or down(self, x, a))
-    ids = torch.randint(0, 96, (5, 4))
+    ids = torch.randint(0, 128, (5, 4))
     with torch.no_grad(), lorakit.route(model, ["a", "b", "a", "__base__", "b"]):
         model(ids)
         assert len(built) == 1  # one plan for the whole forward, shared by every layer
@@ -147,7 +142,7 @@ def test_routing_refused_when_merged():
 
 def test_gradient_checkpointing_recompute_uses_the_same_routing():
     names = ["a", "c", "__base__", "a"]
-    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(3))
 
     def grads(checkpointing):
         model = model_with_adapters(a=("lora", 4, False), c=("dora", 2, False)).train()
