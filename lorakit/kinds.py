@@ -155,6 +155,11 @@ def _init_down_up(down: torch.Tensor, up: torch.Tensor, how) -> None:
             nn.init.zeros_(up)
 
 
+def is_supported(module: nn.Module) -> bool:
+    supported = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Linear) + ((Conv1D,) if Conv1D else ())
+    return isinstance(module, supported)
+
+
 def kind_for(module: nn.Module):
     """The kind for a supported module, or None."""
     if isinstance(module, nn.Embedding):

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, AdapterConfig, is_targeted, name_matches
 from .errors import AdapterNameError, MergeError, TargetError
-from .kinds import SUPPORTED, Conv1D, kind_for
+from .kinds import SUPPORTED, Conv1D, is_supported, kind_for
 from .layers import AdaptedLayer, TrainedCopy
 from .routing import BASE
 from .variants import Variant, get_variant
@@ -78,17 +78,13 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 def _all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Every Linear / Conv1D except the output head (PEFT's "all-linear")."""
     linear = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-    names = [p for p, m in _candidates(model) if isinstance(_base_of(m), linear)]
-    skip = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     if head is None and config.task_type == "SEQ_CLS":
         head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    for p, m in _candidates(model):
-        if head is not None and _base_of(m) is head:
-            skip.add(p)
-    return [p for p in names if p not in skip]
+    return [p for p, m in _candidates(model) if isinstance(_base_of(m), linear) and _base_of(m) is not head]
 
 
 def resolve_targets(model: nn.Module, config: AdapterConfig):
@@ -112,7 +108,7 @@ def plan_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     for path, module in _candidates(model):
         if isinstance(module, TrainedCopy) or not is_targeted(config, path, targets):
             continue
-        if kind_for(_base_of(module)) is None:
+        if not is_supported(_base_of(module)):
             raise TargetError(f"target {path!r} is a {type(module).__name__}, which cannot be adapted; "
                               f"supported: {SUPPORTED}")
         found.append((path, module))
@@ -124,8 +120,7 @@ def plan_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
 
 
 def _sample_names(model: nn.Module, k: int = 6) -> list[str]:
-    names = [p for p, m in _candidates(model) if kind_for(_base_of(m)) is not None]
-    return names[:k]
+    return [p for p, m in _candidates(model) if is_supported(_base_of(m))][:k]
 
 
 # Heads PEFT appends to `modules_to_save` for these task types (so its files list names a model may lack).
