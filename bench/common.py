@@ -23,20 +23,33 @@ def load_average() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def compare(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> dict[str, float]:
+def compare(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7,
+            min_seconds: float = 0.0) -> dict[str, float]:
     """Median wall time (s) of each function, run round-robin so load changes hit all of them alike.
 
-    Every call runs under `torch.no_grad()` unless the function manages grad itself (callers pass
-    training steps that enable grad inside).
+    After `warmup` rounds, at least `repeats` rounds are timed, more (up to 500) when that is needed to
+    spend `min_seconds` in total, so that millisecond-scale calls get enough samples. Callers choose
+    grad mode (wrap inference in `torch.no_grad()`).
     """
     times = {k: [] for k in fns}
-    for i in range(warmup + repeats):
+
+    def one_round(record: bool) -> float:
+        total = 0.0
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
-            if i >= warmup:
+            total += dt
+            if record:
                 times[k].append(dt)
+        return total
+
+    last = 0.0
+    for _ in range(warmup):
+        last = one_round(False)
+    rounds = repeats if not min_seconds or not last else max(repeats, min(500, int(min_seconds / last) + 1))
+    for _ in range(rounds):
+        one_round(True)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -124,7 +137,7 @@ def write_section(key: str, title: str, body: str) -> None:
 def header_lines(load_before: str, extra: list[str] = ()) -> str:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return "\n".join([f"- Date: {now}", *machine_info(), f"- Load average (1/5/15 min) at start: {load_before}, "
-                      f"at end: {load_average()}", *extra])
+                      f"at end: {load_average()} (the run itself keeps up to 2 threads busy)", *extra])
 
 
 def fmt_ms(seconds: float) -> str:

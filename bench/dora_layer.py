@@ -123,9 +123,12 @@ def bench_inference(repeats: int, tokens=TOKENS, ranks=RANKS):
                     finally:
                         peft_dora.ENABLE_DORA_CACHING = False
 
-                times = compare({"base": lambda: lin(x), "peft": lambda: peft(x), "peft_cached": peft_cached,
-                                 "dora": lambda: lk_dora(x), "dora_recompute": recompute, "lora": lambda: lk_lora(x)},
-                                warmup=2, repeats=repeats)
+                # DoRA vs LoRA (and base) interleaved on their own, so PEFT's large temporaries do not
+                # evict W from the cache between them; then PEFT and the uncached variants
+                times = compare({"base": lambda: lin(x), "dora": lambda: lk_dora(x), "lora": lambda: lk_lora(x)},
+                                warmup=3, repeats=repeats, min_seconds=1.0)
+                times.update(compare({"peft": lambda: peft(x), "peft_cached": peft_cached,
+                                      "dora_recompute": recompute}, warmup=2, repeats=repeats))
             rows.append(dict(r=r, T=t, **times))
         del lk_dora, lk_lora, peft, peft_c
     return rows, worst
@@ -144,7 +147,8 @@ def inference_table(rows) -> str:
 
 
 # ---- training step -----------------------------------------------------------------------------
-def make_step(model, params: dict[str, torch.Tensor], x, target):
+def make_step(model, x, target):
+    """One training step (zero_grad, forward, MSE backward, AdamW step) on `model`'s trainable parameters."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -183,38 +187,36 @@ def bench_training(repeats: int, ranks=TRAIN_RANKS):
             err = (losses["lorakit_grads"][k] - g_ref).abs().max().item() / g_ref.abs().max().item()
             assert err <= 1e-4, f"grad {k} r={r}: relative error {err:.3g}"
             worst = max(worst, err)
-        times = compare({"peft": make_step(peft, peft_params(peft), x, target),
-                         "lorakit": make_step(lk, lorakit_params(lk), x, target)}, warmup=1, repeats=repeats)
+        times = compare({"peft": make_step(peft, x, target),
+                         "lorakit": make_step(lk, x, target)}, warmup=1, repeats=repeats)
         rows.append(dict(r=r, **times))
         del lk, peft
     return rows, worst
 
 
 def memory_child(system: str, r: int) -> dict:
-    """Runs in its own process: RSS before the adapter exists, and the peak while building it and training.
+    """Runs in its own process: RSS before any adapter exists, and peaks while building it and training.
 
-    `rss_base` = RSS after the base Linear and the data exist (before any adapter); `peak_build` = peak
-    RSS while building the adapter (PEFT computes the dense norm once there); `peak_step` = peak RSS
-    during 3 training steps (VmHWM reset after building, so the build transient is excluded).
+    `rss_base` = RSS after the base Linear and the data exist; `peak_build` = peak RSS while building
+    the adapter (PEFT computes the dense norm there; the PEFT child first builds the lorakit adapter
+    it copies tensors from, outside this window); `peak_step` = peak RSS during 3 training steps
+    (VmHWM reset after building, so the build transient is excluded). All in bytes.
     """
-    torch.manual_seed(0)
     lin = base_linear()
     x, target = train_data()
     rss_base = rss_bytes()
-    reset_peak_rss()
     lk = lorakit_model(lin, r, "dora").train()
-    model = lk if system == "lorakit" else peft_model(lin, r, lk).train()
-    if system != "lorakit":
+    model = lk
+    if system == "peft":
+        reset_peak_rss()
+        model = peft_model(lin, r, lk).train()
         del lk
-    step = make_step(model, None, x, target)
+    step = make_step(model, x, target)
     peak_build = peak_rss_bytes()
     can_reset = reset_peak_rss()
     for _ in range(3):
         step()
-    import resource
-
-    return dict(rss_base=rss_base, peak_build=peak_build, peak_step=peak_rss_bytes(), reset=can_reset,
-                ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(rss_base=rss_base, peak_build=peak_build, peak_step=peak_rss_bytes(), reset=can_reset)
 
 
 def bench_memory(ranks=TRAIN_RANKS):
@@ -229,15 +231,17 @@ def bench_memory(ranks=TRAIN_RANKS):
 def training_table(times, mem) -> str:
     mib = 2**20
     header = ["r", "PEFT step ms", "lorakit step ms", "**lorakit / PEFT time** (≤ 1.0)",
-              "PEFT peak − base MiB", "lorakit peak − base MiB", "**lorakit / PEFT memory** (≤ 1.0)",
-              "PEFT abs. peak MiB", "lorakit abs. peak MiB"]
+              "PEFT step peak MiB", "lorakit step peak MiB", "**lorakit / PEFT memory** (≤ 1.0)",
+              "PEFT build peak MiB", "lorakit build peak MiB"]
     body = []
     for t, m in zip(times, mem):
         p, lk = m["peft"], m["lorakit"]
+        assert p["reset"] and lk["reset"], "VmHWM could not be reset; step peaks would include the build"
         dp, dl = (p["peak_step"] - p["rss_base"]) / mib, (lk["peak_step"] - lk["rss_base"]) / mib
         body.append([t["r"], fmt_ms(t["peft"]), fmt_ms(t["lorakit"]), f"**{t['lorakit'] / t['peft']:.2f}**",
                      f"{dp:.0f}", f"{dl:.0f}", f"**{dl / dp:.2f}**",
-                     f"{p['ru_maxrss'] / mib:.0f}", f"{lk['ru_maxrss'] / mib:.0f}"])
+                     f"{(p['peak_build'] - p['rss_base']) / mib:.0f}",
+                     f"{(lk['peak_build'] - lk['rss_base']) / mib:.0f}"])
     return markdown_table(header, body)
 
 
@@ -283,11 +287,12 @@ row norm is rebuilt (the factored form: W·Aᵀ and A·Aᵀ, never B·A). PEFT w
 
 {t_train}
 
-Memory is measured in a fresh subprocess per system (`--memory-child`): *peak − base* is the peak RSS
-(`VmHWM`, reset via `/proc/self/clear_refs` after the adapter is built) during 3 training steps minus
-the RSS before any adapter existed (base Linear + data already allocated), so it counts adapter
-parameters, AdamW state, activations and temporaries. *abs. peak* is `ru_maxrss` of the whole
-process (it also includes building the adapter, where PEFT computes the dense norm once).
+Memory is measured in a fresh subprocess per system (`--memory-child SYSTEM R`). *step peak* = peak
+RSS (`VmHWM`, reset through `/proc/self/clear_refs` after the adapter and optimizer exist) during 3
+training steps, minus the RSS before any adapter existed (base Linear, 2048×4096 input and target
+already allocated): adapter parameters, AdamW state, saved activations and temporaries. *build peak* =
+peak RSS while building the adapter, minus the same base (PEFT's `update_layer` computes the dense
+B·A and norm once there). `ru_maxrss` is not used because the reset also lowers it.
 """
     if not (args.quick or args.no_write):
         write_section("dora_layer", "DoRA on one 4096×4096 layer (`bench/dora_layer.py`)", body)

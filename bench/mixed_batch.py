@@ -148,7 +148,7 @@ def bench_linear(counts, repeats: int):
         with torch.no_grad():
             worst = max(worst, check(run_lk(), peft(x, adapter_names=names), lin(x), f"linear n={n}"))
             times = compare({"base": lambda: lin(x), "peft": lambda: peft(x, adapter_names=names), "lorakit": run_lk},
-                            warmup=3, repeats=repeats)
+                            warmup=3, repeats=repeats, min_seconds=1.5)
         rows.append(dict(n=n, **times))
         del lk, peft
     return rows, worst
@@ -168,7 +168,7 @@ def table(rows, theory: str) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="4 and 16 adapters, 3 repeats, nothing written")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

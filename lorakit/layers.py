@@ -58,14 +58,14 @@ class AdaptedLayer(nn.Module):
                     if name in self.adapters]  # adapters that do not touch this layer are skipped
         if not segments:
             return out
-        if plan.identity:  # slices are views
-            xs_all, ys_all = x, out
-        else:  # one gather for all routed rows, then contiguous slices per adapter
-            xs_all, ys_all = x.index_select(0, plan.order), out.index_select(0, plan.order)
+        xs_all = plan.gather(x)  # one gather for all routed rows, then contiguous slices per adapter
+        # the base output rows are gathered only for variants that read them (`uses_base_out`, e.g. DoRA)
+        needs_base = any(getattr(v, "uses_base_out", True) for v, *_ in segments)
+        ys_all = out if plan.identity else out.index_select(0, plan.order) if needs_base else None
         in_place = not torch.is_grad_enabled()  # nothing can have saved `out` for a backward
         pieces, rows = [], []
         for variant, name, start, stop in segments:
-            d = variant.delta(self._cast(xs_all[start:stop], name), ys_all[start:stop])
+            d = variant.delta(self._cast(xs_all[start:stop], name), None if ys_all is None else ys_all[start:stop])
             if in_place and d.dtype == out.dtype:  # no autograd: add straight into the base output
                 if plan.identity:
                     out[start:stop] += d

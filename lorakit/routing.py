@@ -13,7 +13,7 @@ to name i // k, i.e. the names are repeat-interleaved over the flattened token a
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,24 @@ class Plan:
     order: torch.Tensor  # long, rows that use some adapter, grouped by adapter
     segments: list[tuple[str, int, int]]
     identity: bool  # order == arange(len(order)): slices of the input are views, no gather needed
+    _last: tuple | None = field(default=None, repr=False, compare=False)  # (input, version, gathered)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed rows of `x` in `order`. Layers fed the same tensor (q/k/v projections) share one gather
+        (not for inference-mode tensors: they have no version counter to detect in-place changes)."""
+        if self.identity:
+            return x
+        if x.is_inference():
+            return x.index_select(0, self.order)
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
+        gathered = x.index_select(0, self.order)
+        self._last = (x, x._version, gathered)
+        return gathered
+
+    def release(self) -> None:
+        self._last = None
 
 
 class Routing:
@@ -39,6 +57,11 @@ class Routing:
         self.names = list(adapter_names)
         self.distinct = list(dict.fromkeys(n for n in self.names if n != BASE))
         self._plans: dict[tuple[int, torch.device], Plan] = {}
+
+    def release(self) -> None:
+        """Drop the tensors plans keep for sharing gathers (the plans themselves stay valid)."""
+        for plan in self._plans.values():
+            plan.release()
 
     def plan(self, rows: int, device: torch.device) -> Plan:
         key = (rows, device)
@@ -92,3 +115,4 @@ def route(model: nn.Module, adapter_names: list[str]):
     finally:
         for m, prev in zip(modules, previous):
             m.routing = prev
+        routing.release()
