@@ -24,6 +24,7 @@ class LinearKind:
     """nn.Linear (weight out×in), or transformers Conv1D / `fan_in_fan_out` (weight in×out)."""
 
     key_a, key_b, takes_dropout = "lora_A.weight", "lora_B.weight", True
+    fusable = True  # output features are the last axis: B·h can be added with one addmm
 
     def __init__(self, base: nn.Module):
         self.base = base
@@ -70,6 +71,8 @@ class LinearKind:
 
 class ConvKind(LinearKind):
     """nn.Conv1d / nn.Conv2d: A is a conv with the base kernel/stride/padding, B a 1×…×1 conv."""
+
+    fusable = False  # channels are axis 1
 
     def __init__(self, base: nn.Module):
         if base.groups != 1:

@@ -34,53 +34,60 @@ class AdaptedLayer(nn.Module):
             return out
         if self.routing is not None:
             return self._routed(x, out)
-        names = [n for n in self.active if n in self.adapters and n not in self.merged]
-        if not names:
+        variants = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        if not variants:
             return out
-        if self.merged and any(self.adapters[n].reads_base_weight for n in names):
-            raise MergeError(f"adapters {names} read the base weight, which has {list(self.merged)} merged into it; "
+        if self.merged and any(v.reads_base_weight for v in variants):
+            raise MergeError(f"active adapters read the base weight, which has {list(self.merged)} merged into it; "
                              "merge them too, or unmerge first")
-        xa = self._cast(x, names[0])
-        y = out
-        for name in names:
-            y = y + self.adapters[name].delta(xa, out)
-        return y.to(out.dtype)
-
-    def _cast(self, x, name):
-        dtype = self.adapters[name].lora_dtype
-        return x.to(dtype) if x.is_floating_point() else x
+        if torch.is_grad_enabled():
+            y = out
+            for v in variants:
+                y = y + v.delta(_cast(x, v), out)
+            return y.to(out.dtype)
+        # inference: add into the base output in place (keeping a copy only if a later adapter reads it)
+        base = out.clone() if len(variants) > 1 and any(v.uses_base_out for v in variants) else out
+        for v in variants:
+            self._add_delta_(out, v, _cast(x, v), base)
+        return out
 
     def _routed(self, x, out):
+        """Each adapter on its own rows: one gather of the routed rows, then contiguous slices."""
         if self.merged:
             raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
         plan = self.routing.plan(x.shape[0], x.device)
-        segments = [(self.adapters[name], name, start, stop) for name, start, stop in plan.segments
-                    if name in self.adapters]  # adapters that do not touch this layer are skipped
+        segments = [(self.adapters[n], a, b) for n, a, b in plan.segments if n in self.adapters]
         if not segments:
             return out
-        xs_all = plan.gather(x)  # one gather for all routed rows, then contiguous slices per adapter
-        # the base output rows are gathered only for variants that read them (`uses_base_out`, e.g. DoRA)
-        needs_base = any(getattr(v, "uses_base_out", True) for v, *_ in segments)
-        ys_all = out if plan.identity else out.index_select(0, plan.order) if needs_base else None
-        in_place = not torch.is_grad_enabled()  # nothing can have saved `out` for a backward
-        pieces, rows = [], []
-        for variant, name, start, stop in segments:
-            d = variant.delta(self._cast(xs_all[start:stop], name), None if ys_all is None else ys_all[start:stop])
-            if in_place and d.dtype == out.dtype:  # no autograd: add straight into the base output
+        xs = plan.gather(x)
+        needs_base = any(v.uses_base_out for v, _, _ in segments)
+        ys = out if plan.identity else out.index_select(0, plan.order) if needs_base else None
+        if not torch.is_grad_enabled():  # inference: accumulate into the base output in place
+            for v, a, b in segments:
+                x_rows, base_rows = _cast(xs[a:b], v), None if ys is None else ys[a:b]
                 if plan.identity:
-                    out[start:stop] += d
+                    self._add_delta_(out[a:b], v, x_rows, base_rows)
                 else:
-                    out.index_add_(0, plan.order[start:stop], d)
-            else:
-                pieces.append(d)
-                rows.append((start, stop))
-        if not pieces:
+                    out.index_add_(0, plan.order[a:b], v.delta(x_rows, base_rows).to(out.dtype))
             return out
-        delta = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        if plan.identity and len(plan.order) == out.shape[0] and len(rows) == len(plan.segments):
+        deltas = [v.delta(_cast(xs[a:b], v), None if ys is None else ys[a:b]) for v, a, b in segments]
+        delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]
+        if plan.identity and len(plan.order) == out.shape[0] and len(segments) == len(plan.segments):
             return (out + delta).to(out.dtype)  # every row routed, already in order: no scatter
-        idx = torch.cat([plan.order[a:b] for a, b in rows]) if len(rows) > 1 else plan.order[rows[0][0]:rows[0][1]]
-        return out.to(delta.dtype).index_add(0, idx, delta).to(out.dtype)
+        rows = torch.cat([plan.order[a:b] for _, a, b in segments]) if len(segments) < len(plan.segments) \
+            else plan.order
+        return out.to(delta.dtype).index_add(0, rows, delta).to(out.dtype)
+
+    def _add_delta_(self, out, variant, x, base_out) -> None:
+        """out += variant's delta, in place. A low-rank variant on a Linear/Embedding is fused:
+        h = s·A·x in rank space, then one addmm of B·h into `out` (no output-sized temporaries)."""
+        factors = variant.factors() if self.kind.fusable and out.dtype == variant.lora_dtype else None
+        if factors is None or not out.is_contiguous():
+            out += variant.delta(x, base_out)
+            return
+        a, b, s = factors
+        h = self.kind.down(variant.dropout(x), a) * s
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T)
 
     # ---- merging -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,6 +144,11 @@ class AdaptedLayer(nn.Module):
     def _write_weight(self, matrix: torch.Tensor) -> None:
         w = self.base_layer.weight
         w.copy_(self.kind.to_layout(matrix).to(w.dtype))
+
+
+def _cast(x: torch.Tensor, variant) -> torch.Tensor:
+    """Inputs run through an adapter in the adapter's dtype (ids stay integers)."""
+    return x.to(variant.lora_dtype) if x.is_floating_point() else x
 
 
 class TrainedCopy(nn.Module):

@@ -22,6 +22,7 @@ class Variant(nn.Module):
     peft_type: ClassVar[str] = "LORA"
     mergeable: ClassVar[bool] = True
     reads_base_weight: ClassVar[bool] = False  # True when the output depends on W (cannot run on a merged W)
+    uses_base_out: ClassVar[bool] = True  # False when `delta` ignores `base_out` (saves gathering it)
 
     def __init__(self, kind, r: int, scale: float, dropout: float, config):
         super().__init__()

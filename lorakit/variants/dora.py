@@ -67,7 +67,7 @@ class DoRA(LoRA):
     """LoRA A, B plus a trainable magnitude per output row (`lora_magnitude_vector`, PEFT's key)."""
 
     name = "dora"
-    reads_base_weight = True
+    reads_base_weight = uses_base_out = True
 
     def __init__(self, kind, r, scale, dropout, config):
         super().__init__(kind, r, scale, dropout, config)

@@ -13,6 +13,7 @@ class LoRA(Variant):
     """Trainable A (r×in, "down") and B (out×r, "up"); A kaiming-uniform, B = 0 by default."""
 
     name = "lora"
+    uses_base_out = False
 
     def __init__(self, kind, r, scale, dropout, config):
         super().__init__(kind, r, scale, dropout, config)
@@ -23,8 +24,8 @@ class LoRA(Variant):
         self.kind.init_factors(self.lora_A, self.lora_B, how)
 
     def lora_out(self, x):
-        """s·B·A·x (pass x after dropout)."""
-        return self.kind.up(self.kind.down(x, self.lora_A), self.lora_B) * self.scale
+        """B·(s·A·x): the scale is applied in rank space, the cheapest place (pass x after dropout)."""
+        return self.kind.up(self.kind.down(x, self.lora_A) * self.scale, self.lora_B)
 
     def delta(self, x, base_out):
         return self.lora_out(self.dropout(x))
