@@ -58,11 +58,15 @@ class Holder(nn.Module):
         return self.lin(x)
 
 
-def row_names(n: int, seed: int = 0) -> list[str]:
-    """ROWS names, each of the n adapters on ROWS/n rows (round-robin), shuffled with a fixed seed."""
+ORDERS = ("shuffled", "grouped")
+
+
+def row_names(n: int, order: str, seed: int = 0) -> list[str]:
+    """ROWS names, each of the n adapters on ROWS/n rows: shuffled with a fixed seed, or grouped by adapter
+    (as a server that sorts its batch by adapter would send them)."""
     names = [f"a{i % n}" for i in range(ROWS)]
     random.Random(seed).shuffle(names)
-    return names
+    return sorted(names, key=lambda a: int(a[1:])) if order == "grouped" else names
 
 
 def add_lorakit_adapters(model: nn.Module, n: int, targets) -> nn.Module:
@@ -113,20 +117,21 @@ def bench_llama(counts, repeats: int):
     for n in counts:
         lk = add_lorakit_adapters(copy.deepcopy(base), n, TARGETS)
         peft = peft_copy(base, lk, n, TARGETS, root=lambda p: p.base_model.model)
-        names = row_names(n)
+        for order in ORDERS:
+            names = row_names(n, order)
 
-        def run_lk():
-            with lorakit.route(lk, names):
-                return lk(ids).logits
+            def run_lk():
+                with lorakit.route(lk, names):
+                    return lk(ids).logits
 
-        def run_peft():
-            return peft(input_ids=ids, adapter_names=names).logits
+            def run_peft():
+                return peft(input_ids=ids, adapter_names=names).logits
 
-        with torch.no_grad():
-            worst = max(worst, check(run_lk(), run_peft(), base(ids).logits, f"llama n={n}"))
-            times = compare({"base": lambda: base(ids).logits, "peft": run_peft, "lorakit": run_lk},
-                            warmup=2, repeats=repeats)
-        rows.append(dict(n=n, **times))
+            with torch.no_grad():
+                worst = max(worst, check(run_lk(), run_peft(), base(ids).logits, f"llama n={n} {order}"))
+                times = compare({"base": lambda: base(ids).logits, "peft": run_peft, "lorakit": run_lk},
+                                warmup=2, repeats=repeats)
+            rows.append(dict(n=n, order=order, **times))
         del lk, peft
     return rows, worst
 
@@ -139,28 +144,32 @@ def bench_linear(counts, repeats: int):
     for n in counts:
         lk = add_lorakit_adapters(Holder(copy.deepcopy(lin)), n, ["lin"])
         peft = peft_copy(Holder(lin), lk, n, ["lin"], root=lambda p: p.base_model.model)
-        names = row_names(n)
+        for order in ORDERS:
+            names = row_names(n, order)
 
-        def run_lk():
-            with lorakit.route(lk, names):
-                return lk(x)
+            def run_lk():
+                with lorakit.route(lk, names):
+                    return lk(x)
 
-        with torch.no_grad():
-            worst = max(worst, check(run_lk(), peft(x, adapter_names=names), lin(x), f"linear n={n}"))
-            times = compare({"base": lambda: lin(x), "peft": lambda: peft(x, adapter_names=names), "lorakit": run_lk},
-                            warmup=3, repeats=repeats, min_seconds=1.5)
-        rows.append(dict(n=n, **times))
+            def run_peft():
+                return peft(x, adapter_names=names)
+
+            with torch.no_grad():
+                worst = max(worst, check(run_lk(), run_peft(), lin(x), f"linear n={n} {order}"))
+                times = compare({"base": lambda: lin(x), "peft": run_peft, "lorakit": run_lk},
+                                warmup=3, repeats=repeats, min_seconds=1.5)
+            rows.append(dict(n=n, order=order, **times))
         del lk, peft
     return rows, worst
 
 
 def table(rows, theory: str) -> str:
-    header = ["adapters", "base ms", "PEFT ms", "lorakit ms", "PEFT overhead", "lorakit overhead",
+    header = ["adapters", "rows", "base ms", "PEFT ms", "lorakit ms", "PEFT overhead", "lorakit overhead",
               "**lorakit / PEFT overhead** (≤ 0.33 at 16+)", "**lorakit / base** (≤ 1.15)", "FLOP overhead"]
     body = []
     for x in rows:
         op, ol = x["peft"] / x["base"] - 1, x["lorakit"] / x["base"] - 1
-        body.append([x["n"], fmt_ms(x["base"]), fmt_ms(x["peft"]), fmt_ms(x["lorakit"]), f"{op:+.1%}", f"{ol:+.1%}",
+        body.append([x["n"], x["order"], fmt_ms(x["base"]), fmt_ms(x["peft"]), fmt_ms(x["lorakit"]), f"{op:+.1%}", f"{ol:+.1%}",
                      f"**{ol / op:.2f}**" if op > 0 else "n/a (PEFT ≤ base)", f"**{x['lorakit'] / x['base']:.3f}**",
                      theory])
     return markdown_table(header, body)
@@ -198,7 +207,8 @@ def main():
 {header_lines(load0, [f"- Repeats: median of {repeats} after warmup, base/PEFT/lorakit interleaved round-robin in one process"])}
 
 {ROWS} rows × {TOKENS} tokens, LoRA r={R} (alpha {ALPHA}, random non-zero B) on {', '.join(TARGETS)}; each
-of the n adapters gets {ROWS}/n rows (round-robin, then shuffled with a fixed seed). *base* is a plain copy
+of the n adapters gets {ROWS}/n rows, *shuffled* (fixed seed) or *grouped* by adapter (the order a server that
+sorts its batch sends; lorakit then needs no gather or scatter at all). *base* is a plain copy
 of the model without adapters; PEFT is `model(input_ids, adapter_names=[...])` on a PeftModel holding all
 n adapters; lorakit is `with lorakit.route(model, names): model(input_ids)`. Overhead = time/base − 1.
 *FLOP overhead* = r(d_in+d_out)/(d_in·d_out), the extra multiply-adds of the LoRA path per adapted layer.

@@ -24,7 +24,6 @@ class LinearKind:
     """nn.Linear (weight out×in), or transformers Conv1D / `fan_in_fan_out` (weight in×out)."""
 
     key_a, key_b, takes_dropout = "lora_A.weight", "lora_B.weight", True
-    fusable = True  # output features are the last axis: B·h can be added with one addmm
 
     def __init__(self, base: nn.Module):
         self.base = base
@@ -54,6 +53,13 @@ class LinearKind:
     def up(self, h, b):
         return F.linear(h, b)
 
+    def add_up_(self, out, h, b) -> None:
+        """out += up(h, b) in place; one addmm when the output features are the contiguous last axis."""
+        if out.is_contiguous() and out.dtype == h.dtype == b.dtype:
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T)
+        else:
+            out += self.up(h, b)
+
     def base_no_bias(self, x):
         return F.linear(x, self.weight().to(x.dtype))
 
@@ -71,8 +77,6 @@ class LinearKind:
 
 class ConvKind(LinearKind):
     """nn.Conv1d / nn.Conv2d: A is a conv with the base kernel/stride/padding, B a 1×…×1 conv."""
-
-    fusable = False  # channels are axis 1
 
     def __init__(self, base: nn.Module):
         if base.groups != 1:
@@ -106,6 +110,9 @@ class ConvKind(LinearKind):
 
     def up(self, h, b):
         return self.conv(h, b)
+
+    def add_up_(self, out, h, b) -> None:
+        out += self.up(h, b)
 
     def base_no_bias(self, x):
         c = self.base

@@ -48,7 +48,7 @@ class AdaptedLayer(nn.Module):
         # inference: add into the base output in place (keeping a copy only if a later adapter reads it)
         base = out.clone() if len(variants) > 1 and any(v.uses_base_out for v in variants) else out
         for v in variants:
-            self._add_delta_(out, v, _cast(x, v), base)
+            v.add_delta_(out, _cast(x, v), base)
         return out
 
     def _routed(self, x, out):
@@ -66,7 +66,7 @@ class AdaptedLayer(nn.Module):
             for v, a, b in segments:
                 x_rows, base_rows = _cast(xs[a:b], v), None if ys is None else ys[a:b]
                 if plan.identity:
-                    self._add_delta_(out[a:b], v, x_rows, base_rows)
+                    v.add_delta_(out[a:b], x_rows, base_rows)
                 else:
                     out.index_add_(0, plan.order[a:b], v.delta(x_rows, base_rows).to(out.dtype))
             return out
@@ -77,17 +77,6 @@ class AdaptedLayer(nn.Module):
         rows = torch.cat([plan.order[a:b] for _, a, b in segments]) if len(segments) < len(plan.segments) \
             else plan.order
         return out.to(delta.dtype).index_add(0, rows, delta).to(out.dtype)
-
-    def _add_delta_(self, out, variant, x, base_out) -> None:
-        """out += variant's delta, in place. A low-rank variant on a Linear/Embedding is fused:
-        h = s·A·x in rank space, then one addmm of B·h into `out` (no output-sized temporaries)."""
-        factors = variant.factors() if self.kind.fusable and out.dtype == variant.lora_dtype else None
-        if factors is None or not out.is_contiguous():
-            out += variant.delta(x, base_out)
-            return
-        a, b, s = factors
-        h = self.kind.down(variant.dropout(x), a) * s
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T)
 
     # ---- merging -----------------------------------------------------------------------------
     @torch.no_grad()

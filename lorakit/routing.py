@@ -75,11 +75,14 @@ class Routing:
             raise RoutingError(f"routing has {n} adapter names but a layer got {rows} rows; "
                                f"the row count must be a multiple of the number of names")
         k = rows // n
+        members: dict[str, list[int]] = {name: [] for name in self.distinct}
+        for i, name in enumerate(self.names):  # one pass; rows stay in their original order per adapter
+            if name != BASE:
+                members[name].extend(range(i * k, (i + 1) * k))
         order, segments = [], []
-        for name in self.distinct:
-            members = [i * k + j for i, a in enumerate(self.names) if a == name for j in range(k)]
-            segments.append((name, len(order), len(order) + len(members)))
-            order += members
+        for name, rows_of in members.items():
+            segments.append((name, len(order), len(order) + len(rows_of)))
+            order += rows_of
         identity = order == list(range(len(order)))
         return Plan(torch.tensor(order, dtype=torch.long, device=device), segments, identity)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import register_variant
+from .base import Variant
 from .lora import LoRA
 
 CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -108,6 +109,8 @@ class DoRA(LoRA):
             x = self.dropout(x)
             lora, base = self.lora_out(x), self.kind.base_no_bias(x)
         return (g - 1) * base + g * lora
+
+    add_delta_ = Variant.add_delta_  # DoRA's delta reads the base output: LoRA's fused path does not apply
 
     def file_tensors(self):
         return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}

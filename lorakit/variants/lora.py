@@ -27,8 +27,17 @@ class LoRA(Variant):
         """B·(s·A·x): the scale is applied in rank space, the cheapest place (pass x after dropout)."""
         return self.kind.up(self.kind.down(x, self.lora_A) * self.scale, self.lora_B)
 
+    @property
+    def lora_dtype(self):
+        return self.lora_A.dtype
+
     def delta(self, x, base_out):
         return self.lora_out(self.dropout(x))
+
+    def add_delta_(self, out, x, base_out):
+        """Fused for inference: h = s·A·x in rank space, then B·h added into `out` with no output-sized temporary."""
+        h = self.kind.down(self.dropout(x) if self.training else x, self.lora_A)
+        self.kind.add_up_(out, h.mul_(self.scale), self.lora_B)
 
     def file_tensors(self):
         return {self.kind.key_a: self.lora_A, self.kind.key_b: self.lora_B}
