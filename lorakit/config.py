@@ -57,7 +57,8 @@ class AdapterConfig:
     """One adapter's settings. Field names follow PEFT's `LoraConfig`; `variant` picks the method.
 
     Scaling (`use_rslora`: α/√r instead of α/r), `variant` and `init_lora_weights` are independent.
-    `use_dora=True` is the same as `variant="dora"`.
+    `use_dora=True` is the same as `variant="dora"`. `fan_in_fan_out` is kept for file compatibility;
+    as in PEFT the module type decides it (transformers `Conv1D` stores (in, out), `nn.Linear` (out, in)).
     """
 
     r: int = 8

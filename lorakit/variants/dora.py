@@ -110,7 +110,21 @@ class DoRA(LoRA):
             lora, base = self.lora_out(x), self.kind.base_no_bias(x)
         return (g - 1) * base + g * lora
 
-    add_delta_ = Variant.add_delta_  # DoRA's delta reads the base output: LoRA's fused path does not apply
+    def add_delta_(self, out, x, base_out):
+        """Inference. When `out` is the base output itself, rescale it in place: g⊙(Wx + s·BAx) + bias
+        (the final output, not a small delta added to it, so no cancellation); otherwise add `delta`."""
+        fusable = base_out is not None and base_out.data_ptr() == out.data_ptr() and base_out.shape == out.shape
+        if not fusable or out.dtype != self.lora_dtype or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return Variant.add_delta_(self, out, x, base_out)
+        g = self.kind.per_out(self.magnitude_scale())
+        bias = getattr(self.kind.base, "bias", None)
+        bias = None if bias is None else self.kind.per_out(bias)
+        if bias is not None:
+            out -= bias
+        self.kind.add_up_(out, self.kind.down(x, self.lora_A).mul_(self.scale), self.lora_B)
+        out *= g
+        if bias is not None:
+            out += bias
 
     def file_tensors(self):
         return {**super().file_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
