@@ -13,10 +13,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Holder(nn.Module):
+    """A module holding one layer as `lin`, since PEFT's `get_peft_model` needs a parent module to wrap."""
+
+    def __init__(self, lin: nn.Module):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
 
 
 def load_average() -> str:

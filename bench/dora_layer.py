@@ -17,7 +17,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakit  # noqa: E402
-from common import (compare, fmt_ms, header_lines, load_average, markdown_table, peak_rss_bytes,  # noqa: E402
+from common import (Holder, compare, fmt_ms, header_lines, load_average, markdown_table, peak_rss_bytes,  # noqa: E402
                     reset_peak_rss, rss_bytes, run_subprocess, write_section)
 
 D = 4096
@@ -26,17 +26,6 @@ RANKS = (16, 64, 384)
 TRAIN_TOKENS = 2048
 TRAIN_RANKS = (16, 64)
 ALPHA = 16
-
-
-class Holder(nn.Module):
-    """A module holding the Linear, as PEFT's `get_peft_model` needs a parent module to wrap."""
-
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
 
 
 def base_linear(seed: int = 0) -> nn.Linear:

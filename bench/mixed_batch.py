@@ -17,7 +17,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakit  # noqa: E402
-from common import compare, fmt_ms, header_lines, load_average, markdown_table, write_section  # noqa: E402
+from common import Holder, compare, fmt_ms, header_lines, load_average, markdown_table, write_section  # noqa: E402
 from lorakit.layers import AdaptedLayer  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, MLP, VOCAB = 1024, 4, 16, 2816, 1024
@@ -47,15 +47,6 @@ def llama(seed: int = 0) -> nn.Module:
                       num_key_value_heads=HEADS, intermediate_size=MLP, vocab_size=VOCAB,
                       max_position_embeddings=4 * TOKENS, tie_word_embeddings=False, use_cache=False)
     return LlamaForCausalLM(cfg).eval()
-
-
-class Holder(nn.Module):
-    def __init__(self, lin: nn.Module):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
 
 
 ORDERS = ("shuffled", "grouped")
