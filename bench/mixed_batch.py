@@ -100,58 +100,44 @@ def check(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, what: str) 
     return err
 
 
-def bench_llama(counts, repeats: int):
-    base = llama()
-    torch.manual_seed(5)
-    ids = torch.randint(0, VOCAB, (ROWS, TOKENS))
+def bench_model(base: nn.Module, targets, forward, counts, repeats: int, label: str, **timing):
+    """Time base / PEFT / lorakit on `forward(model, **extra)` for each adapter count and row order."""
     rows, worst = [], 0.0
     for n in counts:
-        lk = add_lorakit_adapters(copy.deepcopy(base), n, TARGETS)
-        peft = peft_copy(base, lk, n, TARGETS, root=lambda p: p.base_model.model)
+        lk = add_lorakit_adapters(copy.deepcopy(base), n, targets)
+        peft = peft_copy(base, lk, n, targets, root=lambda p: p.base_model.model)
         for order in ORDERS:
             names = row_names(n, order)
 
             def run_lk():
                 with lorakit.route(lk, names):
-                    return lk(ids).logits
+                    return forward(lk)
 
             def run_peft():
-                return peft(input_ids=ids, adapter_names=names).logits
+                return forward(peft, adapter_names=names)
 
             with torch.no_grad():
-                worst = max(worst, check(run_lk(), run_peft(), base(ids).logits, f"llama n={n} {order}"))
-                times = compare({"base": lambda: base(ids).logits, "peft": run_peft, "lorakit": run_lk},
-                                warmup=2, repeats=repeats)
+                worst = max(worst, check(run_lk(), run_peft(), forward(base), f"{label} n={n} {order}"))
+                times = compare({"base": lambda: forward(base), "peft": run_peft, "lorakit": run_lk},
+                                repeats=repeats, **timing)
             rows.append(dict(n=n, order=order, **times))
         del lk, peft
     return rows, worst
+
+
+def bench_llama(counts, repeats: int):
+    torch.manual_seed(5)
+    ids = torch.randint(0, VOCAB, (ROWS, TOKENS))
+    return bench_model(llama(), TARGETS, lambda m, **kw: m(input_ids=ids, **kw).logits, counts, repeats, "llama",
+                       warmup=2)
 
 
 def bench_linear(counts, repeats: int):
     torch.manual_seed(0)
-    lin = nn.Linear(HIDDEN, HIDDEN)
+    holder = Holder(nn.Linear(HIDDEN, HIDDEN))
     x = torch.randn(ROWS, TOKENS, HIDDEN)
-    rows, worst = [], 0.0
-    for n in counts:
-        lk = add_lorakit_adapters(Holder(copy.deepcopy(lin)), n, ["lin"])
-        peft = peft_copy(Holder(lin), lk, n, ["lin"], root=lambda p: p.base_model.model)
-        for order in ORDERS:
-            names = row_names(n, order)
-
-            def run_lk():
-                with lorakit.route(lk, names):
-                    return lk(x)
-
-            def run_peft():
-                return peft(x, adapter_names=names)
-
-            with torch.no_grad():
-                worst = max(worst, check(run_lk(), run_peft(), lin(x), f"linear n={n} {order}"))
-                times = compare({"base": lambda: lin(x), "peft": run_peft, "lorakit": run_lk},
-                                warmup=3, repeats=repeats, min_seconds=1.5)
-            rows.append(dict(n=n, order=order, **times))
-        del lk, peft
-    return rows, worst
+    return bench_model(holder, ["lin"], lambda m, **kw: m(x, **kw), counts, repeats, "linear",
+                       warmup=3, min_seconds=1.5)
 
 
 def table(rows, theory: str) -> str:
