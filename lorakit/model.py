@@ -61,6 +61,10 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, m
 
 
+def _layers(model: nn.Module) -> list[AdaptedLayer]:
+    return [w for _, w in wrappers(model) if isinstance(w, AdaptedLayer)]
+
+
 # ---- targeting ---------------------------------------------------------------------------------
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) for every module except the root and the insides of lorakit wrappers."""
@@ -258,18 +262,18 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Run the base model only inside this context (merged layers are unmerged, then re-merged)."""
-    merged = {id(m): list(m.merged) for _, m in wrappers(model) if getattr(m, "merged", None)}
+    merged = {layer: list(layer.merged) for layer in _layers(model) if layer.merged}
+    for layer in merged:
+        layer.set_merged([])
     for _, w in wrappers(model):
-        if isinstance(w, AdaptedLayer) and id(w) in merged:
-            w.set_merged([])
         w.disabled = True
     try:
         yield model
     finally:
         for _, w in wrappers(model):
             w.disabled = False
-            if id(w) in merged:
-                w.set_merged(merged[id(w)])
+        for layer, names in merged.items():
+            layer.set_merged(names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -290,10 +294,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 # ---- merging -----------------------------------------------------------------------------------
-def _layers(model: nn.Module) -> list[AdaptedLayer]:
-    return [w for _, w in wrappers(model) if isinstance(w, AdaptedLayer)]
-
-
 def merge(model: nn.Module, adapter_names: Optional[list[str]] = None, safe: bool = False) -> None:
     """Fold adapters (default: the active ones) into the base weights.
 
