@@ -24,6 +24,7 @@ class LinearKind:
     """nn.Linear (weight out×in), or transformers Conv1D / `fan_in_fan_out` (weight in×out)."""
 
     key_a, key_b, takes_dropout = "lora_A.weight", "lora_B.weight", True
+    batchable = True  # down/up are plain matmuls: many adapters can run as one bmm
 
     def __init__(self, base: nn.Module):
         self.base = base
@@ -77,6 +78,8 @@ class LinearKind:
 
 class ConvKind(LinearKind):
     """nn.Conv1d / nn.Conv2d: A is a conv with the base kernel/stride/padding, B a 1×…×1 conv."""
+
+    batchable = False
 
     def __init__(self, base: nn.Module):
         if base.groups != 1:
@@ -132,7 +135,7 @@ class EmbeddingKind(LinearKind):
     (A = 0, B normal). Dropout is not applied to ids.
     """
 
-    key_a, key_b, takes_dropout = "lora_embedding_A", "lora_embedding_B", False
+    key_a, key_b, takes_dropout, batchable = "lora_embedding_A", "lora_embedding_B", False, False
 
     def __init__(self, base: nn.Module):
         self.base, self.transposed = base, True

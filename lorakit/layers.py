@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError, RoutingError
+from . import stacked
 from .kinds import kind_for
 
 
@@ -26,6 +27,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.merged: dict[str, Optional[torch.Tensor]] = {}  # name → row scale used at merge time
         self.routing = None
+        self._stacks = stacked.Stacks()  # stacked factors for batched inference over many adapters
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
@@ -63,7 +65,11 @@ class AdaptedLayer(nn.Module):
         needs_base = any(v.uses_base_out for v, _, _ in segments)
         ys = out if plan.identity else out.index_select(0, plan.order) if needs_base else None
         if not torch.is_grad_enabled():  # inference: accumulate into the base output in place
-            for v, a, b in segments:
+            for run in stacked.runs(segments, self.kind.batchable):
+                if len(run) > 1:  # same-rank, same-size low-rank adapters: two bmm calls for all of them
+                    stacked.add_run_(out, xs, plan, run, self._stacks)
+                    continue
+                v, a, b = run[0]
                 x_rows, base_rows = _cast(xs[a:b], v), None if ys is None else ys[a:b]
                 if plan.identity:
                     v.add_delta_(out[a:b], x_rows, base_rows)

@@ -185,3 +185,33 @@ def test_inference_fast_paths_equal_the_autograd_path(dtype, active):
 def _routed(model, ids, names):
     with lorakit.route(model, names):
         return model(ids).logits
+
+
+def test_same_rank_adapters_run_batched_and_equal_each_row_alone(monkeypatch):
+    """Several same-rank LoRA adapters with equal row counts run as one bmm pair per layer; every row
+    still equals its adapter alone, grouped or shuffled, fp32; stacks follow in-place factor changes."""
+    from lorakit import stacked
+
+    model = model_with_adapters(**{f"s{i}": ("lora", 4, i % 2 == 0) for i in range(4)}, big=("lora", 8, False))
+    names = ["s0", "s1", "s2", "s3", "big", "__base__"] * 2
+    calls = []
+    real = stacked.add_run_
+    monkeypatch.setattr(stacked, "add_run_", lambda out, xs, plan, run, st: calls.append(len(run)) or
+                        real(out, xs, plan, run, st))
+    ids = torch.randint(0, 128, (len(names), 5), generator=torch.Generator().manual_seed(6))
+    for order in (names, sorted(names)):
+        calls.clear()
+        with torch.no_grad(), lorakit.route(model, order):
+            mixed = model(ids).logits
+        assert calls and set(calls) == {4}  # the four rank-4 adapters batched in every layer; "big" alone
+        with torch.no_grad():
+            for i, name in enumerate(order):
+                ref = alone(model, name, ids[i:i + 1])
+                assert (mixed[i:i + 1] - ref).abs().max() <= tol(ref), name
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.adapters["s2"].lora_B.mul_(3.0)  # in-place change: the cached stack must be rebuilt
+        with lorakit.route(model, names):
+            mixed = model(ids).logits
+        ref = alone(model, "s2", ids[2:3])
+    assert (mixed[2:3] - ref).abs().max() <= tol(ref)
