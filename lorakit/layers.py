@@ -29,6 +29,11 @@ class AdaptedLayer(nn.Module):
         self.routing = None
         self._stacks = stacked.Stacks()  # stacked factors for batched inference over many adapters
 
+    def remove(self, name: str) -> None:
+        """Drop adapter `name` (and any stacked copies of its factors)."""
+        del self.adapters[name]
+        self._stacks.clear()
+
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
         out = self.base_layer(x, *args, **kwargs)

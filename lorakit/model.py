@@ -284,7 +284,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             raise MergeError(f"adapter {name!r} is merged into {path}; unmerge before deleting it")
     for path, w in list(wrappers(model)):
         held = w.adapters if isinstance(w, AdaptedLayer) else w.copies
-        if name in held:
+        if name in held and isinstance(w, AdaptedLayer):
+            w.remove(name)
+        elif name in held:
             del held[name]
         if not len(held):
             _replace(model, path, _base_of(w) if isinstance(w, AdaptedLayer) else w.original_module)

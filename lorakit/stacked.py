@@ -35,18 +35,22 @@ class Stacks:
     def __init__(self):
         self._cache: dict[tuple, tuple] = {}
 
+    def clear(self) -> None:
+        self._cache.clear()
+
     def get(self, variants) -> tuple[torch.Tensor, torch.Tensor]:
         factors = [v.factors() for v in variants]
-        names = tuple(id(v) for v in variants)
+        key = tuple(id(v) for v in variants)
         stamp = tuple((a._version, a.data_ptr(), b._version, b.data_ptr(), s) for a, b, s in factors)
-        hit = self._cache.get(names)
-        if hit is None or hit[0] != stamp:
+        hit = self._cache.get(key)
+        # the entry keeps its variants alive, so a matching id is the same object, never a reused address
+        if hit is None or hit[1] != stamp or any(v is not w for v, w in zip(variants, hit[0])):
             if len(self._cache) >= MAX_CACHED_STACKS:
                 self._cache.pop(next(iter(self._cache)))
             a = torch.stack([a for a, _, _ in factors])                    # (k, r, in)
             bt = torch.stack([(b * s).T for _, b, s in factors])          # (k, r, out), scale folded in
-            hit = self._cache[names] = (stamp, a, bt)
-        return hit[1], hit[2]
+            hit = self._cache[key] = (tuple(variants), stamp, a, bt)
+        return hit[2], hit[3]
 
 
 @torch.no_grad()
