@@ -215,3 +215,18 @@ def test_same_rank_adapters_run_batched_and_equal_each_row_alone(monkeypatch):
             mixed = model(ids).logits
         ref = alone(model, "s2", ids[2:3])
     assert (mixed[2:3] - ref).abs().max() <= tol(ref)
+
+
+def test_beam_search_rows_keep_their_adapter():
+    """generate() expands each row into num_beams rows (repeat-interleaved): each keeps its adapter."""
+    model = model_with_adapters(a=("lora", 4, False), c=("dora", 2, False))
+    names = ["c", "__base__", "a"]
+    prompt = torch.randint(1, 128, (3, 4), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), lorakit.route(model, names):
+        mixed = model.generate(prompt, **kw)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            with lorakit.route(model, [name]):
+                ref = model.generate(prompt[i:i + 1], **kw)
+            assert torch.equal(mixed[i:i + 1], ref), name
