@@ -53,9 +53,10 @@ class Plan:
 class Routing:
     """Per-row adapter names for one batch; plans are computed once per (rows, device)."""
 
-    def __init__(self, adapter_names: list[str]):
+    def __init__(self, adapter_names: list[str], ranks: dict[str, int] | None = None):
         self.names = list(adapter_names)
         self.distinct = list(dict.fromkeys(n for n in self.names if n != BASE))
+        self.ranks = ranks or {}  # when rows must be gathered anyway, same-rank adapters go side by side
         self._plans: dict[tuple[int, torch.device], Plan] = {}
 
     def release(self) -> None:
@@ -79,11 +80,15 @@ class Routing:
         for i, name in enumerate(self.names):  # one pass; rows stay in their original order per adapter
             if name != BASE:
                 members[name].extend(range(i * k, (i + 1) * k))
+        natural = [i for rows_of in members.values() for i in rows_of]
+        identity = natural == list(range(len(natural)))
+        groups = list(members.items())
+        if not identity:  # rows are gathered anyway: put adapters of equal rank and size side by side
+            groups.sort(key=lambda item: (self.ranks.get(item[0], 0), len(item[1])))
         order, segments = [], []
-        for name, rows_of in members.items():
+        for name, rows_of in groups:
             segments.append((name, len(order), len(order) + len(rows_of)))
             order += rows_of
-        identity = order == list(range(len(order)))
         return Plan(torch.tensor(order, dtype=torch.long, device=device), segments, identity)
 
 
@@ -109,7 +114,9 @@ def route(model: nn.Module, adapter_names: list[str]):
     modules = routed_modules(model)
     if any(getattr(m, "merged", None) for m in modules):
         raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
-    routing = Routing(adapter_names)
+    from .model import get_config
+
+    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known})
     previous = [m.routing for m in modules]
     for m in modules:
         m.routing = routing

@@ -199,7 +199,8 @@ def test_same_rank_adapters_run_batched_and_equal_each_row_alone(monkeypatch):
     monkeypatch.setattr(stacked, "add_run_", lambda out, xs, plan, run, st: calls.append(len(run)) or
                         real(out, xs, plan, run, st))
     ids = torch.randint(0, 128, (len(names), 5), generator=torch.Generator().manual_seed(6))
-    for order in (names, sorted(names)):
+    interleaved = ["s0", "big", "s1", "s2", "s3", "__base__"] * 2  # ranks mixed: the plan regroups them
+    for order in (names, sorted(names), interleaved):
         calls.clear()
         with torch.no_grad(), lorakit.route(model, order):
             mixed = model(ids).logits
