@@ -105,7 +105,7 @@ def route(model: nn.Module, adapter_names: list[str]):
     Works for forward, `generate()` and backward (training on a mixed batch sends each adapter the
     gradient of its own rows only). Refused while any layer is merged.
     """
-    from .model import adapter_names as known_names
+    from .model import adapter_names as known_names, get_config
 
     known = set(known_names(model))
     unknown = sorted({n for n in adapter_names if n != BASE} - known)
@@ -114,8 +114,6 @@ def route(model: nn.Module, adapter_names: list[str]):
     modules = routed_modules(model)
     if any(getattr(m, "merged", None) for m in modules):
         raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
-    from .model import get_config
-
     routing = Routing(adapter_names, {n: get_config(model, n).r for n in known})
     previous = [m.routing for m in modules]
     for m in modules:
