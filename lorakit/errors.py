@@ -47,3 +47,15 @@ class MergeError(LorakitError):
 
 class RoutingError(LorakitError, ValueError):
     """A routing request cannot be served (unknown adapter, batch size mismatch, merged layers)."""
+
+
+class DataError(LorakitError, ValueError):
+    """A dataset cannot be read or used: missing file or column, empty, non-numeric label, unreachable download."""
+
+
+class ModelError(LorakitError, ValueError):
+    """A model spec cannot be loaded: unknown name, missing directory, missing optional package."""
+
+
+class TrainingError(LorakitError):
+    """A training run cannot continue: non-finite loss, unusable checkpoint, bad resume."""
