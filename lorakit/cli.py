@@ -1,44 +1,181 @@
-"""`lorakit ...` command line."""
+"""`lorakit ...` command line: train, eval, compare, inspect, demo.
+
+Run settings come from `--config run.yaml` and/or flags; a flag is a `RunConfig`, `AdapterConfig` or
+`TrainingArguments` field with dashes (`--learning-rate 1e-3`, `--target-modules query value`, `--use-rslora`).
+Flags override the YAML file.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import sys
+import typing
+
+from .errors import ConfigError, LorakitError
+
+HELP = {"model": "minilm | tiny-llama | a local transformers model directory",
+        "data": "vader:<movies|tweets|amazon|nyt> | a .csv/.jsonl file | a directory with train/validation/test",
+        "task": "classification | regression | causal-lm", "variant": "adapter method (lorakit.variant_names())",
+        "target_modules": "module names, a regex, or all-linear", "output_dir": "where the run's files go"}
 
 
-def inspect_adapter(args) -> None:
-    """Print an adapter folder's config summary and tensors (validated, never unpickled)."""
-    from .io import read_adapter
+def _setting_fields():
+    from .config import AdapterConfig
+    from .train.args import RunConfig, TrainingArguments, _keys
 
-    config, tensors = read_adapter(args.dir)
-    print(f"variant={config.variant} r={config.r} lora_alpha={config.lora_alpha} use_rslora={config.use_rslora} "
-          f"targets={config.target_modules}")
-    total = 0
-    for key, t in sorted(tensors.items()):
-        total += t.numel()
-        print(f"  {key:70s} {str(tuple(t.shape)):>16s} {str(t.dtype).replace('torch.', '')}")
-    print(f"{len(tensors)} tensors, {total:,} parameters")
+    for cls in (RunConfig, AdapterConfig, TrainingArguments):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in _keys(cls):
+                yield cls.__name__, f, hints[f.name]
+
+
+def _parse_token(text: str):
+    import yaml
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return yaml.safe_load(text) if text[:1] in "[{" else text
+
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per run setting; only flags the user gives end up in the namespace."""
+    parser.add_argument("--config", help="a YAML file of settings (flags override it)")
+    groups = {}
+    for owner, f, hint in _setting_fields():
+        group = groups.setdefault(owner, parser.add_argument_group(owner))
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=HELP.get(f.name, f"default: {default!r}"))
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif hint in (int, float, str):
+            group.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **kw)
+        else:  # lists, unions, patterns: one or more tokens, numbers parsed, JSON/YAML for mappings
+            group.add_argument(flag, nargs="+", type=_parse_token, metavar="VALUE", **kw)
+
+
+def settings(args: argparse.Namespace, base: dict | None = None) -> dict:
+    """YAML settings (if any) overlaid with the flags given."""
+    from .train.args import read_yaml
+
+    values = dict(base or {})
+    if getattr(args, "config", None):
+        values.update(read_yaml(args.config))
+    names = {f.name for _, f, _ in _setting_fields()}
+    for name in names & set(vars(args)):
+        value = getattr(args, name)
+        values[name] = value[0] if isinstance(value, list) and len(value) == 1 and name not in _LISTS else value
+    return values
+
+
+_LISTS = {"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"}
+
+
+def run_train(args) -> None:
+    from .train import RunConfig, train
+
+    results = train(RunConfig.from_flat(settings(args)), resume=args.resume)
+    _print_results(results)
+
+
+def run_eval(args) -> None:
+    from pathlib import Path
+
+    from .train import RunConfig, evaluate
+    from .train.args import read_yaml
+
+    saved = Path(args.adapter) / "run_config.yaml"
+    base = read_yaml(saved) if saved.exists() else {}
+    config = RunConfig.from_flat(settings(args, base))
+    _print_results(evaluate(args.adapter, config, split=args.split))
+
+
+def run_compare(args) -> None:
+    from .train import compare
+
+    seeds = list(range(int(args.seeds[0]))) if len(args.seeds) == 1 else [int(s) for s in args.seeds]
+    compare(settings(args), variants=args.variants.split(","), learning_rates=[float(x) for x in args.lrs],
+            seeds=seeds)
+
+
+def run_inspect(args) -> None:
+    from .analysis import describe_adapter
+
+    print(describe_adapter(args.dir))
+
+
+def _print_results(results: dict) -> None:
+    width = max(map(len, results))
+    for k, v in results.items():
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adapters for any PyTorch model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train an adapter (flags or --config YAML)", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    add_settings(train)
+    train.set_defaults(run=run_train)
+
+    ev = sub.add_parser("eval", help="evaluate a saved adapter (a run folder or an adapter folder) on a dataset")
+    ev.add_argument("adapter", help="a run's output_dir or an adapter folder")
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    add_settings(ev)
+    ev.set_defaults(run=run_eval)
+
+    cmp = sub.add_parser("compare", help="variants x learning rates x seeds on one task: table + plots")
+    cmp.add_argument("--variants", default="lora,rslora,dora",
+                     help="comma-separated: registered variants, or rslora / <variant>+rslora")
+    cmp.add_argument("--lrs", nargs="+", default=["1e-4", "5e-4", "2e-3"], help="learning rates")
+    cmp.add_argument("--seeds", nargs="+", default=["2"], help="a count N (seeds 0..N-1) or a list of seeds")
+    add_settings(cmp)
+    cmp.set_defaults(run=run_compare)
+
+    ins = sub.add_parser("inspect", help="an adapter folder: config, per-layer ranks, parameter counts, norms")
+    ins.add_argument("dir")
+    ins.set_defaults(run=run_inspect)
+
+    demo = sub.add_parser("demo", help="the README demo: baseline vs LoRA on VADER movies with MiniLM",
+                          add_help=False)
+    demo.set_defaults(run=None)
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adapters for any PyTorch model.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train, save, reload and route an adapter on MiniLM (offline)",
-                          add_help=False)
-    demo.set_defaults(run=lambda a, rest: __import__("lorakit.demo").demo.main(rest))
-    ins = sub.add_parser("inspect", help="show an adapter folder's config and tensors")
-    ins.add_argument("dir")
-    ins.set_defaults(run=lambda a, rest: inspect_adapter(a))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "demo":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from .errors import LorakitError
-
     try:
-        args.run(args, rest)
+        if args.command == "demo":
+            from .demo import main as demo_main
+
+            demo_main(rest)
+            return 0
+        if rest:
+            raise ConfigError(_unknown_flags(rest, parser, args.command))
+        args.run(args)
     except LorakitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _unknown_flags(rest: list[str], parser: argparse.ArgumentParser, command: str) -> str:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = sorted(s for a in sub._actions for s in a.option_strings if s.startswith("--"))
+    parts = []
+    for flag in (r for r in rest if r.startswith("-")) or rest:
+        near = difflib.get_close_matches(flag.split("=")[0], known, n=3)
+        parts.append(f"unknown option {flag!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    return "; ".join(parts) + f". See `lorakit {command} --help`."
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""Run settings: `TrainingArguments` (HF names), `RunConfig` (model + data + adapter + training), YAML and flags.
+
+A run is described by one flat mapping, the same in a YAML file and on the command line: every key is a field of
+`RunConfig`, of `AdapterConfig` or of `TrainingArguments` (`--learning-rate` = `learning_rate:`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class TrainingArguments:
+    """How to train. Names and meanings follow transformers' `TrainingArguments` where it has the setting."""
+
+    output_dir: str = "out"
+    learning_rate: float = 5e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1                      # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"        # linear | cosine | constant
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0                    # > 0 overrides warmup_ratio
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    optim: str = "adamw"                     # adamw | sgd; or pass any optimizer to `Trainer`
+    max_grad_norm: float = 1.0               # 0 disables clipping
+    logging_steps: int = 1                   # metrics.jsonl gets a line every this many steps
+    eval_steps: int = 0                      # 0: evaluate at the end of each epoch only
+    save_steps: int = 50                     # checkpoint every this many steps (0: only at the end)
+    early_stopping_patience: int = 0         # evaluations without improvement before stopping (0: never)
+    metric_for_best_model: Optional[str] = None  # default: the task's main metric
+    load_best_model_at_end: bool = True
+    seed: int = 0
+    max_length: int = 128                    # tokens per example, longer ones are truncated
+    dataloader_drop_last: bool = False
+    disable_tqdm: bool = False
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULES)
+        _check_choice("optim", self.optim, OPTIMIZERS)
+        positive = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "max_length")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("num_train_epochs", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps",
+                     "eval_steps", "save_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class RunConfig:
+    """One training run: which model, which data, which task, plus the adapter and the training settings."""
+
+    model: str = "minilm"                    # minilm | tiny-llama | a local transformers model directory
+    data: str = "vader:movies"               # vader:<domain> | a .csv/.jsonl file | a directory of splits
+    task: str = "classification"             # classification | regression | causal-lm
+    text_column: str = "text"
+    label_column: str = "label"
+    max_train_samples: int = 0               # > 0: a seeded subset of the training split (quick runs, sweeps)
+    max_eval_samples: int = 0                # > 0: the same for validation and test
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "RunConfig":
+        """Build from one flat mapping; an unknown key is an error naming the nearest valid keys."""
+        run_keys, adapter_keys, training_keys = _keys(cls), _keys(AdapterConfig), _keys(TrainingArguments)
+        valid = run_keys | adapter_keys | training_keys
+        for key in values:
+            if key not in valid:
+                near = difflib.get_close_matches(str(key), sorted(valid), n=3)
+                hint = f"did you mean {', '.join(near)}? " if near else ""
+                raise ConfigError(f"unknown setting {key!r}; {hint}valid settings: {', '.join(sorted(valid))}")
+        pick = lambda keys: {k: v for k, v in values.items() if k in keys}  # noqa: E731
+        return cls(**pick(run_keys), adapter=AdapterConfig(**pick(adapter_keys)),
+                   training=TrainingArguments(**pick(training_keys)))
+
+    def to_flat(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in _keys(RunConfig)}
+        out.update(dataclasses.asdict(self.training))
+        out.update({k: v for k, v in dataclasses.asdict(self.adapter).items() if k in _keys(AdapterConfig)})
+        return out
+
+    def __post_init__(self):
+        from ..data import TASKS
+
+        _check_choice("task", self.task, TASKS)
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A flat mapping of settings from a YAML file (safe loader: plain data only)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+# AdapterConfig fields that describe a saved file, not a choice a user makes for a run
+_FILE_ONLY = {"base_model_name_or_path", "revision", "inference_mode", "use_dora", "fan_in_fan_out"}
+
+
+def _keys(cls) -> set[str]:
+    keys = {f.name for f in dataclasses.fields(cls) if f.name not in ("adapter", "training")}
+    return keys - _FILE_ONLY if cls is AdapterConfig else keys
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_types(obj) -> None:
+    """Coerce ints to floats where a float is expected; refuse anything of the wrong type, naming the field."""
+    for f in dataclasses.fields(obj):
+        value, default = getattr(obj, f.name), f.default
+        if default is None or value is None and f.type.startswith("Optional"):
+            continue
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, f.name, float(value))
+        elif type(value) is not type(default):
+            raise ConfigError(f"{f.name} must be {type(default).__name__}, got {value!r}")

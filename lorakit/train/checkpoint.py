@@ -1,0 +1,120 @@
+"""Crash-safe checkpoints: each is written to a temporary folder and renamed into place in one step.
+
+A folder `checkpoint-<step>` therefore exists only when complete; a run killed at any moment (SIGKILL
+included) resumes from the newest one. Tensors go to safetensors; the optimizer state is read back with
+`torch.load(weights_only=True)` (plain tensors and numbers, never arbitrary objects).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import TrainingError
+
+PATTERN = re.compile(r"checkpoint-(\d+)")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the trainable parameters, after checking that names and shapes match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise TrainingError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, t in state.items():
+        if t.shape != params[name].shape:
+            raise TrainingError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, "
+                                f"the model has {tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, t in state.items():
+            params[name].copy_(t)
+
+
+def save(directory: str | Path, model, optimizer, progress: dict, best: dict | None = None) -> Path:
+    """Write `checkpoint-<step>` under `directory` atomically, then delete older checkpoints."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"checkpoint-{progress['step']}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=directory))
+    try:
+        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "trainable.safetensors")
+        if best is not None:
+            save_file({k: v.contiguous() for k, v in best.items()}, tmp / "best.safetensors")
+        rng = {"torch": torch.get_rng_state()}
+        save_file(rng, tmp / "rng.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        progress = dict(progress, python_random=_plain(random.getstate()))
+        (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(directory)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(directory: str | Path) -> Path | None:
+    found = checkpoints(directory)
+    return found[-1] if found else None
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and PATTERN.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name).group(1)))
+
+
+def restore(path: str | Path, model, optimizer) -> tuple[dict, dict | None]:
+    """Load a checkpoint into the model and optimizer and restore the RNG; returns (progress, best state)."""
+    path = Path(path)
+    try:
+        progress = json.loads((path / "progress.json").read_text())
+        trainable = load_file(path / "trainable.safetensors")
+        best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
+        rng = load_file(path / "rng.safetensors")
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
+    load_trainable_state(model, trainable)
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError) as e:
+        raise TrainingError(f"checkpoint {path} optimizer state does not fit this optimizer: {e}") from None
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_tuples(progress.pop("python_random")))
+    return progress, best
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _plain(state):
+    return [_plain(s) for s in state] if isinstance(state, (tuple, list)) else state
+
+
+def _tuples(state):
+    return tuple(_tuples(s) for s in state) if isinstance(state, list) else state

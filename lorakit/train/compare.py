@@ -1,0 +1,117 @@
+"""`compare`: variants × learning rates × seeds on one task, one table and two plots.
+
+Each run lives in `<output_dir>/runs/<variant>-lr<lr>-seed<seed>/` with its own files; a run that already has
+`results.json` is reused, so an interrupted sweep continues where it stopped. The summary is
+`results.csv` (one row per run), `results.md` (mean ± std over seeds per variant and learning rate, best
+learning rate per variant), `accuracy_vs_lr.png` (or the task's main metric) and `training_curves.png`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..variants import variant_names
+from .args import RunConfig
+from .plots import plot_curves, plot_sweep
+from .run import train
+from .tasks import TASKS
+
+COLUMNS = ["variant", "learning_rate", "seed", "trainable_parameters", "steps", "seconds_per_step",
+           "train_seconds", "peak_memory_mb"]
+
+
+def variant_settings(name: str) -> dict:
+    """Settings for a variant name as used in sweeps: a registered variant, `rslora`, or `<variant>+rslora`."""
+    base, _, extra = name.partition("+")
+    if name == "rslora":
+        base, extra = "lora", "rslora"
+    if base not in variant_names() or extra not in ("", "rslora"):
+        raise ConfigError(f"unknown variant {name!r} for compare; use one of {variant_names()}, 'rslora' or "
+                          f"'<variant>+rslora'")
+    return {"variant": base, "use_rslora": extra == "rslora"}
+
+
+def compare(settings: dict, variants: list[str], learning_rates: list[float], seeds: list[int]) -> list[dict]:
+    """Run every combination on the task in `settings` (flat run settings) and write the summary files."""
+    specs = {v: variant_settings(v) for v in variants}  # refuse bad names before any run
+    if not learning_rates or not seeds:
+        raise ConfigError("compare needs at least one learning rate and one seed")
+    out = Path(settings.get("output_dir", "compare"))
+    grid = [(v, lr, s) for v in variants for lr in learning_rates for s in seeds]
+    configs = {key: RunConfig.from_flat({**settings, **specs[key[0]], "learning_rate": key[1], "seed": key[2],
+                                         "output_dir": str(out / "runs" / f"{key[0]}-lr{key[1]:g}-seed{key[2]}")})
+               for key in grid}
+    task = TASKS[next(iter(configs.values())).task]
+    rows, curves = [], {}
+    for (variant, lr, seed), config in tqdm(configs.items(), desc="compare", unit="run"):
+        run_dir = Path(config.training.output_dir)
+        done = run_dir / "results.json"
+        results = json.loads(done.read_text()) if done.exists() else train(config)
+        results["variant"] = variant
+        rows.append(results)
+        curves[(variant, lr, seed)] = _losses(run_dir / "metrics.jsonl")
+    metric = "test_" + task.main_metric
+    _write_csv(out / "results.csv", rows, metric)
+    groups = group_runs(rows, metric)
+    best = best_learning_rates(groups, task.greater_is_better)
+    (out / "results.md").write_text(summary(groups, best, metric, task.greater_is_better, settings))
+    plot_sweep(rows, out / f"{task.main_metric}_vs_lr.png", metric)
+    plot_curves(curves, out / "training_curves.png", {v: lr for v, (lr, _, _) in best.items()})
+    print((out / "results.md").read_text())
+    return rows
+
+
+def group_runs(rows: list[dict], metric: str) -> dict[tuple[str, float], dict]:
+    """Per (variant, learning rate): the runs and the metric's mean and std over seeds."""
+    groups: dict[tuple[str, float], dict] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["learning_rate"]), {"runs": []})["runs"].append(r)
+    for g in groups.values():
+        values = [r[metric] for r in g["runs"]]
+        g["mean"], g["std"] = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return groups
+
+
+def best_learning_rates(groups: dict, greater_is_better: bool) -> dict[str, tuple[float, float, float]]:
+    """variant → (best learning rate, mean, std)."""
+    best: dict[str, tuple[float, float, float]] = {}
+    for (variant, lr), g in groups.items():
+        if variant not in best or (g["mean"] > best[variant][1]) == greater_is_better:
+            best[variant] = (lr, g["mean"], g["std"])
+    return best
+
+
+def summary(groups: dict, best: dict, metric: str, greater_is_better: bool, settings: dict) -> str:
+    """Markdown: mean ± std over seeds per (variant, lr), then the best learning rate per variant."""
+    lines = [f"# compare: {settings.get('model', 'minilm')} on {settings.get('data', 'vader:movies')}", "",
+             f"Metric: `{metric}` (mean ± std over seeds), {'higher' if greater_is_better else 'lower'} is better.",
+             "", "| variant | learning rate | seeds | " + metric + " | trainable params | s/step | peak MB |",
+             "|---|---|---|---|---|---|---|"]
+    for (variant, lr), g in groups.items():
+        rs = g["runs"]
+        lines.append(f"| {variant} | {lr:g} | {len(rs)} | {g['mean']:.4f} ± {g['std']:.4f} "
+                     f"| {rs[0]['trainable_parameters']:,} | {statistics.fmean(r['seconds_per_step'] for r in rs):.3f} "
+                     f"| {max(r['peak_memory_mb'] for r in rs):.0f} |")
+    lines += ["", "Best learning rate per variant:", "", "| variant | learning rate | " + metric + " |", "|---|---|---|"]
+    lines += [f"| {v} | {lr:g} | {m:.4f} ± {s:.4f} |" for v, (lr, m, s) in best.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict], metric: str) -> None:
+    extra = sorted({k for r in rows for k in r if k.startswith(("test_", "validation_"))})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _losses(path: Path) -> list[tuple[int, float]]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in records]

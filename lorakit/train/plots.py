@@ -1,0 +1,86 @@
+"""PNG plots of runs and sweeps (matplotlib, optional: without it plots are skipped with a note)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'lorakit[plot]'); skipping plots", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(history: list[dict], path: str | Path, metric: str) -> None:
+    """Training loss per step and, when evaluated, the validation metric."""
+    plt = _pyplot()
+    if plt is None or not history:
+        return
+    evals = [r for r in history if f"eval_{metric}" in r]
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in evals], [r[f"eval_{metric}"] for r in evals], marker="o")
+        ax.set(xlabel="optimizer step", ylabel=metric, title=f"validation {metric}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], path: str | Path, metric: str) -> None:
+    """Metric vs learning rate (log x), one line per variant: mean over seeds, band = min..max over seeds."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        by_lr: dict[float, list[float]] = {}
+        for r in rows:
+            if r["variant"] == variant:
+                by_lr.setdefault(r["learning_rate"], []).append(r[metric])
+        lrs = sorted(by_lr)
+        means = [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
+        line, = ax.plot(lrs, means, marker="o", label=variant)
+        ax.fill_between(lrs, [min(by_lr[lr]) for lr in lrs], [max(by_lr[lr]) for lr in lrs],
+                        color=line.get_color(), alpha=0.2)
+        for lr in lrs:
+            ax.scatter([lr] * len(by_lr[lr]), by_lr[lr], color=line.get_color(), s=10, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel=metric, title=f"{metric} vs learning rate (band: seed range)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[tuple, list[tuple[int, float]]], path: str | Path, best_lr: dict[str, float]) -> None:
+    """Training loss per step for each variant at its best learning rate, one thin line per seed."""
+    plt = _pyplot()
+    if plt is None or not curves:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {}
+    for (variant, lr, seed), points in curves.items():
+        if not points or lr != best_lr.get(variant):
+            continue
+        kw = {"color": colors[variant]} if variant in colors else {"label": f"{variant} (lr {lr:g})"}
+        line, = ax.plot(*zip(*points), lw=1, alpha=0.8, **kw)
+        colors.setdefault(variant, line.get_color())
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="training loss at each variant's best learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

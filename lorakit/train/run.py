@@ -1,0 +1,152 @@
+"""A whole run from one `RunConfig`: data → model → adapter → train → test → files.
+
+Files in `output_dir`: `adapter/` (PEFT format, with the trained head), `metrics.jsonl` (one line per step),
+`results.json` (final metrics, parameter counts, time, memory), `run_config.yaml`, `checkpoints/`,
+`training_curves.png` (with matplotlib), and `base_model/` for a tiny-llama base (rebuilt from a seed and a
+tokenizer trained on the data, so the run can be served or evaluated later).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import inject, load_adapter, read_adapter, save_adapter
+from ..data import load_data
+from ..errors import ConfigError
+from ..model import count_parameters
+from ..models import PEFT_TASK_TYPES, load_model, minilm_dir, save_base
+from . import checkpoint
+from .args import RunConfig
+from .distributed import Processes
+from .tasks import make_task
+from .trainer import Trainer
+from .trainer import evaluate as evaluate_model
+
+ADAPTER_DIR = "adapter"
+
+
+def load_splits(config: RunConfig):
+    """The run's data splits, reduced to `max_train_samples` / `max_eval_samples` when set."""
+    seed = config.training.seed
+    splits = load_data(config.data, config.task, seed=seed, text_column=config.text_column,
+                       label_column=config.label_column)
+    if config.max_train_samples:
+        splits.train = splits.train.select(config.max_train_samples, seed=seed)
+    if config.max_eval_samples:
+        splits.validation = splits.validation.select(config.max_eval_samples, seed=seed)
+        splits.test = splits.test.select(config.max_eval_samples, seed=seed)
+    return splits
+
+
+def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> dict:
+    """Train, evaluate on the test split, write the run's files; returns the results.
+
+    `optimizer`: a torch optimizer, or a function model → optimizer (called after the adapter is injected).
+    """
+    args = config.training
+    out = Path(args.output_dir)
+    if not resume and checkpoint.checkpoints(out / "checkpoints"):
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another output_dir")
+    splits = load_splits(config)
+    model, tokenizer = load_model(config.model, config.task, num_labels=splits.train.num_labels, seed=args.seed,
+                                  texts=_texts(splits.train))
+    base_dir = _base_path(config)
+    if config.model == "tiny-llama" and Processes.from_env().is_main:
+        save_base(model, tokenizer, base_dir)  # before injecting: the base alone
+    adapter = dataclasses.replace(config.adapter, task_type=config.adapter.task_type or PEFT_TASK_TYPES[config.task],
+                                  base_model_name_or_path=base_dir)
+    inject(model, adapter, "default")
+    task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels)
+    trainer = Trainer(model, task, args, splits.train, splits.validation,
+                      optimizer=optimizer(model) if callable(optimizer) else optimizer, hooks=hooks)
+    main = trainer.procs.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_flat(), sort_keys=False))
+    reset_peak_memory()
+    started = time.perf_counter()
+    history = trainer.train(resume=resume)
+    seconds = time.perf_counter() - started
+    steps = [r for r in history if "seconds" in r]
+    trainable, total = count_parameters(model)
+    results = {"model": config.model, "data": config.data, "task": config.task, "variant": adapter.variant,
+               "r": adapter.r, "learning_rate": args.learning_rate, "seed": args.seed, "steps": trainer.step,
+               "trainable_parameters": trainable, "total_parameters": total, "train_seconds": round(seconds, 2),
+               "seconds_per_step": round(sum(r["seconds"] for r in steps) / max(1, len(steps)), 4),
+               "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1),
+               **trainer.evaluate(splits.validation, "validation"), **trainer.evaluate(splits.test, "test")}
+    if main:
+        save_adapter(model, out / ADAPTER_DIR, "default")
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        from .plots import plot_run
+        plot_run(trainer.history, out / "training_curves.png", task.main_metric)
+    return results
+
+
+def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") -> dict:
+    """Metrics of a saved adapter (a run's output_dir or its `adapter/` folder) on a split of `config.data`.
+
+    The base model is the adapter's `base_model_name_or_path` when that is a local directory, else `config.model`.
+    """
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / ADAPTER_DIR).is_dir():
+        adapter_dir = adapter_dir / ADAPTER_DIR
+    saved, _ = read_adapter(adapter_dir)
+    base = saved.base_model_name_or_path
+    spec = base if base and os.path.isdir(base) else config.model
+    splits = load_splits(config)
+    data = getattr(splits, split)
+    model, tokenizer = load_model(spec, config.task, num_labels=splits.train.num_labels, seed=config.training.seed,
+                                  texts=_texts(splits.train))
+    load_adapter(model, adapter_dir, "default")
+    task = make_task(config.task, tokenizer, config.training.max_length, splits.train.num_labels)
+    return evaluate_model(model, task, data, config.training.per_device_eval_batch_size, split)
+
+
+# ---- memory --------------------------------------------------------------------------------------
+def reset_peak_memory() -> None:
+    """Start a new peak: CUDA's allocator counter, or Linux VmHWM (clear_refs 5)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory since `reset_peak_memory`: CUDA allocated bytes, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _texts(dataset) -> list[str]:
+    if hasattr(dataset, "prompts"):
+        return [p + c for p, c in zip(dataset.prompts, dataset.completions)]
+    return list(dataset.texts)
+
+
+def _base_path(config: RunConfig) -> str:
+    if config.model == "minilm":
+        return str(minilm_dir())
+    if config.model == "tiny-llama":
+        return os.path.abspath(os.path.join(config.training.output_dir, "base_model"))
+    return os.path.abspath(config.model)

@@ -1,0 +1,287 @@
+"""The training loop: one function a reader can follow from the first batch to the last checkpoint.
+
+Per optimizer step: accumulate gradients over `gradient_accumulation_steps` micro-batches, refuse a non-finite
+loss, clip, set the scheduled learning rate, run the step hooks around `optimizer.step()`, log, evaluate,
+checkpoint. Data order is a seeded permutation per epoch, so the step number alone says where the data stands.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import TrainingError
+from . import checkpoint
+from .args import TrainingArguments
+from .distributed import Processes
+from .tasks import Task
+
+
+class StepHook(Protocol):
+    """Called around each optimizer step. Variants (as adapter modules) and user objects may implement either."""
+
+    def before_optimizer_step(self, trainer: "Trainer") -> None: ...
+
+    def after_optimizer_step(self, trainer: "Trainer") -> None: ...
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at `step` (0-based), as transformers' schedules."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def default_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters; inject an adapter first")
+    if args.optim == "sgd":
+        return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_epsilon, weight_decay=args.weight_decay)
+
+
+class Trainer:
+    """Trains the trainable parameters of `model` (adapters, saved heads) on `train_data` for a `task`.
+
+    `optimizer`: any torch optimizer over the trainable parameters (default AdamW from `args`); each param
+    group's own `lr` is the base its schedule scales. `hooks`: extra `StepHook`s; adapter modules that define
+    `before_optimizer_step`/`after_optimizer_step` are registered automatically.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, args: TrainingArguments, train_data, eval_data=None,
+                 optimizer: Optional[torch.optim.Optimizer] = None, hooks: Iterable[StepHook] = ()):
+        self.model, self.task, self.args = model, task, args
+        self.train_data, self.eval_data = train_data, eval_data
+        self.procs = Processes.from_env()
+        self.wrapped = model
+        if self.procs.world_size > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(model)
+        self.optimizer = optimizer or default_optimizer(model, args)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.hooks = list(hooks) + [m for m in model.modules() if _is_hook(m)]
+        self.output_dir = Path(args.output_dir)
+        self.metric = args.metric_for_best_model or task.main_metric
+        self.step, self.best, self.best_state, self.evals_without_gain = 0, None, None, 0
+        self.history: list[dict] = []
+
+    # ---- data order --------------------------------------------------------------------------
+    @property
+    def micro_batch(self) -> int:
+        return self.args.per_device_train_batch_size * self.procs.world_size
+
+    @property
+    def usable_examples(self) -> int:
+        """Examples per epoch: all, or only full micro-batches (always under DDP, so shards stay equal)."""
+        n = len(self.train_data)
+        drop_last = self.args.dataloader_drop_last or self.procs.world_size > 1
+        return n // self.micro_batch * self.micro_batch if drop_last else n
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = len(self.train_data)
+        micro = math.ceil(self.usable_examples / self.micro_batch)
+        if micro == 0:
+            raise TrainingError(f"{n} training examples make no full batch of {self.micro_batch}")
+        return math.ceil(micro / self.args.gradient_accumulation_steps)
+
+    @property
+    def total_steps(self) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's example indices for each micro-batch of optimizer step `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(
+            self.args.seed * 100_003 + epoch)).tolist()
+        accum, size, per = self.args.gradient_accumulation_steps, self.micro_batch, \
+            self.args.per_device_train_batch_size
+        usable = self.usable_examples
+        out = []
+        for m in range(within * accum, (within + 1) * accum):
+            chunk = order[m * size: min((m + 1) * size, usable)]
+            if chunk:
+                out.append(chunk[self.procs.rank * per: (self.procs.rank + 1) * per])
+        return out
+
+    # ---- training ----------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> list[dict]:
+        """Run to `total_steps` (from the newest checkpoint when `resume`); returns the logged history."""
+        args, procs = self.args, self.procs
+        if resume:
+            self._resume()
+        else:
+            torch.manual_seed(args.seed)
+            if procs.is_main:
+                self._write_metrics([])
+        total = self.total_steps
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
+        bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=args.disable_tqdm or not procs.is_main)
+        self.wrapped.train()
+        stop = False
+        while self.step < total and not stop:
+            started = time.perf_counter()
+            loss, examples = self._accumulate(self.micro_batches(self.step))
+            grad_norm = self._clip()
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                last = checkpoint.latest(self.output_dir / "checkpoints")
+                raise TrainingError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at "
+                                    f"step {self.step + 1} (loss={loss}); parameters were not updated. Last good "
+                                    f"checkpoint: {last or 'none yet'}. Try a lower learning rate.")
+            factor = lr_factor(self.step, total, warmup, args.lr_scheduler_type)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            for hook in self.hooks:
+                getattr(hook, "before_optimizer_step", _noop)(self)
+            self.optimizer.step()
+            for hook in self.hooks:
+                getattr(hook, "after_optimizer_step", _noop)(self)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            seconds = time.perf_counter() - started
+            record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
+                      "learning_rate": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                      "seconds": round(seconds, 4), "examples_per_second": round(examples / seconds, 2)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}",
+                            ex_s=f"{record['examples_per_second']:.0f}")
+            if self._eval_due(total):
+                metrics = self.evaluate(self.eval_data, prefix="eval")
+                record.update(metrics)
+                stop = self._track_best(metrics["eval_" + self.metric])
+                self.wrapped.train()
+            if self.step % args.logging_steps == 0 or "eval_" + self.metric in record or self.step == total:
+                self._log(record)
+            if stop or self.step == total or (args.save_steps and self.step % args.save_steps == 0):
+                self.save_checkpoint()
+        bar.close()
+        if args.load_best_model_at_end and self.best_state is not None:
+            checkpoint.load_trainable_state(self.model, self.best_state)
+        self.wrapped.eval()
+        return self.history
+
+    def _accumulate(self, micro: list[list[int]]) -> tuple[float, int]:
+        total_loss, examples = 0.0, 0
+        for i, indices in enumerate(micro):
+            batch = self.task.collate([self.train_data[j] for j in indices])
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.procs.world_size == 1 else self.wrapped.no_sync()
+            with sync:
+                loss = self.task.loss(self.wrapped, batch)
+                (loss / len(micro)).backward()
+            total_loss += loss.item() / len(micro)
+            examples += len(indices)
+        return self.procs.mean(total_loss), int(self.procs.sum(torch.tensor([examples])).item())
+
+    def _clip(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        limit = self.args.max_grad_norm or float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+
+    def _eval_due(self, total: int) -> bool:
+        if self.eval_data is None:
+            return False
+        every = self.args.eval_steps or self.steps_per_epoch
+        return self.step % every == 0 or self.step == total
+
+    def _track_best(self, value: float) -> bool:
+        """Remember the best evaluation; True when early stopping says stop."""
+        better = self.best is None or (value > self.best if self.task.greater_is_better else value < self.best)
+        if better:
+            self.best, self.best_state, self.evals_without_gain = value, checkpoint.trainable_state(self.model), 0
+        else:
+            self.evals_without_gain += 1
+        patience = self.args.early_stopping_patience
+        return bool(patience) and self.evals_without_gain >= patience
+
+    def evaluate(self, dataset, prefix: str = "eval") -> dict[str, float]:
+        return evaluate(self.model, self.task, dataset, self.args.per_device_eval_batch_size, prefix, self.procs)
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.procs.is_main:
+            progress = {"step": self.step, "best": self.best, "evals_without_gain": self.evals_without_gain}
+            checkpoint.save(self.output_dir / "checkpoints", self.model, self.optimizer, progress, self.best_state)
+        self.procs.barrier()
+
+    def _resume(self) -> None:
+        found = checkpoint.latest(self.output_dir / "checkpoints")
+        if found is None:
+            raise TrainingError(f"--resume: no checkpoint under {self.output_dir / 'checkpoints'}")
+        progress, self.best_state = checkpoint.restore(found, self.model, self.optimizer)
+        self.step, self.best = progress["step"], progress["best"]
+        self.evals_without_gain = progress["evals_without_gain"]
+        self.history = [r for r in self._read_metrics() if r["step"] <= self.step]
+        if self.procs.is_main:  # lines logged after the checkpoint will be logged again
+            self._write_metrics(self.history)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.procs.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                break
+        return out
+
+    def _write_metrics(self, records: list[dict]) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.metrics_path)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = 64, prefix: str = "eval",
+             procs: Processes = Processes()) -> dict[str, float]:
+    """Metrics of `model` on `dataset`, each process evaluating a shard; keys are `<prefix>_<metric>`."""
+    was_training = model.training
+    model.eval()
+    mine = list(range(procs.rank, len(dataset), procs.world_size))
+    stats = None
+    for start in range(0, len(mine), batch_size):
+        s = task.stats(model, task.collate([dataset[j] for j in mine[start:start + batch_size]]))
+        stats = s if stats is None else stats + s
+    if stats is None:  # an empty shard contributes zeros of the right shape
+        stats = torch.zeros_like(task.stats(model, task.collate([dataset[0]])))
+    model.train(was_training)
+    return {f"{prefix}_{k}": v for k, v in task.metrics(procs.sum(stats)).items()}
+
+
+def _is_hook(module: nn.Module) -> bool:
+    return any(callable(getattr(module, name, None)) for name in ("before_optimizer_step", "after_optimizer_step"))
+
+
+def _noop(trainer: Trainer) -> None:
+    pass
