@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import sys
 import typing
 
@@ -16,8 +17,23 @@ from .errors import ConfigError, LorakitError
 
 HELP = {"model": "minilm | tiny-llama | a local transformers model directory",
         "data": "vader:<movies|tweets|amazon|nyt> | a .csv/.jsonl file | a directory with train/validation/test",
-        "task": "classification | regression | causal-lm", "variant": "adapter method (lorakit.variant_names())",
-        "target_modules": "module names, a regex, or all-linear", "output_dir": "where the run's files go"}
+        "task": "classification | regression | causal-lm",
+        "rank_pattern": "per-module ranks as a mapping, e.g. '{q_proj: 4}'",
+        "target_modules": "module names (one or more), one regex (PEFT full match), or all-linear",
+        "output_dir": "where the run's files go"}
+
+
+class _UsageError(Exception):
+    """A command line argparse refuses (bad value, missing argument): one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--lr 1e-3` must not silently mean --lr-scheduler-type
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):  # argparse would print the whole usage block and raise SystemExit
+        raise _UsageError(f"{self.prog}: {message}. See `{self.prog} --help`.")
 
 
 def _setting_fields():
@@ -31,9 +47,15 @@ def _setting_fields():
                 yield cls.__name__, f, hints[f.name]
 
 
+_WORDS = {"true": True, "false": False, "null": None}
+
+
 def _parse_token(text: str):
+    """One flag value as YAML would read it: a number, true/false/null, a [list] or {mapping}, else the text."""
     import yaml
 
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
     try:
         return int(text)
     except ValueError:
@@ -50,8 +72,15 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     groups = {}
     for owner, f, hint in _setting_fields():
         group = groups.setdefault(owner, parser.add_argument_group(owner))
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=HELP.get(f.name, f"default: {default!r}"))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.name == "variant":
+            from .variants import variant_names
+
+            text = " | ".join(variant_names()) + f" (default: {default})"
+        else:
+            text = HELP.get(f.name, f"default: {default!r}")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif hint in (int, float, str):
@@ -70,11 +99,19 @@ def settings(args: argparse.Namespace, base: dict | None = None) -> dict:
     names = {f.name for _, f, _ in _setting_fields()}
     for name in names & set(vars(args)):
         value = getattr(args, name)
-        values[name] = value[0] if isinstance(value, list) and len(value) == 1 and name not in _LISTS else value
+        if isinstance(value, list) and len(value) == 1 and (name not in _LISTS or _pattern(name, value[0])):
+            value = value[0]
+        values[name] = value
     return values
 
 
 _LISTS = {"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"}
+
+
+def _pattern(name: str, value) -> bool:
+    """One `--target-modules`/`--exclude-modules` value meant as PEFT's string form: all-linear or a regex."""
+    return name in ("target_modules", "exclude_modules") and isinstance(value, str) and (
+        value == "all-linear" or re.search(r"[*+?\[\](){}|^$\\]", value) is not None)
 
 
 def run_train(args) -> None:
@@ -90,8 +127,9 @@ def run_eval(args) -> None:
     from .train import RunConfig, evaluate
     from .train.args import read_yaml
 
-    saved = Path(args.adapter) / "run_config.yaml"
-    base = read_yaml(saved) if saved.exists() else {}
+    folder = Path(args.adapter)  # a run's output_dir, or an adapter folder (inside a run's output_dir or not)
+    found = [f / "run_config.yaml" for f in (folder, folder.parent) if (f / "run_config.yaml").is_file()]
+    base = read_yaml(found[0]) if found else {}  # the run's settings; flags override them
     config = RunConfig.from_flat(settings(args, base))
     _print_results(evaluate(args.adapter, config, split=args.split))
 
@@ -99,15 +137,30 @@ def run_eval(args) -> None:
 def run_compare(args) -> None:
     from .train import compare
 
-    seeds = list(range(int(args.seeds[0]))) if len(args.seeds) == 1 else [int(s) for s in args.seeds]
-    compare(settings(args), variants=args.variants.split(","), learning_rates=[float(x) for x in args.lrs],
-            seeds=seeds)
+    swept = {"variant": "--variants", "use_rslora": "--variants (rslora, <variant>+rslora)",
+             "learning_rate": "--lrs", "seed": "--seeds"}
+    given = [name for name in swept if name in vars(args)]
+    if given:
+        raise ConfigError(f"compare sweeps {', '.join(given)}: use {', '.join(swept[n] for n in given)} instead of "
+                          f"{', '.join('--' + n.replace('_', '-') for n in given)}")
+    try:
+        seeds = list(range(int(args.seeds[0]))) if len(args.seeds) == 1 else [int(s) for s in args.seeds]
+        learning_rates = [float(x) for x in args.lrs]
+    except ValueError as e:
+        raise ConfigError(f"--seeds takes a count or a list of integers and --lrs numbers ({e})") from None
+    compare(settings(args), variants=args.variants.split(","), learning_rates=learning_rates, seeds=seeds)
 
 
 def run_inspect(args) -> None:
-    from .analysis import describe_adapter
+    from pathlib import Path
 
-    print(describe_adapter(args.dir))
+    from .analysis import describe_adapter
+    from .train.run import ADAPTER_DIR
+
+    folder = Path(args.dir)
+    if (folder / ADAPTER_DIR).is_dir() and not (folder / "adapter_config.json").exists():
+        folder = folder / ADAPTER_DIR  # a run's output_dir
+    print(describe_adapter(folder))
 
 
 def _print_results(results: dict) -> None:
@@ -117,7 +170,7 @@ def _print_results(results: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adapters for any PyTorch model.")
+    parser = _Parser(prog="lorakit", description="Low-rank adapters for any PyTorch model.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train an adapter (flags or --config YAML)", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(run=run_compare)
 
     ins = sub.add_parser("inspect", help="an adapter folder: config, per-layer ranks, parameter counts, norms")
-    ins.add_argument("dir")
+    ins.add_argument("dir", help="an adapter folder, or a run's output_dir")
     ins.set_defaults(run=run_inspect)
 
     demo = sub.add_parser("demo", help="the README demo: baseline vs LoRA on VADER movies with MiniLM",
@@ -150,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a command; returns the exit code (0, or 2 with a one-line `error: ...` on stderr for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
     try:
+        args, rest = parser.parse_known_args(argv)
         if args.command == "demo":
             from .demo import main as demo_main
 
@@ -162,9 +216,11 @@ def main(argv=None) -> int:
         if rest:
             raise ConfigError(_unknown_flags(rest, parser, args.command))
         args.run(args)
-    except LorakitError as e:
+    except (LorakitError, _UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help (0), or the demo's own argument errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return 0
 
 

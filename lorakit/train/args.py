@@ -79,6 +79,7 @@ class RunConfig:
     label_column: str = "label"
     max_train_samples: int = 0               # > 0: a seeded subset of the training split (quick runs, sweeps)
     max_eval_samples: int = 0                # > 0: the same for validation and test
+    split_seed: int = 0                      # draws the data split and subsets; `seed` (training) leaves them alone
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
@@ -106,7 +107,7 @@ class RunConfig:
         from ..data import TASKS
 
         _check_choice("task", self.task, TASKS)
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "split_seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -116,16 +117,33 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.load(Path(path).read_text(), Loader=_loader())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {what}{where}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(values).__name__}")
     return values
+
+
+def _loader():
+    """PyYAML's safe loader, reading `1e-3` as a number as YAML 1.2 does (YAML 1.1 makes it a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
 
 
 # AdapterConfig fields that describe a saved file, not a choice a user makes for a run

@@ -2,16 +2,18 @@
 
 A folder `checkpoint-<step>` therefore exists only when complete; a run killed at any moment (SIGKILL
 included) resumes from the newest one. Tensors go to safetensors; the optimizer state is read back with
-`torch.load(weights_only=True)` (plain tensors and numbers, never arbitrary objects).
+`torch.load(weights_only=True)` (plain tensors and numbers, never arbitrary objects). `progress.json` records
+each file's SHA-256, so a damaged or truncated file is an error on resume rather than a silently wrong run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -46,7 +48,8 @@ def save(directory: str | Path, model, optimizer, progress: dict, best: dict | N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{progress['step']}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=directory))
+    tmp = directory / f".tmp-checkpoint-{progress['step']}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # (not mkdtemp: its mode 0700 would stay on the renamed checkpoint)
     try:
         save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "trainable.safetensors")
         if best is not None:
@@ -54,7 +57,8 @@ def save(directory: str | Path, model, optimizer, progress: dict, best: dict | N
         rng = {"torch": torch.get_rng_state()}
         save_file(rng, tmp / "rng.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        progress = dict(progress, python_random=_plain(random.getstate()))
+        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        progress = dict(progress, python_random=_plain(random.getstate()), sha256=digests)
         (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
         for f in tmp.iterdir():
             _fsync(f)
@@ -88,6 +92,14 @@ def restore(path: str | Path, model, optimizer) -> tuple[dict, dict | None]:
     path = Path(path)
     try:
         progress = json.loads((path / "progress.json").read_text())
+        digests = progress.pop("sha256")
+        python_random = _tuples(progress.pop("python_random"))
+        missing = [k for k in ("step", "best", "evals_without_gain") if k not in progress]
+        if missing:
+            raise ValueError(f"progress.json lacks {', '.join(missing)}")
+        for name, digest in digests.items():  # a changed byte anywhere is caught before anything is loaded
+            if _sha256(path / name) != digest:
+                raise ValueError(f"{name} does not match the checksum written with it")
         trainable = load_file(path / "trainable.safetensors")
         best = load_file(path / "best.safetensors") if (path / "best.safetensors").exists() else None
         rng = load_file(path / "rng.safetensors")
@@ -100,8 +112,12 @@ def restore(path: str | Path, model, optimizer) -> tuple[dict, dict | None]:
     except (ValueError, KeyError) as e:
         raise TrainingError(f"checkpoint {path} optimizer state does not fit this optimizer: {e}") from None
     torch.set_rng_state(rng["torch"])
-    random.setstate(_tuples(progress.pop("python_random")))
+    random.setstate(python_random)
     return progress, best
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _fsync(path: Path) -> None:

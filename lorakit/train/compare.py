@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..variants import variant_names
+from . import checkpoint
 from .args import RunConfig
 from .plots import plot_curves, plot_sweep
-from .run import train
+from .run import saved_settings, train
 from .tasks import TASKS
 
 COLUMNS = ["variant", "learning_rate", "seed", "trainable_parameters", "steps", "seconds_per_step",
@@ -46,12 +48,18 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
     configs = {key: RunConfig.from_flat({**settings, **specs[key[0]], "learning_rate": key[1], "seed": key[2],
                                          "output_dir": str(out / "runs" / f"{key[0]}-lr{key[1]:g}-seed{key[2]}")})
                for key in grid}
+    for config in configs.values():  # refuse to mix finished runs made with other settings into this table
+        _check_reusable(Path(config.training.output_dir), config)
     task = TASKS[next(iter(configs.values())).task]
     rows, curves = [], {}
-    for (variant, lr, seed), config in tqdm(configs.items(), desc="compare", unit="run"):
+    bar = tqdm(configs.items(), desc="compare", unit="run", disable=bool(settings.get("disable_tqdm")))
+    for (variant, lr, seed), config in bar:
         run_dir = Path(config.training.output_dir)
         done = run_dir / "results.json"
-        results = json.loads(done.read_text()) if done.exists() else train(config)
+        if done.exists():
+            results = json.loads(done.read_text())
+        else:  # a run stopped part-way continues from its newest checkpoint
+            results = train(config, resume=bool(checkpoint.checkpoints(run_dir / "checkpoints")))
         results["variant"] = variant
         rows.append(results)
         curves[(variant, lr, seed)] = _losses(run_dir / "metrics.jsonl")
@@ -81,8 +89,10 @@ def best_learning_rates(groups: dict, greater_is_better: bool) -> dict[str, tupl
     """variant → (best learning rate, mean, std)."""
     best: dict[str, tuple[float, float, float]] = {}
     for (variant, lr), g in groups.items():
-        if variant not in best or (g["mean"] > best[variant][1]) == greater_is_better:
-            best[variant] = (lr, g["mean"], g["std"])
+        mean = g["mean"]
+        if variant not in best or math.isnan(best[variant][1]) or (
+                mean > best[variant][1] if greater_is_better else mean < best[variant][1]):
+            best[variant] = (lr, mean, g["std"])  # ties keep the first; NaN never beats a number
     return best
 
 
@@ -100,6 +110,27 @@ def summary(groups: dict, best: dict, metric: str, greater_is_better: bool, sett
     lines += ["", "Best learning rate per variant:", "", "| variant | learning rate | " + metric + " |", "|---|---|---|"]
     lines += [f"| {v} | {lr:g} | {m:.4f} ± {s:.4f} |" for v, (lr, m, s) in best.items()]
     return "\n".join(lines) + "\n"
+
+
+# settings that do not change a run's numbers: a finished run made with other values is still reused
+_COSMETIC = {"disable_tqdm", "logging_steps", "save_steps", "per_device_eval_batch_size"}
+
+
+def _check_reusable(run_dir: Path, config: RunConfig) -> None:
+    import yaml
+
+    from .args import read_yaml
+
+    saved_file = run_dir / "run_config.yaml"
+    if not saved_file.exists() or not (run_dir / "results.json").exists() and \
+            not checkpoint.checkpoints(run_dir / "checkpoints"):
+        return
+    saved, wanted = read_yaml(saved_file), yaml.safe_load(yaml.safe_dump(saved_settings(config)))
+    changed = sorted(k for k in set(saved) | set(wanted) if k not in _COSMETIC and saved.get(k) != wanted.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
+        raise ConfigError(f"{run_dir} holds a run made with other settings ({diff}); choose another output_dir "
+                          "or delete that run folder")
 
 
 def _write_csv(path: Path, rows: list[dict], metric: str) -> None:

@@ -1,6 +1,7 @@
 """The few collective operations the trainer needs; a no-op in a single process.
 
-Under `torchrun` (WORLD_SIZE > 1) the process group is created with gloo (CPU) or NCCL (CUDA).
+Under `torchrun` (WORLD_SIZE > 1) the process group is created with gloo for CPU tensors, plus NCCL for CUDA
+tensors when CUDA is present (the trainer's own counters and a CPU model always go through gloo).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Processes:
     def from_env(cls) -> "Processes":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         if dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()

@@ -7,6 +7,7 @@ tokenizer trained on the data, so the run can be served or evaluated later).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -32,8 +33,11 @@ ADAPTER_DIR = "adapter"
 
 
 def load_splits(config: RunConfig):
-    """The run's data splits, reduced to `max_train_samples` / `max_eval_samples` when set."""
-    seed = config.training.seed
+    """The run's data splits (drawn by `split_seed`), reduced to `max_train_samples` / `max_eval_samples` when set.
+
+    The training `seed` does not move the split, so runs that differ only in seed share their test set.
+    """
+    seed = config.split_seed
     splits = load_data(config.data, config.task, seed=seed, text_column=config.text_column,
                        label_column=config.label_column)
     if config.max_train_samples:
@@ -51,24 +55,30 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     """
     args = config.training
     out = Path(args.output_dir)
-    if not resume and checkpoint.checkpoints(out / "checkpoints"):
+    found = checkpoint.checkpoints(out / "checkpoints")
+    if not resume and found:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another output_dir")
+    if resume and not found:
+        raise ConfigError(f"--resume: {out} holds no checkpoint to continue from")
     splits = load_splits(config)
     model, tokenizer = load_model(config.model, config.task, num_labels=splits.train.num_labels, seed=args.seed,
                                   texts=_texts(splits.train))
     base_dir = _base_path(config)
-    if config.model == "tiny-llama" and Processes.from_env().is_main:
-        save_base(model, tokenizer, base_dir)  # before injecting: the base alone
+    base = copy.deepcopy(model) if config.model == "tiny-llama" else None  # the base alone, saved once inject works
     adapter = dataclasses.replace(config.adapter, task_type=config.adapter.task_type or PEFT_TASK_TYPES[config.task],
                                   base_model_name_or_path=base_dir)
+    torch.manual_seed(args.seed)  # the adapter's initial A (and head copy) follow the run's seed
     inject(model, adapter, "default")
+    if base is not None and Processes.from_env().is_main:
+        save_base(base, tokenizer, base_dir)
+    del base
     task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels)
     trainer = Trainer(model, task, args, splits.train, splits.validation,
                       optimizer=optimizer(model) if callable(optimizer) else optimizer, hooks=hooks)
     main = trainer.procs.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_flat(), sort_keys=False))
+        (out / "run_config.yaml").write_text(yaml.safe_dump(saved_settings(config), sort_keys=False))
     reset_peak_memory()
     started = time.perf_counter()
     history = trainer.train(resume=resume)
@@ -87,6 +97,18 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
         from .plots import plot_run
         plot_run(trainer.history, out / "training_curves.png", task.main_metric)
     return results
+
+
+def saved_settings(config: RunConfig) -> dict:
+    """The flat settings written to `run_config.yaml`: local data and model paths made absolute, so
+    `lorakit eval <run>` finds them from any working directory."""
+    flat = config.to_flat()
+    for key in ("data", "model"):
+        if key == "model" and flat[key] in ("minilm", "tiny-llama") or str(flat[key]).startswith("vader:"):
+            continue
+        if os.path.exists(flat[key]):
+            flat[key] = os.path.abspath(flat[key])
+    return flat
 
 
 def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") -> dict:

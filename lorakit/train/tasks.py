@@ -17,6 +17,7 @@ class Task:
     name: str
     main_metric: str
     greater_is_better: bool
+    metric_names: tuple[str, ...]  # the keys of `metrics()`
 
     def __init__(self, tokenizer, max_length: int, num_labels: int = 0):
         self.tokenizer, self.max_length, self.num_labels = tokenizer, max_length, num_labels
@@ -41,6 +42,7 @@ class Task:
 
 class Classification(Task):
     name, main_metric, greater_is_better = "classification", "accuracy", True
+    metric_names = ("accuracy", "f1")
 
     def collate(self, examples):
         batch = self._encode([e["text"] for e in examples])
@@ -66,13 +68,17 @@ class Classification(Task):
         precision = tp / confusion.sum(0).clamp(min=1)
         recall = tp / confusion.sum(1).clamp(min=1)
         f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
-        # binary: F1 of the positive class (label 1), as scikit-learn's default; more classes: macro F1
+        # binary: F1 of the positive class (label 1); more classes: macro F1 over the classes that occur in the
+        # labels or the predictions (both as scikit-learn's defaults)
+        present = (confusion.sum(0) + confusion.sum(1)) > 0
+        macro = f1[present].mean() if present.any() else f1.sum()
         return {"accuracy": (tp.sum() / confusion.sum().clamp(min=1)).item(),
-                "f1": (f1[1] if k == 2 else f1.mean()).item()}
+                "f1": (f1[1] if k == 2 else macro).item()}
 
 
 class Regression(Classification):
     name, main_metric, greater_is_better = "regression", "mse", False
+    metric_names = ("mse", "pearson")
 
     def collate(self, examples):
         batch = self._encode([e["text"] for e in examples])
@@ -98,6 +104,7 @@ class CausalLM(Task):
     """Prompt/completion pairs: the model reads both, the loss counts only completion tokens (and EOS)."""
 
     name, main_metric, greater_is_better = "causal-lm", "perplexity", False
+    metric_names = ("loss", "perplexity")
 
     def collate(self, examples):
         tok = self.tokenizer

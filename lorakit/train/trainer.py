@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from . import checkpoint
 from .args import TrainingArguments
 from .distributed import Processes
@@ -76,7 +76,7 @@ class Trainer:
             group.setdefault("initial_lr", group["lr"])
         self.hooks = list(hooks) + [m for m in model.modules() if _is_hook(m)]
         self.output_dir = Path(args.output_dir)
-        self.metric = args.metric_for_best_model or task.main_metric
+        self.metric, self.greater_is_better = _best_model_metric(args.metric_for_best_model, task)
         self.step, self.best, self.best_state, self.evals_without_gain = 0, None, None, 0
         self.history: list[dict] = []
 
@@ -136,7 +136,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=args.disable_tqdm or not procs.is_main)
         self.wrapped.train()
-        stop = False
+        patience = args.early_stopping_patience
+        stop = bool(patience) and self.evals_without_gain >= patience  # a resumed run that had stopped early
         while self.step < total and not stop:
             started = time.perf_counter()
             loss, examples = self._accumulate(self.micro_batches(self.step))
@@ -168,7 +169,8 @@ class Trainer:
                 record.update(metrics)
                 stop = self._track_best(metrics["eval_" + self.metric])
                 self.wrapped.train()
-            if self.step % args.logging_steps == 0 or "eval_" + self.metric in record or self.step == total:
+            logging_due = args.logging_steps and self.step % args.logging_steps == 0  # 0: evaluations and the end
+            if logging_due or "eval_" + self.metric in record or self.step == total:
                 self._log(record)
             if stop or self.step == total or (args.save_steps and self.step % args.save_steps == 0):
                 self.save_checkpoint()
@@ -204,7 +206,7 @@ class Trainer:
 
     def _track_best(self, value: float) -> bool:
         """Remember the best evaluation; True when early stopping says stop."""
-        better = self.best is None or (value > self.best if self.task.greater_is_better else value < self.best)
+        better = self.best is None or (value > self.best if self.greater_is_better else value < self.best)
         if better:
             self.best, self.best_state, self.evals_without_gain = value, checkpoint.trainable_state(self.model), 0
         else:
@@ -277,6 +279,19 @@ def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = 64, prefix
         stats = torch.zeros_like(task.stats(model, task.collate([dataset[0]])))
     model.train(was_training)
     return {f"{prefix}_{k}": v for k, v in task.metrics(procs.sum(stats)).items()}
+
+
+LOWER_IS_BETTER = ("loss", "mse", "perplexity")
+
+
+def _best_model_metric(name: Optional[str], task: Task) -> tuple[str, bool]:
+    """(metric, greater_is_better) for early stopping and the best model; `name` may carry the `eval_` prefix."""
+    metric = (name or task.main_metric).removeprefix("eval_")
+    names = getattr(task, "metric_names", (task.main_metric,))
+    if metric not in names:
+        raise ConfigError(f"metric_for_best_model={name!r} is not a {task.name} metric; "
+                            f"choose one of {', '.join(names)}")
+    return metric, task.greater_is_better if metric == task.main_metric else metric not in LOWER_IS_BETTER
 
 
 def _is_hook(module: nn.Module) -> bool:
