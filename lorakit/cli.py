@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import typing
@@ -118,7 +119,8 @@ def run_train(args) -> None:
     from .train import RunConfig, train
 
     results = train(RunConfig.from_flat(settings(args)), resume=args.resume)
-    _print_results(results)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
+        _print_results(results)
 
 
 def run_eval(args) -> None:
@@ -221,6 +223,8 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:  # --help (0), or the demo's own argument errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except BrokenPipeError:  # `lorakit inspect DIR | head`
+        sys.stderr.close()
     return 0
 
 

@@ -91,6 +91,31 @@ def _all_linear(model: nn.Module, config: AdapterConfig) -> list[str]:
     return [p for p, m in _candidates(model) if isinstance(_base_of(m), linear) and _base_of(m) is not head]
 
 
+MIN_TARGETS_TO_SHORTEN = 20  # PEFT records short names only from this many targets on
+
+
+def _stored_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The explicit target list a config file records, as PEFT writes it: the resolved names; from 20 targets
+    on, for each target its shortest dotted suffix that names no other module (kept only if the short list
+    selects exactly the same modules)."""
+    paths = sorted(resolve_targets(model, config))
+    if len(paths) < MIN_TARGETS_TO_SHORTEN:
+        return paths
+    chosen = set(paths)
+    others = [n for n, _ in model.named_modules() if n and n not in chosen]
+    short = set()
+    for path in paths:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(o == suffix or o.endswith("." + suffix) for o in others):
+                short.add(suffix)
+                break
+    short = sorted(short)
+    planned = lambda targets: [p for p, _ in plan_targets(model, dataclasses.replace(config, target_modules=targets))]  # noqa: E731
+    return short if planned(short) == planned(paths) else paths
+
+
 def resolve_targets(model: nn.Module, config: AdapterConfig):
     """The `target_modules` to match with: explicit, "all-linear" expanded, or the model's default."""
     targets = config.target_modules
@@ -178,7 +203,7 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     cls = get_variant(config.variant)
     if config.target_modules is None or config.target_modules == "all-linear":
-        config = dataclasses.replace(config, target_modules=sorted(resolve_targets(model, config)))
+        config = dataclasses.replace(config, target_modules=_stored_targets(model, config))
     heads = [h for h in TASK_HEADS.get(config.task_type, ()) if h not in (config.modules_to_save or [])]
     if heads:  # as PEFT: a classification task trains and saves its head
         config = dataclasses.replace(config, modules_to_save=(config.modules_to_save or []) + heads)

@@ -316,6 +316,18 @@ def test_targeting_matches_peft(case):
                    for r, s in theirs.values())
 
 
+@pytest.mark.parametrize("case", [c for c in TARGETING if TARGETING[c][1].get("target_modules") in (None, "all-linear")])
+def test_saved_targets_match_peft(case, tmp_path):
+    """For "all-linear" and model defaults the file records the same module names as PEFT's."""
+    model_name, cfg = TARGETING[case]
+    peft_model = get_peft_model(build(model_name)[0], LoraConfig(r=4, **cfg))
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = lorakit.inject(build(model_name)[0], lorakit.AdapterConfig(r=4, **cfg))
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    saved = [json.loads((tmp_path / d / "adapter_config.json").read_text())["target_modules"] for d in ("peft", "ours")]
+    assert sorted(saved[0]) == sorted(saved[1])
+
+
 REFUSED = {
     "nothing-matches": ("llama", dict(target_modules=["nope"])),
     "regex-with-layers": ("llama", dict(target_modules=r".*q_proj", layers_to_transform=[0])),
