@@ -17,6 +17,22 @@ def _pyplot():
     return plt
 
 
+def smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard-style), for noisy per-step losses."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def _loss_line(ax, steps, losses, **kw):
+    """Raw per-step loss, thin and faint, under its smoothed curve in the same colour."""
+    line, = ax.plot(steps, losses, lw=0.6, alpha=0.3, **{k: v for k, v in kw.items() if k == "color"})
+    ax.plot(steps, smooth(losses), lw=1.6, color=line.get_color(), **{k: v for k, v in kw.items() if k != "color"})
+    return line.get_color()
+
+
 def plot_run(history: list[dict], path: str | Path, metric: str) -> None:
     """Training loss per step and, when evaluated, the validation metric."""
     plt = _pyplot()
@@ -25,8 +41,8 @@ def plot_run(history: list[dict], path: str | Path, metric: str) -> None:
     evals = [r for r in history if f"eval_{metric}" in r]
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.6), squeeze=False)
     ax = axes[0][0]
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1)
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
+    _loss_line(ax, [r["step"] for r in history], [r["loss"] for r in history])
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="training loss (faint: per step; line: smoothed)")
     ax.grid(alpha=0.3)
     if evals:
         ax = axes[0][1]
@@ -76,9 +92,10 @@ def plot_curves(curves: dict[tuple, list[tuple[int, float]]], path: str | Path, 
         if not points or lr != best_lr.get(variant):
             continue
         kw = {"color": colors[variant]} if variant in colors else {"label": f"{variant} (lr {lr:g})"}
-        line, = ax.plot(*zip(*points), lw=1, alpha=0.8, **kw)
-        colors.setdefault(variant, line.get_color())
-    ax.set(xlabel="optimizer step", ylabel="training loss", title="training loss at each variant's best learning rate")
+        steps, losses = zip(*points)
+        colors.setdefault(variant, _loss_line(ax, list(steps), list(losses), **kw))
+    ax.set(xlabel="optimizer step", ylabel="training loss (smoothed; faint: per step)",
+           title="training loss at each variant's best learning rate, one line per seed")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
