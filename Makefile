@@ -20,6 +20,7 @@ test: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) bench/dora_layer.py
 	$(PY) bench/mixed_batch.py
+	$(PY) bench/minilm_train_step.py
 
 clean:
 	rm -rf .venv build *.egg-info

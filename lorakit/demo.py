@@ -63,8 +63,10 @@ def main(argv=None) -> dict:
           f"peak memory {results['peak_memory_mb']:.0f} MB")
     print(f"adapter saved in PEFT format to {args.output_dir}/adapter; reloaded into a fresh model: "
           f"test accuracy {reloaded:.4f}")
-    print(f"total time {time.perf_counter() - started:.0f} s")
-    return {"baseline_accuracy": baseline, "test_accuracy": tuned, "reloaded_accuracy": reloaded}
+    seconds = time.perf_counter() - started
+    print(f"total time {seconds:.0f} s")
+    return {"baseline_accuracy": baseline, "test_accuracy": tuned, "reloaded_accuracy": reloaded,
+            "seconds": seconds, "results": results}
 
 
 if __name__ == "__main__":

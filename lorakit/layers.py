@@ -50,7 +50,7 @@ class AdaptedLayer(nn.Module):
         if torch.is_grad_enabled():
             y = out
             for v in variants:
-                y = y + v.delta(_cast(x, v), out)
+                y = v.plus_delta(y, _cast(x, v), out)
             return y.to(out.dtype)
         # inference: add into the base output in place (keeping a copy only if a later adapter reads it)
         base = out.clone() if len(variants) > 1 and any(v.uses_base_out for v in variants) else out

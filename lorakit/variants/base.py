@@ -42,6 +42,10 @@ class Variant(nn.Module):
         """This adapter's change to the output for the rows of `x` (`base_out` = base layer's output)."""
         raise NotImplementedError
 
+    def plus_delta(self, y: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """`y + delta(x, base_out)` out of place, with autograd (training); variants may fuse the add."""
+        return y + self.delta(x, base_out)
+
     def add_delta_(self, out: torch.Tensor, x: torch.Tensor, base_out: torch.Tensor) -> None:
         """`out += delta(x, base_out)` in place, for inference (no autograd); variants may fuse it."""
         out += self.delta(x, base_out)
