@@ -21,6 +21,7 @@ bench: $(VENV_STAMP)
 	$(PY) bench/dora_layer.py
 	$(PY) bench/mixed_batch.py
 	$(PY) bench/minilm_train_step.py
+	$(PY) bench/training_runs.py
 
 clean:
 	rm -rf .venv build *.egg-info
