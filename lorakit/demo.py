@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
         "lora_alpha": 2 * args.r, "lora_dropout": 0.05, "target_modules": "all-linear",
         "learning_rate": args.learning_rate, "num_train_epochs": args.num_train_epochs, "warmup_ratio": 0.06,
         "per_device_train_batch_size": 32, "per_device_eval_batch_size": 128, "max_length": 64,
-        "eval_steps": 0, "save_steps": 100, "seed": args.seed, "output_dir": args.output_dir,
+        "eval_steps": 0, "save_steps": 100, "group_by_length": True, "seed": args.seed, "output_dir": args.output_dir,
         "max_train_samples": args.max_train_samples})
     started = time.perf_counter()
     splits = load_splits(config)

@@ -566,3 +566,19 @@ def test_logging_steps_and_metrics_file(tmp_path, every, logged):
     assert lines == json.loads(json.dumps(history))
     assert ["eval_accuracy" in r for r in lines] == [r["step"] in (5, 7) for r in lines]
     assert all(math.isfinite(r["loss"]) and r["seconds"] > 0 for r in lines)
+
+
+def test_group_by_length_sorts_within_megabatches_and_keeps_every_example(tmp_path):
+    texts = [("word " * random.Random(i).randint(1, 40)).strip() for i in range(300)]
+    train = TextDataset(texts, [i % 2 for i in range(300)])
+    grouped = trainer_for(tmp_path, train=train, per_device_train_batch_size=2, group_by_length=True)
+    plain = trainer_for(tmp_path, train=train, per_device_train_batch_size=2)
+    for epoch in (0, 1):
+        order = grouped.epoch_order(epoch)
+        assert sorted(order) == list(range(300))  # each example exactly once per epoch
+        mega = 50 * 2
+        for start in range(0, 300, mega):
+            chunk = order[start:start + mega]
+            assert [len(texts[i]) for i in chunk] == sorted((len(texts[i]) for i in chunk), reverse=True)
+            assert set(chunk) == set(plain.epoch_order(epoch)[start:start + mega])  # same seeded draw, reordered
+    assert grouped.epoch_order(0) != grouped.epoch_order(1)

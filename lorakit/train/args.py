@@ -47,6 +47,7 @@ class TrainingArguments:
     seed: int = 0
     max_length: int = 128                    # tokens per example, longer ones are truncated
     dataloader_drop_last: bool = False
+    group_by_length: bool = False            # batches of similar length (less padding, faster); order stays seeded
     disable_tqdm: bool = False
 
     def __post_init__(self):

@@ -15,14 +15,18 @@ def mean_pooled(encoder, tokenizer, texts: list[str], batch_size: int = 128, max
                 desc: str = "embedding") -> torch.Tensor:
     """(N, hidden) average of the last hidden states over real (non-padding) tokens."""
     encoder.eval()
-    out = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
+    out = torch.empty(0)
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+        rows = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt")
         hidden = encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
-    return torch.cat(out)
+        if not len(out):
+            out = hidden.new_empty(len(texts), hidden.shape[-1])
+        out[rows] = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return out
 
 
 def logistic_regression(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float = 1e-3,

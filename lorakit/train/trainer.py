@@ -79,6 +79,7 @@ class Trainer:
         self.metric, self.greater_is_better = _best_model_metric(args.metric_for_best_model, task)
         self.step, self.best, self.best_state, self.evals_without_gain = 0, None, None, 0
         self.history: list[dict] = []
+        self._lengths: Optional[list[int]] = None  # example lengths in characters, for group_by_length
 
     # ---- data order --------------------------------------------------------------------------
     @property
@@ -106,11 +107,24 @@ class Trainer:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """A seeded permutation of the training examples; with `group_by_length`, each run of 50 micro-batches
+        is sorted by length (longest first), as transformers' length-grouped sampler, so batches pad less."""
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(
+            self.args.seed * 100_003 + epoch)).tolist()
+        if not self.args.group_by_length:
+            return order
+        if self._lengths is None:
+            self._lengths = [sum(len(v) for v in self.train_data[i].values() if isinstance(v, str))
+                             for i in range(len(self.train_data))]
+        mega = 50 * self.micro_batch
+        return [i for start in range(0, len(order), mega)
+                for i in sorted(order[start:start + mega], key=lambda j: -self._lengths[j])]
+
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's example indices for each micro-batch of optimizer step `step`."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(
-            self.args.seed * 100_003 + epoch)).tolist()
+        order = self.epoch_order(epoch)
         accum, size, per = self.args.gradient_accumulation_steps, self.micro_batch, \
             self.args.per_device_train_batch_size
         usable = self.usable_examples
