@@ -73,6 +73,9 @@ def plot_sweep(rows: list[dict], path: str | Path, metric: str) -> None:
         for lr in lrs:
             ax.scatter([lr] * len(by_lr[lr]), by_lr[lr], color=line.get_color(), s=10, alpha=0.6)
     ax.set_xscale("log")
+    all_lrs = sorted({r["learning_rate"] for r in rows})
+    ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs])
+    ax.minorticks_off()
     ax.set(xlabel="learning rate", ylabel=metric, title=f"{metric} vs learning rate (band: seed range)")
     ax.grid(alpha=0.3)
     ax.legend()
