@@ -66,7 +66,7 @@ def test_second_call_reuses_finished_runs(swept, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(compare_module, "train", no_training)
+    monkeypatch.setattr(compare_module, "run_one", no_training)
     assert main(sweep(data, out)) == 0
     assert files(out / "runs") == before
     assert (out / "results.csv").read_text() == first
@@ -76,13 +76,13 @@ def test_second_call_reuses_finished_runs(swept, monkeypatch, capsys):
 def test_interrupted_run_resumes_and_changed_settings_are_refused(swept, monkeypatch, capsys):
     data, out = swept
     calls = []
-    real = compare_module.train
+    real = compare_module.run_one
 
     def counted(config, resume=False):
         calls.append((config.training.output_dir, resume))
         return real(config, resume=resume)
 
-    monkeypatch.setattr(compare_module, "train", counted)
+    monkeypatch.setattr(compare_module, "run_one", counted)
     (out / "runs" / "dora-lr0.01-seed1" / "results.json").unlink()  # stopped after its last checkpoint
     assert main(sweep(data, out)) == 0
     assert calls == [(str(out / "runs" / "dora-lr0.01-seed1"), True)]
@@ -98,7 +98,7 @@ def test_interrupted_run_resumes_and_changed_settings_are_refused(swept, monkeyp
 @pytest.mark.parametrize("variants, words", [("lora,lorax", ["'lorax'", "dora", "rslora"]),
                                              ("dora+rslorax", ["'dora+rslorax'"])])
 def test_unknown_variant_refused_before_any_run(variants, words, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr(compare_module, "run_one", lambda *a, **k: pytest.fail("a run started"))
     data = write_sentiment(tmp_path / "data.jsonl", n=20)
     argv = sweep(data, tmp_path / "cmp")
     argv[argv.index("--variants") + 1] = variants
@@ -110,7 +110,7 @@ def test_unknown_variant_refused_before_any_run(variants, words, tmp_path, monke
 
 
 def test_bad_setting_refused_before_any_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr(compare_module, "run_one", lambda *a, **k: pytest.fail("a run started"))
     (tmp_path / "sweep.yaml").write_text("lora_alfa: 16\n")
     assert main(sweep("data.jsonl", tmp_path / "cmp", "--config", str(tmp_path / "sweep.yaml"))) == 2
     assert "did you mean lora_alpha" in capsys.readouterr().err
@@ -124,7 +124,7 @@ def test_bad_setting_refused_before_any_run(tmp_path, monkeypatch, capsys):
 ])
 def test_swept_settings_are_not_flags(argv, words, tmp_path, monkeypatch, capsys):
     """`--learning-rate` or `--seed` given to compare would be silently replaced by the sweep: refused."""
-    monkeypatch.setattr(compare_module, "train", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr(compare_module, "run_one", lambda *a, **k: pytest.fail("a run started"))
     assert main(sweep("data.jsonl", tmp_path / "cmp") + argv) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err

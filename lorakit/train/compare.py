@@ -2,15 +2,17 @@
 
 Each run lives in `<output_dir>/runs/<variant>-lr<lr>-seed<seed>/` with its own files; a run that already has
 `results.json` is reused, so an interrupted sweep continues where it stopped. The summary is
-`results.csv` (one row per run), `results.md` (mean ± std over seeds per variant and learning rate, best
+`results.csv` (one row per run, each run in its own process), `results.md` (mean ± std over seeds per variant and learning rate, best
 learning rate per variant), `accuracy_vs_lr.png` (or the task's main metric) and `training_curves.png`.
 """
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import json
 import math
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -59,7 +61,7 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
         if done.exists():
             results = json.loads(done.read_text())
         else:  # a run stopped part-way continues from its newest checkpoint
-            results = train(config, resume=bool(checkpoint.checkpoints(run_dir / "checkpoints")))
+            results = run_one(config, resume=bool(checkpoint.checkpoints(run_dir / "checkpoints")))
         results["variant"] = variant
         rows.append(results)
         curves[(variant, lr, seed)] = _losses(run_dir / "metrics.jsonl")
@@ -72,6 +74,13 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
     plot_curves(curves, out / "training_curves.png", {v: lr for v, (lr, _, _) in best.items()})
     print((out / "results.md").read_text())
     return rows
+
+
+def run_one(config: RunConfig, resume: bool = False) -> dict:
+    """One run of a sweep, in a fresh (spawned) process: its peak memory is its own, not what earlier runs
+    left in this process, and every run starts from the same clean state."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(train, config, resume).result()
 
 
 def group_runs(rows: list[dict], metric: str) -> dict[tuple[str, float], dict]:
