@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-slow bench clean
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -16,6 +16,9 @@ demo: $(VENV_STAMP)
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q
+
+test-slow: $(VENV_STAMP)
+	$(PY) -m pytest -q -m slow
 
 bench: $(VENV_STAMP)
 	$(PY) bench/dora_layer.py
