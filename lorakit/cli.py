@@ -154,15 +154,10 @@ def run_compare(args) -> None:
 
 
 def run_inspect(args) -> None:
-    from pathlib import Path
-
     from .analysis import describe_adapter
-    from .train.run import ADAPTER_DIR
+    from .train.run import adapter_folder
 
-    folder = Path(args.dir)
-    if (folder / ADAPTER_DIR).is_dir() and not (folder / "adapter_config.json").exists():
-        folder = folder / ADAPTER_DIR  # a run's output_dir
-    print(describe_adapter(folder))
+    print(describe_adapter(adapter_folder(args.dir)))
 
 
 def _print_results(results: dict) -> None:

@@ -2,15 +2,16 @@
 
 Each run lives in `<output_dir>/runs/<variant>-lr<lr>-seed<seed>/` with its own files; a run that already has
 `results.json` is reused, so an interrupted sweep continues where it stopped. The summary is
-`results.csv` (one row per run, each run in its own process), `results.md` (mean ± std over seeds per variant and learning rate, best
-learning rate per variant), `accuracy_vs_lr.png` (or the task's main metric) and `training_curves.png`.
+`results.csv` (one row per run, each run in its own process), `results.md` (mean ± std over seeds per variant
+and learning rate, best learning rate per variant), `accuracy_vs_lr.png` (or the task's main metric) and
+`training_curves.png`.
 """
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import json
 import math
+import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from .args import RunConfig
 from .plots import plot_curves, plot_sweep
 from .run import saved_settings, train
 from .tasks import TASKS
+from .trainer import read_metrics
 
 COLUMNS = ["variant", "learning_rate", "seed", "trainable_parameters", "steps", "seconds_per_step",
            "train_seconds", "peak_memory_mb"]
@@ -151,7 +153,4 @@ def _write_csv(path: Path, rows: list[dict], metric: str) -> None:
 
 
 def _losses(path: Path) -> list[tuple[int, float]]:
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in records]
+    return [(r["step"], r["loss"]) for r in read_metrics(path)]

@@ -20,8 +20,9 @@ import yaml
 from .. import inject, load_adapter, read_adapter, save_adapter
 from ..data import load_data
 from ..errors import ConfigError
+from ..io.files import CONFIG_NAME
 from ..model import count_parameters
-from ..models import PEFT_TASK_TYPES, load_model, minilm_dir, save_base
+from ..models import MODELS, PEFT_TASK_TYPES, load_model, minilm_dir, save_base
 from . import checkpoint
 from .args import RunConfig
 from .distributed import Processes
@@ -104,11 +105,19 @@ def saved_settings(config: RunConfig) -> dict:
     `lorakit eval <run>` finds them from any working directory."""
     flat = config.to_flat()
     for key in ("data", "model"):
-        if key == "model" and flat[key] in ("minilm", "tiny-llama") or str(flat[key]).startswith("vader:"):
+        if key == "model" and flat[key] in MODELS or str(flat[key]).startswith("vader:"):
             continue
         if os.path.exists(flat[key]):
             flat[key] = os.path.abspath(flat[key])
     return flat
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The adapter folder `path` names: itself, or the `adapter/` inside a run's output_dir."""
+    path = Path(path)
+    if (path / ADAPTER_DIR).is_dir() and not (path / CONFIG_NAME).exists():
+        return path / ADAPTER_DIR
+    return path
 
 
 def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") -> dict:
@@ -116,9 +125,7 @@ def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") ->
 
     The base model is the adapter's `base_model_name_or_path` when that is a local directory, else `config.model`.
     """
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / ADAPTER_DIR).is_dir():
-        adapter_dir = adapter_dir / ADAPTER_DIR
+    adapter_dir = adapter_folder(adapter_dir)
     saved, _ = read_adapter(adapter_dir)
     base = saved.base_model_name_or_path
     spec = base if base and os.path.isdir(base) else config.model

@@ -79,7 +79,7 @@ class Trainer:
         self.metric, self.greater_is_better = _best_model_metric(args.metric_for_best_model, task)
         self.step, self.best, self.best_state, self.evals_without_gain = 0, None, None, 0
         self.history: list[dict] = []
-        self._lengths: Optional[list[int]] = None  # example lengths in characters, for group_by_length
+        self._order: tuple[Optional[int], list[int]] = (None, [])  # (epoch, its example order)
 
     # ---- data order --------------------------------------------------------------------------
     @property
@@ -110,16 +110,18 @@ class Trainer:
     def epoch_order(self, epoch: int) -> list[int]:
         """A seeded permutation of the training examples; with `group_by_length`, each run of 50 micro-batches
         is sorted by length (longest first), as transformers' length-grouped sampler, so batches pad less."""
+        if self._order[0] == epoch:  # asked for at every step; drawn once per epoch
+            return self._order[1]
         order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(
             self.args.seed * 100_003 + epoch)).tolist()
-        if not self.args.group_by_length:
-            return order
-        if self._lengths is None:
-            self._lengths = [sum(len(v) for v in self.train_data[i].values() if isinstance(v, str))
-                             for i in range(len(self.train_data))]
-        mega = 50 * self.micro_batch
-        return [i for start in range(0, len(order), mega)
-                for i in sorted(order[start:start + mega], key=lambda j: -self._lengths[j])]
+        if self.args.group_by_length:
+            lengths = [sum(len(v) for v in self.train_data[i].values() if isinstance(v, str))
+                       for i in range(len(self.train_data))]
+            mega = 50 * self.micro_batch
+            order = [i for start in range(0, len(order), mega)
+                     for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])]
+        self._order = (epoch, order)
+        return order
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's example indices for each micro-batch of optimizer step `step`."""
@@ -245,7 +247,7 @@ class Trainer:
         progress, self.best_state = checkpoint.restore(found, self.model, self.optimizer)
         self.step, self.best = progress["step"], progress["best"]
         self.evals_without_gain = progress["evals_without_gain"]
-        self.history = [r for r in self._read_metrics() if r["step"] <= self.step]
+        self.history = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
         if self.procs.is_main:  # lines logged after the checkpoint will be logged again
             self._write_metrics(self.history)
 
@@ -259,23 +261,24 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        lines = self.metrics_path.read_text().splitlines()
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                break
-        return out
-
     def _write_metrics(self, records: list[dict]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.metrics_path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a `metrics.jsonl`, stopping at a line cut short by a kill."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
 
 
 @torch.no_grad()
