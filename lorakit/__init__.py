@@ -1,7 +1,8 @@
 """lorakit: low-rank adapters for any PyTorch model — create, train, shrink, combine, serve, inspect."""
 from . import errors
 from .config import AdapterConfig
-from .io import load_adapter, read_adapter, save_adapter
+from .init import initialize, register_init
+from .io import export_lora, load_adapter, read_adapter, save_adapter
 from .model import (active_adapters, adapter_names, adapter_parameters, count_parameters, delete_adapter,
                     disabled, get_config, inject, mark_trainable, merge, merge_and_unload, parameter_report,
                     set_active, unload, unmerge)
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "BASE", "active_adapters", "adapter_names", "adapter_parameters", "count_parameters",
-    "delete_adapter", "disabled", "errors", "get_config", "get_variant", "inject", "load_adapter",
-    "mark_trainable", "merge", "merge_and_unload", "parameter_report", "read_adapter", "register_variant",
+    "delete_adapter", "disabled", "errors", "export_lora", "get_config", "get_variant", "initialize", "inject", "load_adapter",
+    "mark_trainable", "merge", "merge_and_unload", "parameter_report", "read_adapter", "register_init", "register_variant",
     "route", "save_adapter", "set_active", "unload", "unmerge", "variant_names",
 ]

@@ -77,6 +77,7 @@ class AdapterConfig:
     modules_to_save: Optional[list[str]] = None
     bias: str = "none"
     variant: str = "lora"
+    options: dict[str, Any] = field(default_factory=dict)
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -91,7 +92,10 @@ class AdapterConfig:
         if self.use_dora:
             self.variant = "dora"
         self.use_dora = self.variant == "dora"
-        get_variant(self.variant)  # raises UnknownVariantError
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must be an object mapping option names to values, got {self.options!r}")
+        parsed = get_variant(self.variant).parse_options(self.options)  # raises UnknownVariantError, ConfigError
+        self.options = {} if parsed is None else dataclasses.asdict(parsed)  # every option, defaults filled in
         _check_rank("r", self.r)
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
@@ -138,6 +142,10 @@ class AdapterConfig:
         """
         data = dict(data)
         peft_type = data.pop("peft_type", None)
+        if peft_type not in (None, "LORA"):  # a variant's own format (e.g. PEFT's VERA) → our keys
+            from .variants import get_variant, variant_for_peft_type
+            data = get_variant(variant_for_peft_type(peft_type, data.get("variant"), False)).config_from_peft(data)
+            peft_type = None
         for key, default in PEFT_UNSUPPORTED_DEFAULTS.items():
             if key in data and data.pop(key) not in (default, [], {}, None, False):
                 raise UnsupportedFeatureError(f"PEFT option {key!r} is set in this config; lorakit does not "
@@ -147,7 +155,7 @@ class AdapterConfig:
         unknown = sorted(set(data) - set(cls.fields()))
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(cls.fields())}")
-        if peft_type is not None:
+        if peft_type is not None:  # "LORA": lora or dora
             from .variants import variant_for_peft_type
             data["variant"] = variant_for_peft_type(peft_type, data.get("variant"), data.get("use_dora", False))
         return cls(**data)
@@ -162,12 +170,16 @@ class AdapterConfig:
         """
         from .variants import get_variant
 
+        own = get_variant(self.variant).peft_config(self)
+        if own is not None:
+            return dict(sorted(own.items()))
         out = {**PEFT_UNSUPPORTED_DEFAULTS, **PEFT_INERT_DEFAULTS, **self.to_dict()}
         out.pop("runtime_config")
         out["inference_mode"] = True
         out["peft_type"] = get_variant(self.variant).peft_type
         if out["peft_type"] == "LORA":
             out.pop("variant")
+            out.pop("options")
         return dict(sorted(out.items()))
 
     def to_json(self) -> str:

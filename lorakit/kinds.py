@@ -39,14 +39,25 @@ class LinearKind:
         return (self.out_features, r)
 
     def weight(self) -> torch.Tensor:
-        w = self.base.weight
-        return w.T if self.transposed else w
+        return self.as_matrix(self.base.weight)
+
+    def as_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the base weight (e.g. its gradient) as an (out, in) matrix view."""
+        return t.T if self.transposed else t
 
     def to_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.transposed else delta
 
     def matrix(self, factor: torch.Tensor) -> torch.Tensor:
         return factor
+
+    def down_layout(self, a: torch.Tensor) -> torch.Tensor:
+        """An (r, in) matrix in the layout `down` takes (inverse of `matrix` for A)."""
+        return a
+
+    def up_layout(self, b: torch.Tensor) -> torch.Tensor:
+        """An (out, r) matrix in the layout `up` takes (inverse of `matrix` for B)."""
+        return b
 
     def down(self, x, a):
         return F.linear(x, a)
@@ -98,14 +109,20 @@ class ConvKind(LinearKind):
     def b_shape(self, r):
         return (self.out_features, r, *self.ones)
 
-    def weight(self):
-        return self.base.weight.flatten(1)
+    def as_matrix(self, t):
+        return t.flatten(1)
 
     def to_layout(self, delta):
         return delta.view(self.base.weight.shape)
 
     def matrix(self, factor):
         return factor.flatten(1)
+
+    def down_layout(self, a):
+        return a.reshape(a.shape[0], *self.base.weight.shape[1:])
+
+    def up_layout(self, b):
+        return b.reshape(b.shape[0], b.shape[1], *self.ones)
 
     def down(self, x, a):
         c = self.base

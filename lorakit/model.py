@@ -16,8 +16,11 @@ from .kinds import SUPPORTED, Conv1D, is_supported, kind_for
 from .layers import AdaptedLayer, TrainedCopy
 from .routing import BASE
 from .variants import Variant, get_variant
+from .variants.base import Shared, Site
 
 BOOK_ATTR = "_lorakit"
+SHARED_ATTR = "lorakit_shared"  # model.lorakit_shared[name]: an adapter's model-wide state (VeRA bases, ...)
+SHARED_KEY = "base_model."  # file-key prefix of model-wide tensors (PEFT's, e.g. `base_model.vera_A`)
 
 
 @dataclass
@@ -70,7 +73,7 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) for every module except the root and the insides of lorakit wrappers."""
     inside: Optional[str] = None
     for path, m in model.named_modules():
-        if not path or (inside is not None and path.startswith(inside)):
+        if not path or (inside is not None and path.startswith(inside)) or path.split(".")[0] == SHARED_ATTR:
             continue
         if isinstance(m, (AdaptedLayer, TrainedCopy)):
             inside = path + "."
@@ -179,14 +182,19 @@ class PreparedAdapter:
     config: AdapterConfig
     variants: dict[str, Variant]
     copies: dict[str, nn.Module]
+    shared: Optional[Shared] = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return _tensor_map(self.variants, self.copies)
+        return _tensor_map(self.variants, self.copies, self.shared)
 
 
-def _tensor_map(variants: dict[str, Variant], copies: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+def _tensor_map(variants: dict[str, Variant], copies: dict[str, nn.Module],
+                shared: Optional[Shared]) -> dict[str, torch.Tensor]:
+    """Tensors by key: `<module path>.<suffix>` per layer, `base_model.<key>` for model-wide state."""
     out = {f"{p}.{k}": t for p, v in variants.items() for k, t in v.file_tensors().items()}
     out.update({f"{p}.{k}": t for p, c in copies.items() for k, t in c.state_dict(keep_vars=True).items()})
+    if shared is not None:
+        out.update({SHARED_KEY + k: t for k, t in shared.file_tensors().items()})
     return out
 
 
@@ -207,19 +215,28 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool
     heads = [h for h in TASK_HEADS.get(config.task_type, ()) if h not in (config.modules_to_save or [])]
     if heads:  # as PEFT: a classification task trains and saves its head
         config = dataclasses.replace(config, modules_to_save=(config.modules_to_save or []) + heads)
-    variants = {}
+    sites, weights = [], []
     for path, module in plan_targets(model, config):
         base = _base_of(module)
         kind = module.kind if isinstance(module, AdaptedLayer) else kind_for(base)
-        variant = cls(kind, config.rank_for(path), config.scale_for(path), config.lora_dropout, config)
-        variant.to(device=base.weight.device, dtype=adapter_dtype(base.weight))
+        sites.append(Site(path, kind, config.rank_for(path), config.scale_for(path)))
+        weights.append(base.weight)
+    shared = cls.build_shared(config, sites)
+    if shared is not None:
+        shared.to(device=weights[0].device, dtype=adapter_dtype(weights[0]))
+        if initialize:
+            shared.initialize(config.init_lora_weights)
+    variants = {}
+    for site, weight in zip(sites, weights):
+        variant = cls(site.kind, site.r, site.scale, config.lora_dropout, config, shared=shared, path=site.path)
+        variant.to(device=weight.device, dtype=adapter_dtype(weight))
         if initialize:
             variant.initialize(config.init_lora_weights)
-        variants[path] = variant
+        variants[site.path] = variant
     copies = {}
     for path, module in _saved_modules(model, config):
         copies[path] = copy.deepcopy(module.original_module if isinstance(module, TrainedCopy) else module)
-    return PreparedAdapter(name, config, variants, copies)
+    return PreparedAdapter(name, config, variants, copies, shared)
 
 
 def attach(model: nn.Module, prepared: PreparedAdapter, trainable: bool = True) -> None:
@@ -248,6 +265,10 @@ def attach(model: nn.Module, prepared: PreparedAdapter, trainable: bool = True) 
             wrapper = TrainedCopy(wrapper)
             _replace(model, path, wrapper)
         wrapper.copies[name] = copy_
+    if prepared.shared is not None:
+        if not hasattr(model, SHARED_ATTR):
+            setattr(model, SHARED_ATTR, nn.ModuleDict())
+        getattr(model, SHARED_ATTR)[name] = prepared.shared
     book = _book(model)
     book.configs[name] = prepared.config
     set_active(model, book.active or [name])
@@ -315,6 +336,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del held[name]
         if not len(held):
             _replace(model, path, _base_of(w) if isinstance(w, AdaptedLayer) else w.original_module)
+    shared = getattr(model, SHARED_ATTR, None)
+    if shared is not None and name in shared:
+        del shared[name]
+        if not len(shared):
+            delattr(model, SHARED_ATTR)
     book = _book(model)
     del book.configs[name]
     set_active(model, [n for n in book.active if n != name])
@@ -363,6 +389,8 @@ def _strip(model: nn.Module, keep_copy_of: list[str]) -> nn.Module:
         else:
             name = next((n for n in keep_copy_of if n in w.copies), None)
             _replace(model, path, w.copies[name] if name else w.original_module)
+    if hasattr(model, SHARED_ATTR):
+        delattr(model, SHARED_ATTR)
     if hasattr(model, BOOK_ATTR):
         object.__delattr__(model, BOOK_ATTR)
     return model
@@ -378,7 +406,13 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             variants[path] = w.adapters[name]
         elif isinstance(w, TrainedCopy) and name in w.copies:
             copies[path] = w.copies[name]
-    return _tensor_map(variants, copies)
+    return _tensor_map(variants, copies, shared_state(model, name))
+
+
+def shared_state(model: nn.Module, name: str) -> Optional[Shared]:
+    """Adapter `name`'s model-wide state, or None."""
+    shared = getattr(model, SHARED_ATTR, None)
+    return shared[name] if shared is not None and name in shared else None
 
 
 def mark_trainable(model: nn.Module, names: Optional[list[str]] = None) -> None:

@@ -106,13 +106,25 @@ def nested(seed: int = 0) -> nn.Module:
     return Nested().eval()
 
 
-BUILDERS = {"llama": llama, "gpt2": gpt2, "minilm": minilm, "convnet": convnet, "nested": nested}
+def vit(seed: int = 0) -> nn.Module:
+    """Random-weight ViTForImageClassification: 16×16 RGB images, 4×4 patches, hidden 32, 2 layers, 3 labels."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    return ViTForImageClassification(cfg).eval()
+
+
+BUILDERS = {"llama": llama, "gpt2": gpt2, "minilm": minilm, "convnet": convnet, "nested": nested, "vit": vit}
 VOCAB = {"llama": 128, "gpt2": 100, "minilm": 1000, "convnet": 50, "nested": 30}
 
 
 def inputs(name: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
     """Deterministic example inputs for model `name`."""
     g = torch.Generator().manual_seed(seed)
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
     ids = torch.randint(1, VOCAB[name], (batch, seq), generator=g)
     if name == "minilm":
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,10 +1,37 @@
 """The variant contract: one class per method, owning its parameters for one adapted layer."""
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+import dataclasses
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
+
+
+class Site(NamedTuple):
+    """One layer an adapter will sit on: its module path, kind, rank and scale."""
+
+    path: str
+    kind: Any
+    r: int
+    scale: float
+
+
+class Shared(nn.Module):
+    """Model-wide state of one adapter (a shared basis, bank, vector or hypernetwork), built once per adapter
+    by `Variant.build_shared` and referenced by every layer's variant; lives at `model.lorakit_shared[name]`.
+
+    `file_tensors` keys are saved as `base_model.<key>` (PEFT's place for model-wide tensors such as VeRA's
+    `vera_A`). Frozen tensors are buffers, trainable ones parameters.
+    """
+
+    def initialize(self, how) -> None:
+        """Set initial values of trainable state (`how` is `init_lora_weights`)."""
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 class Variant(nn.Module):
@@ -13,9 +40,11 @@ class Variant(nn.Module):
     `kind` (see `lorakit.kinds`) hides the module type: a variant computes with `kind.down`,
     `kind.up`, `kind.weight()` and never asks whether it sits on a Linear, Conv or Embedding.
 
-    Subclasses set `name` (registry key) and `peft_type` ("LORA" when PEFT can read the file,
-    anything else makes PEFT refuse it), create parameters in `__init__` in their file shapes
-    (contents may be garbage until `initialize` or a load fills them), and implement `delta`.
+    Subclasses set `name` (registry key) and `peft_type` ("LORA" when PEFT's LoRA can read the file;
+    a PEFT tuner's own type when PEFT has the method; anything else makes PEFT refuse it), create
+    parameters in `__init__` in their file shapes (contents may be garbage until `initialize` or a
+    load fills them), and implement `delta`. Trainable tensors are `nn.Parameter`s, frozen ones buffers.
+    Method options (`AdapterConfig.options`) are declared as a dataclass in `Options`.
     """
 
     name: ClassVar[str]
@@ -23,16 +52,58 @@ class Variant(nn.Module):
     mergeable: ClassVar[bool] = True
     reads_base_weight: ClassVar[bool] = False  # True when the output depends on W (cannot run on a merged W)
     uses_base_out: ClassVar[bool] = True  # False when `delta` ignores `base_out` (saves gathering it)
+    Options: ClassVar[Optional[type]] = None  # a dataclass of method options; __post_init__ validates values
 
-    def __init__(self, kind, r: int, scale: float, dropout: float, config):
+    def __init__(self, kind, r: int, scale: float, dropout: float, config, shared: Optional[Shared] = None,
+                 path: str = ""):
         super().__init__()
-        self.kind, self.r, self.scale, self.config = kind, r, scale, config
+        self.kind, self.r, self.scale, self.config, self.path = kind, r, scale, config, path
+        self.opts = self.parse_options(config.options)
+        object.__setattr__(self, "shared", shared)  # referenced, not owned: saved and moved once, by the model
         self.dropout = nn.Dropout(dropout) if dropout > 0 and kind.takes_dropout else nn.Identity()
 
+    # ---- options, shared state and config files (class level) --------------------------------
+    @classmethod
+    def parse_options(cls, options: dict) -> Any:
+        """`options` as an `Options` instance; ConfigError naming any unknown or invalid option."""
+        if cls.Options is None:
+            if options:
+                raise ConfigError(f"variant {cls.name!r} takes no options, got {sorted(options)}")
+            return None
+        valid = [f.name for f in dataclasses.fields(cls.Options)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for variant {cls.name!r}; valid options: {valid}")
+        try:
+            return cls.Options(**options)
+        except TypeError as e:
+            raise ConfigError(f"invalid options for variant {cls.name!r}: {e}") from None
+
+    @classmethod
+    def build_shared(cls, config, sites: list[Site]) -> Optional[Shared]:
+        """The adapter's model-wide state for these layers, or None (most variants have none)."""
+        return None
+
+    @classmethod
+    def peft_config(cls, config) -> Optional[dict]:
+        """The `adapter_config.json` dict in a PEFT tuner's own format, or None for the LoRA-style dump."""
+        return None
+
+    @classmethod
+    def config_from_peft(cls, data: dict) -> dict:
+        """`AdapterConfig` keys from a config file of this variant's `peft_type` (inverse of `peft_config`)."""
+        return data
+
+    # ---- per layer -----------------------------------------------------------------------------
     @property
     def lora_dtype(self) -> torch.dtype:
         """The dtype inputs are cast to before this adapter runs."""
-        return next(self.parameters()).dtype
+        owners = [self] + ([self.shared] if self.shared is not None else [])
+        for owner in owners:
+            for t in (*owner.parameters(), *owner.buffers()):
+                if t.is_floating_point():
+                    return t.dtype
+        return torch.get_default_dtype()
 
     def initialize(self, how) -> None:
         """Set initial values (`how` is `init_lora_weights`)."""
@@ -56,16 +127,47 @@ class Variant(nn.Module):
 
     # ---- merging: the effective weight is row_scale ⊙ (W + delta_weight) --------------------
     def delta_weight(self) -> torch.Tensor:
-        """Dense ΔW as an (out, in) matrix, before any row scale."""
-        raise NotImplementedError
+        """Dense ΔW as an (out, in) matrix, before any row scale (default: from `factors`)."""
+        factors = self.factors()
+        if factors is None:
+            raise NotImplementedError
+        a, b, s = factors
+        return (b @ a) * s
 
     def row_scale(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-output-row factor applied after adding ΔW to the unmerged `weight`; None means 1."""
         return None
 
     def factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
-        """(A, B, scale) as (r, in) and (out, r) matrices when ΔW = scale·B·A exactly, else None."""
+        """(A, B, scale) as (r, in) and (out, r) matrices when ΔW = scale·B·A exactly, else None.
+
+        Merging, exporting as a plain LoRA, squeezing and batched serving use this form.
+        """
         return None
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}"
+
+
+class LowRankVariant(Variant):
+    """A variant whose ΔW = s·B·A is built from its own tensors: subclasses implement `factors` (differentiable)
+    and `file_tensors`; the forward, in-place inference add and dense ΔW follow from it."""
+
+    uses_base_out = False
+
+    def layouts(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """`factors()` in the layer's own layouts for `kind.down` / `kind.up` (conv kernels for conv layers)."""
+        a, b, s = self.factors()
+        return self.kind.down_layout(a), self.kind.up_layout(b), s
+
+    def delta(self, x, base_out):
+        a, b, s = self.layouts()
+        return self.kind.up(self.kind.down(self.dropout(x), a) * s, b)
+
+    def add_delta_(self, out, x, base_out):
+        a, b, s = self.layouts()
+        h = self.kind.down(self.dropout(x) if self.training else x, a)
+        self.kind.add_up_(out, h.mul_(s), b)
+
+    def factors(self):
+        raise NotImplementedError

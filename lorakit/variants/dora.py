@@ -70,8 +70,8 @@ class DoRA(LoRA):
     name = "dora"
     reads_base_weight = uses_base_out = True
 
-    def __init__(self, kind, r, scale, dropout, config):
-        super().__init__(kind, r, scale, dropout, config)
+    def __init__(self, kind, r, scale, dropout, config, **context):
+        super().__init__(kind, r, scale, dropout, config, **context)
         self.lora_magnitude_vector = nn.Parameter(torch.empty(kind.vector_shape()))
         self._base_sq = (None, None)
         self._norm = (None, None)

@@ -41,8 +41,8 @@ class LoRA(Variant):
     name = "lora"
     uses_base_out = False
 
-    def __init__(self, kind, r, scale, dropout, config):
-        super().__init__(kind, r, scale, dropout, config)
+    def __init__(self, kind, r, scale, dropout, config, **context):
+        super().__init__(kind, r, scale, dropout, config, **context)
         self.lora_A = nn.Parameter(torch.empty(kind.a_shape(r)))
         self.lora_B = nn.Parameter(torch.empty(kind.b_shape(r)))
 

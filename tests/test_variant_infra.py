@@ -1,0 +1,187 @@
+"""Shared pieces for variants: options, model-wide state, LowRankVariant, export as a plain LoRA, and the
+data-driven initialization API with its gradient pass."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+import lorakit
+from lorakit.errors import ConfigError, MergeError
+from lorakit.init import passes, register_init
+from lorakit.variants import register_variant
+from lorakit.variants.base import LowRankVariant, Shared
+
+from contract import (check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, mse_loss, perturb,
+                      planted_task, run)
+from models import convnet
+
+
+class ToyBasis(Shared):
+    """A shared frozen pair sliced per layer (VeRA-like) plus one trainable model-wide vector."""
+
+    def __init__(self, rows, cols, r, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("basis_a", torch.randn(r, cols, generator=g) / cols ** 0.5)
+        self.register_buffer("basis_b", torch.randn(rows, r, generator=g) / r ** 0.5)
+        self.gate = nn.Parameter(torch.ones(r))
+
+    def file_tensors(self):
+        return {"toy_gate": self.gate}
+
+
+@register_variant
+class ToyShared(LowRankVariant):
+    """Test-only: ΔW = diag(λ)·B_s[:m]·diag(gate)·A_s[:, :n] with a trainable per-layer λ."""
+
+    name = "test_toy_shared"
+    peft_type = "LORAKIT_TEST_TOY_SHARED"
+
+    @dataclass
+    class Options:
+        seed: int = 0
+
+        def __post_init__(self):
+            if self.seed < 0:
+                raise ConfigError(f"option seed must be ≥ 0, got {self.seed}")
+
+    @classmethod
+    def build_shared(cls, config, sites):
+        rows = max(s.kind.out_features for s in sites)
+        cols = max(s.kind.in_features for s in sites)
+        return ToyBasis(rows, cols, config.r, config.options["seed"])
+
+    def __init__(self, kind, r, scale, dropout, config, **context):
+        super().__init__(kind, r, scale, dropout, config, **context)
+        self.lam = nn.Parameter(torch.empty(kind.out_features))
+
+    def initialize(self, how):
+        nn.init.zeros_(self.lam) if how is True else nn.init.normal_(self.lam)
+
+    def file_tensors(self):
+        return {"toy_lambda": self.lam}
+
+    def factors(self):
+        sh, k = self.shared, self.kind
+        a = sh.basis_a[:, :k.in_features] * sh.gate[:, None]
+        return a, sh.basis_b[:k.out_features] * self.lam[:, None], 1.0
+
+
+@register_init("test_toy_grad_norm")
+def _grad_norm_init(run, scale=1.0):
+    """Test-only init: λ = scale · row norms of the summed base-weight gradient."""
+    grads = passes.weight_gradients(run, "toy")
+    for path, layer in passes.adapted_layers(run.model, run.name).items():
+        with torch.no_grad():
+            layer.adapters[run.name].lam.copy_(grads[path].norm(dim=1) * scale)
+
+
+def toy(**kw):
+    return lorakit.AdapterConfig(r=3, variant="test_toy_shared", **kw)
+
+
+IDS = torch.randint(0, 50, (5, 9), generator=torch.Generator().manual_seed(0))
+
+
+def toy_convnet(names=("default",)):
+    model = convnet()
+    for i, n in enumerate(names):
+        lorakit.inject(model, toy(target_modules=["conv", "conv2d", "head"], options={"seed": i}), n)
+        perturb(model, n, seed=i)
+    return model
+
+
+def test_options_are_validated_and_filled_in():
+    assert toy().options == {"seed": 0}
+    with pytest.raises(ConfigError, match="seed"):
+        toy(options={"seed": -1})
+    with pytest.raises(ConfigError, match="sede"):
+        toy(options={"sede": 1})
+    with pytest.raises(ConfigError, match="takes no options"):
+        lorakit.AdapterConfig(options={"seed": 1})
+
+
+def test_shared_state_lives_once_and_is_saved_once(tmp_path):
+    model = toy_convnet()
+    shared = model.lorakit_shared["default"]
+    layers = [m for m in model.modules() if isinstance(m, lorakit.layers.AdaptedLayer)]
+    assert all(layer.adapters["default"].shared is shared for layer in layers)
+    assert sum(1 for n, _ in model.named_parameters() if "gate" in n) == 1
+    keys = lorakit.adapter_parameters(model, "default")
+    assert "base_model.toy_gate" in keys and keys["base_model.toy_gate"] is shared.gate
+    trainable, _ = lorakit.count_parameters(model)
+    assert trainable == 3 + sum(layer.kind.out_features for layer in layers)
+    loaded = check_save_load_save(model, convnet(), IDS, tmp_path)
+    from safetensors.torch import load_file
+    assert "base_model.toy_gate" in load_file(tmp_path / "first" / "adapter_model.safetensors")
+    assert torch.equal(loaded.lorakit_shared["default"].gate, shared.gate)
+    lorakit.delete_adapter(loaded, "default")
+    assert not hasattr(loaded, "lorakit_shared")
+
+
+def test_low_rank_variant_merges_routes_and_covers_conv():
+    check_merge_cycle(toy_convnet(), IDS)
+    check_mixed_batch(toy_convnet(("a", "b")), IDS)
+
+
+def test_export_lora_loads_in_peft_with_equal_outputs(tmp_path):
+    model = mlp()
+    lorakit.inject(model, toy(target_modules=["fc1", "fc2"]))
+    perturb(model)
+    x = torch.randn(7, 64)
+    lorakit.export_lora(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(mlp(), str(tmp_path))
+    with torch.no_grad():
+        assert close(peft_model(x), run(model, x))
+
+
+def test_export_refuses_a_variant_without_low_rank_form(tmp_path):
+    model = mlp()
+    lorakit.inject(model, lorakit.AdapterConfig(r=2, use_dora=True, target_modules=["fc1"]))
+    with pytest.raises(MergeError, match="low-rank"):
+        lorakit.export_lora(model, tmp_path)
+    assert not tmp_path.joinpath("adapter_model.safetensors").exists()
+
+
+def test_gradient_pass_equals_explicit_gradients_and_frees_them():
+    model = mlp()
+    lorakit.inject(model, toy(target_modules=["fc1", "fc2"]))
+    perturb(model)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)) for _ in range(3)]
+    run_ = lorakit.init.InitRun(model, "default", data, mse_loss, progress=False)
+    sums = passes.weight_gradients(run_)
+    reference = mlp()
+    explicit = {"fc1": 0, "fc2": 0}
+    for x, y in data:
+        reference.zero_grad()
+        mse_loss(reference, (x, y)).backward()
+        explicit = {k: explicit[k] + getattr(reference, k).weight.grad for k in explicit}
+    for k in explicit:
+        assert close(sums[k], explicit[k])
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.fc1.base_layer.weight.requires_grad
+    absolute = passes.weight_gradients(run_, absolute=True)
+    assert (absolute["fc1"] >= sums["fc1"].abs() - 1e-6).all()
+
+
+def test_initialize_runs_a_registered_method_and_restores_the_mode():
+    model = mlp().train()
+    lorakit.inject(model, toy(target_modules=["fc1"]))
+    data = [(torch.randn(8, 64), torch.randn(8, 64))]
+    lorakit.initialize(model, "test_toy_grad_norm", dataloader=data, loss_fn=mse_loss, scale=2.0, progress=False)
+    assert model.training
+    assert model.fc1.adapters["default"].lam.abs().sum() > 0
+    with pytest.raises(ConfigError, match="unknown initialization"):
+        lorakit.initialize(model, "nope", dataloader=data)
+    with pytest.raises(ConfigError, match="dataloader"):
+        lorakit.initialize(model, "test_toy_grad_norm", loss_fn=mse_loss)
+    with pytest.raises(lorakit.errors.AdapterNameError):
+        lorakit.initialize(model, "test_toy_grad_norm", dataloader=data, name="other")
+
+
+def test_planted_task_is_learnable_by_lora_and_not_by_a_frozen_adapter():
+    before, after, n = planted_task(lorakit.AdapterConfig(r=4, lora_alpha=4, target_modules=["fc1"]))
+    assert after <= 0.5 * before and n == 4 * 128
