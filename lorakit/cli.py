@@ -150,7 +150,15 @@ def run_compare(args) -> None:
         learning_rates = [float(x) for x in args.lrs]
     except ValueError as e:
         raise ConfigError(f"--seeds takes a count or a list of integers and --lrs numbers ({e})") from None
-    compare(settings(args), variants=args.variants.split(","), learning_rates=learning_rates, seeds=seeds)
+    per_variant = {}
+    if args.variant_settings:
+        from .train.args import read_yaml
+
+        per_variant = read_yaml(args.variant_settings)
+        if not all(isinstance(v, dict) for v in per_variant.values()):
+            raise ConfigError(f"{args.variant_settings} must map each sweep entry to a mapping of settings")
+    variants = args.variants.split(",") if args.variants else list(per_variant) or ["lora", "rslora", "dora"]
+    compare(settings(args), variants=variants, learning_rates=learning_rates, seeds=seeds, per_variant=per_variant)
 
 
 def run_inspect(args) -> None:
@@ -182,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=run_eval)
 
     cmp = sub.add_parser("compare", help="variants x learning rates x seeds on one task: table + plots")
-    cmp.add_argument("--variants", default="lora,rslora,dora",
-                     help="comma-separated: registered variants, or rslora / <variant>+rslora")
+    cmp.add_argument("--variants", default=None,
+                     help="comma-separated: registered variants, or rslora / <variant>+rslora (default: the entries "
+                          "of --variant-settings, else lora,rslora,dora)")
+    cmp.add_argument("--variant-settings", default=None, metavar="YAML",
+                     help="a mapping entry → settings for that entry only (e.g. vera: {r: 256, options: {...}}); an "
+                          "entry with its own `variant` key is a free label")
     cmp.add_argument("--lrs", nargs="+", default=["1e-4", "5e-4", "2e-3"], help="learning rates")
     cmp.add_argument("--seeds", nargs="+", default=["2"], help="a count N (seeds 0..N-1) or a list of seeds")
     add_settings(cmp)

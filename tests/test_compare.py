@@ -178,3 +178,18 @@ def test_best_learning_rates_ties_and_nan():
         best = best_learning_rates(group_runs(rows, "test_accuracy"), greater)
         assert best["a"][0] == 1e-3  # a tie keeps the first learning rate
         assert best["b"][0] == 1e-2 and best["c"][0] == 1e-3  # a failed (NaN) group never wins
+
+
+def test_per_variant_settings_give_each_entry_its_own_rank(tmp_path):
+    data = write_sentiment(tmp_path / "data.jsonl", n=40)
+    spec = tmp_path / "variants.yaml"
+    spec.write_text("lora: {r: 4}\nwide: {variant: lora, r: 8}\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--variant-settings", str(spec), "--lrs", "1e-3", "--seeds", "1", "--model",
+                 "tiny-llama", "--data", data, "--max-steps", "1", "--per-device-train-batch-size", "8",
+                 "--disable-tqdm", "--output-dir", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        params = {r["variant"]: int(r["trainable_parameters"]) for r in csv.DictReader(f)}
+    assert params["wide"] - params["lora"] == 2 * 4 * (128 + 96)  # 2 layers × 4 more ranks × (q_proj + v_proj)
+    with pytest.raises(Exception, match="not in the sweep"):
+        compare_module.compare({}, ["lora"], [1e-3], [0], per_variant={"dora": {"r": 4}})

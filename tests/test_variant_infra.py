@@ -185,3 +185,21 @@ def test_initialize_runs_a_registered_method_and_restores_the_mode():
 def test_planted_task_is_learnable_by_lora_and_not_by_a_frozen_adapter():
     before, after, n = planted_task(lorakit.AdapterConfig(r=4, lora_alpha=4, target_modules=["fc1"]))
     assert after <= 0.5 * before and n == 4 * 128
+
+
+def test_a_run_initializes_from_training_batches_when_the_variant_needs_data(tmp_path, monkeypatch):
+    """`lorakit train` runs the variant's data init on `init_batches` training batches before training."""
+    from lorakit.train import RunConfig, train
+    from test_cli import write_sentiment
+
+    calls = []
+    monkeypatch.setattr(ToyShared, "data_init", classmethod(lambda cls, config: "test_toy_grad_norm"))
+    real = lorakit.init._METHODS["test_toy_grad_norm"]
+    monkeypatch.setitem(lorakit.init._METHODS, "test_toy_grad_norm",
+                        lambda run, **kw: calls.append(len(list(run.dataloader))) or real(run, **kw))
+    data = write_sentiment(tmp_path / "data.jsonl", n=40)
+    config = RunConfig.from_flat({"model": "tiny-llama", "data": data, "variant": "test_toy_shared", "r": 2,
+                                  "init_batches": 2, "max_steps": 1, "per_device_train_batch_size": 4,
+                                  "disable_tqdm": True, "output_dir": str(tmp_path / "run")})
+    results = train(config)
+    assert calls == [2] and results["steps"] == 1

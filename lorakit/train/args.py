@@ -81,6 +81,7 @@ class RunConfig:
     max_train_samples: int = 0               # > 0: a seeded subset of the training split (quick runs, sweeps)
     max_eval_samples: int = 0                # > 0: the same for validation and test
     split_seed: int = 0                      # draws the data split and subsets; `seed` (training) leaves them alone
+    init_batches: int = 8                    # training batches for a data-driven init (LoRA-SB, SHiRA gradient masks)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
@@ -108,7 +109,7 @@ class RunConfig:
         from ..data import TASKS
 
         _check_choice("task", self.task, TASKS)
-        for name in ("max_train_samples", "max_eval_samples", "split_seed"):
+        for name in ("max_train_samples", "max_eval_samples", "split_seed", "init_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -31,20 +31,30 @@ COLUMNS = ["variant", "learning_rate", "seed", "trainable_parameters", "steps", 
            "train_seconds", "peak_memory_mb"]
 
 
-def variant_settings(name: str) -> dict:
-    """Settings for a variant name as used in sweeps: a registered variant, `rslora`, or `<variant>+rslora`."""
+def variant_settings(name: str, overrides: dict | None = None) -> dict:
+    """Settings for a sweep entry: a registered variant, `rslora`, or `<variant>+rslora`, plus `overrides` (any
+    run settings for this entry, e.g. its own `r` or `options`; with a `variant` key the name is just a label)."""
+    overrides = dict(overrides or {})
+    if "variant" in overrides:
+        return overrides
     base, _, extra = name.partition("+")
     if name == "rslora":
         base, extra = "lora", "rslora"
     if base not in variant_names() or extra not in ("", "rslora"):
         raise ConfigError(f"unknown variant {name!r} for compare; use one of {variant_names()}, 'rslora' or "
                           f"'<variant>+rslora'")
-    return {"variant": base, "use_rslora": extra == "rslora"}
+    return {"variant": base, "use_rslora": extra == "rslora", **overrides}
 
 
-def compare(settings: dict, variants: list[str], learning_rates: list[float], seeds: list[int]) -> list[dict]:
-    """Run every combination on the task in `settings` (flat run settings) and write the summary files."""
-    specs = {v: variant_settings(v) for v in variants}  # refuse bad names before any run
+def compare(settings: dict, variants: list[str], learning_rates: list[float], seeds: list[int],
+            per_variant: dict[str, dict] | None = None) -> list[dict]:
+    """Run every combination on the task in `settings` (flat run settings) and write the summary files.
+    `per_variant`: settings that apply to one entry of `variants` only (its rank, options, targets, ...)."""
+    per_variant = per_variant or {}
+    unknown = sorted(set(per_variant) - set(variants))
+    if unknown:
+        raise ConfigError(f"per-variant settings for {unknown}, which are not in the sweep {variants}")
+    specs = {v: variant_settings(v, per_variant.get(v)) for v in variants}  # refuse bad names before any run
     if not learning_rates or not seeds:
         raise ConfigError("compare needs at least one learning rate and one seed")
     out = Path(settings.get("output_dir", "compare"))

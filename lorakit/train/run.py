@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import inject, load_adapter, read_adapter, save_adapter
+from .. import initialize, inject, load_adapter, read_adapter, save_adapter
+from ..variants import get_variant
 from ..data import load_data
 from ..errors import ConfigError
 from ..io.files import CONFIG_NAME
@@ -74,6 +75,10 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
         save_base(base, tokenizer, base_dir)
     del base
     task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels)
+    method = get_variant(adapter.variant).data_init(adapter)
+    if method:
+        initialize(model, method, dataloader=init_batches(config, task, splits.train), loss_fn=task.loss,
+                   progress=not args.disable_tqdm)
     trainer = Trainer(model, task, args, splits.train, splits.validation,
                       optimizer=optimizer(model) if callable(optimizer) else optimizer, hooks=hooks)
     main = trainer.procs.is_main
@@ -98,6 +103,15 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
         from .plots import plot_run
         plot_run(trainer.history, out / "training_curves.png", task.main_metric)
     return results
+
+
+def init_batches(config: RunConfig, task, dataset) -> list:
+    """The first `init_batches` training batches (seeded order) for a data-driven initialization."""
+    args = config.training
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    size = args.per_device_train_batch_size
+    return [task.collate([dataset[j] for j in order[i:i + size]])
+            for i in range(0, min(len(order), size * config.init_batches), size)]
 
 
 def saved_settings(config: RunConfig) -> dict:

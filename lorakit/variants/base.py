@@ -85,6 +85,11 @@ class Variant(nn.Module):
         return None
 
     @classmethod
+    def data_init(cls, config) -> Optional[str]:
+        """The `lorakit.initialize` method this config needs before training (e.g. "lora-sb"), or None."""
+        return None
+
+    @classmethod
     def peft_config(cls, config) -> Optional[dict]:
         """The `adapter_config.json` dict in a PEFT tuner's own format, or None for the LoRA-style dump."""
         return None
