@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated: registered variants, or rslora / <variant>+rslora (default: the entries "
                           "of --variant-settings, else lora,rslora,dora)")
     cmp.add_argument("--variant-settings", default=None, metavar="YAML",
-                     help="a mapping entry → settings for that entry only (e.g. vera: {r: 256, options: {...}}); an "
+                     help="a mapping entry → settings for that entry only (e.g. vera: {r: 256, options: {...}, learning_rates: [...]}); an "
                           "entry with its own `variant` key is a free label")
     cmp.add_argument("--lrs", nargs="+", default=["1e-4", "5e-4", "2e-3"], help="learning rates")
     cmp.add_argument("--seeds", nargs="+", default=["2"], help="a count N (seeds 0..N-1) or a list of seeds")

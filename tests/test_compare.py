@@ -183,13 +183,15 @@ def test_best_learning_rates_ties_and_nan():
 def test_per_variant_settings_give_each_entry_its_own_rank(tmp_path):
     data = write_sentiment(tmp_path / "data.jsonl", n=40)
     spec = tmp_path / "variants.yaml"
-    spec.write_text("lora: {r: 4}\nwide: {variant: lora, r: 8}\n")
+    spec.write_text("lora: {r: 4}\nwide: {variant: lora, r: 8, learning_rates: [0.01]}\n")
     out = tmp_path / "cmp"
     assert main(["compare", "--variant-settings", str(spec), "--lrs", "1e-3", "--seeds", "1", "--model",
                  "tiny-llama", "--data", data, "--max-steps", "1", "--per-device-train-batch-size", "8",
                  "--disable-tqdm", "--output-dir", str(out)]) == 0
     with open(out / "results.csv") as f:
-        params = {r["variant"]: int(r["trainable_parameters"]) for r in csv.DictReader(f)}
+        rows = list(csv.DictReader(f))
+    params = {r["variant"]: int(r["trainable_parameters"]) for r in rows}
+    assert {(r["variant"], float(r["learning_rate"])) for r in rows} == {("lora", 1e-3), ("wide", 1e-2)}
     assert params["wide"] - params["lora"] == 2 * 4 * (128 + 96)  # 2 layers × 4 more ranks × (q_proj + v_proj)
     with pytest.raises(Exception, match="not in the sweep"):
         compare_module.compare({}, ["lora"], [1e-3], [0], per_variant={"dora": {"r": 4}})

@@ -49,7 +49,8 @@ def variant_settings(name: str, overrides: dict | None = None) -> dict:
 def compare(settings: dict, variants: list[str], learning_rates: list[float], seeds: list[int],
             per_variant: dict[str, dict] | None = None) -> list[dict]:
     """Run every combination on the task in `settings` (flat run settings) and write the summary files.
-    `per_variant`: settings that apply to one entry of `variants` only (its rank, options, targets, ...)."""
+    `per_variant`: settings that apply to one entry of `variants` only (its rank, options, targets, ..., and
+    `learning_rates`, a list that replaces `learning_rates` for that entry: methods differ in their lr scale)."""
     per_variant = per_variant or {}
     unknown = sorted(set(per_variant) - set(variants))
     if unknown:
@@ -58,7 +59,8 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
     if not learning_rates or not seeds:
         raise ConfigError("compare needs at least one learning rate and one seed")
     out = Path(settings.get("output_dir", "compare"))
-    grid = [(v, lr, s) for v in variants for lr in learning_rates for s in seeds]
+    rates = {v: [float(x) for x in specs[v].pop("learning_rates", None) or learning_rates] for v in variants}
+    grid = [(v, lr, s) for v in variants for lr in rates[v] for s in seeds]
     configs = {key: RunConfig.from_flat({**settings, **specs[key[0]], "learning_rate": key[1], "seed": key[2],
                                          "output_dir": str(out / "runs" / f"{key[0]}-lr{key[1]:g}-seed{key[2]}")})
                for key in grid}
