@@ -48,7 +48,7 @@ BIAS_CHOICES = ("none",)
 DEFAULT_TARGETS = {  # PEFT's per-architecture defaults for `target_modules=None`
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
     "bert": ["query", "value"], "roberta": ["query", "value"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 ViT attention names (PEFT has no LoRA default for ViT)
 }
 
 

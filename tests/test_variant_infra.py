@@ -203,3 +203,13 @@ def test_a_run_initializes_from_training_batches_when_the_variant_needs_data(tmp
                                   "disable_tqdm": True, "output_dir": str(tmp_path / "run")})
     results = train(config)
     assert calls == [2] and results["steps"] == 1
+
+
+def test_vit_default_targets_are_its_attention_projections():
+    from models import build
+
+    model, pixels = build("vit")
+    lorakit.inject(model, lorakit.AdapterConfig(r=2, init_lora_weights=False))
+    adapted = [p for p, m in model.named_modules() if isinstance(m, lorakit.layers.AdaptedLayer)]
+    assert adapted == [f"vit.layers.{i}.attention.{n}" for i in range(2) for n in ("q_proj", "v_proj")]
+    check_merge_cycle(model, pixels)
