@@ -92,6 +92,11 @@ class AdapterConfig:
         if self.use_dora:
             self.variant = "dora"
         self.use_dora = self.variant == "dora"
+        init_variant = _init_variant(self.init_lora_weights)
+        if init_variant and self.variant in ("lora", init_variant[0]) and isinstance(self.options, dict):
+            # PEFT's spelling ("pissa", "pissa_niter_4", "olora") of an init that is a variant here
+            self.variant, self.init_lora_weights = init_variant[0], True
+            self.options = {**init_variant[1], **self.options}
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be an object mapping option names to values, got {self.options!r}")
         parsed = get_variant(self.variant).parse_options(self.options)  # raises UnknownVariantError, ConfigError
@@ -155,6 +160,11 @@ class AdapterConfig:
         unknown = sorted(set(data) - set(cls.fields()))
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {sorted(cls.fields())}")
+        if peft_type == "LORA" and _init_variant(data.get("init_lora_weights")):
+            raise UnsupportedFeatureError(
+                f"this PEFT LoRA file has init_lora_weights={data['init_lora_weights']!r}: its A, B act on a residual "
+                f"of the base weights that the file does not carry; convert it with PEFT's save_pretrained("
+                f"path_initial_model_for_weight_conversion=...) (a plain rank-2r LoRA on the original base)")
         if peft_type is not None:  # "LORA": lora or dora
             from .variants import variant_for_peft_type
             data["variant"] = variant_for_peft_type(peft_type, data.get("variant"), data.get("use_dora", False))
@@ -184,6 +194,14 @@ class AdapterConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
+
+def _init_variant(init: Any) -> Optional[tuple[str, dict[str, Any]]]:
+    """(variant, options) for PEFT's `init_lora_weights` spellings of PiSSA and OLoRA, else None."""
+    if init in ("pissa", "olora"):
+        return init, {}
+    head, _, niter = init.partition("_niter_") if isinstance(init, str) else ("", "", "")
+    return ("pissa", {"niter": int(niter)}) if head == "pissa" and niter.isdigit() else None
 
 
 def _check_types(config: AdapterConfig) -> None:

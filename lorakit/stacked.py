@@ -41,7 +41,8 @@ class Stacks:
     def get(self, variants) -> tuple[torch.Tensor, torch.Tensor]:
         factors = [v.factors() for v in variants]
         key = tuple(id(v) for v in variants)
-        stamp = tuple((a._version, a.data_ptr(), b._version, b.data_ptr(), s) for a, b, s in factors)
+        stamp = tuple((a._version, a.data_ptr(), b._version, b.data_ptr(), s, _state_stamp(v))
+                      for (a, b, s), v in zip(factors, variants))
         hit = self._cache.get(key)
         # the entry keeps its variants alive, so a matching id is the same object, never a reused address
         if hit is None or hit[1] != stamp or any(v is not w for v, w in zip(variants, hit[0])):
@@ -51,6 +52,14 @@ class Stacks:
             bt = torch.stack([(b * s).T for _, b, s in factors])          # (k, r, out), scale folded in
             hit = self._cache[key] = (tuple(variants), stamp, a, bt)
         return hit[2], hit[3]
+
+
+def _state_stamp(variant) -> tuple:
+    """Versions and storages of the tensors a variant's factors derive from (its own and its shared state's):
+    factors computed on the fly (e.g. R·A, diag(λ)·B) are fresh tensors whose version is always 0 and whose
+    address the allocator may hand out again, so their own stamp cannot tell an updated adapter from the old one."""
+    owners = [variant] + ([variant.shared] if getattr(variant, "shared", None) is not None else [])
+    return tuple((t._version, t.data_ptr()) for o in owners for t in (*o.parameters(), *o.buffers()))
 
 
 @torch.no_grad()

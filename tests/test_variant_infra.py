@@ -213,3 +213,16 @@ def test_vit_default_targets_are_its_attention_projections():
     adapted = [p for p, m in model.named_modules() if isinstance(m, lorakit.layers.AdaptedLayer)]
     assert adapted == [f"vit.layers.{i}.attention.{n}" for i in range(2) for n in ("q_proj", "v_proj")]
     check_merge_cycle(model, pixels)
+
+
+def test_adapting_the_vit_patch_conv_and_eval_mode_is_kept():
+    """Models that read `module.weight` of an adapted layer keep working; new modules follow the model's mode
+    (a dropout adapter injected into an eval-mode model does not drop at inference)."""
+    from models import build
+
+    model, pixels = build("vit")
+    lorakit.inject(model, lorakit.AdapterConfig(r=2, lora_dropout=0.5, init_lora_weights=False,
+                                                target_modules=["projection", "q_proj"]))
+    assert not any(m.training for m in model.modules())
+    assert close(run(model, pixels), run(model, pixels), tol=0)
+    check_merge_cycle(model, pixels)

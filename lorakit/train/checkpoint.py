@@ -24,13 +24,20 @@ from ..errors import TrainingError
 PATTERN = re.compile(r"checkpoint-(\d+)")
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trained_parameters(model, optimizer) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters that `optimizer` updates, by name (also those a schedule has frozen since, such as
+    LaMDA's B: what was trained must be restored)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {n: p for n, p in model.named_parameters() if id(p) in held}
 
 
-def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the trainable parameters, after checking that names and shapes match exactly."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, optimizer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trained_parameters(model, optimizer).items()}
+
+
+def load_trainable_state(model, optimizer, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the trained parameters, after checking that names and shapes match exactly."""
+    params = trained_parameters(model, optimizer)
     if set(params) != set(state):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise TrainingError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -51,7 +58,8 @@ def save(directory: str | Path, model, optimizer, progress: dict, best: dict | N
     tmp = directory / f".tmp-checkpoint-{progress['step']}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # (not mkdtemp: its mode 0700 would stay on the renamed checkpoint)
     try:
-        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, tmp / "trainable.safetensors")
+        state = trainable_state(model, optimizer)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "trainable.safetensors")
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, tmp / "best.safetensors")
         rng = {"torch": torch.get_rng_state()}
@@ -106,7 +114,7 @@ def restore(path: str | Path, model, optimizer) -> tuple[dict, dict | None]:
         opt_state = torch.load(path / "optimizer.pt", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file means the same thing
         raise TrainingError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
-    load_trainable_state(model, trainable)
+    load_trainable_state(model, optimizer, trainable)
     try:
         optimizer.load_state_dict(opt_state)
     except (ValueError, KeyError) as e:

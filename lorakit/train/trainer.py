@@ -192,7 +192,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if args.load_best_model_at_end and self.best_state is not None:
-            checkpoint.load_trainable_state(self.model, self.best_state)
+            checkpoint.load_trainable_state(self.model, self.optimizer, self.best_state)
         self.wrapped.eval()
         return self.history
 
@@ -224,7 +224,8 @@ class Trainer:
         """Remember the best evaluation; True when early stopping says stop."""
         better = self.best is None or (value > self.best if self.greater_is_better else value < self.best)
         if better:
-            self.best, self.best_state, self.evals_without_gain = value, checkpoint.trainable_state(self.model), 0
+            self.best, self.evals_without_gain = value, 0
+            self.best_state = checkpoint.trainable_state(self.model, self.optimizer)
         else:
             self.evals_without_gain += 1
         patience = self.args.early_stopping_patience
