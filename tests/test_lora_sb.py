@@ -176,3 +176,27 @@ def test_errors():
         lorakit.initialize(other, "lora-sb", BATCHES, loss_fn=mse_loss, eta=1.0, progress=False)
     with pytest.raises(ConfigError, match="r=65"):
         lorakit.inject(mlp(), sb(r=65))
+
+
+def test_a_run_starts_from_the_data_init(tmp_path, monkeypatch):
+    """`lorakit train` with variant lora_sb runs the lora-sb init before training, with η = the run's first
+    warm-up learning rate (lr / warm-up steps)."""
+    from lorakit.train import RunConfig
+    from lorakit.train import run as run_module
+    from test_cli import write_sentiment
+
+    seen = {}
+    real = run_module.initialize
+
+    def spy(model, method, **kw):
+        seen.update(method=method, **kw)
+        return real(model, method, **kw)
+    monkeypatch.setattr(run_module, "initialize", spy)
+    data = write_sentiment(tmp_path / "data.jsonl", n=40)
+    config = RunConfig.from_flat({"model": "tiny-llama", "data": data, "variant": "lora_sb", "r": 2,
+                                  "learning_rate": 1e-3, "warmup_steps": 2, "init_batches": 1, "max_steps": 4,
+                                  "per_device_train_batch_size": 4, "disable_tqdm": True,
+                                  "output_dir": str(tmp_path / "run")})
+    run_module.train(config)
+    assert seen["method"] == "lora-sb" and seen["lr"] == 1e-3 and seen["total_steps"] == 4
+    assert seen["warmup_ratio"] * 4 == pytest.approx(2)

@@ -193,7 +193,7 @@ def test_a_run_initializes_from_training_batches_when_the_variant_needs_data(tmp
     from test_cli import write_sentiment
 
     calls = []
-    monkeypatch.setattr(ToyShared, "data_init", classmethod(lambda cls, config: "test_toy_grad_norm"))
+    monkeypatch.setattr(ToyShared, "data_init", classmethod(lambda cls, config, schedule: ("test_toy_grad_norm", {})))
     real = lorakit.init._METHODS["test_toy_grad_norm"]
     monkeypatch.setitem(lorakit.init._METHODS, "test_toy_grad_norm",
                         lambda run, **kw: calls.append(len(list(run.dataloader))) or real(run, **kw))

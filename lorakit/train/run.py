@@ -75,12 +75,15 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
         save_base(base, tokenizer, base_dir)
     del base
     task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels)
-    method = get_variant(adapter.variant).data_init(adapter)
-    if method:
-        initialize(model, method, dataloader=init_batches(config, task, splits.train), loss_fn=task.loss,
-                   progress=not args.disable_tqdm)
     trainer = Trainer(model, task, args, splits.train, splits.validation,
                       optimizer=optimizer(model) if callable(optimizer) else optimizer, hooks=hooks)
+    schedule = {"learning_rate": args.learning_rate, "total_steps": trainer.total_steps,
+                "warmup_steps": trainer.warmup_steps}
+    data_init = get_variant(adapter.variant).data_init(adapter, schedule)
+    if data_init:  # also on resume: frozen tensors it sets (bases, masks) are not in checkpoints; it is deterministic
+        method, options = data_init
+        initialize(model, method, dataloader=init_batches(config, task, splits.train), loss_fn=task.loss,
+                   progress=not args.disable_tqdm, **options)
     main = trainer.procs.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,10 @@ class Trainer:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch))
 
+    @property
+    def warmup_steps(self) -> int:
+        return self.args.warmup_steps or math.ceil(self.args.warmup_ratio * self.total_steps)
+
     def epoch_order(self, epoch: int) -> list[int]:
         """A seeded permutation of the training examples; with `group_by_length`, each run of 50 micro-batches
         is sorted by length (longest first), as transformers' length-grouped sampler, so batches pad less."""
@@ -148,7 +152,7 @@ class Trainer:
             if procs.is_main:
                 self._write_metrics([])
         total = self.total_steps
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
+        warmup = self.warmup_steps
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=args.disable_tqdm or not procs.is_main)
         self.wrapped.train()

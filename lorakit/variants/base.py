@@ -85,8 +85,9 @@ class Variant(nn.Module):
         return None
 
     @classmethod
-    def data_init(cls, config) -> Optional[str]:
-        """The `lorakit.initialize` method this config needs before training (e.g. "lora-sb"), or None."""
+    def data_init(cls, config, schedule: dict) -> Optional[tuple[str, dict]]:
+        """(method, options) of the `lorakit.initialize` pass this config needs before training (e.g. LoRA-SB's),
+        or None. `schedule`: the run's `learning_rate`, `total_steps` and `warmup_steps`."""
         return None
 
     @classmethod
@@ -98,6 +99,12 @@ class Variant(nn.Module):
     def config_from_peft(cls, data: dict) -> dict:
         """`AdapterConfig` keys from a config file of this variant's `peft_type` (inverse of `peft_config`)."""
         return data
+
+    @classmethod
+    def canonical_file_tensors(cls, config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A file's tensors (keys as `adapter_parameters` gives them) in this variant's own keys; default unchanged.
+        E.g. RandLoRA drops the per-layer copies of its shared bases that PEFT writes, after checking them."""
+        return tensors
 
     # ---- per layer -----------------------------------------------------------------------------
     @property

@@ -38,6 +38,13 @@ class LoRASB(CoreVariant):
         super().__init__(kind, r, 1.0, dropout, config, **context)
         self.check_svd_rank("LoRA-SB")
 
+    @classmethod
+    def data_init(cls, config, schedule):
+        """Runs (`lorakit train`) start with the data init, η = the run's first warm-up learning rate."""
+        warmup_ratio = schedule["warmup_steps"] / schedule["total_steps"]
+        return "lora-sb", {"lr": schedule["learning_rate"], "total_steps": schedule["total_steps"],
+                           "warmup_ratio": warmup_ratio}
+
     @torch.no_grad()
     def initialize(self, how):
         u, _, vh = top_svd(self.kind.weight(), self.r)

@@ -198,6 +198,11 @@ class SHiRA(Variant):
 
     # ---- PEFT's SHIRA config format ------------------------------------------------------------
     @classmethod
+    def data_init(cls, config, schedule):
+        """Runs (`lorakit train`) compute gradient / SNIP masks on their first training batches."""
+        return ("shira", {}) if config.options["mask_type"] in DATA_MASKS else None
+
+    @classmethod
     def peft_config(cls, config):
         """PEFT's ShiraConfig dump. Settings PEFT's SHiRA lacks (dropout, layer selection, rank_pattern, option
         density) are written, only when set, under their lorakit names; PEFT ignores them with a warning."""
