@@ -29,6 +29,11 @@ class AdaptedLayer(nn.Module):
         self.routing = None
         self._stacks = stacked.Stacks()  # stacked factors for batched inference over many adapters
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (models that read `module.weight`, e.g. its dtype, keep working)."""
+        return self.base_layer.weight
+
     def remove(self, name: str) -> None:
         """Drop adapter `name` (and any stacked copies of its factors)."""
         del self.adapters[name]
@@ -39,9 +44,11 @@ class AdaptedLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
-        if self.routing is not None:
+        if self.routing is not None and self.routing.per_row:
             return self._routed(x, out)
         variants = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
+        for v in variants:
+            _bind(v, self.routing)
         if not variants:
             return out
         if self.merged and any(v.reads_base_weight for v in variants):
@@ -64,6 +71,8 @@ class AdaptedLayer(nn.Module):
             raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
         plan = self.routing.plan(x.shape[0], x.device)
         segments = [(self.adapters[n], a, b) for n, a, b in plan.segments if n in self.adapters]
+        for v, a, b in segments:
+            _bind(v, self.routing, plan, a, b, x.shape[0])
         if not segments:
             return out
         xs = plan.gather(x)
@@ -144,6 +153,13 @@ class AdaptedLayer(nn.Module):
     def _write_weight(self, matrix: torch.Tensor) -> None:
         w = self.base_layer.weight
         w.copy_(self.kind.to_layout(matrix).to(w.dtype))
+
+
+def _bind(variant, routing, plan=None, start: int = 0, stop: int = 0, total_rows: int = 0) -> None:
+    """Tell a variant that reads per-token routing (`reads_routing`, e.g. MM-LoRA's modality masks) the routing
+    and which rows of the layer input its next call covers: `plan.order[start:stop]` of `total_rows`, or all."""
+    if getattr(variant, "reads_routing", False):
+        variant.bind_routing(routing, None if plan is None else plan.order[start:stop], total_rows or None)
 
 
 def _cast(x: torch.Tensor, variant) -> torch.Tensor:

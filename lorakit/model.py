@@ -210,6 +210,7 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool
     if name in _book(model).configs:
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     cls = get_variant(config.variant)
+    config = copy.deepcopy(config)  # the adapter's own copy: build_shared may record derived options (a checksum)
     if config.target_modules is None or config.target_modules == "all-linear":
         config = dataclasses.replace(config, target_modules=_stored_targets(model, config))
     heads = [h for h in TASK_HEADS.get(config.task_type, ()) if h not in (config.modules_to_save or [])]
@@ -256,19 +257,19 @@ def attach(model: nn.Module, prepared: PreparedAdapter, trainable: bool = True) 
     for path, variant in prepared.variants.items():
         layer = modules[path]
         if not isinstance(layer, AdaptedLayer):
-            layer = AdaptedLayer(layer)
+            layer = AdaptedLayer(layer).train(layer.training)  # new modules follow the model's mode (dropout)
             _replace(model, path, layer)
-        layer.adapters[name] = variant
+        layer.adapters[name] = variant.train(layer.training)
     for path, copy_ in prepared.copies.items():
         wrapper = modules[path]
         if not isinstance(wrapper, TrainedCopy):
-            wrapper = TrainedCopy(wrapper)
+            wrapper = TrainedCopy(wrapper).train(wrapper.training)
             _replace(model, path, wrapper)
         wrapper.copies[name] = copy_
     if prepared.shared is not None:
         if not hasattr(model, SHARED_ATTR):
             setattr(model, SHARED_ATTR, nn.ModuleDict())
-        getattr(model, SHARED_ATTR)[name] = prepared.shared
+        getattr(model, SHARED_ATTR)[name] = prepared.shared.train(model.training)
     book = _book(model)
     book.configs[name] = prepared.config
     set_active(model, book.active or [name])

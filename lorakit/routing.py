@@ -9,6 +9,13 @@ model forward builds it at most once, and it stays valid for a backward that rec
 Rows are the first axis of each layer's input. An input with k·N rows for N names (beam search,
 `num_return_sequences`, or a model that flattens (batch, tokens) into one token axis) maps row i
 to name i // k, i.e. the names are repeat-interleaved over the flattened token axis.
+
+`with lorakit.route(model, token_masks={"image": mask}):` adds per-token weights (e.g. MM-LoRA's modality
+mask), alone or together with per-row names. A mask is defined on the flattened token axis of the batch
+(`batch × seq`, any shape with that many elements) and maps onto every layer input shaped (rows, ..., features)
+with that many tokens. Variants that read it declare `reads_routing = True`; the adapted layer calls their
+`bind_routing(routing, rows, total_rows)` before each call (`rows`: which rows of the layer input the call
+covers, None for all of them in order) and they ask `routing.token_weights(key, x, rows, total_rows)`.
 """
 from __future__ import annotations
 
@@ -51,18 +58,50 @@ class Plan:
 
 
 class Routing:
-    """Per-row adapter names for one batch; plans are computed once per (rows, device)."""
+    """Per-row adapter names for one batch (plans computed once per (rows, device)) and/or named per-token
+    weights. `adapter_names=None`: no per-row routing (the active adapters run on every row)."""
 
-    def __init__(self, adapter_names: list[str], ranks: dict[str, int] | None = None):
-        self.names = list(adapter_names)
-        self.distinct = list(dict.fromkeys(n for n in self.names if n != BASE))
+    def __init__(self, adapter_names: list[str] | None, ranks: dict[str, int] | None = None,
+                 token_masks: dict[str, torch.Tensor] | None = None):
+        self.names = None if adapter_names is None else list(adapter_names)
+        self.distinct = list(dict.fromkeys(n for n in self.names or () if n != BASE))
         self.ranks = ranks or {}  # when rows must be gathered anyway, same-rank adapters go side by side
+        self.token_masks = {k: _check_mask(k, m) for k, m in (token_masks or {}).items()}
         self._plans: dict[tuple[int, torch.device], Plan] = {}
+        self._weights: dict[tuple, torch.Tensor] = {}  # flattened masks per (key, device, dtype)
+
+    @property
+    def per_row(self) -> bool:
+        return self.names is not None
+
+    def token_weights(self, key: str, x: torch.Tensor, rows: torch.Tensor | None = None,
+                      total_rows: int | None = None) -> torch.Tensor:
+        """Mask `key` for a layer input `x` (rows, ..., features), shaped x.shape[:-1] + (1,) in x's dtype.
+
+        `rows` are the rows of the whole layer input (`total_rows` of them) that `x` holds, None for all."""
+        if key not in self.token_masks:
+            raise RoutingError(f"this routing has no token mask {key!r} (it has {sorted(self.token_masks)}); "
+                               f"pass lorakit.route(model, token_masks={{{key!r}: mask}})")
+        cache = (key, x.device, x.dtype)
+        flat = self._weights.get(cache)
+        if flat is None:
+            flat = self._weights[cache] = self.token_masks[key].reshape(-1).to(x.device, x.dtype)
+        total_rows = x.shape[0] if rows is None else total_rows
+        tokens = total_rows * x.shape[1:-1].numel()
+        if flat.numel() != tokens:
+            raise RoutingError(f"token mask {key!r} has {flat.numel()} tokens but a layer input of shape "
+                               f"{tuple(x.shape)} (of {total_rows} rows) has {tokens}; masks are defined on "
+                               f"the flattened token axis (batch × seq)")
+        per_row = flat.view(total_rows, -1)
+        if rows is not None:
+            per_row = per_row.index_select(0, rows.to(x.device))
+        return per_row.view(*x.shape[:-1], 1)
 
     def release(self) -> None:
         """Drop the tensors plans keep for sharing gathers (the plans themselves stay valid)."""
         for plan in self._plans.values():
             plan.release()
+        self._weights.clear()
 
     def plan(self, rows: int, device: torch.device) -> Plan:
         key = (rows, device)
@@ -71,6 +110,8 @@ class Routing:
         return self._plans[key]
 
     def _build_plan(self, rows: int, device: torch.device) -> Plan:
+        if self.names is None:
+            raise RoutingError("this routing has no per-row adapter names")
         n = len(self.names)
         if n == 0 or rows % n:
             raise RoutingError(f"routing has {n} adapter names but a layer got {rows} rows; "
@@ -92,6 +133,18 @@ class Routing:
         return Plan(torch.tensor(order, dtype=torch.long, device=device), segments, identity)
 
 
+def _check_mask(key: str, mask) -> torch.Tensor:
+    if not isinstance(key, str) or not isinstance(mask, torch.Tensor):
+        raise RoutingError(f"token_masks maps names to tensors, got {key!r}: {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point():
+            raise RoutingError(f"token mask {key!r} must be bool or floating point (weights in [0, 1]), "
+                               f"got {mask.dtype}")
+        if mask.numel() and not bool(((mask >= 0) & (mask <= 1)).all()):
+            raise RoutingError(f"token mask {key!r} has weights outside [0, 1]")
+    return mask
+
+
 def routed_modules(model: nn.Module) -> list[nn.Module]:
     from .layers import AdaptedLayer, TrainedCopy
 
@@ -99,22 +152,30 @@ def routed_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, adapter_names: list[str]):
-    """Run each row of the batch with its own adapter ("__base__" = none) inside this context.
+def route(model: nn.Module, adapter_names: list[str] | None = None, *,
+          token_masks: dict[str, torch.Tensor] | None = None):
+    """Run each row of the batch with its own adapter ("__base__" = none) inside this context, and/or give
+    adapters that read them per-token masks (`token_masks`, e.g. {"image": mask} for MM-LoRA; each mask has
+    one bool or [0, 1] weight per token of the flattened batch × seq axis).
 
     Works for forward, `generate()` and backward (training on a mixed batch sends each adapter the
-    gradient of its own rows only). Refused while any layer is merged.
+    gradient of its own rows only). Per-row routing is refused while any layer is merged.
     """
+    from .layers import AdaptedLayer
     from .model import adapter_names as known_names, get_config
 
+    if adapter_names is None and token_masks is None:
+        raise RoutingError("route() needs adapter_names (one per row) and/or token_masks")
     known = set(known_names(model))
-    unknown = sorted({n for n in adapter_names if n != BASE} - known)
+    unknown = sorted({n for n in adapter_names or () if n != BASE} - known)
     if unknown:
         raise RoutingError(f"unknown adapter name(s) {unknown}; this model has {sorted(known)} and {BASE!r}")
     modules = routed_modules(model)
-    if any(getattr(m, "merged", None) for m in modules):
+    if adapter_names is not None and any(getattr(m, "merged", None) for m in modules):
         raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
-    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known})
+    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks)
+    if adapter_names is None:  # per-token weights only: module copies keep their normal forward
+        modules = [m for m in modules if isinstance(m, AdaptedLayer)]
     previous = [m.routing for m in modules]
     for m in modules:
         m.routing = routing
@@ -123,4 +184,7 @@ def route(model: nn.Module, adapter_names: list[str]):
     finally:
         for m, prev in zip(modules, previous):
             m.routing = prev
+            for v in getattr(m, "adapters", {}).values():
+                if getattr(v, "reads_routing", False):
+                    v.bind_routing(None)
         routing.release()

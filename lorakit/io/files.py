@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from ..config import AdapterConfig
 from ..errors import CorruptFileError, PickleRefusedError, StateDictError
 from ..model import SHARED_KEY, adapter_parameters, attach, get_config, prepare
+from ..variants import get_variant
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,6 +87,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
     if any(prefixed) and not all(prefixed):
         raise StateDictError(f"{weights_path}: keys mix {PREFIX!r}-prefixed and unprefixed names")
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
+    tensors = get_variant(config.variant).canonical_file_tensors(config, tensors)
     for key, t in tensors.items():
         if not (t.is_floating_point() or _is_index(t)):
             raise StateDictError(f"{weights_path}: tensor {key!r} has dtype {t.dtype}, expected floating point "
