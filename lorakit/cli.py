@@ -158,6 +158,7 @@ def run_compare(args) -> None:
         if not all(isinstance(v, dict) for v in per_variant.values()):
             raise ConfigError(f"{args.variant_settings} must map each sweep entry to a mapping of settings")
     variants = args.variants.split(",") if args.variants else list(per_variant) or ["lora", "rslora", "dora"]
+    per_variant = {k: v for k, v in per_variant.items() if k in variants}  # --variants picks entries of the file
     compare(settings(args), variants=variants, learning_rates=learning_rates, seeds=seeds, per_variant=per_variant)
 
 

@@ -235,3 +235,17 @@ def test_yaml_numbers_in_exponent_form(tmp_path):
     config = RunConfig.from_flat(read_yaml(tmp_path / "run.yaml"))
     assert config.training.learning_rate == 1e-3 and config.training.adam_epsilon == 1e-8
     assert config.training.warmup_ratio == 0.1 and config.adapter.r == 8
+
+
+def test_inspect_any_variant_lists_each_layers_tensors(tmp_path, capsys):
+    """Files of other variants: tensors grouped by layer (by the targets), model-wide state listed apart."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, variant="vblora", target_modules=["0", "2"],
+                                                options={"vector_length": 8, "num_vectors": 4}))
+    lorakit.save_adapter(model, tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "variant=vblora" in out and "vector_length" in out
+    assert "0: 64 stored values — vblora_logits_A (4, 2, 4), vblora_logits_B (2, 4, 4)" in out
+    assert "base_model.vblora_vector_bank" in out and "2 adapted layers" in out
