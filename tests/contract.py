@@ -6,13 +6,21 @@ A method's test file builds its configs and calls these:
 - `check_save_load_save`: save → load into a fresh model → equal outputs → save again → identical files;
 - `check_mixed_batch`: rows routed to two adapters equal each row run alone (no-grad and autograd paths);
 - `planted_task`: a frozen random 64→64→64 MLP learns a teacher with a planted ΔW on its first layer.
+
+Smaller shared helpers: `injected` (inject + perturb), `check_export_loads_in_peft` (export_lora → PEFT), the PEFT
+file helpers (`perturb_peft`, `peft_trained`, `config_meaning`, `check_peft_files_both_ways`) and those of the
+residual-init variants PiSSA and OLoRA (`adapted_layers`, `rel_err`, `residual_init_error`, `copy_lora_into_peft`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
+import pytest
 import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 import lorakit
@@ -42,6 +50,18 @@ def perturb(model, name="default", scale=0.3, seed=0):
     for t in trainable_tensors(model, name).values():
         rms = t.float().pow(2).mean().sqrt().item() or 1.0
         t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * scale * rms)
+
+
+def injected(config, name="default", seed=0, model=None, seed_torch=True):
+    """`model` (a fresh `mlp()` by default) with adapter `config` injected as `name`, then `perturb`ed with `seed`.
+    `seed_torch`: seed torch's global RNG with `seed` before injecting (random inits then do not depend on what ran
+    before)."""
+    model = mlp() if model is None else model
+    if seed_torch:
+        torch.manual_seed(seed)
+    lorakit.inject(model, config, name)
+    perturb(model, name, seed=seed)
+    return model
 
 
 def base_weights(model):
@@ -182,3 +202,110 @@ def mse_loss(model, batch):
     """`loss_fn` for `lorakit.initialize` on the planted task's (x, y) batches."""
     x, y = batch
     return torch.nn.functional.mse_loss(model(x), y)
+
+
+# ---- export and PEFT's files ------------------------------------------------------------------------------
+def check_export_loads_in_peft(model, fresh_base, inputs, folder, r=None):
+    """`export_lora` leaves the adapter as it was and writes a plain PEFT LoRA (of rank `r` when given) that PEFT
+    loads on `fresh_base` (a new copy of the original base model) with the adapter's outputs. Returns PEFT's model."""
+    expected = run(model, inputs)
+    lorakit.export_lora(model, folder)
+    data = json.loads((folder / "adapter_config.json").read_text())
+    assert data["peft_type"] == "LORA"
+    if r is not None:
+        assert data["r"] == r
+    assert torch.equal(run(model, inputs), expected)
+    loaded = PeftModel.from_pretrained(fresh_base, str(folder)).eval()
+    assert close(run(loaded, inputs), expected)
+    return loaded
+
+
+@torch.no_grad()
+def perturb_peft(peft_model, seed=0, scale=0.3, floor=0.0, relative=True):
+    """Add N(0, 1)·`scale` noise to every trainable tensor of a PEFT model (as training would), times (RMS of the
+    tensor + `floor`) when `relative`; the noise is drawn from a generator seeded with `seed`. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            noise = torch.randn(p.shape, generator=g) * scale
+            p.add_(noise * (p.pow(2).mean().sqrt() + floor) if relative else noise)
+    return peft_model
+
+
+def peft_trained(model, config, seed=0):
+    """`get_peft_model(model, config)` with torch seeded by `seed`, perturbed (`perturb_peft`, seed + 1), in eval
+    mode."""
+    torch.manual_seed(seed)
+    return perturb_peft(get_peft_model(model, config), seed + 1).eval()
+
+
+def config_meaning(folder, *provenance):
+    """`folder`'s adapter_config.json without what only tells who wrote it: `auto_mapping` (PEFT writes the model's
+    class, lorakit null) and the `provenance` keys; target_modules sorted (PEFT writes a set, in any order)."""
+    data = json.loads((folder / "adapter_config.json").read_text())
+    for key in ("auto_mapping", *provenance):
+        data.pop(key)
+    data["target_modules"] = sorted(data["target_modules"])
+    return data
+
+
+def check_peft_files_both_ways(peft_model, build, inputs, folder, extra_key=None):
+    """`peft_model` saved by PEFT loads into `build()` (a fresh base) with PEFT's outputs; saved again by lorakit,
+    the file has PEFT's tensors (names, dtypes, values) and PEFT's config, but for `extra_key` (a key lorakit may add
+    and PEFT ignores with a warning); PEFT loads it with the same outputs. Returns `extra_key`'s value (None when
+    lorakit did not write it)."""
+    peft_model.save_pretrained(folder / "peft")
+    ref = run(peft_model, inputs)
+    ours = lorakit.load_adapter(build(), folder / "peft")
+    assert close(run(ours, inputs), ref)
+    lorakit.save_adapter(ours, folder / "ours")
+    mine = config_meaning(folder / "ours")
+    extra = mine.pop(extra_key, None) if extra_key else None
+    assert mine == config_meaning(folder / "peft")
+    theirs, ours_t = (load_file(folder / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert {k: t.dtype for k, t in ours_t.items()} == {k: t.dtype for k, t in theirs.items()}
+    assert all(torch.equal(ours_t[k], theirs[k]) for k in theirs)
+    with pytest.warns(UserWarning, match=extra_key) if extra is not None else contextlib.nullcontext():
+        again = PeftModel.from_pretrained(build(), str(folder / "ours")).eval()
+    assert close(run(again, inputs), ref)
+    return extra
+
+
+# ---- residual-init variants (PiSSA, OLoRA): A, B start at the principal part B₀A₀, the base keeps W ---------
+def adapted_layers(model, name="default"):
+    """path → AdaptedLayer, for the layers that hold adapter `name`."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, AdaptedLayer) and name in m.adapters}
+
+
+def rel_err(ours, ref):
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def residual_init_error(ours, ref, name="default"):
+    """Largest relative error of A, B and the residual W − s·B₀A₀ against PEFT's lora_A, lora_B and modified base
+    (PEFT's base weight read as (out, in) on transposed layers), over at least one layer; A = A₀ and B = B₀."""
+    peft_layers = dict(ref.named_modules())
+    worst, count = 0.0, 0
+    for path, layer in adapted_layers(ours, name).items():
+        v, p = layer.adapters[name], peft_layers["base_model.model." + path]
+        assert torch.equal(v.lora_A, v.lora_A0) and torch.equal(v.lora_B, v.lora_B0)
+        residual = layer.kind.weight() - v.scale * v.lora_B0 @ v.lora_A0
+        ref_w = p.base_layer.weight.T if layer.kind.transposed else p.base_layer.weight
+        worst = max(worst, rel_err(v.lora_A, p.lora_A[name].weight), rel_err(v.lora_B, p.lora_B[name].weight),
+                    rel_err(residual, ref_w))
+        count += 1
+    assert count > 0
+    return worst
+
+
+@torch.no_grad()
+def copy_lora_into_peft(ours, ref, name="default"):
+    """Write each adapted layer's trainable lora_A, lora_B into PEFT model `ref`'s layer of the same path; returns
+    the (ours, PEFT's) tensor pairs."""
+    peft_layers, pairs = dict(ref.named_modules()), []
+    for path, layer in adapted_layers(ours, name).items():
+        v, p = layer.adapters[name], peft_layers["base_model.model." + path]
+        p.lora_A[name].weight.copy_(v.lora_A)
+        p.lora_B[name].weight.copy_(v.lora_B)
+        pairs += [(v.lora_A, p.lora_A[name].weight), (v.lora_B, p.lora_B[name].weight)]
+    return pairs

@@ -5,7 +5,7 @@ import torch
 import lorakit
 from lorakit.errors import ConfigError
 
-from contract import check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb, planted_task, run
+from contract import check_merge_cycle, check_mixed_batch, check_save_load_save, close, injected, mlp, planted_task, run
 from models import convnet, inputs, vit
 
 X = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
@@ -14,14 +14,6 @@ X = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
 def block(r=4, targets=("fc1", "fc2"), **options):
     return lorakit.AdapterConfig(r=r, lora_alpha=2 * r, variant="block_lora", target_modules=list(targets),
                                  options=options)
-
-
-def injected(config, name="default", seed=0, model=None):
-    model = model if model is not None else mlp()
-    torch.manual_seed(seed)
-    lorakit.inject(model, config, name)
-    perturb(model, name, seed=seed)
-    return model
 
 
 def test_trainable_count_is_m_r_plus_r_n_over_k():

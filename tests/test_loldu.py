@@ -7,7 +7,8 @@ import json
 import contract
 import pytest
 import torch
-from contract import check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb, planted_task, run
+from contract import (check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp,
+                      perturb, planted_task, run)
 from models import convnet, inputs, llama, vit
 from safetensors.torch import load_file
 
@@ -96,13 +97,9 @@ def test_factors_are_rank_r_and_match_the_definition():
 
 
 def test_export_is_a_rank_r_lora_that_peft_loads(tmp_path):
-    from peft import PeftModel
-
     model, x = lorakit.inject(llama(), config(target_modules=["q_proj", "k_proj", "down_proj"])), inputs("llama")
     perturb(model)
-    lorakit.export_lora(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 8
-    assert close(run(PeftModel.from_pretrained(llama(), tmp_path).eval(), x), run(model, x))
+    check_export_loads_in_peft(model, llama(), x, tmp_path, r=8)
 
 
 def test_merge_cycle_save_load_and_mixed_batch(tmp_path):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import lorakit
 from lorakit.errors import ConfigError, MergeError, RoutingError, TargetError
 
-from contract import check_save_load_save, close, mlp, perturb, planted_task, run
+from contract import check_save_load_save, close, injected, mlp, perturb, planted_task, run
 from models import convnet, llama
 
 G = torch.Generator().manual_seed(0)
@@ -19,14 +19,6 @@ MASK[2] = True  # an all-image row
 def mm(r=4, targets=("fc1", "fc2"), alpha=8, **options):
     return lorakit.AdapterConfig(r=r, lora_alpha=alpha, variant="mm_lora", target_modules=list(targets),
                                  options=options)
-
-
-def injected(config, name="default", seed=0, model=None):
-    model = model if model is not None else mlp()
-    torch.manual_seed(seed)
-    lorakit.inject(model, config, name)
-    perturb(model, name, seed=seed)
-    return model
 
 
 def routed(model, x, mask, grad=False):

@@ -7,27 +7,20 @@ import json
 
 import pytest
 import torch
-from contract import check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb, planted_task, run
+from contract import (adapted_layers, check_export_loads_in_peft, check_merge_cycle, check_mixed_batch,
+                      check_save_load_save, close, copy_lora_into_peft, mlp, perturb, planted_task,
+                      residual_init_error, run)
 from models import convnet, gpt2, inputs, llama
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 import lorakit
 from lorakit.errors import ConfigError, TargetError
-from lorakit.layers import AdaptedLayer
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def config(**kw):
     return lorakit.AdapterConfig(**{"r": 4, "lora_alpha": 12, "variant": "olora", **kw})
-
-
-def layers(model, name="default"):
-    return {p: m for p, m in model.named_modules() if isinstance(m, AdaptedLayer) and name in m.adapters}
-
-
-def rel_err(ours, ref):
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.filterwarnings("ignore:Using Rank-Stabilized LoRA")
@@ -38,14 +31,7 @@ def test_init_equals_peft(extra):
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=LLAMA_TARGETS,
                                                          init_lora_weights="olora", **extra))
     ours = lorakit.inject(base, config(target_modules=LLAMA_TARGETS, **extra))
-    peft_layers, worst = dict(ref.named_modules()), 0.0
-    for path, layer in layers(ours).items():
-        v, p = layer.adapters["default"], peft_layers["base_model.model." + path]
-        assert torch.equal(v.lora_A, v.lora_A0) and torch.equal(v.lora_B, v.lora_B0)
-        residual = layer.kind.weight() - v.scale * v.lora_B0 @ v.lora_A0
-        worst = max(worst, rel_err(v.lora_A, p.lora_A["default"].weight),
-                    rel_err(v.lora_B, p.lora_B["default"].weight), rel_err(residual, p.base_layer.weight))
-    assert worst <= 1e-5
+    assert residual_init_error(ours, ref) <= 1e-5  # llama: no transposed layers (PEFT's OLoRA skips the transpose)
     for n, p in lorakit.unload(ours).named_parameters():  # the base layer was never modified
         assert torch.equal(p, w_before[n]), n
 
@@ -57,7 +43,7 @@ def test_qr_structure_and_conv1d_layers():
     base_out = run(model, x)
     lorakit.inject(model, config(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
     assert close(run(model, x), base_out)
-    for layer in layers(model).values():
+    for layer in adapted_layers(model).values():
         v, w = layer.adapters["default"], layer.base_layer.weight.T  # (out, in)
         assert close(v.lora_B0.T @ v.lora_B0, torch.eye(4))
         assert torch.equal(v.lora_A0, v.lora_A0.triu())
@@ -77,12 +63,12 @@ def test_trainable_count_and_init_keeps_output():
     base_out = run(model, x)
     lorakit.inject(model, config(target_modules=LLAMA_TARGETS, rank_pattern={"down_proj": 3}))
     expected = 0
-    for path, layer in layers(model).items():
+    for path, layer in adapted_layers(model).items():
         out_f, in_f = layer.base_layer.weight.shape
         expected += (3 if path.endswith("down_proj") else 4) * (in_f + out_f)  # r·(m + n) per layer
     assert lorakit.count_parameters(model)[0] == expected
     assert close(run(model, x), base_out)
-    for layer in layers(model).values():  # ΔW = s(BA − B₀A₀) = 0 at init (up to the rounding of one matmul)
+    for layer in adapted_layers(model).values():  # ΔW = s(BA − B₀A₀) = 0 at init (up to the rounding of one matmul)
         assert layer.adapters["default"].delta_weight().abs().max() <= 1e-6 * layer.base_layer.weight.abs().max()
 
 
@@ -94,17 +80,9 @@ def test_trained_adapter_equals_peft_and_export_loads_in_peft(tmp_path):
     expected = run(ours, x)
     ref = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=12, target_modules=LLAMA_TARGETS,
                                              init_lora_weights="olora"))
-    peft_layers = dict(ref.named_modules())
-    with torch.no_grad():
-        for path, layer in layers(ours).items():
-            p = peft_layers["base_model.model." + path]
-            p.lora_A["default"].weight.copy_(layer.adapters["default"].lora_A)
-            p.lora_B["default"].weight.copy_(layer.adapters["default"].lora_B)
+    copy_lora_into_peft(ours, ref)
     assert close(run(ref.eval(), x), expected)
-    lorakit.export_lora(ours, tmp_path / "export")
-    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["r"] == 8
-    loaded = PeftModel.from_pretrained(llama(), tmp_path / "export").eval()
-    assert close(run(loaded, x), expected)
+    check_export_loads_in_peft(ours, llama(), x, tmp_path / "export", r=8)
 
 
 def test_merge_cycle_save_load_and_mixed_batch(tmp_path):

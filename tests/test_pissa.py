@@ -7,43 +7,20 @@ import json
 
 import pytest
 import torch
-from contract import check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb, planted_task, run
+from contract import (adapted_layers, check_export_loads_in_peft, check_merge_cycle, check_mixed_batch,
+                      check_save_load_save, close, copy_lora_into_peft, mlp, perturb, planted_task,
+                      residual_init_error, run)
 from models import convnet, gpt2, inputs, llama, vit
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 import lorakit
 from lorakit.errors import ConfigError, TargetError, UnsupportedFeatureError
-from lorakit.layers import AdaptedLayer
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def config(**kw):
     return lorakit.AdapterConfig(**{"r": 4, "lora_alpha": 12, "variant": "pissa", **kw})
-
-
-def layers(model, name="default"):
-    return {p: m for p, m in model.named_modules() if isinstance(m, AdaptedLayer) and name in m.adapters}
-
-
-def rel_err(ours, ref):
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-def compare_with_peft(ours, ref, name="default"):
-    """Largest relative error of A, B and the residual W − s·B₀A₀ against PEFT's lora_A, lora_B and modified base."""
-    peft_layers = dict(ref.named_modules())
-    worst, count = 0.0, 0
-    for path, layer in layers(ours, name).items():
-        v, p = layer.adapters[name], peft_layers["base_model.model." + path]
-        assert torch.equal(v.lora_A, v.lora_A0) and torch.equal(v.lora_B, v.lora_B0)
-        residual = layer.kind.weight() - v.scale * v.lora_B0 @ v.lora_A0
-        ref_w = p.base_layer.weight.T if layer.kind.transposed else p.base_layer.weight
-        worst = max(worst, rel_err(v.lora_A, p.lora_A[name].weight), rel_err(v.lora_B, p.lora_B[name].weight),
-                    rel_err(residual, ref_w))
-        count += 1
-    assert count > 0
-    return worst
 
 
 @pytest.mark.filterwarnings("ignore:Using Rank-Stabilized LoRA")
@@ -58,7 +35,7 @@ def test_init_equals_peft(build, targets, extra):
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=targets,
                                                          init_lora_weights="pissa", **extra))
     ours = lorakit.inject(base, config(target_modules=targets, **extra))
-    assert compare_with_peft(ours, ref) <= 1e-5
+    assert residual_init_error(ours, ref) <= 1e-5
     for n, p in lorakit.unload(ours).named_parameters():  # the base layer was never modified
         assert torch.equal(p, w_before[n]), n
 
@@ -73,7 +50,7 @@ def test_bf16_base_keeps_output_exactly_and_rounds_to_peft():
     ours = lorakit.inject(base, config(target_modules=targets))
     assert torch.equal(run(ours, x), expected)
     peft_layers = dict(ref.named_modules())
-    for path, layer in layers(ours).items():
+    for path, layer in adapted_layers(ours).items():
         v, p = layer.adapters["default"], peft_layers["base_model.model." + path]
         assert v.lora_A.dtype == torch.float32
         assert torch.equal(v.lora_A.bfloat16().float(), p.lora_A["default"].weight.float())
@@ -102,11 +79,11 @@ def test_randomized_init_equals_peft_given_the_same_random_state(monkeypatch):
     monkeypatch.setattr(torch, "svd_lowrank", replaying)
     ours = lorakit.inject(base, config(target_modules=LLAMA_TARGETS, options={"niter": 2}))
     assert not states
-    assert compare_with_peft(ours, ref) <= 1e-5
+    assert residual_init_error(ours, ref) <= 1e-5
     # the randomized factors are not the exact SVD's: the option is really used
     exact = lorakit.inject(llama(), config(target_modules=LLAMA_TARGETS))
-    a = next(iter(layers(ours).values())).adapters["default"].lora_A
-    b = next(iter(layers(exact).values())).adapters["default"].lora_A
+    a = next(iter(adapted_layers(ours).values())).adapters["default"].lora_A
+    b = next(iter(adapted_layers(exact).values())).adapters["default"].lora_A
     assert not torch.equal(a, b)
 
 
@@ -129,12 +106,12 @@ def test_trainable_count_and_init_keeps_output():
     base_out = run(model, x)
     lorakit.inject(model, config(target_modules=LLAMA_TARGETS, rank_pattern={"v_proj": 2}))
     expected = 0
-    for path, layer in layers(model).items():
+    for path, layer in adapted_layers(model).items():
         out_f, in_f = layer.base_layer.weight.shape
         expected += (2 if path.endswith("v_proj") else 4) * (in_f + out_f)  # r·(m + n) per layer
     assert lorakit.count_parameters(model)[0] == expected
     assert close(run(model, x), base_out)
-    for layer in layers(model).values():  # ΔW = s(BA − B₀A₀) = 0 at init (up to the rounding of one matmul)
+    for layer in adapted_layers(model).values():  # ΔW = s(BA − B₀A₀) = 0 at init (up to the rounding of one matmul)
         v = layer.adapters["default"]
         assert torch.equal(v.lora_A, v.lora_A0) and torch.equal(v.lora_B, v.lora_B0)
         assert v.delta_weight().abs().max() <= 1e-6 * layer.base_layer.weight.abs().max()
@@ -164,18 +141,9 @@ def test_trained_adapter_equals_peft_and_export_loads_in_peft(tmp_path):
     expected = run(ours, x)
     ref = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=12, target_modules=LLAMA_TARGETS,
                                              init_lora_weights="pissa"))
-    peft_layers = dict(ref.named_modules())
-    with torch.no_grad():
-        for path, layer in layers(ours).items():
-            p = peft_layers["base_model.model." + path]
-            p.lora_A["default"].weight.copy_(layer.adapters["default"].lora_A)
-            p.lora_B["default"].weight.copy_(layer.adapters["default"].lora_B)
+    copy_lora_into_peft(ours, ref)
     assert close(run(ref.eval(), x), expected)
-    lorakit.export_lora(ours, tmp_path / "export")
-    exported = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
-    assert (exported["peft_type"], exported["r"]) == ("LORA", 8)
-    loaded = PeftModel.from_pretrained(llama(), tmp_path / "export").eval()
-    assert close(run(loaded, x), expected)
+    check_export_loads_in_peft(ours, llama(), x, tmp_path / "export", r=8)
 
 
 def test_dropout_only_on_the_trainable_path_as_peft():
@@ -186,13 +154,8 @@ def test_dropout_only_on_the_trainable_path_as_peft():
     perturb(ours)
     ref = get_peft_model(mlp(), LoraConfig(r=4, lora_alpha=12, target_modules=["fc1", "fc2"], lora_dropout=0.3,
                                            init_lora_weights="pissa"))
-    pairs = []
-    with torch.no_grad():
-        for name in ("fc1", "fc2"):
-            v, p = getattr(ours, name).adapters["default"], getattr(ref.base_model.model, name)
-            p.lora_A["default"].weight.copy_(v.lora_A)
-            p.lora_B["default"].weight.copy_(v.lora_B)
-            pairs += [(v.lora_A, p.lora_A["default"].weight), (v.lora_B, p.lora_B["default"].weight)]
+    pairs = copy_lora_into_peft(ours, ref)
+    assert len(pairs) == 4  # fc1 and fc2
     ours.train()
     ref.train()
     torch.manual_seed(11)

@@ -13,8 +13,8 @@ from lorakit.errors import ConfigError, StateDictError, TargetError, Unsupported
 from lorakit.variants import randlora
 from lorakit.variants.randlora import _ScaledBasis
 
-from contract import (check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb,
-                      planted_task, run)
+from contract import (check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save, close,
+                      config_meaning, injected, mlp, perturb, perturb_peft, planted_task, run)
 from models import convnet, gpt2, inputs
 
 X = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
@@ -36,34 +36,17 @@ def uneven():
     return Uneven().eval()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(r=5, alpha=12, targets=("down", "up"), **options):
     return lorakit.AdapterConfig(r=r, lora_alpha=alpha, variant="randlora", target_modules=list(targets),
                                  options=options)
 
 
 def adapted(cfg=None, name="default", seed=0, base=uneven):
-    model = base()
-    lorakit.inject(model, cfg or config(), name)
-    perturb(model, name, seed=seed)
-    return model
+    return injected(cfg or config(), name, seed, base(), seed_torch=False)
 
 
 def peft_perturbed(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3 * (p.pow(2).mean().sqrt() + 0.1))
-    return model
+    return perturb_peft(model, seed, floor=0.1)  # λ starts at 0: the floor moves it too
 
 
 def test_trainable_count_is_n_times_r_plus_min_dim_per_layer():
@@ -204,13 +187,9 @@ def test_lorakit_saved_adapter_loads_in_peft_and_config_equals_pefts(tmp_path, s
         with torch.no_grad():
             assert close(theirs(X), run(model, X))
         get_peft_model(uneven(), peft_config(save, randlora_dropout=0.05)).save_pretrained(tmp_path / "p")
-    ours_json = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    peft_json = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["auto_mapping"] is None  # PEFT: class
+    ours_json, peft_json = config_meaning(tmp_path / "ours"), config_meaning(tmp_path / "p")
     assert (ours_json.pop("lorakit_projection_checksum", None) is not None) == (not save)
-    assert ours_json.pop("auto_mapping") is None  # provenance: PEFT writes the model's class, lorakit null
-    peft_json.pop("auto_mapping")
-    for d in (ours_json, peft_json):
-        d["target_modules"] = sorted(d["target_modules"])  # PEFT writes a set
     assert ours_json == peft_json
     back = lorakit.AdapterConfig.from_dict(peft_json)
     assert back.variant == "randlora" and back.lora_alpha == 12 and back.lora_dropout == 0.05
@@ -226,12 +205,7 @@ def test_seeded_bases_fail_loudly_when_the_stream_changes(tmp_path, monkeypatch)
 
 
 def test_export_as_plain_lora_of_rank_n_times_r_loads_in_peft(tmp_path):
-    model = adapted()
-    lorakit.export_lora(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 25
-    theirs = PeftModel.from_pretrained(uneven(), str(tmp_path))
-    with torch.no_grad():
-        assert close(theirs(X), run(model, X))
+    check_export_loads_in_peft(adapted(), uneven(), X, tmp_path, r=25)
 
 
 def test_invalid_options_and_unsupported_settings_raise_typed_errors():

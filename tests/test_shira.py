@@ -12,20 +12,15 @@ import lorakit
 from lorakit.errors import ConfigError, MergeError, StateDictError, UnsupportedFeatureError
 from lorakit.variants.shira import struct_mask
 
-from contract import (check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, mse_loss, perturb,
-                      planted_task, run)
+import contract
+from contract import (check_merge_cycle, check_mixed_batch, check_save_load_save, close, config_meaning, mlp, mse_loss,
+                      perturb, planted_task, run)
 from models import convnet, inputs, vit
 
 X = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is faster, and 2 threads on a busy 2-core machine are 10-30× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # see conftest.py
 
 
 def shira(r=2, targets=("fc1", "fc2"), **options):
@@ -33,10 +28,7 @@ def shira(r=2, targets=("fc1", "fc2"), **options):
 
 
 def injected(config=None, name="default", seed=0, model=None):
-    model = mlp() if model is None else model
-    lorakit.inject(model, config or shira(), name)
-    perturb(model, name, seed=seed)
-    return model
+    return contract.injected(config or shira(), name, seed, model, seed_torch=False)
 
 
 def batches(n=3, seed=3):
@@ -210,14 +202,6 @@ def test_planted_task_and_full_rank_task_against_lora_at_equal_parameter_count()
 
 
 # ---- PEFT's format ----------------------------------------------------------------------------------
-def config_meaning(folder):
-    data = json.loads((folder / "adapter_config.json").read_text())
-    for key in ("auto_mapping", "base_model_name_or_path"):
-        data.pop(key)
-    data["target_modules"] = set(data["target_modules"])
-    return data
-
-
 @torch.no_grad()
 def peft_saved(folder, seed=5):
     pm = get_peft_model(mlp(), ShiraConfig(r=2, target_modules=["fc1", "fc2"], random_seed=seed))
@@ -237,7 +221,8 @@ def test_peft_saved_adapter_loads_with_equal_outputs_and_config(tmp_path):
     assert not close(ref, run(mlp(), X))
     assert close(run(model, X), ref)
     lorakit.save_adapter(model, tmp_path / "ours")
-    assert config_meaning(tmp_path / "ours") == config_meaning(tmp_path / "peft")
+    assert config_meaning(tmp_path / "ours", "base_model_name_or_path") == \
+        config_meaning(tmp_path / "peft", "base_model_name_or_path")
     theirs, ours = load_file(tmp_path / "peft" / "adapter_model.safetensors"), \
         load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert sorted(theirs) == sorted(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
@@ -256,7 +241,8 @@ def test_ours_loads_in_peft_with_equal_outputs(tmp_path, mask_type):
         assert close(run(model, X), pm(X))
     if mask_type == "random":  # the config PEFT itself writes for this adapter is ours
         pm.save_pretrained(tmp_path / "peft")
-        assert config_meaning(tmp_path / "peft") == config_meaning(tmp_path)
+        assert config_meaning(tmp_path / "peft", "base_model_name_or_path") == \
+            config_meaning(tmp_path, "base_model_name_or_path")
 
 
 # ---- errors -----------------------------------------------------------------------------------------

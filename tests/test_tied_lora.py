@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
 import lorakit
 from lorakit.errors import ConfigError
 
-from contract import (check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb, planted_task,
-                      run)
+import contract
+from contract import (check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp,
+                      planted_task, run)
 from models import convnet, inputs, vit
 
 X = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
@@ -20,13 +20,7 @@ CONFIGS = {"default": {}, "frozen_vectors": {"vectors": "frozen"}, "no_vectors":
            "frozen_pair": {"tied_trainable": False}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is faster, and 2 threads on a busy 2-core machine are 10-30× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # see conftest.py
 
 
 def tied(r=4, targets=("fc1", "fc2"), init=True, **options):
@@ -35,10 +29,7 @@ def tied(r=4, targets=("fc1", "fc2"), init=True, **options):
 
 
 def injected(config=None, name="default", seed=0, model=None):
-    model = mlp() if model is None else model
-    lorakit.inject(model, config or tied(), name)
-    perturb(model, name, seed=seed)
-    return model
+    return contract.injected(config or tied(), name, seed, model, seed_torch=False)
 
 
 # ---- parameter counts ---------------------------------------------------------------------------
@@ -141,11 +132,7 @@ def test_planted_task():
 
 
 def test_exported_plain_lora_loads_in_peft_with_equal_outputs(tmp_path):
-    model = injected(tied(init=False))
-    lorakit.export_lora(model, tmp_path)
-    pm = PeftModel.from_pretrained(mlp(), str(tmp_path)).eval()
-    with torch.no_grad():
-        assert close(pm(X), run(model, X))
+    check_export_loads_in_peft(injected(tied(init=False)), mlp(), X, tmp_path)
 
 
 # ---- errors ---------------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """Uni-LoRA: parameter count, the isometric projection, init, merge, files (with and without indices), mixed batches,
 planted task, PEFT parity, the index-stream checksum, invalid options, and conv/embedding layers."""
-import contextlib
 import json
 
 import pytest
 import torch
-from peft import PeftModel, UniLoraConfig, get_peft_model
+from peft import UniLoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import lorakit
@@ -13,8 +12,8 @@ from lorakit.errors import ConfigError, StateDictError, UnsupportedFeatureError
 from lorakit.layers import AdaptedLayer
 from lorakit.variants import unilora
 
-from contract import (MLP, check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb,
-                      planted_task, run)
+from contract import (MLP, check_merge_cycle, check_mixed_batch, check_peft_files_both_ways, check_save_load_save,
+                      close, config_meaning, injected, mlp, peft_trained, perturb, planted_task, run)
 from models import convnet, gpt2, inputs, vit
 
 X = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
@@ -23,14 +22,6 @@ X = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
 def uni(r=4, targets=("fc1", "fc2"), **options):
     return lorakit.AdapterConfig(r=r, variant="unilora", target_modules=list(targets),
                                  options={"theta_d_length": 300, **options})
-
-
-def adapted(config=None, seed=0, model=None):
-    model = mlp() if model is None else model
-    torch.manual_seed(seed)
-    lorakit.inject(model, config or uni())
-    perturb(model, seed=seed)
-    return model
 
 
 def layers(model, name="default"):
@@ -48,7 +39,7 @@ def test_only_theta_d_trains():
 def test_projection_is_balanced_and_isometric_and_regenerated_from_the_seed():
     """Each θ_d entry feeds ⌊D/d⌋ or ⌈D/d⌉ LoRA entries, Σ scale² over its entries is 1 (PᵀP = I); the same seed
     gives the same indices on a new model, another seed others."""
-    model = adapted(uni(theta_d_length=300))
+    model = injected(uni(theta_d_length=300))
     idx = torch.cat([t.flatten() for v in layers(model) for t in (v.unilora_indices_A, v.unilora_indices_B)])
     scales = torch.cat([t.flatten() for v in layers(model) for t in (v.unilora_scales_A, v.unilora_scales_B)])
     d, total = 300, 2 * 4 * (64 + 64)
@@ -56,7 +47,7 @@ def test_projection_is_balanced_and_isometric_and_regenerated_from_the_seed():
     counts = torch.bincount(idx, minlength=d)
     assert set(counts.tolist()) == {total // d, total // d + 1}
     assert torch.allclose(torch.zeros(d).index_add_(0, idx, scales ** 2), torch.ones(d))
-    same, other = adapted(uni(theta_d_length=300)), adapted(uni(theta_d_length=300, proj_seed=7))
+    same, other = injected(uni(theta_d_length=300)), injected(uni(theta_d_length=300, proj_seed=7))
     assert torch.equal(same.fc2.adapters["default"].unilora_indices_B, model.fc2.adapters["default"].unilora_indices_B)
     assert not torch.equal(other.fc1.adapters["default"].unilora_indices_A,
                            model.fc1.adapters["default"].unilora_indices_A)
@@ -78,12 +69,12 @@ def test_init_gives_a_tiny_nonzero_change():
 
 
 def test_merge_cycle():
-    check_merge_cycle(adapted(), X)
+    check_merge_cycle(injected(uni()), X)
 
 
 @pytest.mark.parametrize("save_indices", [False, True])
 def test_save_load_save(tmp_path, save_indices):
-    check_save_load_save(adapted(uni(save_indices=save_indices)), mlp(), X, tmp_path)
+    check_save_load_save(injected(uni(save_indices=save_indices)), mlp(), X, tmp_path)
     keys = set(load_file(tmp_path / "first" / "adapter_model.safetensors"))
     per_layer = {f"base_model.model.{m}.unilora_{what}_{p}" for m in ("fc1", "fc2") for what in ("indices", "scales")
                  for p in "AB"}
@@ -91,7 +82,7 @@ def test_save_load_save(tmp_path, save_indices):
 
 
 def test_mixed_batch():
-    model = adapted(uni(), seed=1)
+    model = injected(uni(), seed=1)
     torch.manual_seed(2)
     lorakit.inject(model, uni(r=2, theta_d_length=100, proj_seed=3), "b")
     perturb(model, "b", seed=2)
@@ -107,30 +98,6 @@ def test_planted_task():
 
 
 # ---- PEFT -----------------------------------------------------------------------------------------------
-def peft_trained(model, config, seed=0):
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.pow(2).mean().sqrt())
-    return peft_model.eval()
-
-
-def peft_out(peft_model, x):
-    with torch.no_grad():
-        out = peft_model(**x) if isinstance(x, dict) else peft_model(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def config_meaning(folder):
-    data = json.loads((folder / "adapter_config.json").read_text())
-    data.pop("auto_mapping")  # provenance: PEFT writes the model's class, lorakit null
-    data["target_modules"] = set(data["target_modules"])  # PEFT writes a set in any order
-    return data
-
-
 CASES = {"mlp": (mlp, X, ["fc2", "fc1"]), "gpt2": (gpt2, inputs("gpt2"), ["c_attn", "c_proj", "c_fc"])}
 
 
@@ -139,22 +106,8 @@ def test_peft_files_load_with_equal_outputs_both_ways(tmp_path, case, save_indic
     build, x, targets = CASES[case]
     peft_model = peft_trained(build(), UniLoraConfig(r=4, theta_d_length=200, proj_seed=5, target_modules=targets,
                                                      save_indices=save_indices, unilora_dropout=0.1))
-    peft_model.save_pretrained(tmp_path / "peft")
-    ref = peft_out(peft_model, x)
-
-    ours = lorakit.load_adapter(build(), tmp_path / "peft")
-    assert close(run(ours, x), ref)
-    lorakit.save_adapter(ours, tmp_path / "ours")
-    mine = config_meaning(tmp_path / "ours")
-    checksum = mine.pop(unilora.CHECKSUM_KEY, None)
-    assert (checksum is None) == save_indices and mine == config_meaning(tmp_path / "peft")
-    theirs, ours_t = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
-    assert {k: t.dtype for k, t in ours_t.items()} == {k: t.dtype for k, t in theirs.items()}
-    assert all(torch.equal(ours_t[k], theirs[k]) for k in theirs)
-
-    with pytest.warns(UserWarning, match=unilora.CHECKSUM_KEY) if not save_indices else contextlib.nullcontext():
-        again = PeftModel.from_pretrained(build(), str(tmp_path / "ours")).eval()
-    assert close(peft_out(again, x), ref)
+    checksum = check_peft_files_both_ways(peft_model, build, x, tmp_path, extra_key=unilora.CHECKSUM_KEY)
+    assert (checksum is None) == save_indices  # (and PEFT warned about the key)
 
 
 def test_on_a_bf16_base_the_scales_are_rounded_as_peft_s(tmp_path):
@@ -171,8 +124,8 @@ def test_on_a_bf16_base_the_scales_are_rounded_as_peft_s(tmp_path):
 
 
 def test_a_config_written_by_lorakit_equals_peft_s(tmp_path):
-    model = adapted(lorakit.AdapterConfig(r=2, variant="unilora", target_modules=["fc1"], lora_dropout=0.05,
-                                          options={"theta_d_length": 64, "proj_seed": 9, "init_theta_d_bound": 0.01}))
+    model = injected(lorakit.AdapterConfig(r=2, variant="unilora", target_modules=["fc1"], lora_dropout=0.05,
+                                           options={"theta_d_length": 64, "proj_seed": 9, "init_theta_d_bound": 0.01}))
     lorakit.save_adapter(model, tmp_path / "ours")
     peft_config = UniLoraConfig(r=2, target_modules=["fc1"], theta_d_length=64, proj_seed=9, init_theta_d_bound=0.01,
                                 unilora_dropout=0.05)
@@ -184,12 +137,12 @@ def test_a_config_written_by_lorakit_equals_peft_s(tmp_path):
 
 # ---- the index stream -----------------------------------------------------------------------------------
 def test_a_changed_index_stream_fails_loudly_unless_the_indices_were_saved(tmp_path, monkeypatch):
-    lorakit.save_adapter(adapted(), tmp_path / "seed_only")
-    with_indices = adapted(uni(save_indices=True))
+    lorakit.save_adapter(injected(uni()), tmp_path / "seed_only")
+    with_indices = injected(uni(save_indices=True))
     lorakit.save_adapter(with_indices, tmp_path / "indices")
     real = unilora.assign_indices  # numpy as if a release had changed the stream behind default_rng:
     monkeypatch.setattr(unilora, "assign_indices", lambda n, d, seed: real(n, d, seed + 1))
-    assert not torch.equal(adapted(uni(save_indices=True)).fc1.adapters["default"].unilora_indices_A,
+    assert not torch.equal(injected(uni(save_indices=True)).fc1.adapters["default"].unilora_indices_A,
                            with_indices.fc1.adapters["default"].unilora_indices_A)
     fresh = mlp()
     with pytest.raises(StateDictError, match="proj_seed=42 do not match the recorded index_checksum"):
@@ -201,7 +154,7 @@ def test_a_changed_index_stream_fails_loudly_unless_the_indices_were_saved(tmp_p
 
 def test_a_seed_only_file_for_other_layer_sizes_is_refused(tmp_path):
     """θ_d fits any model; the recorded checksum is what tells the layers apart."""
-    lorakit.save_adapter(adapted(), tmp_path)
+    lorakit.save_adapter(injected(uni()), tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())[unilora.CHECKSUM_KEY].startswith(
         "numpy.PCG64:sha256:")
     with pytest.raises(StateDictError, match="index_checksum"):
@@ -252,9 +205,9 @@ def test_conv_and_embedding_layers(tmp_path):
     """Embedding, Conv1d, Conv2d and Linear of one model share θ_d (PEFT's Uni-LoRA has only Linear/Conv1D)."""
     config = uni(r=2, targets=["emb", "conv", "conv2d", "head"], theta_d_length=200)
     ids = inputs("convnet")["input_ids"]
-    model = adapted(config, model=convnet())
+    model = injected(config, model=convnet())
     assert lorakit.count_parameters(model)[0] == 200
     total = sum(v.unilora_indices_A.numel() + v.unilora_indices_B.numel() for v in layers(model))
     assert total == 2 * (50 + 16) + 2 * (48 + 24) + 2 * (9 + 4) + 2 * (96 + 5)
     check_merge_cycle(model, ids)
-    check_save_load_save(adapted(config, model=convnet()), convnet(), ids, tmp_path)
+    check_save_load_save(injected(config, model=convnet()), convnet(), ids, tmp_path)

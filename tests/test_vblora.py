@@ -1,7 +1,5 @@
 """VB-LoRA: parameter count, init, merge, files, mixed batches, planted task, PEFT parity (full and top-k-only
 files), invalid options, a ViT and convolutions."""
-import json
-
 import pytest
 import torch
 from peft import PeftModel, VBLoRAConfig, get_peft_model
@@ -11,8 +9,8 @@ import lorakit
 from lorakit.errors import ConfigError, UnsupportedFeatureError
 from lorakit.variants.vblora import save_topk
 
-from contract import (check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb, planted_task,
-                      run)
+from contract import (check_merge_cycle, check_mixed_batch, check_peft_files_both_ways, check_save_load_save, close,
+                      config_meaning, injected, mlp, peft_trained, perturb, planted_task, run)
 from models import convnet, gpt2, inputs, vit
 
 X = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
@@ -22,14 +20,6 @@ VIT_TARGETS = ["q_proj", "v_proj", "fc1", "fc2", "projection"]  # projection: th
 
 def vb(r=4, targets=("fc1", "fc2"), **options):
     return lorakit.AdapterConfig(r=r, variant="vblora", target_modules=list(targets), options={**SMALL, **options})
-
-
-def adapted(config=None, seed=0, model=None):
-    model = mlp() if model is None else model
-    torch.manual_seed(seed)
-    lorakit.inject(model, config or vb())
-    perturb(model, seed=seed)
-    return model
 
 
 def test_trainable_count_is_bank_plus_logits():
@@ -62,7 +52,7 @@ def test_init_gives_a_tiny_nonzero_change_of_every_layer():
 
 def test_composition_is_the_softmax_mix_of_the_top_k_bank_vectors():
     """A[k, t·b:(t+1)·b] and B[t·b:(t+1)·b, k] written out for one piece each, against factors()."""
-    model = adapted(vb(topk=3))
+    model = injected(vb(topk=3))
     v = model.fc1.adapters["default"]
     bank = model.lorakit_shared["default"].vblora_vector_bank
     a, b, s = v.factors()
@@ -75,11 +65,11 @@ def test_composition_is_the_softmax_mix_of_the_top_k_bank_vectors():
 
 
 def test_merge_cycle():
-    check_merge_cycle(adapted(), X)
+    check_merge_cycle(injected(vb()), X)
 
 
 def test_save_load_save(tmp_path):
-    loaded = check_save_load_save(adapted(), mlp(), X, tmp_path)
+    loaded = check_save_load_save(injected(vb()), mlp(), X, tmp_path)
     keys = set(load_file(tmp_path / "first" / "adapter_model.safetensors"))
     assert keys == {"base_model.vblora_vector_bank"} | {f"base_model.model.{m}.vblora_logits_{p}"
                                                         for m in ("fc1", "fc2") for p in "AB"}
@@ -87,7 +77,7 @@ def test_save_load_save(tmp_path):
 
 
 def test_mixed_batch():
-    model = adapted(vb(), seed=1)
+    model = injected(vb(), seed=1)
     torch.manual_seed(2)
     lorakit.inject(model, vb(r=2, num_vectors=16, vector_length=32, topk=3), "b")
     perturb(model, "b", seed=2)
@@ -102,31 +92,6 @@ def test_planted_task():
 
 
 # ---- PEFT ---------------------------------------------------------------------------------------------
-def peft_trained(model, config, seed=0):
-    """A PEFT VB-LoRA model with every trainable tensor moved away from its init (as training would)."""
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.pow(2).mean().sqrt())
-    return peft_model.eval()
-
-
-def peft_out(peft_model, x):
-    with torch.no_grad():
-        out = peft_model(**x) if isinstance(x, dict) else peft_model(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def config_meaning(folder):
-    data = json.loads((folder / "adapter_config.json").read_text())
-    data.pop("auto_mapping")  # provenance: PEFT writes the model's class, lorakit null
-    data["target_modules"] = set(data["target_modules"])  # PEFT writes a set in any order
-    return data
-
-
 CASES = {"mlp": (mlp, X, ["fc1", "fc2"]), "gpt2": (gpt2, inputs("gpt2"), ["c_attn", "c_proj", "c_fc"])}
 
 
@@ -134,23 +99,12 @@ CASES = {"mlp": (mlp, X, ["fc1", "fc2"]), "gpt2": (gpt2, inputs("gpt2"), ["c_att
 def test_peft_files_load_with_equal_outputs_both_ways(tmp_path, case):
     build, x, targets = CASES[case]
     peft_model = peft_trained(build(), VBLoRAConfig(r=4, target_modules=targets, **SMALL, vblora_dropout=0.1))
-    peft_model.save_pretrained(tmp_path / "peft")
-    ref = peft_out(peft_model, x)
-
-    ours = lorakit.load_adapter(build(), tmp_path / "peft")
-    assert close(run(ours, x), ref)
-    lorakit.save_adapter(ours, tmp_path / "ours")
-    assert config_meaning(tmp_path / "ours") == config_meaning(tmp_path / "peft")
-    theirs, mine = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
-    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
-
-    again = PeftModel.from_pretrained(build(), str(tmp_path / "ours")).eval()
-    assert close(peft_out(again, x), ref)
+    check_peft_files_both_ways(peft_model, build, x, tmp_path)
 
 
 def test_a_config_written_by_lorakit_equals_peft_s(tmp_path):
-    model = adapted(lorakit.AdapterConfig(r=2, variant="vblora", target_modules=["fc1"], lora_dropout=0.05,
-                                          options={**SMALL, "topk": 3, "init_logits_std": 0.2}))
+    model = injected(lorakit.AdapterConfig(r=2, variant="vblora", target_modules=["fc1"], lora_dropout=0.05,
+                                           options={**SMALL, "topk": 3, "init_logits_std": 0.2}))
     lorakit.save_adapter(model, tmp_path / "ours")
     peft_model = get_peft_model(mlp(), VBLoRAConfig(r=2, target_modules=["fc1"], topk=3, init_logits_std=0.2,
                                                      vblora_dropout=0.05, **SMALL))
@@ -162,11 +116,11 @@ def test_top_k_only_files_load_and_are_written_as_peft_does(tmp_path):
     """PEFT's compact files (top-k indices + k−1 weights) load with PEFT's outputs; `save_topk` writes the same
     tensors; the compact form loses nothing but rounding (only the top-k logits ever mattered)."""
     peft_model = peft_trained(mlp(), VBLoRAConfig(r=4, target_modules=["fc1", "fc2"], **SMALL, topk=3))
-    full = peft_out(peft_model, X)
+    full = run(peft_model, X)
     peft_model.save_pretrained(tmp_path / "full")
     peft_model.peft_config["default"].save_only_topk_weights = True
     peft_model.save_pretrained(tmp_path / "topk")
-    ref = peft_out(PeftModel.from_pretrained(mlp(), str(tmp_path / "topk")), X)
+    ref = run(PeftModel.from_pretrained(mlp(), str(tmp_path / "topk")), X)
 
     compact = lorakit.load_adapter(mlp(), tmp_path / "topk")
     assert close(run(compact, X), ref) and close(run(compact, X), full)
@@ -180,7 +134,7 @@ def test_top_k_only_files_load_and_are_written_as_peft_does(tmp_path):
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     assert theirs["base_model.model.fc1.vblora_logits_A_topk_indices"].dtype == torch.uint8
     assert config_meaning(tmp_path / "ours") == config_meaning(tmp_path / "topk")
-    assert close(peft_out(PeftModel.from_pretrained(mlp(), str(tmp_path / "ours")), X), ref)
+    assert close(run(PeftModel.from_pretrained(mlp(), str(tmp_path / "ours")), X), ref)
 
 
 def test_a_top_k_only_adapter_cannot_be_created_for_training():
@@ -227,15 +181,15 @@ def test_vit(tmp_path):
     """Attention, MLP and the Conv2d patch embedding of a ViT: merge cycle and save → load → save."""
     config = vb(targets=VIT_TARGETS)
     x = inputs("vit")
-    check_merge_cycle(adapted(config, model=vit()), x)
-    check_save_load_save(adapted(config, model=vit()), vit(), x, tmp_path)
+    check_merge_cycle(injected(config, model=vit()), x)
+    check_save_load_save(injected(config, model=vit()), vit(), x, tmp_path)
 
 
 def test_conv1d_and_embedding(tmp_path):
     """An Embedding (50 ids → 16: A is r × 50) and a Conv1d (16→24, kernel 3: A is r × 48, the flattened kernel)
     work (PEFT's VB-LoRA has neither): the count follows the formula, merge cycle and save → load → save hold."""
     config = vb(targets=["emb", "conv"], vector_length=2)
-    model = adapted(config, model=convnet())
+    model = injected(config, model=convnet())
     h, b, r = 32, 2, 4
     assert lorakit.count_parameters(model)[0] == h * b + sum((r * n // b + m // b * r) * h
                                                              for m, n in ((16, 50), (24, 48)))

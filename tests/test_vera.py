@@ -11,21 +11,12 @@ import lorakit
 from lorakit.errors import ConfigError, StateDictError, TargetError, UnsupportedFeatureError
 from lorakit.variants import _seeded, vera
 
-from contract import (MLP, check_merge_cycle, check_mixed_batch, check_save_load_save, close, mlp, perturb,
-                      planted_task, run)
+from contract import (MLP, check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save,
+                      close, config_meaning, injected, mlp, perturb, perturb_peft, planted_task, run)
 from models import convnet, gpt2, inputs, vit
 
 X = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
 VIT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(r=8, targets=("fc1", "fc2"), **options):
@@ -33,19 +24,11 @@ def config(r=8, targets=("fc1", "fc2"), **options):
 
 
 def adapted(cfg=None, name="default", seed=0, base=mlp):
-    model = base()
-    lorakit.inject(model, cfg or config(), name)
-    perturb(model, name, seed=seed)
-    return model
+    return injected(cfg or config(), name, seed, base(), seed_torch=False)
 
 
 def peft_perturbed(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return perturb_peft(model, seed, relative=False)  # N(0, 0.3²) on λ_b (0 at init) and λ_d alike
 
 
 def test_trainable_count_is_r_plus_out_features_per_layer():
@@ -139,14 +122,10 @@ def test_lorakit_saved_adapter_loads_in_peft_and_config_equals_pefts(tmp_path, s
             assert close(theirs(X), run(model, X))
         get_peft_model(mlp(), VeraConfig(r=8, target_modules=["fc1", "fc2"], vera_dropout=0.05, d_initial=0.2,
                                          projection_prng_key=3, save_projection=save)).save_pretrained(tmp_path / "p")
-    ours_json = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    peft_json = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["auto_mapping"] is None  # PEFT: class
+    ours_json, peft_json = config_meaning(tmp_path / "ours"), config_meaning(tmp_path / "p")
     checksum = ours_json.pop("lorakit_projection_checksum", None)
     assert (checksum is not None) == (not save)  # the one key we add, only when the bases are not in the file
-    assert ours_json.pop("auto_mapping") is None  # provenance: PEFT writes the model's class, lorakit null
-    peft_json.pop("auto_mapping")
-    for d in (ours_json, peft_json):
-        d["target_modules"] = sorted(d["target_modules"])  # PEFT writes a set
     assert ours_json == peft_json
     # and PEFT's own file reads back to the same config (JSON written again equals it)
     back = lorakit.AdapterConfig.from_dict(peft_json)
@@ -180,11 +159,7 @@ def test_checksum_is_recorded_without_touching_the_users_config_and_verified_at_
 
 
 def test_export_as_plain_lora_loads_in_peft(tmp_path):
-    model = adapted()
-    lorakit.export_lora(model, tmp_path)
-    theirs = PeftModel.from_pretrained(mlp(), str(tmp_path))
-    with torch.no_grad():
-        assert close(theirs(X), run(model, X))
+    check_export_loads_in_peft(adapted(), mlp(), X, tmp_path)
 
 
 def test_invalid_options_and_unsupported_settings_raise_typed_errors():
@@ -236,11 +211,8 @@ def test_gpt2_conv1d_layers_both_ways_and_config_equals_pefts(tmp_path):
     theirs = PeftModel.from_pretrained(gpt2(), str(tmp_path / "ours"))
     with torch.no_grad():
         assert close(theirs(**ids).logits, run(model, ids))
-    ours_json, peft_json = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "p"))
+    ours_json, peft_json = config_meaning(tmp_path / "ours"), config_meaning(tmp_path / "p")
     assert ours_json["fan_in_fan_out"] is True  # as PEFT leaves it on Conv1D layers
-    for d in (ours_json, peft_json):
-        d["target_modules"] = sorted(d["target_modules"])
-        d.pop("auto_mapping")  # provenance: PEFT writes the model's class, lorakit null
     assert ours_json == peft_json
 
 

@@ -6,7 +6,8 @@ PEFT file saved without its bases (`save_projection=False`) loads bit-exactly. S
 torch's CPU generator produces the same stream; when lorakit writes one it records
 `"<generator>:sha256:<hex>"` of the generated bases in the `projection_checksum` option (file key
 `lorakit_projection_checksum`, which PEFT ignores with a warning), and a load whose regenerated bases differ
-raises StateDictError instead of silently changing the adapter.
+raises StateDictError instead of silently changing the adapter. `record_or_verify` also serves Uni-LoRA's
+seeded index assignment (numpy's stream, `index_checksum`).
 """
 from __future__ import annotations
 
@@ -86,21 +87,26 @@ def largest_shape(sites) -> tuple[int, int]:
     return max(s.kind.out_features for s in sites), max(s.kind.in_features for s in sites)
 
 
-def record_or_verify(variant: str, config, digest: str) -> None:
-    """With `save_projection=False`: record `digest` in the config's options, or compare it with the recorded one
-    and raise StateDictError on a mismatch (torch's generator changed, or the config is for other layer sizes)."""
-    if config.options["save_projection"]:
+def record_or_verify(config, digest: str, what: str, *, seed_key: str = "projection_prng_key",
+                     checksum_key: str = "projection_checksum", save_key: str = "save_projection",
+                     library=torch) -> None:
+    """Unless the state is saved (option `save_key` true): record `digest` of the state regenerated from the seed
+    in the config's options (`checksum_key`; `prepare` gives `build_shared` the adapter's own config), or compare it
+    with the recorded one and raise StateDictError on a mismatch (the random stream of `library` — torch for the
+    seeded bases, numpy for Uni-LoRA's indices — changed, or the config is for other layer sizes). `what` names
+    the state in the message ("vera bases")."""
+    if config.options[save_key]:
         return
-    recorded = config.options.get("projection_checksum")
+    recorded = config.options.get(checksum_key)
     if recorded is None:
-        config.options["projection_checksum"] = digest
+        config.options[checksum_key] = digest
     elif recorded != digest:
+        lib = library.__name__
         raise StateDictError(
-            f"{variant} bases regenerated from projection_prng_key={config.options['projection_prng_key']} do not "
-            f"match the recorded projection_checksum: recorded {recorded}, regenerated {digest} with torch "
-            f"{torch.__version__}. Either torch's random stream changed since the adapter was saved (load it with "
-            f"the torch version that wrote it, then save it with save_projection=true), or the adapter was made "
-            f"for layers of other sizes")
+            f"{what} regenerated from {seed_key}={config.options[seed_key]} do not match the recorded "
+            f"{checksum_key}: recorded {recorded}, regenerated {digest} with {lib} {library.__version__}. Either "
+            f"{lib}'s random stream changed since the adapter was saved (load it with the {lib} version that wrote "
+            f"it, then save it with {save_key}=true), or the adapter was made for layers of other sizes")
 
 
 # ---- PEFT config files -----------------------------------------------------------------------------

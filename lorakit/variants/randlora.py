@@ -125,7 +125,7 @@ class RandLoRA(LowRankVariant):
         o = config.options
         a, b = randlora_bases(config.r, out_features, in_features, o["projection_prng_key"], o["sparse"],
                               o["very_sparse"])
-        _seeded.record_or_verify(cls.name, config, _seeded.checksum(a, b))
+        _seeded.record_or_verify(config, _seeded.checksum(a, b), f"{cls.name} bases")
         return RandLoraBases(a, b, o["save_projection"])
 
     @classmethod

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, StateDictError, UnsupportedFeatureError
-from . import register_variant
+from ..errors import ConfigError, UnsupportedFeatureError
+from . import _seeded, register_variant
 from .base import LowRankVariant, Shared
 from .vblora import from_peft_common, peft_common, refuse_patterns
 
@@ -32,20 +32,6 @@ def assign_indices(total: int, length: int, seed: int) -> torch.Tensor:
         order = np.concatenate([order, rng.choice(length, size=extra, replace=False).astype(np.int64)])
     rng.shuffle(order)
     return torch.from_numpy(order)
-
-
-def record_or_verify(config, digest: str) -> None:
-    """Record `digest` in the adapter's options (`prepare` gives `build_shared` the adapter's own config), or
-    compare it with the one recorded when the adapter was made: StateDictError on a mismatch."""
-    recorded = config.options.get("index_checksum")
-    if recorded is None:
-        config.options["index_checksum"] = digest
-    elif recorded != digest:
-        raise StateDictError(
-            f"unilora indices regenerated from proj_seed={config.options['proj_seed']} do not match the recorded "
-            f"index_checksum: recorded {recorded}, regenerated {digest} with numpy {np.__version__}. Either numpy's "
-            f"random stream changed since the adapter was saved (load it with the numpy that wrote it, then save it "
-            f"with save_indices=true), or the adapter was made for layers of other sizes")
 
 
 def index_checksum(indices: torch.Tensor) -> str:
@@ -144,8 +130,8 @@ class UniLoRA(LowRankVariant):
             raise ConfigError(f"option theta_d_length={d} is larger than the number of LoRA entries it feeds "
                               f"(D = Σ r·(in + out) = {total} over {len(sites)} layers); use theta_d_length ≤ {total}")
         flat = assign_indices(total, d, opts.proj_seed)
-        if not opts.save_indices:
-            record_or_verify(config, index_checksum(flat))
+        _seeded.record_or_verify(config, index_checksum(flat), "unilora indices", seed_key="proj_seed",
+                                 checksum_key="index_checksum", save_key="save_indices", library=np)
         inv_sqrt = torch.bincount(flat, minlength=d).float().rsqrt()  # every entry is used ≥ 1 time since d ≤ D
         assignment, at = {}, 0
         for site, (path, na, nb) in zip(sites, sizes):

@@ -70,7 +70,7 @@ class VeRA(LowRankVariant):
         _seeded.note_layout(config, sites)
         out_features, in_features = _seeded.largest_shape(sites)
         a, b = vera_bases(config.r, out_features, in_features, config.options["projection_prng_key"])
-        _seeded.record_or_verify(cls.name, config, _seeded.checksum(a, b))
+        _seeded.record_or_verify(config, _seeded.checksum(a, b), f"{cls.name} bases")
         return VeraBases(a, b, config.options["save_projection"])
 
     @classmethod
