@@ -54,32 +54,53 @@ def plot_run(history: list[dict], path: str | Path, metric: str) -> None:
     plt.close(fig)
 
 
+def _palette(names: list[str]) -> dict[str, dict]:
+    """Distinct line styles for up to 40 lines: tab10 for a few, tab20 colors × 2 line styles beyond."""
+    import matplotlib
+
+    if len(names) <= 10:
+        return {n: {"color": matplotlib.colormaps["tab10"](i)} for i, n in enumerate(names)}
+    cmap = matplotlib.colormaps["tab20"]
+    return {n: {"color": cmap(i % 20), "linestyle": "-" if i < 20 else "--"} for i, n in enumerate(names)}
+
+
+def _legend(fig, ax, n: int) -> None:
+    """Inside the axes for a few lines, to the right of them for many."""
+    if n > 6:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", ncol=1 + n // 20)
+    else:
+        ax.legend()
+    fig.tight_layout()
+
+
 def plot_sweep(rows: list[dict], path: str | Path, metric: str) -> None:
     """Metric vs learning rate (log x), one line per variant: mean over seeds, band = min..max over seeds."""
     plt = _pyplot()
     if plt is None or not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    style = _palette(variants)
+    fig, ax = plt.subplots(figsize=(6 if len(variants) <= 6 else 8.5, 4.5))
+    for variant in variants:
         by_lr: dict[float, list[float]] = {}
         for r in rows:
             if r["variant"] == variant:
                 by_lr.setdefault(r["learning_rate"], []).append(r[metric])
         lrs = sorted(by_lr)
         means = [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs]
-        line, = ax.plot(lrs, means, marker="o", label=variant)
+        line, = ax.plot(lrs, means, marker="o", label=variant, **style[variant])
         ax.fill_between(lrs, [min(by_lr[lr]) for lr in lrs], [max(by_lr[lr]) for lr in lrs],
                         color=line.get_color(), alpha=0.2)
         for lr in lrs:
             ax.scatter([lr] * len(by_lr[lr]), by_lr[lr], color=line.get_color(), s=10, alpha=0.6)
     ax.set_xscale("log")
     all_lrs = sorted({r["learning_rate"] for r in rows})
-    ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs])
-    ax.minorticks_off()
+    if len(all_lrs) <= 6:  # few learning rates: label exactly those; many: the usual decade ticks
+        ax.set_xticks(all_lrs, [f"{lr:g}" for lr in all_lrs])
+        ax.minorticks_off()
     ax.set(xlabel="learning rate", ylabel=metric, title=f"{metric} vs learning rate (band: seed range)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    _legend(fig, ax, len(variants))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -89,18 +110,20 @@ def plot_curves(curves: dict[tuple, list[tuple[int, float]]], path: str | Path, 
     plt = _pyplot()
     if plt is None or not curves:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colors = {}
+    variants = list(dict.fromkeys(v for v, _, _ in curves))
+    style = _palette(variants)
+    fig, ax = plt.subplots(figsize=(7 if len(variants) <= 6 else 9.5, 4.5))
+    labelled = set()
     for (variant, lr, seed), points in curves.items():
         if not points or lr != best_lr.get(variant):
             continue
-        kw = {"color": colors[variant]} if variant in colors else {"label": f"{variant} (lr {lr:g})"}
+        kw = dict(style[variant]) if variant in labelled else {**style[variant], "label": f"{variant} (lr {lr:g})"}
+        labelled.add(variant)
         steps, losses = zip(*points)
-        colors.setdefault(variant, _loss_line(ax, list(steps), list(losses), **kw))
+        _loss_line(ax, list(steps), list(losses), **kw)
     ax.set(xlabel="optimizer step", ylabel="training loss (smoothed; faint: per step)",
            title="training loss at each variant's best learning rate, one line per seed")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    _legend(fig, ax, len(variants))
     fig.savefig(path, dpi=110)
     plt.close(fig)
