@@ -23,7 +23,7 @@ from contract import mse_loss, planted_task  # noqa: E402
 
 import lorakit  # noqa: E402
 
-LRS = (3e-3, 1e-2, 3e-2)
+LRS = (1e-3, 3e-3, 1e-2)
 SEEDS = (0, 1)
 
 
