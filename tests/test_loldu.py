@@ -13,7 +13,7 @@ from models import convnet, inputs, llama, vit
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.errors import ConfigError, TargetError, UnsupportedFeatureError
+from lorakit.errors import ConfigError, UnsupportedFeatureError
 from lorakit.variants.loldu import ldu
 
 
@@ -153,8 +153,6 @@ def test_dropout_only_on_the_trainable_path():
 def test_refusals():
     with pytest.raises(ConfigError, match="option init_method"):
         config(options={"init_method": "kaiming"})
-    with pytest.raises(TargetError, match="Conv2d"):
-        lorakit.inject(convnet(), config(target_modules=["conv2d"]))
     with pytest.raises(ConfigError, match="r=65.*min"):
         lorakit.inject(mlp(), config(r=65, target_modules=["fc1"]))
     with pytest.raises(UnsupportedFeatureError, match="gaussian"):
@@ -182,3 +180,12 @@ def test_planted_task(monkeypatch):
     before, after, n = planted_task(config(r=16, lora_alpha=16, target_modules=["fc1"]), steps=50, lr=1e-2)
     assert n == 16
     assert after <= 1e-2 * before, (before, after)
+
+
+def test_conv_and_embedding_layers_take_the_ldu_of_their_weight_matrix(tmp_path):
+    x = inputs("convnet", batch=5)
+    model = lorakit.inject(convnet(), config(r=2, target_modules=["emb", "conv", "conv2d"]))
+    assert close(contract.run(model, x), contract.run(convnet(), x))
+    contract.perturb(model)
+    check_merge_cycle(model, x)
+    check_save_load_save(model, convnet(), x, tmp_path)

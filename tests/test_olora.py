@@ -14,7 +14,7 @@ from models import convnet, gpt2, inputs, llama
 from peft import LoraConfig, get_peft_model
 
 import lorakit
-from lorakit.errors import ConfigError, TargetError
+from lorakit.errors import ConfigError
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -99,9 +99,16 @@ def test_merge_cycle_save_load_and_mixed_batch(tmp_path):
     check_mixed_batch(both, x)
 
 
+def test_conv_and_embedding_layers_take_the_qr_of_their_weight_matrix(tmp_path):
+    x = inputs("convnet", batch=5)
+    model = lorakit.inject(convnet(), config(r=2, target_modules=["emb", "conv", "conv2d"]))
+    assert close(run(model, x), run(convnet(), x))
+    perturb(model)
+    check_merge_cycle(model, x)
+    check_save_load_save(model, convnet(), x, tmp_path)
+
+
 def test_refusals():
-    with pytest.raises(TargetError, match="Conv1d"):
-        lorakit.inject(convnet(), config(target_modules=["conv"]))
     with pytest.raises(ConfigError, match="r=33.*min"):  # llama k_proj is 64 → 32
         lorakit.inject(llama(), config(r=33, target_modules=["k_proj"]))
 

@@ -14,7 +14,7 @@ from models import convnet, gpt2, inputs, llama, vit
 from peft import LoraConfig, get_peft_model
 
 import lorakit
-from lorakit.errors import ConfigError, TargetError, UnsupportedFeatureError
+from lorakit.errors import ConfigError, UnsupportedFeatureError
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -189,24 +189,27 @@ def test_merge_cycle_save_load_and_mixed_batch(tmp_path):
 
 
 def test_vision_vit_and_convnet(tmp_path):
-    """ViT: every Linear adapted, merge cycle + save/load. Conv layers are refused by name (PEFT's pissa_init handles
-    Linear only); the ConvNet's Linear head takes PiSSA."""
+    """ViT: every Linear and the patch Conv2d adapted; ConvNet: Embedding, Conv1d, Conv2d (the flattened kernel
+    matrix is decomposed; PEFT's pissa_init takes Linear layers only) and the head. Output unchanged at init,
+    then merge cycle + save/load + mixed batch."""
     model, x = vit(), inputs("vit")
-    lorakit.inject(model, config(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]))
+    lorakit.inject(model, config(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "projection"]))
+    assert close(run(model, x), run(vit(), x))
     perturb(model)
     check_merge_cycle(model, x)
     check_save_load_save(model, vit(), x, tmp_path / "vit")
-    with pytest.raises(TargetError, match="projection.*Conv2d"):
-        lorakit.inject(vit(), config(target_modules=["projection"]))
-    with pytest.raises(TargetError, match="conv.*Conv1d"):
-        lorakit.inject(convnet(), config(target_modules=["conv", "head"]))
-    with pytest.raises(TargetError, match="Embedding"):
-        lorakit.inject(convnet(), config(target_modules=["emb"]))
-    model, x = convnet(), inputs("convnet")
-    lorakit.inject(model, config(target_modules=["head"]))
+    x = inputs("convnet", batch=5)
+    targets = ["emb", "conv", "conv2d", "head"]
+    model = lorakit.inject(convnet(), config(r=2, target_modules=targets))
+    assert close(run(model, x), run(convnet(), x))
     perturb(model)
     check_merge_cycle(model, x)
     check_save_load_save(model, convnet(), x, tmp_path / "convnet")
+    both = lorakit.inject(convnet(), config(r=2, target_modules=targets), "a")
+    lorakit.inject(both, config(r=3, target_modules=targets), "b")
+    perturb(both, "a", seed=1)
+    perturb(both, "b", seed=2)
+    check_mixed_batch(both, x)
 
 
 def test_invalid_options_and_ranks():

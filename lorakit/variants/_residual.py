@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TargetError, UnsupportedFeatureError
-from ..kinds import LinearKind
+from ..errors import ConfigError, UnsupportedFeatureError
 from .base import LowRankVariant
 
 
@@ -24,16 +23,13 @@ class ResidualVariant(LowRankVariant):
     """ΔW = s·(B·A − B₀·A₀) from trainable factors (A, B) and frozen offset factors (A₀, B₀).
 
     Subclasses give `trainable_factors()` and `offset_factors()` as (A (r, in), B (out, r)) matrices and may
-    override `factors()` with a shorter exact form (LoLDU's shares B). Linear layers only (nn.Linear and
-    transformers Conv1D), as the reference implementations; the rank is at most min(out, in).
+    override `factors()` with a shorter exact form (LoLDU's shares B). Any layer kind: conv layers decompose the
+    flattened kernel matrix (out, in·k·k), embeddings Wᵀ (beyond the reference implementations, which take Linear
+    layers only); the rank is at most min(out, in).
     """
 
     def __init__(self, kind, r, scale, dropout, config, **context):
         super().__init__(kind, r, scale, dropout, config, **context)
-        if type(kind) is not LinearKind:
-            raise TargetError(f"variant {self.name!r} adapts Linear layers only (nn.Linear, transformers Conv1D): "
-                              f"{self.path or 'the target'} is a {type(kind.base).__name__}; leave it out of "
-                              f"target_modules (or use exclude_modules)")
         limit = min(kind.out_features, kind.in_features)
         if r > limit:
             raise ConfigError(f"r={r} for {self.path or 'a layer'} exceeds min(out_features, in_features) = {limit}: "
@@ -69,7 +65,8 @@ class ResidualVariant(LowRankVariant):
         if not self._drops():
             return super().delta(x, base_out)  # dropout is the identity: one rank-2r pass
         (a, b), (a0, b0), s, k = self.trainable_factors(), self.offset_factors(), self.scale, self.kind
-        return k.up(k.down(self.dropout(x), a) * s, b) - k.up(k.down(x, a0) * s, b0)
+        return (k.up(k.down(self.dropout(x), k.down_layout(a)) * s, k.up_layout(b))
+                - k.up(k.down(x, k.down_layout(a0)) * s, k.up_layout(b0)))
 
     def add_delta_(self, out, x, base_out):
         if self._drops():
@@ -99,6 +96,7 @@ class FactorResidual(ResidualVariant):
         """True: A = A₀, B = B₀ (ΔW = 0); False: A, B random as LoRA's `False` (a non-identity adapter, tests)."""
         self.check_how(self.name, how)
         a0, b0 = self.decompose(self.base_matrix())
+        a0, b0 = self.kind.down_layout(a0), self.kind.up_layout(b0)  # conv kernels on conv layers
         self.lora_A0.copy_(a0)
         self.lora_B0.copy_(b0)
         if how is False:

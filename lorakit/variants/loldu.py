@@ -41,8 +41,9 @@ def ldu(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
 
 @register_variant
 class LoLDU(ResidualVariant):
-    """LoLDU on Linear layers: r trainable values (`vector_z`) per layer; frozen `loldu_L` (out, r), `loldu_D` (r,),
-    `loldu_U` (r, in) and the row permutation `loldu_P` (out,) int64, all saved."""
+    """LoLDU on any layer kind (conv: the flattened kernel matrix): r trainable values (`vector_z`) per layer;
+    frozen `loldu_L` (out, r), `loldu_D` (r,), `loldu_U` (r, in) and the row permutation `loldu_P` (out,) int64,
+    all saved."""
 
     name = "loldu"
     peft_type = "LORAKIT_LOLDU"

@@ -17,8 +17,9 @@ from ._residual import FactorResidual
 
 @register_variant
 class OLoRA(FactorResidual):
-    """OLoRA on Linear layers: trainable r·(in + out) per layer; ΔW = s·(B·A − B₀·A₀), 0 at init; file holds
-    `lora_A.weight`, `lora_B.weight` (trainable) and `lora_A0`, `lora_B0` (the frozen leading QR part)."""
+    """OLoRA on any layer kind (conv: the flattened kernel matrix): trainable r·(in + out) per layer;
+    ΔW = s·(B·A − B₀·A₀), 0 at init; file holds `lora_A.weight`, `lora_B.weight` (trainable) and `lora_A0`,
+    `lora_B0` (the frozen leading QR part)."""
 
     name = "olora"
     peft_type = "LORAKIT_OLORA"

@@ -23,8 +23,9 @@ from ._residual import FactorResidual
 
 @register_variant
 class PiSSA(FactorResidual):
-    """PiSSA on Linear layers: trainable r·(in + out) per layer; ΔW = s·(B·A − B₀·A₀), 0 at init; file holds
-    `lora_A.weight`, `lora_B.weight` (trainable) and `lora_A0`, `lora_B0` (the frozen principal part)."""
+    """PiSSA on any layer kind (conv: the flattened kernel matrix): trainable r·(in + out) per layer;
+    ΔW = s·(B·A − B₀·A₀), 0 at init; file holds `lora_A.weight`, `lora_B.weight` (trainable) and `lora_A0`,
+    `lora_B0` (the frozen principal part)."""
 
     name = "pissa"
     peft_type = "LORAKIT_PISSA"
