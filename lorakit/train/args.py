@@ -15,7 +15,6 @@ from ..config import AdapterConfig
 from ..errors import ConfigError
 
 SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -36,7 +35,8 @@ class TrainingArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    optim: str = "adamw"                     # adamw | sgd; or pass any optimizer to `Trainer`
+    optim: str = "adamw"                     # a `lorakit.optim` name (adamw, sgd, ...); or pass any optimizer to `Trainer`
+    optim_args: dict = field(default_factory=dict)  # the optimizer's own options (e.g. {loraplus_lr_ratio: 16})
     max_grad_norm: float = 1.0               # 0 disables clipping
     logging_steps: int = 1                   # metrics.jsonl gets a line every this many steps
     eval_steps: int = 0                      # 0: evaluate at the end of each epoch only
@@ -53,7 +53,11 @@ class TrainingArguments:
     def __post_init__(self):
         _check_types(self)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULES)
-        _check_choice("optim", self.optim, OPTIMIZERS)
+        from ..optim import optimizer_names
+
+        _check_choice("optim", self.optim, optimizer_names())
+        if not isinstance(self.optim_args, dict):
+            raise ConfigError(f"optim_args must be a mapping of option names to values, got {self.optim_args!r}")
         positive = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "max_length")
         for name in positive:
@@ -166,8 +170,8 @@ def _check_types(obj) -> None:
     """Coerce ints to floats where a float is expected; refuse anything of the wrong type, naming the field."""
     for f in dataclasses.fields(obj):
         value, default = getattr(obj, f.name), f.default
-        if default is None or value is None and f.type.startswith("Optional"):
-            continue
+        if default is None or default is dataclasses.MISSING or value is None and f.type.startswith("Optional"):
+            continue  # (fields with a default factory check their own type)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             setattr(obj, f.name, float(value))
         elif type(value) is not type(default):

@@ -46,13 +46,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def default_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no trainable parameters; inject an adapter first")
-    if args.optim == "sgd":
-        return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             eps=args.adam_epsilon, weight_decay=args.weight_decay)
+    """`args.optim` (a registered name, `lorakit.optim`) with `args.optim_args`, over the trainable parameters."""
+    from ..optim import make_optimizer
+
+    return make_optimizer(args.optim, model, args, **args.optim_args)
 
 
 class Trainer:
@@ -75,6 +72,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.hooks = list(hooks) + [m for m in model.modules() if _is_hook(m)]
+        if _is_hook(self.optimizer):  # an optimizer that acts around each step (projector refresh, ...)
+            self.hooks.append(self.optimizer)
         self.output_dir = Path(args.output_dir)
         self.metric, self.greater_is_better = _best_model_metric(args.metric_for_best_model, task)
         self.step, self.best, self.best_state, self.evals_without_gain = 0, None, None, 0
@@ -316,8 +315,8 @@ def _best_model_metric(name: Optional[str], task: Task) -> tuple[str, bool]:
     return metric, task.greater_is_better if metric == task.main_metric else metric not in LOWER_IS_BETTER
 
 
-def _is_hook(module: nn.Module) -> bool:
-    return any(callable(getattr(module, name, None)) for name in ("before_optimizer_step", "after_optimizer_step"))
+def _is_hook(obj) -> bool:
+    return any(callable(getattr(obj, name, None)) for name in ("before_optimizer_step", "after_optimizer_step"))
 
 
 def _noop(trainer: Trainer) -> None:

@@ -1,0 +1,49 @@
+"""Variant-aware optimizers and gradient transforms, selectable by name (`--optim lorapro`, `optim_args`).
+
+Each module in this package registers factories with `@register_optimizer(name)`: `factory(model, args,
+**options) -> torch.optim.Optimizer` (args: the run's `TrainingArguments`). An optimizer that must act around
+each step (refresh a projector, resample layers, shrink a factor) defines `before_optimizer_step(trainer)` /
+`after_optimizer_step(trainer)`; the trainer registers it as a hook. They also work in any torch loop.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable
+
+from ..errors import ConfigError
+
+_FACTORIES: dict[str, Callable] = {}
+
+
+def register_optimizer(name: str):
+    def add(factory):
+        _FACTORIES[name] = factory
+        return factory
+    return add
+
+
+def optimizer_names() -> list[str]:
+    _discover()
+    return sorted(_FACTORIES)
+
+
+def make_optimizer(name: str, model, args, **options):
+    """The registered optimizer `name` over `model`'s trainable parameters."""
+    if name not in optimizer_names():
+        raise ConfigError(f"unknown optimizer {name!r}; available: {optimizer_names()}")
+    return _FACTORIES[name](model, args, **options)
+
+
+_discovered = False
+
+
+def _discover() -> None:
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+__all__ = ["make_optimizer", "optimizer_names", "register_optimizer"]
