@@ -226,3 +226,30 @@ def test_adapting_the_vit_patch_conv_and_eval_mode_is_kept():
     assert not any(m.training for m in model.modules())
     assert close(run(model, pixels), run(model, pixels), tol=0)
     check_merge_cycle(model, pixels)
+
+
+def test_a_run_applies_the_init_setting_and_trains_what_it_made(tmp_path, monkeypatch):
+    """`init: <method>` runs that initialization on the run's batches; an init that re-creates the adapter's
+    parameters (as EVA does) gets an optimizer over the new ones."""
+    from lorakit.train import RunConfig, train
+    from test_cli import write_sentiment
+
+    made = []
+
+    def recreate(run, scale=1.0):
+        config = lorakit.get_config(run.model, run.name)
+        lorakit.delete_adapter(run.model, run.name)
+        lorakit.inject(run.model, config, run.name)
+        made.extend(p for p in run.model.parameters() if p.requires_grad)
+        assert len(list(run.dataloader)) == 2 and scale == 3.0
+    monkeypatch.setitem(lorakit.init._METHODS, "test_recreate", recreate)
+    data = write_sentiment(tmp_path / "data.jsonl", n=40)
+    config = RunConfig.from_flat({"model": "tiny-llama", "data": data, "r": 2, "init": "test_recreate",
+                                  "init_args": {"scale": 3.0}, "init_batches": 2, "max_steps": 2,
+                                  "per_device_train_batch_size": 4, "disable_tqdm": True,
+                                  "output_dir": str(tmp_path / "run")})
+    results = train(config)
+    assert made and results["steps"] == 2
+    saved = lorakit.read_adapter(tmp_path / "run" / "adapter")[1]
+    b = [t for k, t in saved.items() if k.endswith("lora_B.weight")]
+    assert b and any(t.abs().sum() > 0 for t in b)  # B starts at 0: only the optimizer can have moved it

@@ -85,7 +85,9 @@ class RunConfig:
     max_train_samples: int = 0               # > 0: a seeded subset of the training split (quick runs, sweeps)
     max_eval_samples: int = 0                # > 0: the same for validation and test
     split_seed: int = 0                      # draws the data split and subsets; `seed` (training) leaves them alone
-    init_batches: int = 8                    # training batches for a data-driven init (LoRA-SB, SHiRA gradient masks)
+    init: str = ""                           # a `lorakit.initialize` method run on the adapter first (e.g. "eva")
+    init_args: dict = field(default_factory=dict)  # its options
+    init_batches: int = 8                    # training batches for a data-driven init (`init`, LoRA-SB, SHiRA masks)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
 

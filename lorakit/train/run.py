@@ -75,15 +75,21 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
         save_base(base, tokenizer, base_dir)
     del base
     task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels)
-    trainer = Trainer(model, task, args, splits.train, splits.validation,
-                      optimizer=optimizer(model) if callable(optimizer) else optimizer, hooks=hooks)
+    def make_trainer():
+        return Trainer(model, task, args, splits.train, splits.validation,
+                       optimizer=optimizer(model) if callable(optimizer) else optimizer, hooks=hooks)
+    trainer = make_trainer()
     schedule = {"learning_rate": args.learning_rate, "total_steps": trainer.total_steps,
                 "warmup_steps": trainer.warmup_steps}
-    data_init = get_variant(adapter.variant).data_init(adapter, schedule)
-    if data_init:  # also on resume: frozen tensors it sets (bases, masks) are not in checkpoints; it is deterministic
-        method, options = data_init
+    inits = [get_variant(adapter.variant).data_init(adapter, schedule)]
+    if config.init:
+        inits.append((config.init, config.init_args))
+    inits = [i for i in inits if i]
+    for method, options in inits:  # also on resume: frozen tensors an init sets are not in checkpoints (inits
         initialize(model, method, dataloader=init_batches(config, task, splits.train), loss_fn=task.loss,
-                   progress=not args.disable_tqdm, **options)
+                   progress=not args.disable_tqdm, **options)  # are deterministic)
+    if inits:  # an init may replace parameters (EVA re-creates the adapter at new ranks): optimize the new ones
+        trainer = make_trainer()
     main = trainer.procs.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,7 @@ class Trainer:
         self.model, self.task, self.args = model, task, args
         self.train_data, self.eval_data = train_data, eval_data
         self.procs = Processes.from_env()
-        self.wrapped = model
-        if self.procs.world_size > 1:
-            self.wrapped = nn.parallel.DistributedDataParallel(model)
+        self.wrapped = model  # the DistributedDataParallel wrapper under DDP, made when training starts
         self.optimizer = optimizer or default_optimizer(model, args)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -144,6 +142,8 @@ class Trainer:
     def train(self, resume: bool = False) -> list[dict]:
         """Run to `total_steps` (from the newest checkpoint when `resume`); returns the logged history."""
         args, procs = self.args, self.procs
+        if procs.world_size > 1 and self.wrapped is self.model:
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
         if resume:
             self._resume()
         else:
