@@ -82,7 +82,7 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     schedule = {"learning_rate": args.learning_rate, "total_steps": trainer.total_steps,
                 "warmup_steps": trainer.warmup_steps}
     inits = [get_variant(adapter.variant).data_init(adapter, schedule)]
-    if config.init:
+    if config.init and config.init not in [i[0] for i in inits if i]:  # (a variant's own init runs once)
         inits.append((config.init, config.init_args))
     inits = [i for i in inits if i]
     for method, options in inits:  # also on resume: frozen tensors an init sets are not in checkpoints (inits
