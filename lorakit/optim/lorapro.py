@@ -1,0 +1,158 @@
+"""LoRA-Pro (Wang et al., ICLR 2025), mode `lora-pro-full` of the reference: full-space Adam on the equivalent gradient.
+
+Conventions: ΔW = s·B·A, B (m×r), A (r×n), s the adapter's real scale (α/r, α/√r for rsLoRA, ...); G = ∂L/∂W; the
+plain LoRA gradients are g_A = s·BᵀG, g_B = s·G·Aᵀ. For each adapter, per step:
+1. adjusted gradients with X = 0:  g_A* = (BᵀB)⁻¹g_A / s²,  g_B* = (I − P_B)·g_B·(AAᵀ)⁻¹ / s²; their equivalent
+   gradient g̃ = s(B·g_A* + g_B*·A) equals P_B·G + (I − P_B)·G·P_A (the best approximation of G the pair can reach);
+2. Adam on g̃ in the full m×n space (state `exp_avg`, `exp_avg_sq` of shape m×n, bias-corrected): U = m̂/(√v̂ + ε);
+3. map U back (g_A ← s·BᵀU, g_B ← s·U·Aᵀ), adjust again with the Sylvester X of
+   (BᵀB)X + X(AAᵀ) = −(BᵀB)⁻¹·g_A·Aᵀ / s²  (X keeps the adjusted gradients closest to the raw ones), and take the
+   plain step p ← p − lr·g* (the reference's outer SGD), with optional decoupled weight decay (default 0 as there).
+Inverses are pinv(M + 1e-8·I) as in the reference; r×r algebra runs in float64 (cheap), the Sylvester equation by the
+eigendecompositions of the two symmetric r×r matrices. When B = 0 this is the reference's first-step form.
+
+A is paired with B through the model's modules (`AdaptedLayer.adapters[name]`), never by parameter order. Trainable
+parameters that are not such a pair (a head, biases, DoRA magnitudes, ...) get plain AdamW with the same settings.
+State holds only tensors, so checkpoints reload with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers import AdaptedLayer
+from . import register_optimizer
+from .standard import trainable
+
+JITTER = 1e-8
+_OPTIONS = ("weight_decay",)
+
+
+def _pinv(m: torch.Tensor) -> torch.Tensor:
+    m = m.double()
+    return torch.linalg.pinv(m + JITTER * torch.eye(m.shape[0], dtype=m.dtype, device=m.device))
+
+
+def solve_sylvester(p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """X with P·X + X·Q = C for symmetric positive semi-definite P, Q (r×r); components where P's and Q's
+    eigenvalues both vanish (left undetermined) are set to 0."""
+    lp, u = torch.linalg.eigh(p.double())
+    lq, v = torch.linalg.eigh(q.double())
+    denom = lp[:, None] + lq[None, :]
+    f = u.T @ c.double() @ v
+    tiny = 1e-30 * max(1.0, float(denom.abs().max()))
+    y = torch.where(denom.abs() > tiny, f / torch.where(denom.abs() > tiny, denom, torch.ones_like(denom)),
+                    torch.zeros_like(f))
+    return (u @ y @ v.T).to(c.dtype)
+
+
+def adjusted_gradients(a: torch.Tensor, b: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor, s: float,
+                       sylvester: bool = True):
+    """(g_A*, g_B*, X) for factors A (r×n), B (m×r), raw gradients g_A (r×n), g_B (m×r) and scale s. With
+    `sylvester=False`, X = 0 (returned as zeros)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    a, b, g_a, g_b = (t.to(dtype) for t in (a, b, g_a, g_b))
+    btb_inv = _pinv(b.T @ b)
+    aat_inv = _pinv(a @ a.T).to(dtype)
+    g_a_star = (btb_inv.to(dtype) @ g_a) / s ** 2
+    gb_aat = g_b @ aat_inv
+    g_b_star = (gb_aat - b @ (btb_inv.to(dtype) @ (b.T @ gb_aat))) / s ** 2  # (I − P_B) g_B (AAᵀ)⁻¹ / s²
+    r = a.shape[0]
+    if not sylvester:
+        return g_a_star, g_b_star, torch.zeros(r, r, dtype=dtype, device=a.device)
+    rhs = -(btb_inv @ (g_a.double() @ a.T.double())) / s ** 2
+    x = solve_sylvester(b.T @ b, a @ a.T, rhs).to(dtype)
+    return g_a_star + x @ a, g_b_star - b @ x, x
+
+
+def lora_pairs(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(variant, "module.path/adapter") for every adapter whose ΔW = s·B·A exactly with trainable `lora_A`, `lora_B`,
+    found by walking the model's AdaptedLayers (so A pairs with the B of its own module)."""
+    pairs = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        for name, v in layer.adapters.items():
+            a, b = getattr(v, "lora_A", None), getattr(v, "lora_B", None)
+            if not (isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter) and a.requires_grad
+                    and b.requires_grad):
+                continue
+            if v.factors() is None:  # e.g. DoRA: ΔW is not s·B·A, the closed form does not apply
+                continue
+            pairs.append((v, f"{path}/{name}"))
+    return pairs
+
+
+class LoRAPro(torch.optim.Optimizer):
+    """LoRA-Pro over `model`'s trainable parameters (see the module doc). Works in any torch loop:
+    `loss.backward(); opt.step()`."""
+
+    def __init__(self, model: nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        params = trainable(model)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.pairs = lora_pairs(model)
+        self._paired = {id(p) for v, _ in self.pairs for p in (v.lora_A, v.lora_B)}
+
+    @staticmethod
+    def _adam(state: dict, g: torch.Tensor, beta1, beta2, eps) -> torch.Tensor:
+        """Advance `state` (step already counted) with gradient g; the bias-corrected Adam direction m̂/(√v̂ + ε)."""
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        t = int(state["step"])
+        return (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt_().add_(eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for v, _ in self.pairs:
+            pa, pb, s = v.lora_A, v.lora_B, float(v.scale)
+            if pa.grad is None and pb.grad is None:
+                continue
+            a, b = pa.detach().flatten(1), pb.detach().flatten(1)
+            g_a = pa.grad.flatten(1) if pa.grad is not None else torch.zeros_like(a)
+            g_b = pb.grad.flatten(1) if pb.grad is not None else torch.zeros_like(b)
+            ga_star, gb_star, _ = adjusted_gradients(a, b, g_a, g_b, s, sylvester=False)
+            equiv = s * (b.to(ga_star.dtype) @ ga_star + gb_star @ a.to(gb_star.dtype))  # m×n
+            state = self.state[pa]  # the pair's full-space state lives with A
+            state["step"] = state.get("step", torch.tensor(0.0)) + 1
+            u = self._adam(state, equiv, beta1, beta2, eps)
+            new_a, new_b, _ = adjusted_gradients(a, b, s * (b.to(u.dtype).T @ u), s * (u @ a.to(u.dtype).T), s)
+            for p, g in ((pa, new_a), (pb, new_b)):
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(g.view_as(p).to(p.dtype), alpha=-lr)
+        for p in group["params"]:  # the rest: AdamW
+            if id(p) in self._paired or p.grad is None:
+                continue
+            state = self.state[p]
+            state["step"] = state.get("step", torch.tensor(0.0)) + 1
+            u = self._adam(state, p.grad.to(torch.promote_types(p.dtype, torch.float32)), beta1, beta2, eps)
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(u.to(p.dtype), alpha=-lr)
+        return loss
+
+
+@register_optimizer("lorapro")
+def lorapro(model, args, **options):
+    """LoRA-Pro with args' lr, Adam betas and epsilon. Option: weight_decay (≥ 0, decoupled; default
+    args.weight_decay, 0 unless set, as in the reference whose outer SGD has none)."""
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown lorapro option(s) {unknown}; known: {list(_OPTIONS)}")
+    wd = options.get("weight_decay", args.weight_decay)
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        raise ConfigError(f"optim option weight_decay must be a finite number ≥ 0, got {wd!r}")
+    return LoRAPro(model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                   weight_decay=float(wd))

@@ -1,0 +1,184 @@
+"""ALLoRA (optimizer "allora"): the per-slice rate equals 1/√(‖θ_k‖² + 1/η²) computed explicitly per row / column /
+tensor; a step equals AdamW on c·g (before) or c·(AdamW update) (after); adapters with dropout or s ≠ 1 are refused
+unless strict=false; options errors; resume through a weights-only state dict; a short real loop reduces the loss."""
+from __future__ import annotations
+
+import copy
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+from contract import mlp, planted_teacher
+
+import lorakit
+from lorakit.errors import ConfigError, TrainingError
+from lorakit.optim import make_optimizer
+from lorakit.optim.altlora import lora_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+BETAS, EPS = (0.9, 0.99), 1e-8
+
+
+def args(lr=1e-2, wd=0.01):
+    return SimpleNamespace(learning_rate=lr, weight_decay=wd, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
+                           adam_epsilon=EPS)
+
+
+def model_with_lora(alpha=4, dropout=0.0, targets=("fc1",)):
+    model = mlp(0)
+    torch.manual_seed(0)
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, lora_alpha=alpha, lora_dropout=dropout,
+                                                target_modules=list(targets)))
+    return model
+
+
+def randomize(model, zero_b_rows=()):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, v in lora_pairs(model):
+            v.lora_A.copy_(torch.randn(v.lora_A.shape, generator=g))
+            v.lora_B.copy_(torch.randn(v.lora_B.shape, generator=g) * 0.3)
+            v.lora_B[list(zero_b_rows)] = 0
+
+
+def explicit_rate(x, granularity, eta):
+    x = x.double()
+    c = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            piece = {"row": x[i], "column": x[:, j], "tensor": x}[granularity]
+            c[i, j] = 1.0 / torch.sqrt((piece ** 2).sum() + 1.0 / eta ** 2)
+    return c
+
+
+@pytest.mark.parametrize("granularity", ["row", "column", "tensor"])
+def test_rate_equals_formula(granularity):
+    model = model_with_lora()
+    randomize(model, zero_b_rows=(3, 7))
+    opt = make_optimizer("allora", model, args(), granularity=granularity, eta=2.5)
+    (_, v), = lora_pairs(model)
+    for p in (v.lora_A, v.lora_B):
+        want = explicit_rate(p.detach(), granularity, 2.5)
+        got = opt.rate(p).double()
+        assert ((got - want).norm() / want.norm()).item() < 1e-6
+    if granularity == "row":  # zero rows of B get exactly the cap η
+        assert torch.allclose(opt.rate(v.lora_B)[[3, 7]], torch.full((2, 4), 2.5))
+
+
+@pytest.mark.parametrize("before", [True, False])
+@pytest.mark.parametrize("granularity", ["row", "column", "tensor"])
+def test_step_matches_adamw_with_rate(granularity, before):
+    model = model_with_lora(targets=("fc1", "fc2"))
+    randomize(model)
+    model.fc2.base_layer.bias.requires_grad_(True)  # a non-LoRA parameter: plain AdamW
+    ref = copy.deepcopy(model)
+    opt = make_optimizer("allora", model, args(), granularity=granularity, eta=0.7, apply_before_optimizer=before)
+    train = [p for p in model.parameters() if p.requires_grad]
+    ref_train = [p for p in ref.parameters() if p.requires_grad]
+    ref_opt = torch.optim.AdamW(ref_train, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=0.01)
+    factors = {id(p) for _, v in lora_pairs(model) for p in (v.lora_A, v.lora_B)}
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+        rates = [explicit_rate(p.detach().reshape(p.shape[0], -1), granularity, 0.7).reshape(p.shape).float()
+                 if id(p) in factors else None for p in train]
+        old = [q.detach().clone() for q in ref_train]
+        if before:
+            for q, c in zip(ref_train, rates):
+                if c is not None:
+                    q.grad.mul_(c)
+        opt.step()
+        ref_opt.step()
+        if not before:
+            with torch.no_grad():
+                for q, q0, c in zip(ref_train, old, rates):
+                    if c is not None:
+                        q.copy_(q0 + c * (q - q0))
+        for p, q in zip(train, ref_train):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.fc2.base_layer.bias, mlp(0).fc2.bias)  # the bias trained too
+
+
+def test_refuses_dropout_and_scaling_unless_not_strict():
+    with pytest.raises(ConfigError, match="scale 2"):
+        make_optimizer("allora", model_with_lora(alpha=8), args())
+    with pytest.raises(ConfigError, match="dropout 0.1"):
+        make_optimizer("allora", model_with_lora(dropout=0.1), args())
+    opt = make_optimizer("allora", model_with_lora(alpha=8, dropout=0.1), args(), strict=False)
+    assert opt.param_groups[0]["allora"]
+    rs = lorakit.AdapterConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=["fc1"])  # 2/√4 = 1
+    model = mlp(0)
+    lorakit.inject(model, rs)
+    make_optimizer("allora", model, args())
+
+
+def test_options_errors():
+    model = model_with_lora()
+    for bad, match in [({"bogus": 1}, "bogus"), ({"granularity": "block"}, "granularity"), ({"eta": 0}, "eta"),
+                       ({"eta": -1.0}, "eta"), ({"eta": "big"}, "eta"), ({"apply_before_optimizer": 1}, "apply_before"),
+                       ({"strict": "no"}, "strict")]:
+        with pytest.raises(ConfigError, match=match):
+            make_optimizer("allora", model, args(), **bad)
+    with pytest.raises(TrainingError, match="lora_A"):
+        make_optimizer("allora", mlp(), args())
+
+
+def test_resume_from_weights_only_state_dict():
+    def run(steps, resume_after=None):
+        model = model_with_lora()
+        randomize(model)
+        opt = make_optimizer("allora", model, args(), apply_before_optimizer=False, granularity="column")
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+        for i in range(steps):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            if i + 1 == resume_after:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                opt = make_optimizer("allora", model, args())  # groups' options come back from the state dict
+                opt.load_state_dict(torch.load(buf, weights_only=True))
+                assert opt.param_groups[0]["granularity"] == "column"
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    for x, y in zip(run(4), run(4, resume_after=2)):
+        assert torch.allclose(x, y, atol=1e-7)
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_planted_task_loss_drops(before):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1000, 64, generator=g)
+    with torch.no_grad():
+        y = planted_teacher()(x)
+    model = model_with_lora(alpha=4)  # s = 1
+    opt = make_optimizer("allora", model, args(lr=1e-2, wd=0.0), apply_before_optimizer=before)
+
+    def loss(i=None):
+        xs, ys = (x, y) if i is None else (x[i:i + 100], y[i:i + 100])
+        return torch.nn.functional.mse_loss(model(xs), ys)
+    with torch.no_grad():
+        before_loss = loss().item()
+    for step in range(80):
+        opt.zero_grad()
+        loss((step * 100) % 1000).backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss().item()
+    print("allora", before, before_loss, after, after / before_loss)
+    assert after < 0.25 * before_loss
+
+
+def test_trainer_runs_it(tmp_path):
+    from test_trainer import trainable, trainer_for  # the trainer tests' tiny Llama classifier (s = 2: not strict)
+    tr = trainer_for(tmp_path, optim="allora", optim_args={"strict": False, "granularity": "tensor"}, max_steps=3)
+    before = trainable(tr.model)
+    tr.train()
+    after = trainable(tr.model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert all(not torch.equal(before[n], after[n]) for n in after)
