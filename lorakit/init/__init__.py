@@ -75,3 +75,5 @@ def initialize(model: nn.Module, method: str, dataloader: Optional[Iterable] = N
 
 
 __all__ = ["InitRun", "initialize", "init_methods", "register_init"]
+
+from . import eva  # noqa: E402,F401  (registers "eva")
