@@ -1,11 +1,12 @@
 """End-to-end training numbers: the README demo (accuracy, time), the LoRA/rsLoRA/DoRA `compare` sweep, and the
 comparison of every variant (issue 4).
 
-Usage: `.venv/bin/python bench/training_runs.py [--part demo|compare|variants|both] [--no-write] [--output-dir D]`.
-`demo`/`compare` replace their sections of BENCHMARKS.md (the sweep's PNGs go to bench/figures/); `variants` runs
-`lorakit compare --variant-settings docs/variant_sweep.yaml` and writes docs/variant_comparison.md (+ PNGs in
-docs/). Whole runs on real data: demo ~5 min, sweep ~15-20, variants ~50 on 2 cores. With `--output-dir`, finished
-runs in that folder are reused (an interrupted sweep continues).
+Usage: `.venv/bin/python bench/training_runs.py [--part demo|compare|variants|optimizers|both] [--no-write]
+[--output-dir D]`. `demo`/`compare` replace their sections of BENCHMARKS.md (the sweep's PNGs go to bench/figures/);
+`variants` / `optimizers` run `lorakit compare --variant-settings docs/<variant|optimizer>_sweep.yaml` and write
+docs/<variant|optimizer>_comparison.md (+ PNGs in docs/). Whole runs on real data: demo ~5 min, sweep ~15-20,
+variants ~50, optimizers ~45 on 2 cores. With `--output-dir`, finished runs in that folder are reused (an
+interrupted sweep continues).
 """
 from __future__ import annotations
 
@@ -81,54 +82,62 @@ def compare(write: bool) -> None:
                       "(`bench/training_runs.py --part compare`)", body)
 
 
-VARIANTS = ["--variant-settings", "docs/variant_sweep.yaml", "--seeds", "1", "--model", "minilm", "--data",
-            "vader:movies", "--max-train-samples", "1000", "--max-eval-samples", "500", "--num-train-epochs", "1",
-            "--per-device-train-batch-size", "16", "--max-length", "64", "--target-modules", "all-linear",
-            "--disable-tqdm"]
+SHARED = ["--model", "minilm", "--data", "vader:movies", "--max-train-samples", "1000", "--max-eval-samples", "500",
+          "--num-train-epochs", "1", "--per-device-train-batch-size", "16", "--max-length", "64",
+          "--target-modules", "all-linear", "--disable-tqdm"]
+PAGES = {  # part → (settings file in docs/, seeds, page title, what the entries vary)
+    "variants": ("variant_sweep.yaml", 1, "Every variant on the movies task",
+                 "Each entry sets its own variant, rank, options and three learning rates"),
+    "optimizers": ("optimizer_sweep.yaml", 2, "Initializations and optimizers on the movies task",
+                   "Each entry is LoRA r=8 with its own initialization or optimizer and three learning rates"),
+}
 
 
-def variants(write: bool, output_dir: str | None) -> None:
+def sweep_page(part: str, write: bool, output_dir: str | None) -> None:
+    """Run (or reuse) the part's `lorakit compare` sweep and write docs/<page>.md with its table and plots."""
+    yaml_name, seeds, title, varies = PAGES[part]
+    page = yaml_name.replace("_sweep.yaml", "_comparison")
+    flags = ["--variant-settings", f"docs/{yaml_name}", "--seeds", str(seeds), *SHARED]
     load0 = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(output_dir or tmp)
-        settings = [str(ROOT / a) if a.endswith(".yaml") else a for a in VARIANTS]
-        assert cli(["compare", *settings, "--output-dir", str(out)]) == 0
+        assert cli(["compare", *[str(ROOT / a) if a.endswith(".yaml") else a for a in flags],
+                    "--output-dir", str(out)]) == 0
         with open(out / "results.csv") as f:
             rows = list(csv.DictReader(f))
         train_minutes = sum(float(r["train_seconds"]) for r in rows) / 60
         table = (out / "results.md").read_text().split("\n", 2)[2]
-        docs = ROOT / "docs"
         for name in ("accuracy_vs_lr.png", "training_curves.png"):
-            shutil.copy(out / name, docs / f"variant_comparison_{name}")
-    body = f"""# Every variant on the movies task
+            shutil.copy(out / name, ROOT / "docs" / f"{page}_{name}")
+    body = f"""# {title}
 
 {header_lines(load0)}
 
-`lorakit compare {' '.join(VARIANTS)}` (from the repository root; `bench/training_runs.py --part variants` runs it
-and writes this page). Each entry of [variant_sweep.yaml](variant_sweep.yaml) sets its own rank, options and three
-learning rates; everything else is shared: all-MiniLM-L6-v2 with every linear layer adapted and the classification
-head trained, one epoch (63 steps of 16) on 1,000 training sentences of VADER movies, scored on 500 test
-sentences, seed 0. Trainable parameters include the 770 of the head. {len(rows)} runs; their training took
-{train_minutes:.0f} min in all (each run also loads the model and evaluates, in its own process). *s/step* comes
-from runs made at different times on a shared machine: differences under ~30 % are noise.
+`lorakit compare {' '.join(flags)}` (from the repository root; `bench/training_runs.py --part {part}` runs it and
+writes this page). {varies} ([{yaml_name}]({yaml_name})); everything else is shared: all-MiniLM-L6-v2 with every
+linear layer adapted and the classification head trained, one epoch (63 steps of 16) on 1,000 training sentences of
+VADER movies, scored on 500 test sentences, seeds 0..{seeds - 1}. Trainable parameters include the 770 of the head.
+{len(rows)} runs; their training took {train_minutes:.0f} min in all (each run also loads the model and evaluates,
+in its own process). *s/step* comes from runs made at different times on a shared machine: differences under
+~30 % are noise.
 
 {table}
-![accuracy vs learning rate](variant_comparison_accuracy_vs_lr.png)
-![training curves](variant_comparison_training_curves.png)
+![accuracy vs learning rate]({page}_accuracy_vs_lr.png)
+![training curves]({page}_training_curves.png)
 """
     print(body)
     if write:
-        (ROOT / "docs" / "variant_comparison.md").write_text(body)
+        (ROOT / "docs" / f"{page}.md").write_text(body)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=["demo", "compare", "variants", "both"], default="both")
+    parser.add_argument("--part", choices=["demo", "compare", *PAGES, "both"], default="both")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--output-dir", default=None, help="variants: keep (and reuse) the runs in this folder")
     args = parser.parse_args()
-    if args.part == "variants":
-        variants(not args.no_write, args.output_dir)
+    if args.part in PAGES:
+        sweep_page(args.part, not args.no_write, args.output_dir)
     if args.part in ("demo", "both"):
         demo(not args.no_write)
     if args.part in ("compare", "both"):

@@ -195,3 +195,18 @@ def test_per_variant_settings_give_each_entry_its_own_rank(tmp_path):
     assert params["wide"] - params["lora"] == 2 * 4 * (128 + 96)  # 2 layers × 4 more ranks × (q_proj + v_proj)
     with pytest.raises(Exception, match="not in the sweep"):
         compare_module.compare({}, ["lora"], [1e-3], [0], per_variant={"dora": {"r": 4}})
+
+
+def test_runs_saved_before_a_setting_existed_are_reused_at_its_default(tmp_path):
+    import yaml
+
+    from lorakit.train.run import saved_settings
+
+    config = RunConfig.from_flat({"output_dir": str(tmp_path)})
+    old = saved_settings(config)
+    del old["init"], old["optim_args"]  # settings added after this run was made
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "results.json").write_text("{}")
+    compare_module._check_reusable(tmp_path, config)  # defaults: reusable
+    with pytest.raises(Exception, match="init"):
+        compare_module._check_reusable(tmp_path, RunConfig.from_flat({"output_dir": str(tmp_path), "init": "eva"}))

@@ -149,6 +149,9 @@ def _check_reusable(run_dir: Path, config: RunConfig) -> None:
             not checkpoint.checkpoints(run_dir / "checkpoints"):
         return
     saved, wanted = read_yaml(saved_file), yaml.safe_load(yaml.safe_dump(saved_settings(config)))
+    # a setting newer than the saved run is compared with its default (the value the run effectively had)
+    defaults = yaml.safe_load(yaml.safe_dump(RunConfig().to_flat()))
+    saved = {**{k: v for k, v in defaults.items() if k in wanted}, **saved}
     changed = sorted(k for k in set(saved) | set(wanted) if k not in _COSMETIC and saved.get(k) != wanted.get(k))
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
