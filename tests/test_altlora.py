@@ -16,7 +16,7 @@ from contract import mlp, planted_teacher
 import lorakit
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.optim import make_optimizer
-from lorakit.optim.altlora import lora_pairs
+from lorakit.optim import lora_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

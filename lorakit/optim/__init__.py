@@ -28,6 +28,25 @@ def optimizer_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def lora_pairs(model, exact: bool = False) -> list[tuple[str, object]]:
+    """("module.path/adapter", variant) for every adapter with trainable `lora_A` and `lora_B`, found by walking the
+    model's adapted layers: A is paired with the B of its own module, never by parameter order. `exact`: only
+    variants whose ΔW = s·B·A exactly (not DoRA), for closed forms that rely on it."""
+    import torch
+
+    from ..layers import AdaptedLayer
+
+    pairs = []
+    for path, layer in model.named_modules():
+        if isinstance(layer, AdaptedLayer):
+            for name, v in layer.adapters.items():
+                a, b = getattr(v, "lora_A", None), getattr(v, "lora_B", None)
+                if isinstance(a, torch.nn.Parameter) and isinstance(b, torch.nn.Parameter) and a.requires_grad \
+                        and b.requires_grad and not (exact and v.factors() is None):
+                    pairs.append((f"{path}/{name}", v))
+    return pairs
+
+
 def make_optimizer(name: str, model, args, **options):
     """The registered optimizer `name` over `model`'s trainable parameters."""
     if name not in optimizer_names():
@@ -46,4 +65,4 @@ def _discover() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-__all__ = ["make_optimizer", "optimizer_names", "register_optimizer"]
+__all__ = ["lora_pairs", "make_optimizer", "optimizer_names", "register_optimizer"]

@@ -29,8 +29,7 @@ import math
 import torch
 
 from ..errors import ConfigError, TrainingError
-from . import register_optimizer
-from .altlora import lora_pairs
+from . import lora_pairs, register_optimizer
 
 GRANULARITIES = ("row", "column", "tensor")
 

@@ -32,23 +32,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, TrainingError
-from ..layers import AdaptedLayer
-from . import register_optimizer
+from . import lora_pairs, register_optimizer
 
 MODES = ("sequential", "alternating")
-
-
-def lora_pairs(model) -> list[tuple[str, object]]:
-    """(module path/adapter name, variant) for every adapter with trainable `lora_A` and `lora_B` factors."""
-    pairs = []
-    for path, module in model.named_modules():
-        if isinstance(module, AdaptedLayer):
-            for name, v in module.adapters.items():
-                a, b = getattr(v, "lora_A", None), getattr(v, "lora_B", None)
-                if isinstance(a, torch.nn.Parameter) and isinstance(b, torch.nn.Parameter) \
-                        and a.requires_grad and b.requires_grad:
-                    pairs.append((f"{path}/{name}", v))
-    return pairs
 
 
 def _inv(gram: torch.Tensor, reg: float) -> torch.Tensor:

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers import AdaptedLayer
-from . import register_optimizer
+from . import lora_pairs, register_optimizer
 from .standard import trainable
 
 JITTER = 1e-8
@@ -68,24 +67,6 @@ def adjusted_gradients(a: torch.Tensor, b: torch.Tensor, g_a: torch.Tensor, g_b:
     return g_a_star + x @ a, g_b_star - b @ x, x
 
 
-def lora_pairs(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(variant, "module.path/adapter") for every adapter whose ΔW = s·B·A exactly with trainable `lora_A`, `lora_B`,
-    found by walking the model's AdaptedLayers (so A pairs with the B of its own module)."""
-    pairs = []
-    for path, layer in model.named_modules():
-        if not isinstance(layer, AdaptedLayer):
-            continue
-        for name, v in layer.adapters.items():
-            a, b = getattr(v, "lora_A", None), getattr(v, "lora_B", None)
-            if not (isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter) and a.requires_grad
-                    and b.requires_grad):
-                continue
-            if v.factors() is None:  # e.g. DoRA: ΔW is not s·B·A, the closed form does not apply
-                continue
-            pairs.append((v, f"{path}/{name}"))
-    return pairs
-
-
 class LoRAPro(torch.optim.Optimizer):
     """LoRA-Pro over `model`'s trainable parameters (see the module doc). Works in any torch loop:
     `loss.backward(); opt.step()`."""
@@ -93,7 +74,7 @@ class LoRAPro(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         params = trainable(model)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.pairs = lora_pairs(model)
+        self.pairs = [(v, n) for n, v in lora_pairs(model, exact=True)]
         self._paired = {id(p) for v, _ in self.pairs for p in (v.lora_A, v.lora_B)}
 
     @staticmethod

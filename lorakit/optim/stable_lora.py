@@ -19,24 +19,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..layers import AdaptedLayer
-from . import register_optimizer
+from . import lora_pairs, register_optimizer
 
 _OPTIONS = {"shrink_ratio", "lr", "betas", "eps", "weight_decay"}
-
-
-def lora_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
-    """(module.adapter name, A, B) for every trainable LoRA-style adapter, paired by module."""
-    pairs = []
-    for mname, module in model.named_modules():
-        if not isinstance(module, AdaptedLayer):
-            continue
-        for aname, variant in module.adapters.items():
-            a, b = getattr(variant, "lora_A", None), getattr(variant, "lora_B", None)
-            if isinstance(a, torch.nn.Parameter) and isinstance(b, torch.nn.Parameter) and a.requires_grad \
-                    and b.requires_grad:
-                pairs.append((f"{mname}.{aname}", a, b))
-    return pairs
 
 
 class StableLoRA(torch.optim.AdamW):
@@ -90,7 +75,7 @@ def stable_lora(model, args, **options):
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ConfigError(f"unknown stable_lora option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    pairs = lora_pairs(model)
+    pairs = [(n, v.lora_A, v.lora_B) for n, v in lora_pairs(model)]
     if not pairs:
         raise ConfigError("stable_lora needs LoRA adapters with trainable lora_A and lora_B; none found")
     paired = {id(p) for _, a, b in pairs for p in (a, b)}
