@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from contract import mlp, planted_teacher
+from contract import mlp, planted_loss_drop
 
 import lorakit
 from lorakit.errors import ConfigError, TrainingError
@@ -177,24 +177,9 @@ def test_resume_from_weights_only_state_dict():
 @pytest.mark.parametrize("name,opts,lr", [("altlora", {}, 2.0), ("altlora", {"mode": "alternating"}, 2.0),
                                           ("altlora+", {}, 1e-2)])
 def test_planted_task_loss_drops(name, opts, lr):
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(1000, 64, generator=g)
-    with torch.no_grad():
-        y = planted_teacher()(x)
     model = model_with_lora()
     opt = make_optimizer(name, model, args(lr=lr, wd=0.0), **opts)
-
-    def loss(i=None):
-        xs, ys = (x, y) if i is None else (x[i:i + 100], y[i:i + 100])
-        return torch.nn.functional.mse_loss(model(xs), ys)
-    with torch.no_grad():
-        before = loss().item()
-    for step in range(80):
-        opt.zero_grad()
-        loss((step * 100) % 1000).backward()
-        opt.step()
-    with torch.no_grad():
-        after = loss().item()
+    before, after = planted_loss_drop(model, opt)
     # measured: altlora 0.016×, alternating 0.14×, altlora+ 0.0025× of the initial loss after 80 steps
     assert after < 0.25 * before
 
