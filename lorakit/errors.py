@@ -59,3 +59,34 @@ class ModelError(LorakitError, ValueError):
 
 class TrainingError(LorakitError):
     """A training run cannot continue: non-finite loss, unusable checkpoint, bad resume."""
+
+
+class ServeError(LorakitError):
+    """The serving engine cannot take or finish a request."""
+
+
+class RequestError(ServeError, ValueError):
+    """A request is malformed: a field is missing, of the wrong type, out of range or too long (HTTP 400)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class UnknownAdapterError(ServeError, KeyError):
+    """A request or command names an adapter the engine does not know (HTTP 404)."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class QueueFullError(ServeError):
+    """The engine's waiting queue is full; retry later (HTTP 429 with Retry-After)."""
+
+
+class CapacityError(ServeError):
+    """A request can never fit: its prompt plus max_tokens exceed the context or the KV memory (HTTP 400)."""
+
+
+class EngineStoppedError(ServeError):
+    """The engine is shutting down or has stopped (HTTP 503)."""

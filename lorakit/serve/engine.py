@@ -1,0 +1,238 @@
+"""The serving engine: requests in, tokens out, one scheduler iteration per `step()`.
+
+    engine = Engine.from_dir("my-llama", EngineConfig(max_loras=16))
+    engine.register_adapter("sql", "adapters/sql")
+    done = engine.generate([Request(prompt_ids=[1, 5, 9], adapter="sql", params=SamplingParams(max_tokens=32))])
+
+A step runs the prefills of newly admitted requests and one decode token of every running request as one batch
+over flattened tokens, rows grouped by adapter (see `lora.py`), with a paged KV cache. KV blocks and loaded
+adapters share one memory budget (`EngineConfig.memory_bytes`). The engine is not thread-safe: one thread calls
+everything (`AsyncEngine` in `async_engine.py` is that thread for the HTTP server).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import CapacityError, QueueFullError, RequestError, UnknownAdapterError
+from .adapters import AdapterPool
+from .config import EngineConfig
+from .llama import LlamaRunner, SeqSlice, StepBatch
+from .lora import LoraStep, Segment, StackCache
+from .request import Request, RequestOutput
+from .scheduler import Scheduler, Sequence, sample
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model: LlamaRunner, config: EngineConfig | None = None, eos_token_id=None):
+        self.model, self.config = model, config or EngineConfig()
+        cfg = self.config
+        self.block_bytes = model.kv_bytes_per_block(cfg.block_size)
+        num_blocks = cfg.memory_bytes // self.block_bytes
+        if num_blocks < 1:
+            raise CapacityError(f"memory_bytes {cfg.memory_bytes} cannot hold one KV block ({self.block_bytes} bytes)")
+        self.cache = model.new_cache(num_blocks, cfg.block_size)
+        self.pool = AdapterPool(model.dims, cfg.max_lora_rank, cfg.max_cpu_loras, self.free_bytes, cfg.load_workers)
+        self.scheduler = Scheduler(self)
+        self.stacks = StackCache()
+        eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, requests_finished_total=0,
+                             preemptions_total=0, step_errors_total=0, steps_total=0)
+
+    @classmethod
+    def from_dir(cls, model_dir, config: EngineConfig | None = None) -> "Engine":
+        return cls(LlamaRunner.from_dir(model_dir), config)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.dims.max_len
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return min(self.eos_ids) if self.eos_ids else None
+
+    # ---- adapters ------------------------------------------------------------------------------------------
+    def register_adapter(self, name: str, path) -> None:
+        self.pool.register(name, Path(path))
+
+    def unregister_adapter(self, name: str) -> None:
+        """Forget `name`: admitted requests finish with it, waiting ones fail (their adapter is gone)."""
+        self.pool.unregister(name)
+
+    def adapters(self) -> dict[str, str]:
+        return {n: s.path for n, s in self.pool.specs().items()}
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        ids, vocab = request.prompt_ids, self.model.dims.vocab
+        if not isinstance(ids, list) or not ids:
+            raise RequestError("prompt must hold at least one token", field="prompt")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", field="prompt")
+        total = len(ids) + request.params.max_tokens
+        if total > self.max_model_len:
+            raise CapacityError(f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) = {total} "
+                                f"exceeds the model's context length {self.max_model_len}")
+        if self.cache.pool.blocks_for(total) > self.cache.pool.num_blocks:
+            raise CapacityError(f"{total} tokens need more KV memory than memory_bytes={self.config.memory_bytes} holds")
+        if request.adapter is not None and request.adapter not in self.pool:
+            raise UnknownAdapterError(f"adapter {request.adapter!r} is not registered "
+                                      f"(known: {sorted(self.pool.specs())[:20]})")
+        if request.request_id in self._seqs:
+            raise RequestError(f"request id {request.request_id!r} is already in use", field="request_id")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are waiting (max_waiting); retry later")
+        seq = Sequence(request)
+        self._seqs[request.request_id] = seq
+        self.scheduler.waiting.append(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now ("abort") and free its blocks; its output is also returned by the next step."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        out = self._finish(seq, "abort")
+        self._pending.append(out)
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
+
+    def generate(self, requests: list[Request]) -> list[Request]:
+        """Closed loop: add every request, step until all are finished."""
+        for r in requests:
+            self.add_request(r)
+        while self.has_work():
+            self.step()
+        return requests
+
+    # ---- memory --------------------------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        """Room left in the shared budget for KV blocks and adapters."""
+        used = self.cache.pool.used_blocks * self.block_bytes + self.pool.resident_bytes()
+        return self.config.memory_bytes - used
+
+    def reserve_blocks(self, seq: Sequence, tokens: int) -> bool:
+        """Give `seq` blocks for `tokens` tokens, evicting idle adapters if needed; False if they cannot fit."""
+        need = self.cache.pool.extra_blocks(seq.id, tokens)
+        if need == 0:
+            return True
+        if need > self.cache.pool.free_blocks or not self.pool.make_room(need * self.block_bytes):
+            return False
+        self.cache.pool.grow(seq.id, tokens)
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        """Free a request's blocks and its hold on its adapter."""
+        self.cache.pool.free(seq.id)
+        if seq.adapter is not None:
+            self.pool.unpin(seq.adapter)
+            seq.adapter = None
+
+    # ---- one iteration -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        self.counters["preemptions_total"] += len(plan.preempted)
+        for seq, error in plan.failed:
+            outputs.append(self._finish(seq, "error", error))
+        if plan.empty:
+            loading = self.pool.loading()
+            if loading and not outputs:  # only cold adapters to wait for: sleep until one arrives
+                concurrent.futures.wait(loading, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+            return outputs
+        seqs = self._layout(plan.prefills, plan.decodes)
+        try:
+            batch = self._batch(seqs)
+            logits = self.model.step(batch, self.cache)
+            tokens = sample(logits, seqs)
+        except Exception as e:  # never leave the engine wedged: fail this step's requests, keep serving
+            log.exception("engine step failed")
+            self.counters["step_errors_total"] += 1
+            return outputs + [self._finish(s, "error", f"internal error in the model step: {e}") for s in seqs]
+        now = time.perf_counter()
+        self.counters["steps_total"] += 1
+        for seq, token, row in zip(seqs, tokens, logits):
+            if seq.computed == 0:
+                self.counters["prompt_tokens_total"] += seq.length
+            seq.computed = seq.length
+            req = seq.request
+            req.output_ids.append(token)
+            if req.params.record_logits:
+                req.logits.append(row.clone())
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self.counters["generation_tokens_total"] += 1
+            reason = self._stop_reason(seq, token)
+            outputs.append(self._finish(seq, reason) if reason else RequestOutput(req.request_id, (token,)))
+        return outputs
+
+    def _layout(self, prefills: list[Sequence], decodes: list[Sequence]) -> list[Sequence]:
+        """Rows grouped by adapter: prefills, then decodes, each sorted by adapter (base rows last)."""
+        def key(s):
+            return (s.adapter is None, s.adapter.spec.max_rank if s.adapter else 0, s.adapter.name if s.adapter else "")
+
+        return sorted(prefills, key=key) + sorted(decodes, key=key)
+
+    def _batch(self, seqs: list[Sequence]) -> StepBatch:
+        tokens, positions, slices, segments = [], [], [], []
+        pool = self.cache.pool
+        for seq in seqs:
+            ids = seq.request.all_ids
+            start = len(tokens)
+            new = ids[seq.computed:]
+            tokens += new
+            positions += range(seq.computed, len(ids))
+            slices.append(SeqSlice(start, len(tokens), len(ids), pool.slots(seq.id, 0, len(ids))))
+            if seq.adapter is not None:
+                decode = seq.computed > 0
+                last = segments[-1] if segments else None
+                if last is not None and last.adapter is seq.adapter and last.decode == decode and last.stop == start:
+                    last.stop = len(tokens)
+                else:
+                    segments.append(Segment(seq.adapter, start, len(tokens), decode))
+        lora = LoraStep(segments, self.stacks, self.config.lora_kernel, self.config.bmm_min_adapters) if segments else None
+        return StepBatch(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slices, lora)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.request.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if len(seq.request.output_ids) >= p.max_tokens or seq.length >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> RequestOutput:
+        req = seq.request
+        self.scheduler.remove(seq)
+        self.release(seq)
+        self._seqs.pop(req.request_id, None)
+        req.finish_reason, req.error, req.finish_time = reason, error, time.perf_counter()
+        self.counters["requests_finished_total"] += 1
+        new = (req.output_ids[-1],) if reason in ("stop", "length") and req.output_ids else ()
+        return RequestOutput(req.request_id, new, reason, error)
+
+    # ---- monitoring ----------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        pool = self.cache.pool
+        return dict(self.counters, waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
+                    adapter_cache_hits_total=self.pool.hits, adapter_cache_misses_total=self.pool.misses,
+                    adapter_evictions_total=self.pool.evictions, adapters_registered=len(self.pool.specs()),
+                    adapters_loaded=self.pool.loaded_count(), adapter_bytes_loaded=self.pool.resident_bytes(),
+                    kv_blocks_used=pool.used_blocks, kv_blocks_total=pool.num_blocks)
+
+    def close(self) -> None:
+        self.pool.shutdown()

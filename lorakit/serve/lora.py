@@ -1,0 +1,128 @@
+"""LoRA add-ons of one engine step for rows of many adapters: the metadata is built once, every layer uses it.
+
+The engine lays out a step's rows grouped by adapter (prefills first, then decodes), so each adapter's rows are
+one contiguous slice and no layer permutes activations. Per fused projection group (q/k/v, o, gate/up, down):
+
+- **segments** (prefill rows, or few adapters): per adapter, one shrink GEMM `h = x[s:e] · Aᵀ` at its true rank
+  (q, k and v share it) and one `addmm_` per module into its columns of the base output;
+- **rank-bucketed bmm** (decode rows of many adapters): adapters whose factors have the same shape in this group
+  are stacked once per set of adapters (a copy per *distinct adapter*, reused across steps while the set is
+  unchanged, never per token and never padded to a global max rank) and run as two `bmm` calls.
+
+`kernel="auto"` uses bmm for a decode bucket of at least `bmm_min_adapters` adapters (the measured switch point,
+see BENCHMARKS.md), segments otherwise. Base-model rows are in no segment and cost nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import LoadedAdapter
+
+
+@dataclass
+class Segment:
+    adapter: LoadedAdapter
+    start: int
+    stop: int
+    decode: bool  # one row per sequence (so `stop - start` sequences share the adapter)
+
+
+class StackCache:
+    """Stacked factors per (layer, group, adapters): built when a decode set first appears, kept for the next steps."""
+
+    def __init__(self):
+        self._current: dict[tuple, tuple] = {}
+        self._previous: dict[tuple, tuple] = {}
+
+    def new_step(self) -> None:
+        if self._current:
+            self._previous, self._current = self._current, {}
+
+    def get(self, layer: int, group: str, adapters: tuple, build):
+        key = (layer, group, tuple(map(id, adapters)))
+        hit = self._current.get(key)
+        if hit is None:
+            hit = self._previous.get(key)
+            # the entry keeps its adapters alive, so equal ids mean the same objects, not reused addresses
+            if hit is None or any(a is not b for a, b in zip(hit[0], adapters)):
+                hit = (adapters, build())
+            self._current[key] = hit
+        return hit[1]
+
+
+class LoraStep:
+    """Which rows of a step use which adapter, and the add-on kernels that read it."""
+
+    def __init__(self, segments: list[Segment], stacks: StackCache, kernel: str = "auto", bmm_min_adapters: int = 4):
+        self.segments = segments
+        self.kernel, self.bmm_min = kernel, bmm_min_adapters
+        self.stacks = stacks
+        stacks.new_step()
+        decodes = [s for s in segments if s.decode]
+        self.prefills = [s for s in segments if not s.decode]
+        # decode segments grouped by rows per adapter (bmm needs equal rows per adapter); rank buckets come per group
+        by_rows: dict[int, list[Segment]] = {}
+        for s in decodes:
+            by_rows.setdefault(s.stop - s.start, []).append(s)
+        self._decode_sets = list(by_rows.values())
+        self._buckets: dict[tuple[int, str], list] = {}
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += Σ_adapters s·x·Aᵀ·Bᵀ on each adapter's rows, for the modules of `group` this adapter targets."""
+        for seg in self.prefills:
+            self._segment(seg, layer, group, x, out)
+        for bucket in self._decode_buckets(layer, group):
+            if self.kernel == "segment" or (self.kernel == "auto" and len(bucket) < self.bmm_min):
+                for seg in bucket:
+                    self._segment(seg, layer, group, x, out)
+            else:
+                self._bmm(bucket, layer, group, x, out)
+
+    @staticmethod
+    def _segment(seg: Segment, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        w = seg.adapter.groups.get((layer, group))
+        if w is None:
+            return
+        h = torch.mm(x[seg.start:seg.stop], w.a.T)
+        for r0, r1, c0, c1, bt in w.parts:
+            out[seg.start:seg.stop, c0:c1].addmm_(h[:, r0:r1], bt)
+
+    def _decode_buckets(self, layer: int, group: str) -> list[list[Segment]]:
+        """Decode segments of this group split by factor layout (ranks) and rows per adapter, in row order."""
+        key = (layer, group)
+        if key not in self._buckets:
+            buckets: dict[tuple, list[Segment]] = {}
+            for segs in self._decode_sets:
+                for s in segs:
+                    w = s.adapter.groups.get(key)
+                    if w is not None:
+                        buckets.setdefault((s.stop - s.start, w.key), []).append(s)
+            self._buckets[key] = list(buckets.values())
+        return self._buckets[key]
+
+    def _bmm(self, bucket: list[Segment], layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        adapters = tuple(s.adapter for s in bucket)
+        weights = [a.groups[layer, group] for a in adapters]
+
+        def build():
+            return (torch.stack([w.a for w in weights]),
+                    [torch.stack([w.parts[j][4] for w in weights]) for j in range(len(weights[0].parts))])
+
+        a, bts = self.stacks.get(layer, group, adapters, build)
+        n, rows = len(bucket), bucket[0].stop - bucket[0].start
+        first, last = bucket[0].start, bucket[-1].stop
+        contiguous = last - first == n * rows and all(s.start == first + i * rows for i, s in enumerate(bucket))
+        if contiguous:
+            xs = x[first:last].view(n, rows, -1)
+        else:
+            index = torch.cat([torch.arange(s.start, s.stop) for s in bucket])
+            xs = x.index_select(0, index).view(n, rows, -1)
+        h = torch.bmm(xs, a.transpose(1, 2))                      # (n, rows, Σr)
+        for (r0, r1, c0, c1, _), bt in zip(weights[0].parts, bts):
+            if contiguous:
+                out[first:last, c0:c1].view(n, rows, c1 - c0).baddbmm_(h[:, :, r0:r1], bt)
+            else:
+                y = torch.bmm(h[:, :, r0:r1], bt).view(n * rows, c1 - c0)
+                out[:, c0:c1].index_add_(0, index, y)
