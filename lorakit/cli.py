@@ -169,6 +169,33 @@ def run_inspect(args) -> None:
     print(describe_adapter(adapter_folder(args.dir)))
 
 
+def run_make_model(args) -> None:
+    from .serve.model_dir import make_model, parameter_count
+
+    out = make_model(args.out_dir, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                     num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                     intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
+                     max_position_embeddings=args.max_position_embeddings, seed=args.seed)
+    print(f"{out}  {parameter_count(out):,} parameters")
+
+
+def run_serve(args) -> None:
+    from .serve.config import GiB, EngineConfig
+    from .serve.server import parse_lora_modules, serve
+
+    given = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras,
+             "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+             "max_waiting": args.max_waiting, "block_size": args.block_size}
+    if args.memory_gb is not None:
+        if not args.memory_gb > 0:
+            raise ConfigError(f"--memory-gb must be > 0, got {args.memory_gb}")
+        given["memory_bytes"] = int(args.memory_gb * GiB)
+    config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
+    serve(args.model_dir, parse_lora_modules(args.lora_modules or []), engine_config=config,
+          adapter_roots=args.adapter_root, served_name=args.served_model_name, host=args.host, port=args.port,
+          shutdown_timeout=args.shutdown_timeout)
+
+
 def _print_results(results: dict) -> None:
     width = max(map(len, results))
     for k, v in results.items():
@@ -205,6 +232,42 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="an adapter folder: config, per-layer ranks, parameter counts, norms")
     ins.add_argument("dir", help="an adapter folder, or a run's output_dir")
     ins.set_defaults(run=run_inspect)
+
+    mk = sub.add_parser("make-model", help="write a random-weight decoder model directory with an offline tokenizer")
+    mk.add_argument("arch", choices=["llama", "mistral", "qwen2"])
+    mk.add_argument("out_dir", help="a new or empty directory")
+    for flag, default in (("--hidden-size", 1024), ("--num-layers", 8), ("--num-heads", None),
+                          ("--num-kv-heads", None), ("--intermediate-size", None), ("--vocab-size", 4096),
+                          ("--max-position-embeddings", 2048), ("--seed", 0)):
+        mk.add_argument(flag, type=int, default=default, metavar="INT",
+                        help=f"default: {default}" if default is not None else "default: derived (see make_model)")
+    mk.set_defaults(run=run_make_model)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible server for a decoder model and many LoRA adapters "
+                                       "(flags as `vllm serve`)")
+    srv.add_argument("model_dir", help="a local Llama/Mistral/Qwen2 directory (config.json + *.safetensors)")
+    srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                     help='adapters to register at start: name=path or JSON {"name": ..., "path": ...}')
+    srv.add_argument("--adapter-root", action="append", default=None, metavar="DIR",
+                     help="a directory /v1/load_lora_adapter may load from (repeatable; default: the parent "
+                          "directories of the --lora-modules paths)")
+    for flag, kind, text in (("--max-loras", int, "distinct adapters per step"),
+                             ("--max-lora-rank", int, "adapters of a higher rank are refused"),
+                             ("--max-cpu-loras", int, "adapters kept in RAM (LRU)"),
+                             ("--memory-gb", float, "one budget for KV cache blocks and loaded adapters"),
+                             ("--max-num-seqs", int, "running requests"),
+                             ("--max-num-batched-tokens", int, "tokens computed per step"),
+                             ("--max-waiting", int, "queued requests before 429"),
+                             ("--block-size", int, "tokens per KV cache block")):
+        srv.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                         help=f"{text} (default: EngineConfig's)")
+    srv.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: the "
+                                                              "directory's name)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                     help="on SIGINT/SIGTERM, seconds running requests get to finish")
+    srv.set_defaults(run=run_serve)
 
     demo = sub.add_parser("demo", help="the README demo: baseline vs LoRA on VADER movies with MiniLM",
                           add_help=False)

@@ -86,11 +86,13 @@ class Engine:
         if total > self.max_model_len:
             raise CapacityError(f"prompt ({len(ids)} tokens) + max_tokens ({request.params.max_tokens}) = {total} "
                                 f"exceeds the model's context length {self.max_model_len}")
-        if self.cache.pool.blocks_for(total) > self.cache.pool.num_blocks:
-            raise CapacityError(f"{total} tokens need more KV memory than memory_bytes={self.config.memory_bytes} holds")
         if request.adapter is not None and request.adapter not in self.pool:
             raise UnknownAdapterError(f"adapter {request.adapter!r} is not registered "
                                       f"(known: {sorted(self.pool.specs())[:20]})")
+        adapter_bytes = self.pool.specs()[request.adapter].nbytes if request.adapter is not None else 0
+        if self.cache.pool.blocks_for(total) * self.block_bytes + adapter_bytes > self.config.memory_bytes:
+            raise CapacityError(f"{total} tokens of KV cache" + (f" plus adapter {request.adapter!r} ({adapter_bytes} "
+                                f"bytes)" if adapter_bytes else "") + f" exceed memory_bytes={self.config.memory_bytes}")
         if request.request_id in self._seqs:
             raise RequestError(f"request id {request.request_id!r} is already in use", field="request_id")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
@@ -153,6 +155,10 @@ class Engine:
             loading = self.pool.loading()
             if loading and not outputs:  # only cold adapters to wait for: sleep until one arrives
                 concurrent.futures.wait(loading, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+            elif not loading and not plan.failed and self.scheduler.waiting:  # nothing runs and nothing can start
+                seq = self.scheduler.waiting[0]
+                outputs.append(self._finish(seq, "error", "the request cannot be scheduled: its KV blocks and adapter "
+                                                          "do not fit in memory_bytes next to the loaded adapters"))
             return outputs
         seqs = self._layout(plan.prefills, plan.decodes)
         try:

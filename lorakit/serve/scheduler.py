@@ -97,12 +97,14 @@ class Scheduler:
                     continue  # loading from disk: the next requests go ahead
             if seq.length > budget and (prefills or decodes):
                 break
+            if name is not None:  # pinned first: making room for its KV blocks must not evict it
+                seq.adapter = loaded
+                e.pool.pin(name)
             if not e.reserve_blocks(seq, seq.length):
+                e.release(seq)
                 break
             self.waiting.remove(seq)
             if name is not None:
-                seq.adapter = loaded
-                e.pool.pin(name)
                 adapters.add(name)
             self.running.append(seq)
             prefills.append(seq)

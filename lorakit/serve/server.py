@@ -1,0 +1,780 @@
+"""OpenAI-compatible HTTP server (FastAPI) over an AsyncEngine; `serve()` runs it with uvicorn.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (when the tokenizer has a chat template), GET /v1/models,
+POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, GET /health, GET /metrics (Prometheus text), and
+POST /v1/classify when a classifier is given. `model` in a request is an adapter name or the base model's name.
+
+Errors are OpenAI-style JSON `{"error": {"message", "type", "param", "code"}}`: 400 for bad JSON / fields /
+lengths (param names the field), 403 for adapter paths outside the adapter roots, 404 for an unknown model or
+adapter, 413 for a body over 4 MiB, 429 + Retry-After when the engine's queue is full, 503 while shutting down.
+Bad input never yields a 500.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+from starlette.requests import Request as HTTPRequest
+
+from ..errors import (AdapterFileError, AdapterNameError, CapacityError, ConfigError, EngineStoppedError,
+                      LorakitError, QueueFullError, RequestError, UnknownAdapterError)
+from .request import Request, SamplingParams
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_BODY_BYTES = 4 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_MESSAGES = 1024
+RETRY_AFTER_S = 1
+SAMPLING_EPS = 1e-5
+UNSUPPORTED = {  # field -> the value that means "not used" (anything else is refused by name, never ignored)
+    "echo": (False, None), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1),
+    "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class HTTPError(Exception):
+    """An error response: status, OpenAI error type, message, param (the field), optional headers."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+def _error_response(e: HTTPError):
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+def to_http_error(e: Exception) -> HTTPError:
+    """The HTTP error for a lorakit exception (anything unexpected is a 500 that hides internals)."""
+    if isinstance(e, HTTPError):
+        return e
+    if isinstance(e, UnknownAdapterError):
+        return HTTPError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, QueueFullError):
+        return HTTPError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, EngineStoppedError):
+        return HTTPError(503, str(e) or "the server is shutting down", type="service_unavailable",
+                         code="shutting_down")
+    if isinstance(e, RequestError):
+        return HTTPError(400, str(e), param=e.field)
+    if isinstance(e, (CapacityError, AdapterNameError, AdapterFileError, ConfigError)):
+        return HTTPError(400, str(e))
+    if isinstance(e, LorakitError):
+        return HTTPError(400, str(e))
+    log.error("internal error: %r", e, exc_info=e)
+    return HTTPError(500, "internal server error", type="server_error")
+
+
+# ------------------------------------------------------------------ field validation
+def _bad(field: str, message: str):
+    raise HTTPError(400, f"{field}: {message}", param=field)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _opt(body: dict, field: str, kind: str, default=None, *, low=None, high=None):
+    """body[field] checked as `kind` (int | number | bool | str); missing or null gives `default`."""
+    v = body.get(field)
+    if v is None:
+        return default
+    ok = {"int": _is_int, "number": _is_number, "bool": lambda x: isinstance(x, bool),
+          "str": lambda x: isinstance(x, str)}[kind](v)
+    if not ok:
+        _bad(field, f"must be {'an' if kind == 'int' else 'a'} {kind}, got {type(v).__name__}")
+    if low is not None and v < low or high is not None and v > high:
+        _bad(field, f"must be >= {low}, got {v!r}" if high is None else f"must be in [{low}, {high}], got {v!r}")
+    return v
+
+
+def _token_ids(field: str, v) -> list[int]:
+    if not isinstance(v, list) or not all(_is_int(t) for t in v):
+        _bad(field, "must be a list of integers")
+    if any(t < 0 or t >= 2 ** 31 for t in v):
+        _bad(field, "token ids must be in [0, 2^31)")
+    return v
+
+
+def _stop_strings(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        _bad("stop", "must be a string or a list of strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+        _bad("stop", f"stop strings must have 1 to {MAX_STOP_LENGTH} characters")
+    return stops
+
+
+def _check_unsupported(body: dict) -> None:
+    n = body.get("n")
+    if n is not None and n != 1:
+        _bad("n", "only n=1 is supported")
+    for field, neutral in UNSUPPORTED.items():
+        if field in body:
+            value = body[field]
+            if not any(value == x and type(value) is type(x) or value is x for x in neutral):
+                _bad(field, "is not supported by this server")
+
+
+def _sampling(body: dict, max_tokens_field: str = "max_tokens") -> tuple[SamplingParams, list[str], bool]:
+    max_tokens = _opt(body, max_tokens_field, "int", 16, low=1)
+    temperature = _opt(body, "temperature", "number", 1.0, low=0, high=2)
+    if temperature < SAMPLING_EPS:  # as vLLM: a tiny temperature is greedy (logits / 1e-300 would overflow)
+        temperature = 0.0
+    top_p = _opt(body, "top_p", "number", 1.0, low=0, high=1)
+    if top_p == 0:
+        _bad("top_p", "must be in (0, 1]")
+    seed = _opt(body, "seed", "int", None, low=0, high=2 ** 63 - 1)
+    stop_ids = body.get("stop_token_ids")
+    stop_ids = () if stop_ids is None else tuple(_token_ids("stop_token_ids", stop_ids))
+    if len(stop_ids) > 1024:
+        _bad("stop_token_ids", "at most 1024 ids")
+    ignore_eos = _opt(body, "ignore_eos", "bool", False)
+    stream = _opt(body, "stream", "bool", False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
+                            stop_token_ids=stop_ids, ignore_eos=ignore_eos)
+    return params, _stop_strings(body), stream
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        _bad("stream_options", "must be an object")
+    return bool(_opt(options, "include_usage", "bool", False))
+
+
+# ------------------------------------------------------------------ text out
+class Detokenizer:
+    """Incremental decoding: text deltas that are stable (no half UTF-8 character at the end).
+
+    Decodes a sliding window (a few previous tokens as context, as vLLM does) so the cost per token stays small
+    and tokenizers that strip a leading space at the start of a decode still give the right spacing.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], context: int = 4):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-context:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, new_ids, final: bool = False) -> str:
+        self.ids.extend(new_ids)
+        if len(self.ids) == self.read:
+            return ""
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+
+class StopMatcher:
+    """Cuts a stream of text deltas at the first stop string (excluded), holding back a possible stop prefix."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, delta: str, final: bool = False) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        text = self.pending + delta
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return text[:min(hits)], True
+        if final:
+            self.pending = ""
+            return text, False
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold], False
+
+
+# ------------------------------------------------------------------ app
+class _StatusCounter:
+    """ASGI middleware counting /v1/ responses by status code (pure ASGI: streaming and disconnects untouched)."""
+
+    def __init__(self, app, counts: dict[str, int]):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                key = str(message["status"])
+                self.counts[key] = self.counts.get(key, 0) + 1
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
+def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None, served_name: str | None = None,
+              classifier=None, shutdown_timeout: float = 30.0):
+    """The FastAPI app. `adapter_roots`: directories `/v1/load_lora_adapter` may load from (none: loading is
+    refused). `served_name`: the base model's name (default: the engine's). The lifespan shuts the engine down."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    base_name = served_name or async_engine.model_name
+    roots = [os.path.realpath(r) for r in (adapter_roots or [])]
+    created = int(time.time())
+    status_counts: dict[str, int] = {}
+    stop_ids_base = {async_engine.eos_token_id} if async_engine.eos_token_id is not None else set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await async_engine.shutdown(shutdown_timeout)
+        close = getattr(classifier, "close", None)
+        if close is not None:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+
+    app = FastAPI(title="lorakit", lifespan=lifespan)
+
+    app.add_middleware(_StatusCounter, counts=status_counts)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, e: Exception):  # a JSON 500, never a traceback page
+        return _error_response(to_http_error(e))
+
+    @app.exception_handler(HTTPError)
+    async def on_http_error(request, e: HTTPError):
+        return _error_response(e)
+
+    @app.exception_handler(LorakitError)
+    async def on_lorakit_error(request, e: LorakitError):
+        return _error_response(to_http_error(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, e: RequestValidationError):
+        errors = e.errors()
+        where = ".".join(str(x) for x in errors[0].get("loc", ())[1:]) if errors else None
+        message = errors[0].get("msg", "invalid request") if errors else "invalid request"
+        return _error_response(HTTPError(400, f"{where}: {message}" if where else message, param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_starlette_error(request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(HTTPError(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None)))
+
+    async def read_json(request: HTTPRequest) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(bytes(raw))
+        except (ValueError, RecursionError) as e:
+            raise HTTPError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        return body
+
+    def resolve_model(body: dict) -> str | None:
+        """The adapter a request names (None = the base model)."""
+        model = body.get("model")
+        if model is None or model == "" or model == base_name or model == async_engine.model_name:
+            return None
+        if not isinstance(model, str):
+            _bad("model", "must be a string")
+        if model not in async_engine.adapters():
+            raise HTTPError(404, f"the model {model[:200]!r} does not exist (not the base model "
+                                 f"{base_name!r} nor a loaded adapter)", param="model", code="model_not_found")
+        return model
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        if tokenizer is None:
+            _bad("prompt", "this server has no tokenizer: send token ids")
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def check_length(prompt_ids: list[int], params: SamplingParams, prompt_field: str, max_tokens_field: str):
+        if not prompt_ids:
+            _bad(prompt_field, "must not be empty")
+        limit = async_engine.max_model_len
+        if len(prompt_ids) >= limit:
+            _bad(prompt_field, f"the prompt has {len(prompt_ids)} tokens; this model's context is {limit} tokens")
+        if len(prompt_ids) + params.max_tokens > limit:
+            _bad(max_tokens_field, f"this model's maximum context length is {limit} tokens; the request needs "
+                                   f"{len(prompt_ids) + params.max_tokens} ({len(prompt_ids)} in the prompt, "
+                                   f"{params.max_tokens} to generate)")
+
+    async def start(prompt_ids, adapter, params):
+        request = Request(prompt_ids=list(prompt_ids), adapter=adapter, params=params,
+                          request_id=f"req-{uuid.uuid4().hex}")
+        try:
+            return await async_engine.generate(request)
+        except LorakitError as e:
+            raise to_http_error(e) from None
+
+    async def texts(stream, prompt_ids, params: SamplingParams, stops: list[str], counter: list):
+        """(delta, finish_reason, error) for one request; closes (aborts) its stream when cut short."""
+        detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+        matcher = StopMatcher(stops) if stops else None
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else stop_ids_base)
+        try:
+            async for out in stream:
+                ids = list(out.new_token_ids)
+                counter[0] += len(ids)
+                if out.finish_reason == "stop" and ids and ids[-1] in stop_ids:
+                    ids = ids[:-1]  # the stop token is not part of the text (as OpenAI leaves the stop string out)
+                delta = detok.add(ids, final=out.finished) if detok else ""
+                if matcher is not None:
+                    delta, hit = matcher.feed(delta, final=out.finished)
+                    if hit:
+                        yield delta, "stop", None
+                        return
+                if out.finished:
+                    yield delta, out.finish_reason, out.error
+                    return
+                if delta:
+                    yield delta, None, None
+        finally:
+            await stream.aclose()
+
+    async def collect(stream, prompt_ids, params, stops, adapter) -> tuple[str, str, int]:
+        counter = [0]
+        parts, finish, error = [], None, None
+        async for delta, finish, error in texts(stream, prompt_ids, params, stops, counter):
+            parts.append(delta)
+        if finish == "error":
+            if adapter is not None and adapter not in async_engine.adapters():  # unloaded while it waited
+                raise HTTPError(404, f"the adapter {adapter!r} was unloaded before the request ran ({error})",
+                                param="model", code="model_not_found")
+            raise HTTPError(500, f"generation failed: {error}", type="server_error", code="generation_error")
+        if finish == "abort":
+            why = ": the server is shutting down" if async_engine.stopping else ""
+            raise HTTPError(503, f"the request was aborted{why}", type="service_unavailable", code="aborted")
+        return "".join(parts), finish, counter[0]
+
+    async def until_disconnect(request: HTTPRequest):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def unless_disconnected(request: HTTPRequest, coro):
+        """Run `coro`; if the client disconnects first, cancel it (its stream aborts, freeing the KV blocks)."""
+        task = asyncio.ensure_future(coro)
+        watcher = asyncio.ensure_future(until_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if task.cancelled():
+            return None
+        return task.result()
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def sse(payload) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def stream_response(stream, prompt_ids, params, stops, chunk, final_usage: bool):
+        """SSE chunks `chunk(delta, finish_reason)` then `data: [DONE]`."""
+        async def events():
+            counter = [0]
+            try:
+                async for delta, finish, error in texts(stream, prompt_ids, params, stops, counter):
+                    if finish == "error":
+                        yield sse({"error": {"message": f"generation failed: {error}", "type": "server_error",
+                                             "param": None, "code": "generation_error"}})
+                        break
+                    yield sse(chunk(delta, finish))
+                if final_usage:
+                    yield sse(chunk(None, None, usage(len(prompt_ids), counter[0])))
+                yield "data: [DONE]\n\n"
+            finally:
+                await stream.aclose()
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def model_label(adapter: str | None) -> str:
+        return adapter or base_name
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body = await read_json(request)
+        _check_unsupported(body)
+        adapter = resolve_model(body)
+        params, stops, streaming = _sampling(body)
+        include_usage = _include_usage(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            if len(prompt) > MAX_BODY_BYTES:
+                _bad("prompt", "too long")
+            prompt_ids = encode(prompt)
+        elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+            prompt_ids = _token_ids("prompt", prompt)
+        elif prompt is None:
+            _bad("prompt", "is required")
+        elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt) and len(prompt) > 1:
+            _bad("prompt", "only one prompt per request is supported")
+        else:
+            _bad("prompt", "must be a string or a list of token ids")
+        check_length(prompt_ids, params, "prompt", "max_tokens")
+        stream = await start(prompt_ids, adapter, params)
+        rid, name = f"cmpl-{uuid.uuid4().hex}", model_label(adapter)
+        if streaming:
+            def chunk(delta, finish, use=None):
+                choices = [] if delta is None else [{"index": 0, "text": delta, "logprobs": None,
+                                                      "finish_reason": finish}]
+                out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+                       "choices": choices}
+                if use is not None:
+                    out["usage"] = use
+                return out
+            return stream_response(stream, prompt_ids, params, stops, chunk, include_usage)
+        result = await unless_disconnected(request, collect(stream, prompt_ids, params, stops, adapter))
+        if result is None:
+            return Response(status_code=499)
+        text, finish, n = result
+        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": usage(len(prompt_ids), n)}
+
+    def chat_prompt(body: dict) -> list[int]:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise HTTPError(400, "this model has no chat template; use /v1/completions", param="messages",
+                            code="no_chat_template")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            _bad("messages", "must be a non-empty list of {role, content} objects")
+        if len(messages) > MAX_MESSAGES:
+            _bad("messages", f"at most {MAX_MESSAGES} messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                _bad(f"messages[{i}]", "must be an object with role and content")
+            role, content = m.get("role"), m.get("content")
+            if role not in ("system", "user", "assistant", "developer"):
+                _bad(f"messages[{i}].role", "must be one of system, developer, user, assistant")
+            if isinstance(content, list):  # OpenAI content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    _bad(f"messages[{i}].content", "only text content parts are supported")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                _bad(f"messages[{i}].content", "must be a string")
+            clean.append({"role": role, "content": content})
+        try:
+            text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template may raise on message order (jinja's raise_exception)
+            raise HTTPError(400, f"messages: the chat template refused them: {str(e)[:300]}",
+                            param="messages") from None
+        return encode(text, add_special_tokens=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        body = await read_json(request)
+        _check_unsupported(body)
+        adapter = resolve_model(body)
+        field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        params, stops, streaming = _sampling(body, field)
+        include_usage = _include_usage(body)
+        prompt_ids = chat_prompt(body)
+        check_length(prompt_ids, params, "messages", field)
+        stream = await start(prompt_ids, adapter, params)
+        rid, name = f"chatcmpl-{uuid.uuid4().hex}", model_label(adapter)
+        if streaming:
+            first = [True]
+
+            def chunk(delta, finish, use=None):
+                choices = []
+                if delta is not None:
+                    d = {"role": "assistant", "content": delta} if first[0] else {"content": delta}
+                    first[0] = False
+                    choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]
+                out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
+                       "choices": choices}
+                if use is not None:
+                    out["usage"] = use
+                return out
+            return stream_response(stream, prompt_ids, params, stops, chunk, include_usage)
+        result = await unless_disconnected(request, collect(stream, prompt_ids, params, stops, adapter))
+        if result is None:
+            return Response(status_code=499)
+        text, finish, n = result
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": finish}],
+                "usage": usage(len(prompt_ids), n)}
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": base_name, "object": "model", "created": created, "owned_by": "lorakit",
+                 "root": async_engine.model_dir or base_name, "parent": None}]
+        for name, path in sorted(async_engine.adapters().items()):
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "lorakit", "root": path,
+                         "parent": base_name})
+        return {"object": "list", "data": data}
+
+    def adapter_name(body: dict) -> str:
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            _bad("lora_name", "is required (a string)")
+        if not ADAPTER_NAME.match(name):
+            _bad("lora_name", "must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+        return name
+
+    def adapter_path(body: dict) -> str:
+        path = body.get("lora_path")
+        if not isinstance(path, str) or not path:
+            _bad("lora_path", "is required (a string)")
+        if "\x00" in path or len(path) > 4096:
+            _bad("lora_path", "is not a valid path")
+        if not roots:
+            raise HTTPError(403, "loading adapters at runtime is disabled (no --adapter-root)", param="lora_path",
+                            type="permission_error")
+        real = os.path.realpath(path if os.path.isabs(path) else os.path.join(roots[0], path))
+        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+            raise HTTPError(403, "lora_path: not inside an allowed adapter root", param="lora_path",
+                            type="permission_error")
+        if not os.path.isdir(real):
+            _bad("lora_path", "is not an adapter directory")
+        return real
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: HTTPRequest):
+        body = await read_json(request)
+        name = adapter_name(body)
+        path = adapter_path(body)
+        if name in (base_name, async_engine.model_name):
+            _bad("lora_name", "is the base model's name")
+        if name in async_engine.adapters():
+            _bad("lora_name", f"the adapter {name!r} is already loaded")
+        try:
+            await async_engine.load_adapter(name, path)
+        except (AdapterNameError, AdapterFileError, ConfigError) as e:
+            field = "lora_name" if isinstance(e, AdapterNameError) else "lora_path"
+            raise HTTPError(400, f"{field}: {e}", param=field) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: HTTPRequest):
+        body = await read_json(request)
+        name = adapter_name(body)
+        if name not in async_engine.adapters():
+            raise HTTPError(404, f"the adapter {name!r} is not loaded", param="lora_name", code="model_not_found")
+        try:
+            await async_engine.unload_adapter(name)
+        except UnknownAdapterError as e:
+            raise HTTPError(404, str(e), param="lora_name", code="model_not_found") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.get("/health")
+    async def health():
+        if not async_engine.healthy:
+            return JSONResponse({"status": "stopping"}, status_code=503)
+        return PlainTextResponse("")
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus_text(async_engine.metrics(), status_counts),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if classifier is not None:
+        _mount_classify(app, classifier, read_json, base_name)
+    return app
+
+
+def _mount_classify(app, classifier, read_json, base_name: str) -> None:
+    """POST /v1/classify {"model": adapter-or-base, "input": str | list[str]} -> class probabilities per text."""
+    classifier_base = getattr(classifier, "model_name", None)
+
+    @app.post("/v1/classify")
+    async def classify(request: HTTPRequest):
+        body = await read_json(request)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            _bad("model", "must be a string")
+        adapter = None if model in (None, "", base_name, classifier_base) else model
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            _bad("input", "must be a string or a non-empty list of strings")
+        if len(texts) > 1024:
+            _bad("input", "at most 1024 texts per request")
+        try:
+            result = classifier.classify(texts, [adapter] * len(texts))
+            if inspect.isawaitable(result):
+                result = await result
+        except LorakitError as e:
+            raise to_http_error(e) from None
+        if hasattr(result, "tolist"):
+            result = result.tolist()
+        labels = getattr(classifier, "labels", None)
+        data = []
+        for i, row in enumerate(result):
+            if hasattr(row, "tolist"):
+                row = row.tolist()
+            item = {"index": i, "object": "classification", "probs": row}
+            if isinstance(row, list) and row and all(isinstance(p, (int, float)) for p in row):
+                best = max(range(len(row)), key=row.__getitem__)
+                item["label"] = labels[best] if isinstance(labels, (list, tuple)) and best < len(labels) else best
+            data.append(item)
+        return {"object": "list", "model": model or classifier_base or base_name, "data": data}
+
+
+_METRIC_HELP = [  # (exposed name, engine key, type, help)
+    ("lorakit_queue_depth", "waiting", "gauge", "Requests waiting to be scheduled."),
+    ("lorakit_running", "running", "gauge", "Requests running (holding KV blocks)."),
+    ("lorakit_prompt_tokens_total", "prompt_tokens_total", "counter", "Prompt tokens processed."),
+    ("lorakit_generation_tokens_total", "generation_tokens_total", "counter", "Tokens generated."),
+    ("lorakit_generation_tokens_per_second", "generation_tokens_per_s", "gauge",
+     "Tokens generated per second over the last 10 s."),
+    ("lorakit_requests_finished_total", "requests_finished_total", "counter", "Requests the engine finished."),
+    ("lorakit_preemptions_total", "preemptions_total", "counter", "Requests preempted (blocks freed, recomputed)."),
+    ("lorakit_adapter_cache_hits_total", "adapter_cache_hits_total", "counter", "Adapter lookups found in RAM."),
+    ("lorakit_adapter_cache_misses_total", "adapter_cache_misses_total", "counter", "Adapter loads from disk."),
+    ("lorakit_adapter_evictions_total", "adapter_evictions_total", "counter", "Adapters evicted from RAM."),
+    ("lorakit_adapters_loaded", "adapters_loaded", "gauge", "Adapters resident in RAM."),
+    ("lorakit_adapter_bytes_loaded", "adapter_bytes_loaded", "gauge", "Bytes of adapter weights in RAM."),
+    ("lorakit_kv_blocks_used", "kv_blocks_used", "gauge", "KV-cache blocks in use."),
+    ("lorakit_kv_blocks_total", "kv_blocks_total", "gauge", "KV-cache blocks in the pool."),
+    ("lorakit_step_errors_total", "step_errors_total", "counter", "Engine steps that raised."),
+]
+
+
+def prometheus_text(m: dict, status_counts: dict[str, int]) -> str:
+    """Prometheus text exposition (0.0.4) of the engine metrics and the HTTP responses by status code."""
+    lines = []
+    for name, key, kind, text in _METRIC_HELP:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {_num(m.get(key, 0.0))}"]
+    lines += ["# HELP lorakit_request_finish_total Requests finished, by finish reason.",
+              "# TYPE lorakit_request_finish_total counter"]
+    for reason in ("stop", "length", "abort", "error"):
+        lines.append(f'lorakit_request_finish_total{{reason="{reason}"}} {_num(m.get(f"requests_{reason}_total", 0))}')
+    lines += ["# HELP lorakit_request_rejected_total Requests refused at admission, by reason.",
+              "# TYPE lorakit_request_rejected_total counter"]
+    for kind in ("queue_full", "unknown_adapter", "capacity", "invalid", "stopped"):
+        lines.append(f'lorakit_request_rejected_total{{reason="{kind}"}} {_num(m.get(f"rejected_{kind}_total", 0))}')
+    lines += ["# HELP lorakit_http_requests_total HTTP responses on /v1/ endpoints, by status code.",
+              "# TYPE lorakit_http_requests_total counter"]
+    for code, count in sorted(dict(status_counts).items()):
+        lines.append(f'lorakit_http_requests_total{{status="{code}"}} {count}')
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    v = float(v)
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+# ------------------------------------------------------------------ process entry point
+def parse_lora_modules(values: list[str]) -> dict[str, str]:
+    """`name=path` items or vLLM's JSON form `{"name": ..., "path": ...}` -> {name: path}."""
+    modules: dict[str, str] = {}
+    for item in values or []:
+        text = item.strip()
+        if text.startswith("{"):
+            try:
+                spec = json.loads(text)
+            except ValueError as e:
+                raise ConfigError(f"--lora-modules {item!r}: not valid JSON ({e})") from None
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or \
+                    not isinstance(spec.get("path"), str):
+                raise ConfigError(f"--lora-modules {item!r}: the JSON form needs string keys 'name' and 'path'")
+            name, path = spec["name"], spec["path"]
+        else:
+            name, sep, path = text.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--lora-modules {item!r}: expected name=path or JSON {{\"name\", \"path\"}}")
+        if not ADAPTER_NAME.match(name):
+            raise AdapterNameError(f"--lora-modules: adapter name {name!r} must match {ADAPTER_NAME.pattern}")
+        if name in modules:
+            raise AdapterNameError(f"--lora-modules: adapter name {name!r} given twice")
+        modules[name] = path
+    return modules
+
+
+def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_config=None,
+          adapter_roots: list[str] | None = None, served_name: str | None = None, host: str = "127.0.0.1",
+          port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Load the model, register `lora_modules` (name -> path), and serve until SIGINT/SIGTERM.
+
+    `adapter_roots` default to the parent directories of the `lora_modules` paths.
+    """
+    import uvicorn
+
+    from .async_engine import AsyncEngine
+    from .config import EngineConfig
+    from .engine import Engine
+    from .model_dir import load_tokenizer
+
+    lora_modules = dict(lora_modules or {})
+    if adapter_roots is None:
+        adapter_roots = sorted({str(Path(p).absolute().parent) for p in lora_modules.values()})
+    engine = Engine.from_dir(model_dir, engine_config or EngineConfig())
+    try:
+        for name, path in lora_modules.items():
+            engine.register_adapter(name, path)
+    except BaseException:
+        engine.close()
+        raise
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except LorakitError as e:
+        log.warning("%s; only token-id prompts will work", e)
+        tokenizer = None
+    async_engine = AsyncEngine(engine)
+    async_engine.model_dir = str(Path(model_dir).absolute())  # the base model's `root` in /v1/models
+    app = build_app(async_engine, tokenizer, adapter_roots=adapter_roots, served_name=served_name,
+                    shutdown_timeout=shutdown_timeout)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(shutdown_timeout))

@@ -1,0 +1,192 @@
+"""The serving engine against transformers and PEFT: logits at every generated position, under continuous batching,
+mixed adapters of mixed ranks and targets, the max_loras cap, and preemption forced by a small KV memory."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorakit.errors import CapacityError, QueueFullError, RequestError, UnknownAdapterError
+from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
+from lorakit.serve.llama import LlamaRunner
+from lorakit.serve.lora import LoraStep
+
+CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=128)
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**CFG)).eval()
+
+
+def peft_adapter(base, directory, rank, targets, seed, alpha=None):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # init_lora_weights=False: A and B both random, B non-zero
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
+                                                           target_modules=targets, init_lora_weights=False))
+    model.save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def adapters(base, tmp_path_factory):
+    """32 PEFT adapters: ranks 8-64, half on q/k/v/o, half on all linear layers (one with rsLoRA-like alpha)."""
+    root = tmp_path_factory.mktemp("adapters")
+    ranks = [8, 16, 32, 64]
+    return {f"ad{i}": (peft_adapter(base, root / f"ad{i}", ranks[i % 4], QKVO if i % 2 else "all-linear", 100 + i),
+                       ranks[i % 4]) for i in range(32)}
+
+
+def reference_logits(base, adapters, requests):
+    """PEFT's teacher-forced logits of each request's whole sequence, with its adapter alone."""
+    from peft import PeftModel
+
+    by_adapter = {}
+    for r in requests:
+        by_adapter.setdefault(r.adapter, []).append(r)
+    out = {}
+    for name, reqs in by_adapter.items():
+        model = base if name is None else PeftModel.from_pretrained(copy.deepcopy(base), adapters[name][0]).eval()
+        with torch.no_grad():
+            for r in reqs:
+                full = model(torch.tensor([r.all_ids])).logits[0]
+                out[r.request_id] = full[len(r.prompt_ids) - 1:len(r.all_ids) - 1]
+    return out
+
+
+def check_against(reference, requests):
+    for r in requests:
+        assert r.finish_reason == "length", (r.request_id, r.finish_reason, r.error)
+        mine, ref = torch.stack(r.logits), reference[r.request_id]
+        rel = ((mine - ref).abs().max() / ref.abs().max()).item()
+        assert rel <= 1e-4, (r.request_id, r.adapter, rel)
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+        assert torch.equal(ref.argmax(-1)[clear], torch.tensor(r.output_ids)[clear])
+
+
+def make_requests(n, names, seed, max_tokens=(4, 12)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(4, 40, (1,), generator=g))
+        steps = int(torch.randint(*max_tokens, (1,), generator=g))
+        name = names[int(torch.randint(len(names), (1,), generator=g))]
+        out.append(Request(torch.randint(CFG["vocab_size"], (length,), generator=g).tolist(), name,
+                           SamplingParams(max_tokens=steps, ignore_eos=True, record_logits=True)))
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["auto", "segment", "bmm"])
+def test_engine_matches_peft_for_32_adapters_under_preemption(base, adapters, kernel, monkeypatch):
+    config = EngineConfig(memory_bytes=900 * 1024, block_size=4, max_num_seqs=16, max_loras=8,
+                          max_num_batched_tokens=160, lora_kernel=kernel, bmm_min_adapters=2)
+    engine = Engine(LlamaRunner.from_hf(base), config)
+    for name, (path, _) in adapters.items():
+        engine.register_adapter(name, path)
+    distinct_per_step, bmm_calls = [], []
+    real_init, real_bmm = LoraStep.__init__, LoraStep._bmm
+
+    def spy_init(self, segments, *args, **kwargs):
+        distinct_per_step.append(len({id(s.adapter) for s in segments}))
+        real_init(self, segments, *args, **kwargs)
+
+    def spy_bmm(self, bucket, *args):
+        bmm_calls.append(len(bucket))
+        real_bmm(self, bucket, *args)
+
+    monkeypatch.setattr(LoraStep, "__init__", spy_init)
+    monkeypatch.setattr(LoraStep, "_bmm", spy_bmm)
+    names = [None] + list(adapters)
+    requests = make_requests(70, names, seed=1)
+    for r in requests[:40]:  # continuous batching: the rest arrive while these run
+        engine.add_request(r)
+    for _ in range(3):
+        engine.step()
+    for r in requests[40:]:
+        engine.add_request(r)
+    while engine.has_work():
+        engine.step()
+    metrics = engine.metrics()
+    assert metrics["preemptions_total"] > 0 and metrics["kv_blocks_used"] == 0
+    assert max(distinct_per_step) <= config.max_loras and max(distinct_per_step) >= 2
+    assert (len(bmm_calls) > 0) == (kernel != "segment")
+    check_against(reference_logits(base, adapters, requests), requests)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_runner_matches_transformers_for_other_architectures(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **CFG, sliding_window=None)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if model_type == "qwen2":  # q/k/v biases must be used
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_()
+    engine = Engine(LlamaRunner.from_hf(model), EngineConfig(memory_bytes=1 << 20, block_size=4))
+    requests = make_requests(6, [None], seed=2)
+    engine.generate(requests)
+    check_against(reference_logits(model, {}, requests), requests)
+
+
+def test_engine_reads_a_model_directory(base, tmp_path):
+    base.save_pretrained(tmp_path / "m")
+    engine = Engine.from_dir(tmp_path / "m", EngineConfig(memory_bytes=1 << 20))
+    assert engine.model_name == "m" and engine.max_model_len == CFG["max_position_embeddings"]
+    requests = make_requests(3, [None], seed=4)
+    engine.generate(requests)
+    check_against(reference_logits(base, {}, requests), requests)
+
+
+def test_bad_requests_are_refused_and_change_nothing(base, adapters):
+    engine = Engine(LlamaRunner.from_hf(base), EngineConfig(memory_bytes=64 * 1024, block_size=4, max_waiting=2))
+    with pytest.raises(RequestError) as e:
+        engine.add_request(Request([]))
+    assert e.value.field == "prompt"
+    with pytest.raises(RequestError):
+        engine.add_request(Request([1, CFG["vocab_size"]]))
+    with pytest.raises(UnknownAdapterError):
+        engine.add_request(Request([1, 2], adapter="nope"))
+    with pytest.raises(CapacityError, match="context length"):
+        engine.add_request(Request([1] * 100, params=SamplingParams(max_tokens=29)))
+    with pytest.raises(RequestError) as e:
+        SamplingParams(top_p=0)
+    assert e.value.field == "top_p"
+    engine.add_request(Request([1, 2]))
+    engine.add_request(Request([1, 2]))
+    with pytest.raises(QueueFullError):
+        engine.add_request(Request([1, 2]))
+    assert engine.metrics()["waiting"] == 2
+
+
+def test_stop_tokens_abort_and_seeded_sampling(base):
+    engine = Engine(LlamaRunner.from_hf(base), EngineConfig(memory_bytes=1 << 20, block_size=4))
+    probe = Request([5, 6, 7], params=SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.generate([probe])
+    stop_at = probe.output_ids[2]
+    stopped = Request([5, 6, 7], params=SamplingParams(max_tokens=6, stop_token_ids=(stop_at,), ignore_eos=True))
+    engine.generate([stopped])
+    assert stopped.finish_reason == "stop" and stopped.output_ids == probe.output_ids[:probe.output_ids.index(stop_at) + 1]
+
+    def sampled(seed, top_p=0.9):
+        r = Request([5, 6, 7], params=SamplingParams(max_tokens=12, temperature=1.5, top_p=top_p, seed=seed, ignore_eos=True))
+        return engine.generate([r])[0].output_ids
+
+    assert sampled(1) == sampled(1) and sampled(1) != sampled(2)
+    greedy = engine.generate([Request([5, 6, 7], params=SamplingParams(max_tokens=12, ignore_eos=True))])[0]
+    assert sampled(3, top_p=1e-6) == greedy.output_ids  # only the most likely token survives the nucleus
+
+    long = Request([1, 2, 3], params=SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request(long)
+    engine.step()
+    assert engine.metrics()["kv_blocks_used"] > 0
+    out = engine.abort(long.request_id)
+    assert out.finish_reason == "abort" and long.finish_reason == "abort"
+    assert engine.metrics()["kv_blocks_used"] == 0
