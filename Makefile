@@ -25,6 +25,8 @@ bench: $(VENV_STAMP)
 	$(PY) bench/mixed_batch.py
 	$(PY) bench/minilm_train_step.py
 	$(PY) bench/training_runs.py
+	$(PY) bench/serve_kernels.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -1,4 +1,4 @@
-"""`lorakit ...` command line: train, eval, compare, inspect, demo.
+"""`lorakit ...` command line: train, eval, compare, inspect, demo, make-model, serve.
 
 Run settings come from `--config run.yaml` and/or flags; a flag is a `RunConfig`, `AdapterConfig` or
 `TrainingArguments` field with dashes (`--learning-rate 1e-3`, `--target-modules query value`, `--use-rslora`).
@@ -193,7 +193,8 @@ def run_serve(args) -> None:
     config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
     serve(args.model_dir, parse_lora_modules(args.lora_modules or []), engine_config=config,
           adapter_roots=args.adapter_root, served_name=args.served_model_name, host=args.host, port=args.port,
-          shutdown_timeout=args.shutdown_timeout)
+          shutdown_timeout=args.shutdown_timeout, classify_model=args.classify_model,
+          classify_modules=parse_lora_modules(args.classify_lora_modules or []), classify_labels=args.classify_labels)
 
 
 def _print_results(results: dict) -> None:
@@ -267,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                      help="on SIGINT/SIGTERM, seconds running requests get to finish")
+    srv.add_argument("--classify-model", default=None, metavar="MODEL",
+                     help="also serve POST /v1/classify with this encoder (minilm or a local directory)")
+    srv.add_argument("--classify-lora-modules", nargs="+", metavar="NAME=PATH",
+                     help="classifier adapters (each may carry its classification head)")
+    srv.add_argument("--classify-labels", type=int, default=2, metavar="N", help="classes of the classifier head")
     srv.set_defaults(run=run_serve)
 
     demo = sub.add_parser("demo", help="the README demo: baseline vs LoRA on VADER movies with MiniLM",

@@ -9,8 +9,9 @@ one contiguous slice and no layer permutes activations. Per fused projection gro
   are stacked once per set of adapters (a copy per *distinct adapter*, reused across steps while the set is
   unchanged, never per token and never padded to a global max rank) and run as two `bmm` calls.
 
-`kernel="auto"` uses bmm for a decode bucket of at least `bmm_min_adapters` adapters (the measured switch point,
-see BENCHMARKS.md), segments otherwise. Base-model rows are in no segment and cost nothing.
+`kernel="auto"` uses bmm for a decode bucket of at least `bmm_min_adapters` adapters whose set was already there in
+the previous step (stacks are then reused), segments otherwise — the switch point measured in BENCHMARKS.md
+(serve_kernels). Base-model rows are in no segment and cost nothing.
 """
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ class Segment:
 
 
 class StackCache:
-    """Stacked factors per (layer, group, adapters): built when a decode set first appears, kept for the next steps."""
+    """Stacked factors per (layer, group, adapters), kept from one step to the next.
+
+    Building a stack copies every factor of the set once, which costs about what the segment kernel costs (see
+    BENCHMARKS.md, serve_kernels); reusing it makes bmm up to ~2× faster. So in "auto" mode a set is stacked only
+    when it was already seen in the previous step (stable sets, e.g. steady decoding), and runs as segments otherwise.
+    """
 
     def __init__(self):
         self._current: dict[tuple, tuple] = {}
@@ -40,15 +46,20 @@ class StackCache:
         if self._current:
             self._previous, self._current = self._current, {}
 
-    def get(self, layer: int, group: str, adapters: tuple, build):
+    def get(self, layer: int, group: str, adapters: tuple, build, only_if_stable: bool = False):
+        """The stacks of `adapters`, built now if needed; with `only_if_stable`, None for a set new since last step."""
         key = (layer, group, tuple(map(id, adapters)))
         hit = self._current.get(key)
         if hit is None:
             hit = self._previous.get(key)
-            # the entry keeps its adapters alive, so equal ids mean the same objects, not reused addresses
+            # entries keep their adapters alive, so equal ids mean the same objects, not reused addresses
             if hit is None or any(a is not b for a, b in zip(hit[0], adapters)):
+                hit = (adapters, None if only_if_stable else build())
+            elif hit[1] is None:
                 hit = (adapters, build())
             self._current[key] = hit
+        elif hit[1] is None and not only_if_stable:
+            hit = self._current[key] = (adapters, build())
         return hit[1]
 
 
@@ -74,11 +85,10 @@ class LoraStep:
         for seg in self.prefills:
             self._segment(seg, layer, group, x, out)
         for bucket in self._decode_buckets(layer, group):
-            if self.kernel == "segment" or (self.kernel == "auto" and len(bucket) < self.bmm_min):
+            use_bmm = self.kernel == "bmm" or (self.kernel == "auto" and len(bucket) >= self.bmm_min)
+            if not (use_bmm and self._bmm(bucket, layer, group, x, out)):
                 for seg in bucket:
                     self._segment(seg, layer, group, x, out)
-            else:
-                self._bmm(bucket, layer, group, x, out)
 
     @staticmethod
     def _segment(seg: Segment, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -102,7 +112,8 @@ class LoraStep:
             self._buckets[key] = list(buckets.values())
         return self._buckets[key]
 
-    def _bmm(self, bucket: list[Segment], layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _bmm(self, bucket: list[Segment], layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Run the bucket as two bmm calls; False (nothing done) in auto mode when its set is new this step."""
         adapters = tuple(s.adapter for s in bucket)
         weights = [a.groups[layer, group] for a in adapters]
 
@@ -110,7 +121,10 @@ class LoraStep:
             return (torch.stack([w.a for w in weights]),
                     [torch.stack([w.parts[j][4] for w in weights]) for j in range(len(weights[0].parts))])
 
-        a, bts = self.stacks.get(layer, group, adapters, build)
+        stacks = self.stacks.get(layer, group, adapters, build, only_if_stable=self.kernel == "auto")
+        if stacks is None:
+            return False
+        a, bts = stacks
         n, rows = len(bucket), bucket[0].stop - bucket[0].start
         first, last = bucket[0].start, bucket[-1].stop
         contiguous = last - first == n * rows and all(s.start == first + i * rows for i, s in enumerate(bucket))
@@ -126,3 +140,4 @@ class LoraStep:
             else:
                 y = torch.bmm(h[:, :, r0:r1], bt).view(n * rows, c1 - c0)
                 out[:, c0:c1].index_add_(0, index, y)
+        return True

@@ -126,13 +126,16 @@ class Scheduler:
             self.waiting.remove(seq)
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small sample the argmax (as vLLM), dividing by them would overflow
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """Next token of each sequence from its logits row: greedy, or temperature + top-p with its own generator."""
     greedy = logits.argmax(-1).tolist()
     out = []
     for row, seq, best in zip(logits, seqs, greedy):
         p: SamplingParams = seq.request.params
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             out.append(best)
             continue
         if seq.generator is None:

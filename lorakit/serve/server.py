@@ -746,10 +746,13 @@ def parse_lora_modules(values: list[str]) -> dict[str, str]:
 
 def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_config=None,
           adapter_roots: list[str] | None = None, served_name: str | None = None, host: str = "127.0.0.1",
-          port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+          port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info",
+          classify_model: str | None = None, classify_modules: dict[str, str] | None = None,
+          classify_labels: int = 2) -> None:
     """Load the model, register `lora_modules` (name -> path), and serve until SIGINT/SIGTERM.
 
-    `adapter_roots` default to the parent directories of the `lora_modules` paths.
+    `adapter_roots` default to the parent directories of the `lora_modules` paths. `classify_model` (an encoder
+    directory or "minilm") adds POST /v1/classify, with `classify_modules` (name -> path) as per-request adapters.
     """
     import uvicorn
 
@@ -773,8 +776,16 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
     except LorakitError as e:
         log.warning("%s; only token-id prompts will work", e)
         tokenizer = None
+    classifier = None
+    if classify_model is not None:
+        from .classify import AsyncClassifier, Classifier
+
+        encoder = Classifier(classify_model, num_labels=classify_labels)
+        for name, path in (classify_modules or {}).items():
+            encoder.register_adapter(name, path)
+        classifier = AsyncClassifier(encoder)
     async_engine = AsyncEngine(engine)
     async_engine.model_dir = str(Path(model_dir).absolute())  # the base model's `root` in /v1/models
     app = build_app(async_engine, tokenizer, adapter_roots=adapter_roots, served_name=served_name,
-                    shutdown_timeout=shutdown_timeout)
+                    shutdown_timeout=shutdown_timeout, classifier=classifier)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(shutdown_timeout))

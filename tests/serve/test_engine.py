@@ -96,8 +96,10 @@ def test_engine_matches_peft_for_32_adapters_under_preemption(base, adapters, ke
         real_init(self, segments, *args, **kwargs)
 
     def spy_bmm(self, bucket, *args):
-        bmm_calls.append(len(bucket))
-        real_bmm(self, bucket, *args)
+        ran = real_bmm(self, bucket, *args)
+        if ran:
+            bmm_calls.append(len(bucket))
+        return ran
 
     monkeypatch.setattr(LoraStep, "__init__", spy_init)
     monkeypatch.setattr(LoraStep, "_bmm", spy_bmm)

@@ -581,3 +581,20 @@ def test_cli_serve_refuses_bad_arguments_before_serving(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error:") and words in err, (argv, err)
+
+
+def test_cli_serve_mounts_classify_for_an_encoder(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from lorakit.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    model = str(tiny_model_dir())
+    assert main(["serve", model, "--classify-model", "minilm"]) == 0
+    assert "/v1/classify" in {route.path for route in apps[0].routes}
+    assert main(["serve", model]) == 0
+    assert "/v1/classify" not in {route.path for route in apps[1].routes}
+    assert main(["serve", model, "--classify-model", "minilm", "--classify-lora-modules",
+                 f"m={tmp_path / 'nothing'}"]) == 2
+    assert "nothing" in capsys.readouterr().err
