@@ -160,7 +160,7 @@ async def one_request(client, body: dict, expect: str | None, stats: Stats, shut
                 got, usage = data["choices"][0]["text"], data["usage"]
                 if data["choices"][0]["finish_reason"] not in ("stop", "length"):
                     stats.fail(f"finish_reason {data['choices'][0]['finish_reason']!r}")
-    except (httpx.TransportError, httpx.StreamError) as e:
+    except (httpx.TransportError, httpx.StreamError, json.JSONDecodeError) as e:  # cut mid-line by a reset
         stats.refused += 1
         if not shutting_down():
             stats.fail(f"transport error before shutdown: {type(e).__name__}: {e}")

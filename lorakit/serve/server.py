@@ -421,8 +421,8 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    def sse(payload) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    def sse(payload) -> str:  # ASCII only: clients built on httpx split lines at U+2028, U+0085 and the like
+        return f"data: {json.dumps(payload)}\n\n"
 
     def stream_response(stream, prompt_ids, params, stops, chunk, final_usage: bool):
         """SSE chunks `chunk(delta, finish_reason)` then `data: [DONE]`."""
@@ -469,25 +469,39 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         else:
             _bad("prompt", "must be a string or a list of token ids")
         check_length(prompt_ids, params, "prompt", "max_tokens")
+        return await respond(request, False, prompt_ids, adapter, params, stops, streaming, include_usage)
+
+    async def respond(request, chat: bool, prompt_ids, adapter, params, stops, streaming: bool, include_usage: bool):
+        """The OpenAI response of a completion (`chat` False) or a chat completion: streamed chunks or one body."""
         stream = await start(prompt_ids, adapter, params)
-        rid, name = f"cmpl-{uuid.uuid4().hex}", model_label(adapter)
+        rid, name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_label(adapter)
+
+        def envelope(choices, use=None, chunk=False):
+            kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+            out = {"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": choices}
+            if use is not None:
+                out["usage"] = use
+            return out
+
         if streaming:
+            first = [True]
+
             def chunk(delta, finish, use=None):
-                choices = [] if delta is None else [{"index": 0, "text": delta, "logprobs": None,
-                                                      "finish_reason": finish}]
-                out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                       "choices": choices}
-                if use is not None:
-                    out["usage"] = use
-                return out
+                if delta is None:
+                    return envelope([], use, chunk=True)
+                if chat:
+                    part = {"delta": {"role": "assistant", "content": delta} if first[0] else {"content": delta}}
+                    first[0] = False
+                else:
+                    part = {"text": delta}
+                return envelope([{"index": 0, **part, "logprobs": None, "finish_reason": finish}], use, chunk=True)
             return stream_response(stream, prompt_ids, params, stops, chunk, include_usage)
         result = await unless_disconnected(request, collect(stream, prompt_ids, params, stops, adapter))
         if result is None:
             return Response(status_code=499)
         text, finish, n = result
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": usage(len(prompt_ids), n)}
+        part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        return envelope([{"index": 0, **part, "logprobs": None, "finish_reason": finish}], usage(len(prompt_ids), n))
 
     def chat_prompt(body: dict) -> list[int]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -530,31 +544,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         include_usage = _include_usage(body)
         prompt_ids = chat_prompt(body)
         check_length(prompt_ids, params, "messages", field)
-        stream = await start(prompt_ids, adapter, params)
-        rid, name = f"chatcmpl-{uuid.uuid4().hex}", model_label(adapter)
-        if streaming:
-            first = [True]
-
-            def chunk(delta, finish, use=None):
-                choices = []
-                if delta is not None:
-                    d = {"role": "assistant", "content": delta} if first[0] else {"content": delta}
-                    first[0] = False
-                    choices = [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]
-                out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                       "choices": choices}
-                if use is not None:
-                    out["usage"] = use
-                return out
-            return stream_response(stream, prompt_ids, params, stops, chunk, include_usage)
-        result = await unless_disconnected(request, collect(stream, prompt_ids, params, stops, adapter))
-        if result is None:
-            return Response(status_code=499)
-        text, finish, n = result
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish}],
-                "usage": usage(len(prompt_ids), n)}
+        return await respond(request, True, prompt_ids, adapter, params, stops, streaming, include_usage)
 
     @app.get("/v1/models")
     async def models():
