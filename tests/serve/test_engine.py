@@ -192,3 +192,51 @@ def test_stop_tokens_abort_and_seeded_sampling(base):
     out = engine.abort(long.request_id)
     assert out.finish_reason == "abort" and long.finish_reason == "abort"
     assert engine.metrics()["kv_blocks_used"] == 0
+
+
+def test_cold_adapter_loads_without_blocking_other_requests(base, adapters, monkeypatch):
+    import time
+
+    from lorakit.serve import adapters as pool_module
+
+    real = pool_module.load_adapter_weights
+
+    def slow(spec, dims):
+        time.sleep(0.5)
+        return real(spec, dims)
+
+    monkeypatch.setattr(pool_module, "load_adapter_weights", slow)
+    engine = Engine(LlamaRunner.from_hf(base), EngineConfig(memory_bytes=4 << 20, block_size=4))
+    engine.register_adapter("ad0", adapters["ad0"][0])
+    cold = Request([1, 2, 3], "ad0", SamplingParams(max_tokens=2, ignore_eos=True))
+    warm = Request([4, 5, 6], None, SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.generate([cold, warm])
+    assert warm.finish_time < cold.first_token_time  # the base request ran while the adapter was read
+    assert engine.metrics()["adapter_cache_misses_total"] == 1
+
+
+def test_adapter_cache_is_lru_in_count_and_bytes_and_never_evicts_a_running_adapter(base, adapters):
+    names = ["ad1", "ad3", "ad5"]  # q/k/v/o adapters of ranks 16, 64, 16
+    engine = Engine(LlamaRunner.from_hf(base), EngineConfig(memory_bytes=4 << 20, block_size=4, max_cpu_loras=2,
+                                                            max_loras=2))
+    for n in names:
+        engine.register_adapter(n, adapters[n][0])
+    engine.generate([Request([1, 2], "ad1", SamplingParams(max_tokens=2))])
+    running = Request([1, 2, 3], "ad1", SamplingParams(max_tokens=40, ignore_eos=True))
+    engine.add_request(running)
+    engine.step()  # ad1 is now pinned by a running request
+    engine.generate([Request([1, 2], "ad3", SamplingParams(max_tokens=2)),
+                     Request([1, 2], "ad5", SamplingParams(max_tokens=2))])
+    m = engine.metrics()
+    assert m["adapter_evictions_total"] >= 1 and m["adapters_loaded"] <= 2
+    assert engine.pool._entries["ad1"].loaded is not None  # the running request's adapter stayed
+    assert running.finish_reason == "length" and running.error is None
+    # a byte budget that holds the KV of one request plus one adapter evicts idle adapters for KV blocks
+    spec = engine.pool.specs()["ad3"]
+    tight = Engine(LlamaRunner.from_hf(base), EngineConfig(memory_bytes=spec.nbytes + 25 * engine.block_bytes,
+                                                           block_size=4))
+    tight.register_adapter("ad3", adapters["ad3"][0])
+    tight.generate([Request([1, 2], "ad3", SamplingParams(max_tokens=2))])
+    assert tight.metrics()["adapters_loaded"] == 1
+    tight.generate([Request([1] * 80, None, SamplingParams(max_tokens=40, ignore_eos=True))])  # 30 blocks
+    assert tight.metrics()["adapters_loaded"] == 0 and tight.metrics()["adapter_evictions_total"] == 1
