@@ -240,3 +240,33 @@ def test_adapter_cache_is_lru_in_count_and_bytes_and_never_evicts_a_running_adap
     assert tight.metrics()["adapters_loaded"] == 1
     tight.generate([Request([1] * 80, None, SamplingParams(max_tokens=40, ignore_eos=True))])  # 30 blocks
     assert tight.metrics()["adapters_loaded"] == 0 and tight.metrics()["adapter_evictions_total"] == 1
+
+
+def test_runner_logits_at_every_prefill_position_match_transformers(base):
+    """Two prompts prefilled in one step (all positions' logits), then a decode step of both."""
+    from lorakit.serve.llama import SeqSlice, StepBatch
+
+    runner = LlamaRunner.from_hf(base)
+    cache = runner.new_cache(num_blocks=32, block_size=4)
+    prompts = [[5, 17, 9, 33, 2, 8, 1], [40, 41, 42]]
+    tokens, positions, seqs = [], [], []
+    for i, p in enumerate(prompts):
+        cache.pool.grow(f"s{i}", len(p))
+        seqs.append(SeqSlice(len(tokens), len(tokens) + len(p), len(p), cache.pool.slots(f"s{i}", 0, len(p))))
+        tokens += p
+        positions += range(len(p))
+    every = torch.arange(len(tokens))
+    logits = runner.step(StepBatch(torch.tensor(tokens), torch.tensor(positions), seqs, logits_rows=every), cache)
+    with torch.no_grad():
+        ref = torch.cat([base(torch.tensor([p])).logits[0] for p in prompts])
+    assert (logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+    nxt = [int(logits[s.stop - 1].argmax()) for s in seqs]
+    seqs = []
+    for i, (p, t) in enumerate(zip(prompts, nxt)):
+        p.append(t)
+        cache.pool.grow(f"s{i}", len(p))
+        seqs.append(SeqSlice(i, i + 1, len(p), cache.pool.slots(f"s{i}", 0, len(p))))
+    logits = runner.step(StepBatch(torch.tensor(nxt), torch.tensor([len(p) - 1 for p in prompts]), seqs), cache)
+    with torch.no_grad():
+        ref = torch.stack([base(torch.tensor([p])).logits[0, -1] for p in prompts])
+    assert (logits - ref).abs().max() <= 1e-4 * ref.abs().max()
