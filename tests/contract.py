@@ -164,10 +164,10 @@ def planted_teacher(full_rank=False, seed=0):
     return teacher
 
 
-def planted_task(config, steps=300, lr=1e-2, full_rank=False, seed=0, batch=200, init=None):
+def train_planted(config, steps=300, lr=1e-2, full_rank=False, seed=0, batch=200, init=None, hook=None):
     """Train adapter `config` (target fc1 unless the config says otherwise) on 2,000 Gaussian inputs to match the
-    teacher; returns (test MSE before, test MSE after, trainable parameter count). `init(model, loader)` runs a
-    data-driven initialization first when given."""
+    teacher; returns (model in eval mode, test inputs, test targets, test MSE before). `init(model, loader)` runs a
+    data-driven initialization first when given; `hook(model, step)` runs before each step."""
     g = torch.Generator().manual_seed(seed + 7)
     x, x_test = torch.randn(2000, 64, generator=g), torch.randn(500, 64, generator=g)
     teacher = planted_teacher(full_rank, seed)
@@ -178,24 +178,27 @@ def planted_task(config, steps=300, lr=1e-2, full_rank=False, seed=0, batch=200,
     lorakit.inject(model, config)
     if init is not None:
         init(model, [(x[i:i + batch], y[i:i + batch]) for i in range(0, 400, batch)])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-
-    def mse(inp, target):
-        return torch.nn.functional.mse_loss(model(inp), target)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     with torch.no_grad():
-        before = mse(x_test, y_test).item()
+        before = torch.nn.functional.mse_loss(model(x_test), y_test).item()
     model.train()
     for step in range(steps):
+        if hook is not None:
+            hook(model, step)
         i = (step * batch) % len(x)
-        loss = mse(x[i:i + batch], y[i:i + batch])
+        loss = torch.nn.functional.mse_loss(model(x[i:i + batch]), y[i:i + batch])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval(), x_test, y_test, before
+
+
+def planted_task(config, steps=300, lr=1e-2, full_rank=False, seed=0, batch=200, init=None):
+    """(test MSE before, test MSE after, trainable parameter count) of `train_planted`."""
+    model, x_test, y_test, before = train_planted(config, steps, lr, full_rank, seed, batch, init)
     with torch.no_grad():
-        after = mse(x_test, y_test).item()
-    return before, after, sum(p.numel() for p in params)
+        after = torch.nn.functional.mse_loss(model(x_test), y_test).item()
+    return before, after, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def mse_loss(model, batch):

@@ -31,7 +31,7 @@ def optimizer_names() -> list[str]:
 def lora_pairs(model, exact: bool = False) -> list[tuple[str, object]]:
     """("module.path/adapter", variant) for every adapter with trainable `lora_A` and `lora_B`, found by walking the
     model's adapted layers: A is paired with the B of its own module, never by parameter order. `exact`: only
-    variants whose ΔW = s·B·A exactly (not DoRA), for closed forms that rely on it."""
+    variants whose factors are these very tensors, ΔW = s·B·A (not DoRA, not SoRA's gated A), for closed forms."""
     import torch
 
     from ..layers import AdaptedLayer
@@ -42,9 +42,14 @@ def lora_pairs(model, exact: bool = False) -> list[tuple[str, object]]:
             for name, v in layer.adapters.items():
                 a, b = getattr(v, "lora_A", None), getattr(v, "lora_B", None)
                 if isinstance(a, torch.nn.Parameter) and isinstance(b, torch.nn.Parameter) and a.requires_grad \
-                        and b.requires_grad and not (exact and v.factors() is None):
+                        and b.requires_grad and not (exact and not _factors_are(v, a, b)):
                     pairs.append((f"{path}/{name}", v))
     return pairs
+
+
+def _factors_are(variant, a, b) -> bool:
+    factors = variant.factors()
+    return factors is not None and factors[0].data_ptr() == a.data_ptr() and factors[1].data_ptr() == b.data_ptr()
 
 
 def make_optimizer(name: str, model, args, **options):
