@@ -272,3 +272,28 @@ def test_rank_pattern_layers_clip_the_rank(tmp_path):
         check_export_loads_in_peft(model, mlp(), X, tmp_path / "a", r=6)
     data = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert data["rank_pattern"] == {"fc2": 4}
+
+
+def test_a_resumed_run_continues_with_the_rank_of_its_own_step(tmp_path):
+    tok = train_tokenizer(CLASS_TEXTS, vocab_size=300)
+    data = TextDataset(CLASS_TEXTS, [i % 2 for i in range(len(CLASS_TEXTS))])
+    seen = []
+
+    class Probe:
+        def before_optimizer_step(self, trainer):
+            seen.append((trainer.step, train_rank(trainer.model)))
+
+    def trainer(max_steps):
+        model = tiny_llama(len(tok), "classification", 2, seed=0, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        lorakit.inject(model, lorakit.AdapterConfig(r=8, variant="dylora", task_type="SEQ_CLS",
+                                                    target_modules=["q_proj", "v_proj"]))
+        args = TrainingArguments(output_dir=str(tmp_path), disable_tqdm=True, save_steps=3, max_steps=max_steps,
+                                 per_device_train_batch_size=4, learning_rate=1e-2)
+        return Trainer(model, make_task("classification", tok, 16, 2), args, data, hooks=[Probe()])
+
+    trainer(3).train()
+    resumed = trainer(6)
+    resumed.train(resume=True)
+    state = resumed.model.lorakit_shared["default"]
+    assert seen == [(t, state.sample(t)) for t in range(6)]

@@ -26,7 +26,10 @@ from .tasks import Task
 
 
 class StepHook(Protocol):
-    """Called around each optimizer step. Variants (as adapter modules) and user objects may implement either."""
+    """Called once when training (re)starts and around each optimizer step. Variants (as adapter modules) and user
+    objects may implement any of these."""
+
+    def before_training(self, trainer: "Trainer") -> None: ...
 
     def before_optimizer_step(self, trainer: "Trainer") -> None: ...
 
@@ -57,7 +60,7 @@ class Trainer:
 
     `optimizer`: any torch optimizer over the trainable parameters (default AdamW from `args`); each param
     group's own `lr` is the base its schedule scales. `hooks`: extra `StepHook`s; adapter modules that define
-    `before_optimizer_step`/`after_optimizer_step` are registered automatically.
+    `before_training`/`before_optimizer_step`/`after_optimizer_step` are registered automatically.
     """
 
     def __init__(self, model: nn.Module, task: Task, args: TrainingArguments, train_data, eval_data=None,
@@ -155,6 +158,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=args.disable_tqdm or not procs.is_main)
         self.wrapped.train()
+        for hook in self.hooks:  # e.g. DyLoRA draws the rank of the step a (resumed) run starts at
+            getattr(hook, "before_training", _noop)(self)
         patience = args.early_stopping_patience
         stop = bool(patience) and self.evals_without_gain >= patience  # a resumed run that had stopped early
         while self.step < total and not stop:
@@ -316,7 +321,8 @@ def _best_model_metric(name: Optional[str], task: Task) -> tuple[str, bool]:
 
 
 def _is_hook(obj) -> bool:
-    return any(callable(getattr(obj, name, None)) for name in ("before_optimizer_step", "after_optimizer_step"))
+    return any(callable(getattr(obj, name, None))
+               for name in ("before_training", "before_optimizer_step", "after_optimizer_step"))
 
 
 def _noop(trainer: Trainer) -> None:

@@ -48,6 +48,9 @@ class DyLoRARanks(RankState):
         self.train_rank.fill_(b)
         return b
 
+    def before_training(self, trainer) -> None:
+        self.resample(trainer.step)  # a resumed run continues with the rank of its own step
+
     def after_optimizer_step(self, trainer) -> None:
         self.resample(trainer.step + 1)  # trainer.step is the step just taken; its counter moves on after the hooks
 
