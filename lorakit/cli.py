@@ -21,7 +21,9 @@ HELP = {"model": "minilm | tiny-llama | a local transformers model directory",
         "task": "classification | regression | causal-lm",
         "rank_pattern": "per-module ranks as a mapping, e.g. '{q_proj: 4}'",
         "target_modules": "module names (one or more), one regex (PEFT full match), or all-linear",
-        "output_dir": "where the run's files go"}
+        "output_dir": "where the run's files go",
+        "eval_ranks": "also test the adapter at these ranks and report AURAC, e.g. 1,2,4,8 (plain LoRA: first k "
+                      "components; dylora / matryoshka_lora: their nested form)"}
 
 
 class _UsageError(Exception):

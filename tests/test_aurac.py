@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorakit.analysis.aurac import aurac, aurac_v1, aurac_v2, plot_accuracy_vs_rank, write_rank_report
-from lorakit.variants._nested import evaluate_at_ranks
+from lorakit.rank.truncate import evaluate_at_ranks
 from lorakit.variants.dylora import resample
 
 import lorakit

@@ -210,3 +210,48 @@ def test_runs_saved_before_a_setting_existed_are_reused_at_its_default(tmp_path)
     compare_module._check_reusable(tmp_path, config)  # defaults: reusable
     with pytest.raises(Exception, match="init"):
         compare_module._check_reusable(tmp_path, RunConfig.from_flat({"output_dir": str(tmp_path), "init": "eva"}))
+
+
+def test_eval_ranks_report_accuracy_by_rank_and_aurac(tmp_path):
+    data = write_sentiment(tmp_path / "data.jsonl", n=60)
+    argv = ["compare", "--variants", "lora,dylora", "--lrs", "1e-2", "--seeds", "1", "--model", "tiny-llama",
+            "--data", data, "--max-steps", "2", "--per-device-train-batch-size", "8", "--r", "4",
+            "--eval-ranks", "1,2,4", "--disable-tqdm", "--output-dir", str(tmp_path / "cmp")]
+    assert main(argv) == 0
+    out = tmp_path / "cmp"
+    results = json.loads((out / "runs" / "lora-lr0.01-seed0" / "results.json").read_text())
+    assert results["test_accuracy@r4"] == results["test_accuracy"]  # rank r is the adapter itself
+    assert set(results) >= {"test_accuracy@r1", "test_accuracy@r2", "aurac_v1", "aurac_v2"}
+    scores = json.loads((out / "aurac.json").read_text())
+    assert set(scores) == {"lora", "dylora"}
+    assert "AURAC v1" in (out / "results.md").read_text()
+    assert_png(out / "accuracy_vs_rank.png")
+
+
+def test_plain_lora_at_rank_k_is_its_first_k_components():
+    import torch
+
+    import lorakit
+    from contract import mlp, run
+    from lorakit.errors import ConfigError
+    from lorakit.rank.truncate import at_rank
+
+    model = mlp()
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, lora_alpha=8, target_modules=["fc1"], init_lora_weights=False))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    full = run(model, x)
+    lora = model.fc1.adapters["default"]
+    a, b = lora.lora_A.detach().clone(), lora.lora_B.detach().clone()
+    with at_rank(model, 2):
+        truncated = run(model, x)
+    reference = mlp()  # a rank-2 LoRA of the first two components at the same scale α/r = 2
+    lorakit.inject(reference, lorakit.AdapterConfig(r=2, lora_alpha=4, target_modules=["fc1"]))
+    with torch.no_grad():
+        reference.fc1.adapters["default"].lora_A.copy_(a[:2])
+        reference.fc1.adapters["default"].lora_B.copy_(b[:, :2])
+    assert torch.allclose(truncated, run(reference, x), atol=1e-6) and not torch.allclose(truncated, full)
+    assert torch.equal(run(model, x), full)  # restored after the block
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, variant="dora", target_modules=["fc1"]), "d")
+    with pytest.raises(ConfigError, match="dylora"):
+        with at_rank(model, 2, "d"):
+            pass

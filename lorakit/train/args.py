@@ -88,6 +88,7 @@ class RunConfig:
     init: str = ""                           # a `lorakit.initialize` method run on the adapter first (e.g. "eva")
     init_args: dict = field(default_factory=dict)  # its options
     init_batches: int = 8                    # training batches for a data-driven init (`init`, LoRA-SB, SHiRA masks)
+    eval_ranks: list = field(default_factory=list)  # also test the adapter at these ranks (+ AURAC), e.g. [1, 2, 4, 8]
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
@@ -118,6 +119,13 @@ class RunConfig:
         for name in ("max_train_samples", "max_eval_samples", "split_seed", "init_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        ranks = self.eval_ranks if isinstance(self.eval_ranks, (list, tuple)) else [self.eval_ranks]
+        try:  # "1,2,4,8", [1, 2, 4, 8] or a single rank
+            self.eval_ranks = sorted({int(p) for r in ranks for p in str(r).split(",") if p.strip()})
+        except (TypeError, ValueError):
+            raise ConfigError(f"eval_ranks must be positive integers, got {self.eval_ranks!r}") from None
+        if any(r < 1 for r in self.eval_ranks):
+            raise ConfigError(f"eval_ranks must be positive integers, got {self.eval_ranks!r}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Each run lives in `<output_dir>/runs/<variant>-lr<lr>-seed<seed>/` with its own 
 `results.json` is reused, so an interrupted sweep continues where it stopped. The summary is
 `results.csv` (one row per run, each run in its own process), `results.md` (mean ± std over seeds per variant
 and learning rate, best learning rate per variant), `accuracy_vs_lr.png` (or the task's main metric) and
-`training_curves.png`.
+`training_curves.png`. With `eval_ranks`, every run is also tested at those ranks and `results.md` gets an AURAC
+table (plus `accuracy_by_rank.csv`, `aurac.json`, `accuracy_vs_rank.png`).
 """
 from __future__ import annotations
 
@@ -84,6 +85,9 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
     groups = group_runs(rows, metric)
     best = best_learning_rates(groups, task.greater_is_better)
     (out / "results.md").write_text(summary(groups, best, metric, task.greater_is_better, settings))
+    ranks = next(iter(configs.values())).eval_ranks
+    if ranks:
+        (out / "results.md").write_text((out / "results.md").read_text() + rank_summary(groups, best, metric, ranks, out))
     plot_sweep(rows, out / f"{task.main_metric}_vs_lr.png", metric)
     plot_curves(curves, out / "training_curves.png", {v: lr for v, (lr, _, _) in best.items()})
     print((out / "results.md").read_text())
@@ -132,6 +136,23 @@ def summary(groups: dict, best: dict, metric: str, greater_is_better: bool, sett
                      f"| {max(r['peak_memory_mb'] for r in rs):.0f} |")
     lines += ["", "Best learning rate per variant:", "", "| variant | learning rate | " + metric + " |", "|---|---|---|"]
     lines += [f"| {v} | {lr:g} | {m:.4f} ± {s:.4f} |" for v, (lr, m, s) in best.items()]
+    return "\n".join(lines) + "\n"
+
+
+def rank_summary(groups: dict, best: dict, metric: str, ranks: list[int], out: Path) -> str:
+    """Each variant at its best learning rate, tested at every eval rank (mean over seeds): a Markdown table with
+    AURAC v1/v2, plus `accuracy_by_rank.csv`, `aurac.json` and `accuracy_vs_rank.png` in `out`."""
+    from ..analysis.aurac import write_rank_report
+
+    curves = {v: {k: statistics.fmean(r[f"{metric}@r{k}"] for r in groups[v, lr]["runs"]) for k in ranks}
+              for v, (lr, _, _) in best.items()}
+    scores = write_rank_report(curves, out, metric=metric)
+    lines = ["", f"{metric} by rank (each variant at its best learning rate; AURAC: area under the curve over rank "
+             f"(v1) and log2 rank (v2)):", "",
+             "| variant | " + " | ".join(f"r={k}" for k in ranks) + " | AURAC v1 | AURAC v2 |",
+             "|---|" + "---|" * (len(ranks) + 2)]
+    lines += [f"| {v} | " + " | ".join(f"{c[k]:.4f}" for k in ranks) +
+              f" | {scores[v]['aurac_v1']:.4f} | {scores[v]['aurac_v2']:.4f} |" for v, c in curves.items()]
     return "\n".join(lines) + "\n"
 
 

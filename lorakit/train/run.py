@@ -106,12 +106,24 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                "seconds_per_step": round(sum(r["seconds"] for r in steps) / max(1, len(steps)), 4),
                "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1),
                **trainer.evaluate(splits.validation, "validation"), **trainer.evaluate(splits.test, "test")}
+    if config.eval_ranks:
+        results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
     if main:
         save_adapter(model, out / ADAPTER_DIR, "default")
         (out / "results.json").write_text(json.dumps(results, indent=1))
         from .plots import plot_run
         plot_run(trainer.history, out / "training_curves.png", task.main_metric)
     return results
+
+
+def rank_results(trainer: Trainer, data, ranks: list[int], metric: str) -> dict:
+    """`test_<metric>@r<k>` for each rank k (the adapter run at rank k, see `lorakit.rank.truncate`) and AURAC."""
+    from ..analysis.aurac import aurac
+    from ..rank.truncate import evaluate_at_ranks
+
+    key = f"test_{metric}"
+    curve = evaluate_at_ranks(trainer.model, ranks, lambda _: trainer.evaluate(data, "test")[key])
+    return {**{f"{key}@r{k}": v for k, v in curve.items()}, **aurac(curve)}
 
 
 def init_batches(config: RunConfig, task, dataset) -> list:

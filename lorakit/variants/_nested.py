@@ -142,17 +142,3 @@ def export_at_rank(model: nn.Module, directory, k: int, name: str = "default"):
 
     with at_rank(model, k, name):
         return export_lora(model, directory, name)
-
-
-def evaluate_at_ranks(model: nn.Module, ranks, evaluate, name: str = "default") -> dict[int, float]:
-    """{k: evaluate(model)} for each k in `ranks`, adapter `name` set to rank k (model in eval mode)."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = {}
-        for k in ranks:
-            with at_rank(model, int(k), name):
-                out[int(k)] = float(evaluate(model))
-        return out
-    finally:
-        model.train(was_training)

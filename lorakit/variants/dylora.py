@@ -12,9 +12,9 @@ import torch
 
 from ..errors import ConfigError
 from . import register_variant
-from ._nested import NestedRankVariant, RankState, at_rank, evaluate_at_ranks, export_at_rank, get_rank, set_rank
+from ._nested import NestedRankVariant, RankState, at_rank, export_at_rank, get_rank, set_rank
 
-__all__ = ["DyLoRA", "DyLoRARanks", "at_rank", "set_rank", "get_rank", "export_at_rank", "evaluate_at_ranks",
+__all__ = ["DyLoRA", "DyLoRARanks", "at_rank", "set_rank", "get_rank", "export_at_rank",
            "resample"]
 
 

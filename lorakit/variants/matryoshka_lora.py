@@ -12,9 +12,9 @@ import torch
 
 from ..errors import ConfigError
 from . import register_variant
-from ._nested import NestedRankVariant, at_rank, evaluate_at_ranks, export_at_rank, get_rank, set_rank
+from ._nested import NestedRankVariant, at_rank, export_at_rank, get_rank, set_rank
 
-__all__ = ["MatryoshkaLoRA", "at_rank", "set_rank", "get_rank", "export_at_rank", "evaluate_at_ranks",
+__all__ = ["MatryoshkaLoRA", "at_rank", "set_rank", "get_rank", "export_at_rank",
            "default_train_ranks", "rank_weight", "diagonal"]
 
 C_FORMS = ("none", "rank", "sqrt")
