@@ -1,0 +1,149 @@
+"""LoRAM (training card §8): LoRA trained on a pruned model, recovered to the full model by zero-filling."""
+import copy
+
+import pytest
+import torch
+
+import lorakit
+import models
+from contract import close, perturb, run
+from lorakit.errors import ModelError
+from lorakit.layers import AdaptedLayer
+from lorakit.rank.loram import pruned_copy, prune_structured, recover_adapter
+from lorakit.rank.prune import parameter_count
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _pruned_llama(metric="magnitude"):
+    full = models.llama()
+    small = copy.deepcopy(full)
+    record = prune_structured(small, 0.5, metric=metric, skip_last=False)
+    torch.manual_seed(0)
+    lorakit.inject(small, lorakit.AdapterConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
+                                                init_lora_weights=False))
+    perturb(small)
+    return full, small, record
+
+
+def test_recovered_delta_is_the_pruned_delta_zero_filled():
+    full, small, record = _pruned_llama()
+    assert parameter_count(small) < parameter_count(full)
+    recover_adapter(small, full, "default", record)
+    small_mods, n = dict(small.named_modules()), 0
+    for path, mod in full.named_modules():
+        if not isinstance(mod, AdaptedLayer):
+            continue
+        big = mod.adapters["default"].delta_weight()
+        assert big.shape == mod.base_layer.weight.shape
+        entry = record.modules.get(path, {})
+        rows = torch.tensor(entry["out"]) if entry.get("out") else torch.arange(big.shape[0])
+        cols = torch.tensor(entry["in"]) if entry.get("in") else torch.arange(big.shape[1])
+        kept = big.index_select(0, rows).index_select(1, cols)
+        assert torch.allclose(kept, small_mods[path].adapters["default"].delta_weight(), atol=1e-7)
+        zero = big.clone()
+        zero[rows[:, None], cols[None, :]] = 0
+        assert zero.abs().max() == 0  # pruned rows/columns of ΔW are exactly zero
+        n += int(entry.get("out") is not None or entry.get("in") is not None)
+    assert n == 14  # 7 pruned Linear modules in each of the 2 layers
+    assert not any(p.requires_grad for p in full.parameters())
+
+
+def test_recovered_full_model_restricted_to_kept_structure_matches_and_merges():
+    full, small, record = _pruned_llama(metric="random")
+    batch = models.inputs("llama")
+    want = run(small, batch)
+    recover_adapter(small, full, "default", record)
+    # the full model with the recovered adapter, pruned by the same record, is the pruned model with its adapter
+    assert close(run(pruned_copy(full, record), batch), want)
+    out = run(full, batch)
+    with lorakit.disabled(full):
+        assert not close(run(full, batch), out, 1e-3)  # the recovered adapter changes the full model
+    merged = lorakit.merge_and_unload(full)
+    assert not any(isinstance(m, AdaptedLayer) for m in merged.modules())
+    assert close(run(merged, batch), out)
+
+
+def test_minilm_classifier_head_is_recovered():
+    full, batch = models.minilm(), models.inputs("minilm")
+    small = copy.deepcopy(full)
+    record = prune_structured(small, 0.5, heads=False)  # channels only, layers 0-4
+    torch.manual_seed(0)
+    lorakit.inject(small, lorakit.AdapterConfig(r=2, lora_alpha=4, target_modules=["intermediate.dense",
+                                                                                    "output.dense"],
+                                                init_lora_weights=False, task_type="SEQ_CLS"))
+    perturb(small)
+    want = run(small, batch)
+    recover_adapter(small, full, "default", record)
+    assert torch.equal(full.classifier.copies["default"].weight, small.classifier.copies["default"].weight)
+    assert close(run(pruned_copy(full, record), batch), want)
+
+
+def test_norm_a_fills_pruned_columns_and_keeps_kept_ones():
+    full, small, record = _pruned_llama()
+    recover_adapter(small, full, "default", record, norm_a=True)
+    path = "model.layers.0.mlp.down_proj"
+    a = dict(full.named_modules())[path].adapters["default"].lora_A
+    kept = torch.tensor(record.modules[path]["in"])
+    pruned = torch.tensor(sorted(set(range(a.shape[1])) - set(kept.tolist())))
+    assert torch.equal(a[:, kept], dict(small.named_modules())[path].adapters["default"].lora_A)
+    assert a[:, pruned].abs().min() > 0 and a[:, pruned].std().item() == pytest.approx(0.5, rel=0.2)
+
+
+def test_recover_needs_a_record():
+    full, small, _ = _pruned_llama()
+    with pytest.raises(ModelError, match="PruningRecord"):
+        recover_adapter(small, full, "default")
+
+
+def test_loram_experiment_entry_point_tiny(tmp_path):
+    from lorakit.rank.loram import loram_experiment
+    from test_loraprune import tiny_run_config
+
+    res = loram_experiment(tiny_run_config(tmp_path), skip_last=False)
+    assert res["parameters_pruned"] < res["parameters_full"]
+    for key in ("frozen_encoder_test_accuracy", "pruned_test_accuracy", "test_accuracy"):
+        assert 0 <= res[key] <= 1
+
+
+def test_record_round_trips_through_json():
+    import json
+
+    from lorakit.rank.prune import PruningRecord
+
+    full, small, record = _pruned_llama()
+    again = PruningRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again == record
+    batch = models.inputs("llama")
+    with lorakit.disabled(small):
+        assert close(run(pruned_copy(full, again), batch), run(small, batch))
+
+
+def test_script_entry_point_tiny(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from lorakit.rank.loram import main
+    from test_loraprune import tiny_run_config
+
+    flat = tiny_run_config(tmp_path).to_flat()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({k: flat[k] for k in (
+        "model", "data", "r", "target_modules", "init_lora_weights", "learning_rate", "max_steps",
+        "per_device_train_batch_size", "disable_tqdm", "output_dir")}))
+    main(["--config", str(tmp_path / "run.yaml"), "--metrics", "magnitude", "--out", str(tmp_path / "r.json")])
+    res = json.loads((tmp_path / "r.json").read_text())["magnitude"]
+    assert res["parameters_after"] < res["parameters_before"] and (tmp_path / "run" / "magnitude").is_dir()
+
+
+def test_pruned_base_saves_and_loads(tmp_path):
+    from lorakit.rank.prune import load_pruned, save_pruned
+
+    full, batch = models.llama(), models.inputs("llama")
+    record = prune_structured(full, 0.5, metric="random", skip_last=False)
+    save_pruned(full, record, str(tmp_path))
+    again, rec = load_pruned(str(tmp_path))
+    assert rec == record and parameter_count(again) == parameter_count(full)
+    assert close(run(again, batch), run(full, batch))
