@@ -109,6 +109,29 @@ def check_save_load_save(model, fresh_model, inputs, tmp_path, name="default"):
     return fresh_model
 
 
+def check_vision(vit_config, conv_config, tmp_path, at_rank=None):
+    """ViT (`vit_config`) and the conv net (`conv_config`), each with a perturbed adapter: the merge cycle (run at
+    rank `at_rank` when given, for nested-rank variants) and save → load → save."""
+    from models import convnet, inputs, vit
+
+    for base, config, ids in ((vit, vit_config, inputs("vit")), (convnet, conv_config, inputs("convnet", batch=3, seq=9))):
+        def build():
+            model = base()
+            torch.manual_seed(0)
+            lorakit.inject(model, config)
+            perturb(model)
+            return model
+        model = build()
+        if at_rank is None:
+            check_merge_cycle(model, ids)
+        else:
+            from lorakit.rank.truncate import at_rank as rank_context
+
+            with rank_context(model, at_rank):
+                check_merge_cycle(model, ids)
+        check_save_load_save(build(), base(), ids, tmp_path / base.__name__)
+
+
 def take(inputs, i):
     """Row i of a batch (a tensor or a dict of tensors with the batch first)."""
     return {k: v[i:i + 1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[i:i + 1]

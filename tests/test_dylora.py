@@ -19,9 +19,8 @@ from lorakit.train.trainer import Trainer
 from lorakit.variants import dylora
 from lorakit.variants.dylora import at_rank, export_at_rank, resample, train_rank
 
-from contract import (check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save, close,
-                      mlp, perturb, run, train_planted)
-from models import convnet, inputs, vit
+from contract import (check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save,
+                      check_vision, close, mlp, perturb, run, train_planted)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -194,30 +193,7 @@ def test_export_at_rank_loads_in_peft(tmp_path, k):
 
 
 def test_vit_and_conv(tmp_path):
-    ids = inputs("vit")
-
-    def build_vit():
-        model = vit()
-        torch.manual_seed(0)
-        lorakit.inject(model, lorakit.AdapterConfig(r=4, variant="dylora", target_modules=["q_proj", "v_proj", "fc1"]))
-        perturb(model)
-        return model
-    model = build_vit()
-    with at_rank(model, 2):
-        check_merge_cycle(model, ids)
-    check_save_load_save(build_vit(), vit(), ids, tmp_path / "vit")
-    cids = inputs("convnet", batch=3, seq=9)
-
-    def build_conv():
-        model = convnet()
-        torch.manual_seed(0)
-        lorakit.inject(model, config(r=3, target_modules=["conv", "conv2d", "head"]))
-        perturb(model)
-        return model
-    model = build_conv()
-    with at_rank(model, 2):
-        check_merge_cycle(model, cids)
-    check_save_load_save(build_conv(), convnet(), cids, tmp_path / "conv")
+    check_vision(lorakit.AdapterConfig(r=4, variant="dylora", target_modules=["q_proj", "v_proj", "fc1"]), config(r=3, target_modules=["conv", "conv2d", "head"]), tmp_path, at_rank=2)
 
 
 def test_planted_task_at_every_rank():

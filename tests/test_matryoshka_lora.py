@@ -12,9 +12,8 @@ from lorakit.errors import ConfigError
 from lorakit.layers import AdaptedLayer
 from lorakit.variants.matryoshka_lora import at_rank, default_train_ranks, diagonal, export_at_rank
 
-from contract import (check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save, close,
-                      mlp, perturb, planted_task, run)
-from models import convnet, inputs, vit
+from contract import (check_export_loads_in_peft, check_merge_cycle, check_mixed_batch, check_save_load_save,
+                      check_vision, close, mlp, perturb, planted_task, run)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -152,29 +151,7 @@ def test_export_at_rank_loads_in_peft(tmp_path, k):
 
 
 def test_vit_and_conv(tmp_path):
-    ids = inputs("vit")
-
-    def build_vit():
-        model = vit()
-        torch.manual_seed(0)
-        lorakit.inject(model, config(r=4, target_modules=["q_proj", "v_proj", "fc1"]))
-        perturb(model)
-        return model
-    check_merge_cycle(build_vit(), ids)
-    check_save_load_save(build_vit(), vit(), ids, tmp_path / "vit")
-    cids = inputs("convnet", batch=3, seq=9)
-
-    def build_conv():
-        model = convnet()
-        torch.manual_seed(0)
-        lorakit.inject(model, config(r=3, target_modules=["conv", "conv2d", "head"]))
-        perturb(model)
-        return model
-    model = build_conv()
-    check_merge_cycle(model, cids)
-    with at_rank(model, 2):
-        check_merge_cycle(model, cids)
-    check_save_load_save(build_conv(), convnet(), cids, tmp_path / "conv")
+    check_vision(config(r=4, target_modules=["q_proj", "v_proj", "fc1"]), config(r=3, target_modules=["conv", "conv2d", "head"]), tmp_path, at_rank=2)
 
 
 def test_planted_task():
