@@ -1,4 +1,4 @@
-"""`lorakit ...` command line: train, eval, compare, inspect, demo, make-model, serve.
+"""`lorakit ...` command line: train, eval, compare, inspect, squeeze, demo, make-model, serve.
 
 Run settings come from `--config run.yaml` and/or flags; a flag is a `RunConfig`, `AdapterConfig` or
 `TrainingArguments` field with dashes (`--learning-rate 1e-3`, `--target-modules query value`, `--use-rslora`).
@@ -199,6 +199,18 @@ def run_serve(args) -> None:
           classify_modules=parse_lora_modules(args.classify_lora_modules or []), classify_labels=args.classify_labels)
 
 
+def run_squeeze(args) -> None:
+    from .rank.squeeze import squeeze_folder
+
+    if (args.rank is None) == (args.energy is None):
+        raise ConfigError("squeeze needs exactly one of --rank K or --energy E")
+    report = squeeze_folder(args.src, args.dst, target_rank=args.rank, energy=args.energy, method=args.method)
+    width = max(map(len, report))
+    for path, r in report.items():
+        print(f"{path:<{width}}  r {r['from']:>3} -> {r['to']:<3}  energy kept {r['energy']:.4f}")
+    print(f"wrote {args.dst}")
+
+
 def _print_results(results: dict) -> None:
     width = max(map(len, results))
     for k, v in results.items():
@@ -276,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="classifier adapters (each may carry its classification head)")
     srv.add_argument("--classify-labels", type=int, default=2, metavar="N", help="classes of the classifier head")
     srv.set_defaults(run=run_serve)
+
+    sq = sub.add_parser("squeeze", help="compress a PEFT LoRA folder to a lower rank (LoRA-Squeeze, no model needed)")
+    sq.add_argument("src", help="a PEFT LoRA folder")
+    sq.add_argument("dst", help="where the squeezed folder goes")
+    sq.add_argument("--rank", type=int, default=None, help="target rank of every layer")
+    sq.add_argument("--energy", type=float, default=None,
+                    help="per layer, the smallest rank keeping this fraction of the spectral energy (e.g. 0.9)")
+    sq.add_argument("--method", default="exact", choices=["exact", "rsvd"],
+                    help="exact: QR of the factors (never forms ΔW); rsvd: randomized SVD on the factors")
+    sq.set_defaults(run=run_squeeze)
 
     demo = sub.add_parser("demo", help="the README demo: baseline vs LoRA on VADER movies with MiniLM",
                           add_help=False)

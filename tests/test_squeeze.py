@@ -319,3 +319,18 @@ def test_experiment_script_at_tiny_size(tmp_path):
         assert config["r"] == r, folder
     results = json.loads((tmp_path / "out" / "cont-squeeze-0" / "results.json").read_text())
     assert results["steps"] == 1
+
+
+def test_cli_squeeze_writes_a_lower_rank_folder(tmp_path, capsys):
+    from lorakit.cli import main
+
+    model = mlp()
+    lorakit.inject(model, lorakit.AdapterConfig(r=8, lora_alpha=16, target_modules=["fc1", "fc2"],
+                                                init_lora_weights=False))
+    lorakit.save_adapter(model, tmp_path / "src")
+    assert main(["squeeze", str(tmp_path / "src"), str(tmp_path / "dst"), "--rank", "3"]) == 0
+    assert "r   8 -> 3" in capsys.readouterr().out
+    config, tensors = lorakit.read_adapter(tmp_path / "dst")
+    assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {3}
+    assert main(["squeeze", str(tmp_path / "src"), str(tmp_path / "dst2")]) == 2
+    assert "exactly one of --rank" in capsys.readouterr().err
