@@ -191,7 +191,8 @@ class AdapterPool:
         self._entries: dict[str, _Entry] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded or loading, least recently used first
         self._retired: list[_Entry] = []
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorakit-adapter-load")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorakit-adapter-load") \
+            if workers else None  # 0: load on the caller's thread (deterministic schedules for tests, benchmarks)
         self.hits = self.misses = self.evictions = 0
         self.load_ms: list[float] = []
 
@@ -244,9 +245,21 @@ class AdapterPool:
         if entry.future is None and self._make_room(entry.spec.nbytes, count=1):
             self.misses += 1
             entry.started = time.perf_counter()
-            entry.future = self._executor.submit(load_adapter_weights, entry.spec, self.dims)
+            entry.future = self._submit(entry.spec)
             self._lru[name] = None
+            if self._executor is None:
+                return self.acquire(name)
         return None
+
+    def _submit(self, spec: AdapterSpec) -> Future:
+        if self._executor is not None:
+            return self._executor.submit(load_adapter_weights, spec, self.dims)
+        future = Future()
+        try:
+            future.set_result(load_adapter_weights(spec, self.dims))
+        except Exception as e:
+            future.set_exception(e)
+        return future
 
     def pin(self, name: str) -> None:
         self._entries[name].pins += 1
@@ -298,4 +311,5 @@ class AdapterPool:
             entry.error = f"adapter {entry.spec.name!r} could not be loaded: {e}"
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

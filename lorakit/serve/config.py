@@ -22,7 +22,8 @@ class EngineConfig:
       one step computes (prefill + decode); `max_waiting`: queued requests before new ones get QueueFullError.
     - `lora_kernel`: "auto" (segments for multi-token rows and few adapters, rank-bucketed bmm for decode with at
       least `bmm_min_adapters` adapters of one rank), or "segment" / "bmm" everywhere.
-    - `load_workers`: threads reading adapter files from disk.
+    - `load_workers`: threads reading adapter files from disk; 0 reads them on the engine's thread (a schedule that
+      does not depend on timing: tests, benchmarks).
     """
 
     max_loras: int = 32
@@ -43,7 +44,7 @@ class EngineConfig:
             if f.name == "lora_kernel":
                 if value not in ("auto", "segment", "bmm"):
                     raise ConfigError(f"lora_kernel must be 'auto', 'segment' or 'bmm', got {value!r}")
-            elif f.name == "max_cpu_loras" and value is None:
+            elif (f.name == "max_cpu_loras" and value is None) or (f.name == "load_workers" and value == 0):
                 continue
             elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be an integer >= 1, got {value!r}")

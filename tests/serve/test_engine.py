@@ -84,7 +84,7 @@ def make_requests(n, names, seed, max_tokens=(4, 12)):
 @pytest.mark.parametrize("kernel", ["auto", "segment", "bmm"])
 def test_engine_matches_peft_for_32_adapters_under_preemption(base, adapters, kernel, monkeypatch):
     config = EngineConfig(memory_bytes=900 * 1024, block_size=4, max_num_seqs=16, max_loras=8,
-                          max_num_batched_tokens=160, lora_kernel=kernel, bmm_min_adapters=2)
+                          max_num_batched_tokens=160, lora_kernel=kernel, bmm_min_adapters=2, load_workers=0)
     engine = Engine(LlamaRunner.from_hf(base), config)
     for name, (path, _) in adapters.items():
         engine.register_adapter(name, path)
