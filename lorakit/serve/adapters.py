@@ -74,6 +74,11 @@ class LoadedAdapter:
         return self.spec.name
 
 
+def module_path(layer: int, module: str) -> str:
+    """The transformers module path of a projection, as PEFT's keys and patterns name it."""
+    return f"model.layers.{layer}.{'self_attn' if GROUP_OF[module] in ('qkv', 'o') else 'mlp'}.{module}"
+
+
 def check_name(name) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise AdapterNameError(f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
@@ -126,7 +131,7 @@ def inspect_adapter(name: str, path, dims: Dims, max_lora_rank: int) -> AdapterS
         if pair["A"] != (r, fan_in) or pair["B"] != (fan_out, r):
             raise StateDictError(f"{where}: lora_A {pair['A']} and lora_B {pair['B']} do not fit a ({fan_out}, "
                                  f"{fan_in}) projection (expected (r, {fan_in}) and ({fan_out}, r))")
-        path_ = f"model.layers.{layer}.{'mlp' if module in GROUPS['gate_up'] + GROUPS['down'] else 'self_attn'}.{module}"
+        path_ = module_path(layer, module)
         if config.rank_for(path_) != r:
             raise StateDictError(f"{where}: the config says rank {config.rank_for(path_)}, the tensors have {r}")
         if r > max_lora_rank:
@@ -152,7 +157,7 @@ def load_adapter_weights(spec: AdapterSpec, dims: Dims) -> LoadedAdapter:
             for m in modules:
                 width = dims.projection_shape(m)[1]
                 if m in present:
-                    prefix = f"model.layers.{layer}.{'self_attn' if group in ('qkv', 'o') else 'mlp'}.{m}"
+                    prefix = module_path(layer, m)
                     a, b = tensors.get(prefix + ".lora_A.weight"), tensors.get(prefix + ".lora_B.weight")
                     if a is None or b is None or a.shape[0] != spec.ranks[layer, m]:
                         raise StateDictError(f"adapter {spec.name!r}: {prefix} changed on disk since it was registered")

@@ -37,7 +37,6 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 1024
 RETRY_AFTER_S = 1
-SAMPLING_EPS = 1e-5
 UNSUPPORTED = {  # field -> the value that means "not used" (anything else is refused by name, never ignored)
     "echo": (False, None), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1),
     "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
@@ -148,8 +147,6 @@ def _check_unsupported(body: dict) -> None:
 def _sampling(body: dict, max_tokens_field: str = "max_tokens") -> tuple[SamplingParams, list[str], bool]:
     max_tokens = _opt(body, max_tokens_field, "int", 16, low=1)
     temperature = _opt(body, "temperature", "number", 1.0, low=0, high=2)
-    if temperature < SAMPLING_EPS:  # as vLLM: a tiny temperature is greedy (logits / 1e-300 would overflow)
-        temperature = 0.0
     top_p = _opt(body, "top_p", "number", 1.0, low=0, high=1)
     if top_p == 0:
         _bad("top_p", "must be in (0, 1]")

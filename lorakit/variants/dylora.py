@@ -118,19 +118,20 @@ class DyLoRA(NestedRankVariant):
         return a, b, self.rank_scale(k)
 
 
-def resample(model, step: int, name: str = "default") -> int:
-    """Draw the training rank of DyLoRA adapter `name` for optimizer step `step` (plain torch loops); returns it."""
+def _ranks(model, name: str) -> DyLoRARanks:
     shared = getattr(model, "lorakit_shared", None) or {}
     state = shared[name] if name in shared else None
     if not isinstance(state, DyLoRARanks):
         raise ConfigError(f"adapter {name!r} is not a DyLoRA adapter")
-    return state.resample(step)
+    return state
+
+
+def resample(model, step: int, name: str = "default") -> int:
+    """Draw the training rank of DyLoRA adapter `name` for optimizer step `step` (plain torch loops); returns it."""
+    return _ranks(model, name).resample(step)
 
 
 def train_rank(model, name: str = "default") -> int:
     """The rank DyLoRA adapter `name` trains at in the current step."""
-    shared = getattr(model, "lorakit_shared", None) or {}
-    state = shared[name] if name in shared else None
-    if not isinstance(state, DyLoRARanks):
-        raise ConfigError(f"adapter {name!r} is not a DyLoRA adapter")
+    state = _ranks(model, name)
     return int(state.train_rank)

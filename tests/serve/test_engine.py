@@ -184,6 +184,8 @@ def test_stop_tokens_abort_and_seeded_sampling(base):
     assert sampled(1) == sampled(1) and sampled(1) != sampled(2)
     greedy = engine.generate([Request([5, 6, 7], params=SamplingParams(max_tokens=12, ignore_eos=True))])[0]
     assert sampled(3, top_p=1e-6) == greedy.output_ids  # only the most likely token survives the nucleus
+    tiny = Request([5, 6, 7], params=SamplingParams(max_tokens=12, temperature=5e-324, ignore_eos=True))
+    assert engine.generate([tiny])[0].output_ids == greedy.output_ids  # a tiny temperature is greedy, never NaN
 
     long = Request([1, 2, 3], params=SamplingParams(max_tokens=50, ignore_eos=True))
     engine.add_request(long)
