@@ -36,7 +36,8 @@ def minilm_dir() -> str:
 
 def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: list[str] | None = None
                ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for `spec` ("minilm", "tiny-llama" or a local transformers directory) and `task`.
+    """(model, tokenizer) for `spec` ("minilm", "tiny-llama" or a local transformers directory, including a pruned
+    base written by `lorakit.rank.save_pruned`) and `task`.
 
     "tiny-llama" trains its tokenizer on `texts`. Heads missing from a checkpoint are drawn from `seed`.
     """
@@ -61,15 +62,19 @@ def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: 
                              f"directory: {os.path.abspath(directory)} {what}")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .rank.prune import is_pruned_dir, load_pruned
+
     where = os.path.abspath(directory)
     try:
         with _quiet(), torch.random.fork_rng(devices=[]):
             _check_head(AutoConfig.from_pretrained(directory), task, num_labels, where)
             torch.manual_seed(seed)
-            if task == "causal-lm":
-                model = AutoModelForCausalLM.from_pretrained(directory)
+            auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+            head = {} if task == "causal-lm" else _head_kwargs(task, num_labels)
+            if is_pruned_dir(directory):  # written by lorakit.rank.save_pruned
+                model = load_pruned(directory, auto, **head)[0]
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(directory, **_head_kwargs(task, num_labels))
+                model = auto.from_pretrained(directory, **head)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -255,3 +255,11 @@ def test_plain_lora_at_rank_k_is_its_first_k_components():
     with pytest.raises(ConfigError, match="dylora"):
         with at_rank(model, 2, "d"):
             pass
+
+
+def test_best_learning_rate_is_chosen_on_validation_not_test():
+    rows = [{**row("lora", 1e-3, 0, 0.9), "validation_accuracy": 0.6}, {**row("lora", 1e-2, 0, 0.7),
+                                                                        "validation_accuracy": 0.8}]
+    best = best_learning_rates(group_runs(rows, "test_accuracy", select="validation_accuracy"), True)
+    assert best["lora"] == (1e-2, 0.7, 0.0)  # validation picks 1e-2; its test accuracy is what gets reported
+    assert best_learning_rates(group_runs(rows, "test_accuracy"), True)["lora"][0] == 1e-3  # no select: the metric

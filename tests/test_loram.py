@@ -1,5 +1,6 @@
 """LoRAM (training card §8): LoRA trained on a pruned model, recovered to the full model by zero-filling."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -102,8 +103,9 @@ def test_loram_experiment_entry_point_tiny(tmp_path):
     from lorakit.rank.loram import loram_experiment
     from test_loraprune import tiny_run_config
 
-    res = loram_experiment(tiny_run_config(tmp_path), skip_last=False)
+    res = loram_experiment(tiny_run_config(tmp_path), skip_last=False, align=["the film was good", "a dull film"])
     assert res["parameters_pruned"] < res["parameters_full"]
+    assert res["align_texts"] == 2 and res["align_loss_last"] > 0
     for key in ("frozen_encoder_test_accuracy", "pruned_test_accuracy", "test_accuracy"):
         assert 0 <= res[key] <= 1
 
@@ -147,3 +149,57 @@ def test_pruned_base_saves_and_loads(tmp_path):
     again, rec = load_pruned(str(tmp_path))
     assert rec == record and parameter_count(again) == parameter_count(full)
     assert close(run(again, batch), run(full, batch))
+
+
+def test_alignment_moves_the_pruned_model_towards_the_full_one():
+    from lorakit.models import train_tokenizer
+    from lorakit.rank.loram import align_pruned
+
+    texts = [f"the film was {w} and {v}" for w in ("good", "bad", "long", "fine") for v in ("sad", "nice", "odd")]
+    tok = train_tokenizer(texts)
+    full = models.llama(vocab_size=len(tok))
+    small = copy.deepcopy(full)
+    prune_structured(small, 0.5, metric="random", skip_last=False)
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    small.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in small.parameters()]
+    first = align_pruned(small, full, tok, texts, epochs=8, lr=3e-3, batch_size=6, progress=False)
+    assert len(first) == 8 * 2 and sum(first[-2:]) < 0.5 * sum(first[:2])  # layer-wise error at least halves
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in before.items())  # the teacher is only read
+    assert [p.requires_grad for p in small.parameters()] == flags and not small.training  # flags restored
+    with pytest.raises(ModelError, match="at least one text"):
+        align_pruned(small, full, tok, [])
+
+
+def test_align_texts_are_seeded_and_bounded(tmp_path):
+    from lorakit.rank.loram import align_texts
+    from test_loraprune import tiny_run_config
+
+    spec = tiny_run_config(tmp_path).data
+    a, b = align_texts(spec, 10, seed=1), align_texts(spec, 10, seed=1)
+    assert a == b and len(a) == 10 and len(set(a)) > 1
+
+
+def test_training_runs_on_a_saved_pruned_base(tmp_path):
+    """`lorakit train --model DIR` on a base written by save_pruned: the pruned shapes, weights and tokenizer."""
+    from lorakit.models import load_model
+    from lorakit.rank.prune import save_pruned
+    from lorakit.train.run import train
+    from test_loraprune import tiny_run_config
+
+    config = tiny_run_config(tmp_path)
+    causal, tok = load_model("tiny-llama", "causal-lm", texts=["the film was good", "a dull and sad film"])
+    record = prune_structured(causal, 0.5, metric="random", skip_last=False)
+    save_pruned(causal, record, str(tmp_path / "pruned"), tokenizer=tok)
+
+    again, tok2 = load_model(str(tmp_path / "pruned"), "causal-lm")
+    assert parameter_count(again) == parameter_count(causal) < parameter_count(models.llama())
+    ids = tok(["the film was good"], return_tensors="pt")
+    assert torch.equal(again(**ids).logits, causal(**ids).logits) and len(tok2) == len(tok)
+
+    classifier, _ = load_model(str(tmp_path / "pruned"), "classification", num_labels=2)  # a fresh 2-label head
+    assert classifier.score.weight.shape[0] == 2
+    assert torch.equal(classifier.model.layers[0].mlp.up_proj.weight, causal.model.layers[0].mlp.up_proj.weight)
+
+    results = train(dataclasses.replace(config, model=str(tmp_path / "pruned")))
+    assert 0 <= results["test_accuracy"] <= 1

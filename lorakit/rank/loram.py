@@ -1,8 +1,9 @@
 """LoRAM (Zhang et al., ICLR 2025): train a LoRA on a structurally pruned model, recover it to the full model.
 
 Steps: (0) `prune_structured(model, sparsity)` prunes a copy of the base model one-shot (heads and MLP channels,
-magnitude or random scores; see `lorakit.rank.prune`) and returns the `PruningRecord`; (1) the optional alignment
-of the pruned model (light continual pre-training) is left to the user; (2) train a LoRA on the pruned model with
+magnitude or random scores; see `lorakit.rank.prune`) and returns the `PruningRecord`; (1) `align_pruned` (optional,
+the paper's alignment) trains the pruned model's own weights to reproduce the full model's hidden states on unlabelled
+text; (2) train a LoRA on the pruned model with
 lorakit as usual; (3) `recover_adapter(pruned_model, full_model, name, record)` scatters every trained B row and A
 column back to the original shapes with zeros at the pruned indices (`norm_a=True`: pruned A columns ~ N(0, 1/r)
 instead, the reference's `normA` option, which makes ΔW non-zero on the pruned input columns) and injects the
@@ -41,6 +42,61 @@ def pruned_copy(model: nn.Module, record: PruningRecord) -> nn.Module:
     out = copy.deepcopy(model)
     apply_record(out, record)
     return out
+
+
+def align_pruned(pruned_model: nn.Module, full_model: nn.Module, tokenizer, texts: list[str], epochs: int = 1,
+                 lr: float = 2e-4, batch_size: int = 32, max_length: int = 128, seed: int = 0,
+                 progress: bool = True) -> list[float]:
+    """LoRAM's alignment step, in place on `pruned_model`: every weight of its backbone is trained (AdamW) so that
+    each layer's hidden states match the full model's on `texts`. Returns the loss per step.
+
+    Loss: for every layer output, the mean over real tokens of the squared error divided by the hidden size,
+    averaged over layers.
+    Choice: the paper aligns by continual pre-training (the LM loss) on a general corpus. Layer-wise distillation
+    from the original model serves the same purpose, and it also works for encoders without an LM head. The full
+    model is only read; the pruned model's requires_grad flags and train/eval mode are restored at the end.
+    """
+    from tqdm.auto import tqdm
+
+    if not texts:
+        raise ModelError("align_pruned needs at least one text")
+    small = getattr(pruned_model, pruned_model.base_model_prefix, pruned_model)
+    teacher = getattr(full_model, full_model.base_model_prefix, full_model)
+    params = [p for p in small.parameters() if p.is_floating_point()]
+    was_training, flags = small.training, [p.requires_grad for p in params]
+    teacher.eval()
+    small.train()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    starts = range(0, len(texts), batch_size)
+    losses = []
+    try:
+        with tqdm(total=epochs * len(starts), desc="aligning pruned model", unit="step", disable=not progress) as bar:
+            for _ in range(epochs):
+                order = torch.randperm(len(texts), generator=gen).tolist()
+                for start in starts:
+                    batch = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True,
+                                      truncation=True, max_length=max_length, return_tensors="pt")
+                    mask = batch["attention_mask"].unsqueeze(-1)
+                    with torch.no_grad():
+                        want = teacher(**batch, output_hidden_states=True).hidden_states[1:]
+                    got = small(**batch, output_hidden_states=True).hidden_states[1:]
+                    loss = sum(((g - w).square() * mask).sum() / (mask.sum() * w.shape[-1])
+                               for g, w in zip(got, want)) / len(want)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(float(loss.detach()))
+                    bar.update()
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            p.grad = None
+        small.train(was_training)
+    return losses
 
 
 def _scatter(t: torch.Tensor, dim: int, idx: Optional[list], size: int, fill: Optional[torch.Tensor] = None):
@@ -90,11 +146,25 @@ def recover_adapter(pruned_model: nn.Module, full_model: nn.Module, name: str = 
     return full_model
 
 
+def align_texts(specs: str, samples: int = 4000, seed: int = 0) -> list[str]:
+    """Up to `samples` training texts drawn (seeded) from comma-separated data specs ("vader:tweets,vader:nyt",
+    files), the unlabelled corpus for `align_pruned`."""
+    from ..data import load_data
+
+    texts = [t for spec in specs.split(",") if spec.strip() for t in load_data(spec.strip(), seed=seed).train.texts]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+    return [texts[i] for i in order]
+
+
 def loram_experiment(config, sparsity: float = 0.5, metric: str = "magnitude", baseline: bool = True,
+                     align: Optional[list[str]] = None, align_epochs: int = 1, align_lr: float = 2e-4,
                      **prune_options) -> dict:
-    """LoRAM on a run (`lorakit.train.args.RunConfig`): prune a copy of the base one-shot, train the run's LoRA on
-    it, recover it to the full model, merge, and evaluate on the original model's test split; with `baseline`,
-    also the frozen-encoder baseline (logistic regression on mean-pooled embeddings; encoders only)."""
+    """LoRAM on a run (`lorakit.train.args.RunConfig`): prune a copy of the base one-shot, align it on the texts
+    `align` (when given; `align_pruned`), train the run's LoRA on it, recover it to the full model, merge, and
+    evaluate on the original model's test split; with `baseline`, also the frozen-encoder baseline (logistic
+    regression on mean-pooled embeddings; encoders only)."""
+    import time
+
     from ..model import merge_and_unload
     from ..train.trainer import Trainer
     from .prune import _run_setup, _timed_eval, parameter_count
@@ -109,6 +179,13 @@ def loram_experiment(config, sparsity: float = 0.5, metric: str = "magnitude", b
                                                                           splits.test, config.training.max_length)
     small = copy.deepcopy(full)
     record = prune_structured(small, sparsity, metric=metric, seed=config.training.seed, **prune_options)
+    if align:
+        started = time.perf_counter()
+        losses = align_pruned(small, full, tokenizer, align, epochs=align_epochs, lr=align_lr,
+                              max_length=config.training.max_length, seed=config.training.seed,
+                              progress=not config.training.disable_tqdm)
+        results.update(align_texts=len(align), align_seconds=round(time.perf_counter() - started, 1),
+                       align_loss_first=losses[0], align_loss_last=losses[-1])
     torch.manual_seed(config.training.seed)
     inject(small, adapter, "default")
     results["parameters_pruned"] = parameter_count(small)
@@ -124,7 +201,7 @@ def loram_experiment(config, sparsity: float = 0.5, metric: str = "magnitude", b
 
 def main(argv=None) -> dict:
     """`python -m lorakit.rank.loram --config run.yaml [--experiment loraprune|loram] [--metrics lora,random,...]
-    [--sparsity 0.5] [--out results.json]`: the issue's experiments on one run config (flat YAML, as `lorakit train`).
+    [--sparsity 0.5] [--align-data SPECS --align-samples N] [--out results.json]`: the issue's experiments on one run config (flat YAML, as `lorakit train`).
     loraprune: one run per metric, each in output_dir/<metric>; loram: one run in output_dir/loram."""
     import argparse
     import dataclasses as dc
@@ -138,6 +215,11 @@ def main(argv=None) -> dict:
     p.add_argument("--experiment", choices=["loraprune", "loram"], default="loraprune")
     p.add_argument("--metrics", default="lora,magnitude,random")
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--align-data", default="", help="loram: comma-separated data specs whose training texts align "
+                   "the pruned model (e.g. vader:tweets,vader:amazon,vader:nyt); empty: no alignment")
+    p.add_argument("--align-samples", type=int, default=4000)
+    p.add_argument("--align-epochs", type=int, default=1)
+    p.add_argument("--align-lr", type=float, default=2e-4)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     config = RunConfig.from_flat(read_yaml(a.config))
@@ -146,7 +228,9 @@ def main(argv=None) -> dict:
         return dc.replace(config, training=dc.replace(config.training,
                                                       output_dir=f"{config.training.output_dir}/{sub}"))
     if a.experiment == "loram":
-        results = {"loram": loram_experiment(under("loram"), a.sparsity)}
+        texts = align_texts(a.align_data, a.align_samples, config.training.seed) if a.align_data else None
+        results = {"loram": loram_experiment(under("loram"), a.sparsity, align=texts, align_epochs=a.align_epochs,
+                                             align_lr=a.align_lr)}
     else:
         results = {m: prune_experiment(under(m), metric=m, sparsity=a.sparsity) for m in a.metrics.split(",")}
     text = json.dumps(results, indent=1, default=str)

@@ -446,21 +446,34 @@ def prune_experiment(config, metric: str = "lora", sparsity: float = 0.5, prune_
 RECORD_FILE = "pruning_record.json"
 
 
-def save_pruned(model: nn.Module, record: PruningRecord, directory: str) -> None:
-    """Write a pruned transformers model without adapters (`save_pretrained`) and its record, for `load_pruned`."""
+def save_pruned(model: nn.Module, record: PruningRecord, directory: str, tokenizer=None) -> None:
+    """Write a pruned transformers model without adapters (`save_pretrained`), its record and, when given, its
+    tokenizer; `load_pruned` and `lorakit.models.load_model` (so `lorakit train --model DIR`) read it back."""
     import json
     import os
 
     if any(isinstance(m, AdaptedLayer) for m in model.modules()):
         raise ModelError("save_pruned writes a base model: merge_and_unload or unload the adapters first")
     model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, RECORD_FILE), "w") as f:
         json.dump(record.to_dict(), f)
 
 
-def load_pruned(directory: str, model_class=None) -> tuple[nn.Module, PruningRecord]:
+def is_pruned_dir(directory: str) -> bool:
+    """Whether `directory` holds a model written by `save_pruned`."""
+    import os
+
+    return os.path.isfile(os.path.join(directory, RECORD_FILE))
+
+
+def load_pruned(directory: str, model_class=None, **config_overrides) -> tuple[nn.Module, PruningRecord]:
     """(model, record) from `save_pruned`: the original architecture is built from the config, pruned by the
-    record, then filled from the saved weights (strict). `model_class` defaults to the config's architecture."""
+    record, then filled from the saved weights. `model_class` (a model class or a transformers Auto class, e.g.
+    `AutoModelForSequenceClassification`) defaults to the saved architecture; with another class, weights outside
+    the backbone that the file lacks (a new head) keep their fresh initialisation, as `from_pretrained` does.
+    `config_overrides` (e.g. num_labels) update the saved config first."""
     import json
     import os
 
@@ -471,19 +484,29 @@ def load_pruned(directory: str, model_class=None) -> tuple[nn.Module, PruningRec
 
     with open(os.path.join(directory, RECORD_FILE)) as f:
         record = PruningRecord.from_dict(json.load(f))
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, **config_overrides)
     for path, entry in record.modules.items():  # the unpruned MLP width (config.intermediate_size may be pruned)
         if path.endswith(("intermediate.dense", "up_proj")):
             config.intermediate_size = entry["shape"][0]
             break
     cls = model_class or getattr(transformers, config.architectures[0])
     with torch.random.fork_rng(devices=[]):
-        model = cls(config)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     apply_record(model, record)
     state = load_file(os.path.join(directory, "model.safetensors"))
+    prefix = getattr(model, "base_model_prefix", "")
+    own = model.state_dict()
+    if prefix and not any(k.startswith(prefix + ".") for k in state) and any(k.startswith(prefix + ".") for k in own):
+        state = {f"{prefix}.{k}": v for k, v in state.items()}  # a bare backbone loaded under a task head
+    elif prefix and not any(k.startswith(prefix + ".") for k in own):
+        state = {k.removeprefix(prefix + "."): v for k, v in state.items()}  # a task model loaded as a backbone
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    if unexpected or [k for k in missing if k not in tied]:
+    missing = [k for k in missing if k not in tied]
+    if model_class is not None:  # a head the file does not have stays freshly initialised
+        missing = [k for k in missing if prefix and k.startswith(prefix + ".")]
+        unexpected = [k for k in unexpected if prefix and k.startswith(prefix + ".")]
+    if unexpected or missing:
         raise ModelError(f"{directory}: saved weights do not fit the pruned model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return model.eval(), record

@@ -82,7 +82,7 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
         curves[(variant, lr, seed)] = _losses(run_dir / "metrics.jsonl")
     metric = "test_" + task.main_metric
     _write_csv(out / "results.csv", rows, metric)
-    groups = group_runs(rows, metric)
+    groups = group_runs(rows, metric, select="validation_" + task.main_metric)
     best = best_learning_rates(groups, task.greater_is_better)
     (out / "results.md").write_text(summary(groups, best, metric, task.greater_is_better, settings))
     ranks = next(iter(configs.values())).eval_ranks
@@ -101,25 +101,30 @@ def run_one(config: RunConfig, resume: bool = False) -> dict:
         return pool.submit(train, config, resume).result()
 
 
-def group_runs(rows: list[dict], metric: str) -> dict[tuple[str, float], dict]:
-    """Per (variant, learning rate): the runs and the metric's mean and std over seeds."""
+def group_runs(rows: list[dict], metric: str, select: str | None = None) -> dict[tuple[str, float], dict]:
+    """Per (variant, learning rate): the runs and the metric's mean and std over seeds; `chosen_by`: the mean of
+    `select` (the metric the best learning rate is picked on), or of `metric` when a run lacks `select`."""
     groups: dict[tuple[str, float], dict] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["learning_rate"]), {"runs": []})["runs"].append(r)
     for g in groups.values():
         values = [r[metric] for r in g["runs"]]
         g["mean"], g["std"] = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        picked = [r.get(select, math.nan) for r in g["runs"]] if select else []
+        g["chosen_by"] = statistics.fmean(picked) if picked and not any(map(math.isnan, picked)) else g["mean"]
     return groups
 
 
 def best_learning_rates(groups: dict, greater_is_better: bool) -> dict[str, tuple[float, float, float]]:
-    """variant → (best learning rate, mean, std)."""
+    """variant → (best learning rate, mean, std): the learning rate with the best `chosen_by` (validation when
+    available, so the test metric is not also the one that chose), reported with its test mean and std."""
     best: dict[str, tuple[float, float, float]] = {}
+    key: dict[str, float] = {}
     for (variant, lr), g in groups.items():
-        mean = g["mean"]
-        if variant not in best or math.isnan(best[variant][1]) or (
-                mean > best[variant][1] if greater_is_better else mean < best[variant][1]):
-            best[variant] = (lr, mean, g["std"])  # ties keep the first; NaN never beats a number
+        score = g.get("chosen_by", g["mean"])
+        if variant not in best or math.isnan(key[variant]) or (
+                score > key[variant] if greater_is_better else score < key[variant]):
+            best[variant], key[variant] = (lr, g["mean"], g["std"]), score  # ties keep the first; NaN never wins
     return best
 
 
@@ -134,7 +139,7 @@ def summary(groups: dict, best: dict, metric: str, greater_is_better: bool, sett
         lines.append(f"| {variant} | {lr:g} | {len(rs)} | {g['mean']:.4f} ± {g['std']:.4f} "
                      f"| {rs[0]['trainable_parameters']:,} | {statistics.fmean(r['seconds_per_step'] for r in rs):.3f} "
                      f"| {max(r['peak_memory_mb'] for r in rs):.0f} |")
-    lines += ["", "Best learning rate per variant:", "", "| variant | learning rate | " + metric + " |", "|---|---|---|"]
+    lines += ["", "Best learning rate per variant (chosen on the validation split when the runs report it):", "", "| variant | learning rate | " + metric + " |", "|---|---|---|"]
     lines += [f"| {v} | {lr:g} | {m:.4f} ± {s:.4f} |" for v, (lr, m, s) in best.items()]
     return "\n".join(lines) + "\n"
 
