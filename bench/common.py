@@ -134,15 +134,23 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+NOTES = "## Notes (written by hand"
+
+
 def write_section(key: str, title: str, body: str) -> None:
-    """Replace (or append) this script's section of BENCHMARKS.md, delimited by HTML comments."""
+    """Replace this script's section of BENCHMARKS.md (delimited by HTML comments), or add it before the notes."""
     start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
     section = f"{start}\n## {title}\n\n{body.strip()}\n{end}"
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (
         "# Benchmarks\n\nEach section is written by the script named in it (`.venv/bin/python bench/<name>.py`);"
         " re-running a script replaces only its own section.\n")
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    elif NOTES in text:  # a new section goes before the hand-written notes
+        text = text.replace(NOTES, section + "\n\n" + NOTES, 1)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS.write_text(text)
 
 

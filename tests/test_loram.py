@@ -128,7 +128,7 @@ def test_script_entry_point_tiny(tmp_path, capsys):
 
     import yaml
 
-    from lorakit.rank.loram import main
+    from lorakit.rank.__main__ import main
     from test_loraprune import tiny_run_config
 
     flat = tiny_run_config(tmp_path).to_flat()

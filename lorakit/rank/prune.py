@@ -495,11 +495,6 @@ def load_pruned(directory: str, model_class=None, **config_overrides) -> tuple[n
     apply_record(model, record)
     state = load_file(os.path.join(directory, "model.safetensors"))
     prefix = getattr(model, "base_model_prefix", "")
-    own = model.state_dict()
-    if prefix and not any(k.startswith(prefix + ".") for k in state) and any(k.startswith(prefix + ".") for k in own):
-        state = {f"{prefix}.{k}": v for k, v in state.items()}  # a bare backbone loaded under a task head
-    elif prefix and not any(k.startswith(prefix + ".") for k in own):
-        state = {k.removeprefix(prefix + "."): v for k, v in state.items()}  # a task model loaded as a backbone
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]

@@ -139,7 +139,8 @@ def summary(groups: dict, best: dict, metric: str, greater_is_better: bool, sett
         lines.append(f"| {variant} | {lr:g} | {len(rs)} | {g['mean']:.4f} ± {g['std']:.4f} "
                      f"| {rs[0]['trainable_parameters']:,} | {statistics.fmean(r['seconds_per_step'] for r in rs):.3f} "
                      f"| {max(r['peak_memory_mb'] for r in rs):.0f} |")
-    lines += ["", "Best learning rate per variant (chosen on the validation split when the runs report it):", "", "| variant | learning rate | " + metric + " |", "|---|---|---|"]
+    lines += ["", "Best learning rate per variant (chosen on the validation split when the runs report it):", "",
+              "| variant | learning rate | " + metric + " |", "|---|---|---|"]
     lines += [f"| {v} | {lr:g} | {m:.4f} ± {s:.4f} |" for v, (lr, m, s) in best.items()]
     return "\n".join(lines) + "\n"
 
