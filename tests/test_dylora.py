@@ -120,6 +120,12 @@ def test_rank_sampling_uniform_deterministic_and_driven_by_the_hook():
     state.after_optimizer_step(SimpleNamespace(step=6))
     assert train_rank(model) == state.sample(7)
     assert resample(model, 11) == train_rank(model) == state.sample(11)
+    for seed in (5, 0):  # no seed option: the draws follow the torch seed the adapter is made under
+        base = mlp()
+        torch.manual_seed(seed)
+        made_state = lorakit.inject(base, config(r=8)).lorakit_shared["default"]
+        made = [made_state.sample(t) for t in range(50)]
+        assert (made == draws[:50]) == (seed == 0)
     other = dy_mlp(options={"ranks": [2, 4, 8], "seed": 3}).lorakit_shared["default"]
     assert set(other.sample(t) for t in range(300)) == {2, 4, 8}
     assert [other.sample(t) for t in range(50)] != [state.sample(t) for t in range(50)]
@@ -170,7 +176,7 @@ def test_merge_cycle_at_default_and_chosen_rank_and_save_load_save(tmp_path):
         assert close(run(fresh, X), run(plain_lora_from(dy_mlp(), 2, 16), X), tol=1e-6)
     data = json.loads((tmp_path / "first" / "adapter_config.json").read_text())
     assert data["peft_type"] == "LORAKIT_DYLORA"
-    assert data["options"] == {"frozen": True, "ranks": None, "seed": 0}
+    assert data["options"] == {"frozen": True, "ranks": None, "seed": None}
 
 
 def test_mixed_batch_and_rank_changes_reach_cached_stacks():

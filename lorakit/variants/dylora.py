@@ -33,7 +33,7 @@ class DyLoRARanks(RankState):
         too_big = [k for k in self.choices if k > r_max]
         if too_big:
             raise ConfigError(f"option ranks has values {too_big} above the largest layer rank {r_max}")
-        self.seed = opts.seed
+        self.seed = opts.seed if opts.seed is not None else torch.initial_seed() % 2 ** 31
         self.register_buffer("train_rank", torch.zeros((), dtype=torch.long), persistent=False)
         self.resample(0)
 
@@ -84,7 +84,8 @@ class DyLoRA(NestedRankVariant):
     class Options:
         frozen: bool = True  # only component b trains (reference GLUE scripts); False: all b components train
         ranks: Optional[list] = None  # the ranks b is drawn from (uniformly); None: 1..r_max
-        seed: int = 0  # seed of the rank draws (b for step t is a function of (seed, t))
+        seed: Optional[int] = None  # seed of the rank draws (b for step t is a function of (seed, t)); None: the
+        # torch seed when the adapter is made (the run's seed under `lorakit train`), so seeds vary the draws too
 
         def __post_init__(self):
             if not isinstance(self.frozen, bool):
@@ -94,8 +95,8 @@ class DyLoRA(NestedRankVariant):
                         or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ranks)):
                     raise ConfigError(f"option ranks must be a non-empty list of positive ints, got {self.ranks!r}")
                 self.ranks = sorted(set(int(k) for k in self.ranks))
-            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-                raise ConfigError(f"option seed must be an int, got {self.seed!r}")
+            if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+                raise ConfigError(f"option seed must be an int or null, got {self.seed!r}")
 
     def rank_scale(self, k: int) -> float:
         """Scale of the rank-k truncation: s·r/k (α/k for s = α/r)."""
