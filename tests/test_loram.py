@@ -169,6 +169,9 @@ def test_alignment_moves_the_pruned_model_towards_the_full_one():
     assert [p.requires_grad for p in small.parameters()] == flags and not small.training  # flags restored
     with pytest.raises(ModelError, match="at least one text"):
         align_pruned(small, full, tok, [])
+    lorakit.inject(small, lorakit.AdapterConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ModelError, match="before injecting"):
+        align_pruned(small, full, tok, texts)
 
 
 def test_align_texts_are_seeded_and_bounded(tmp_path):

@@ -2,13 +2,12 @@
 
 Steps: (0) `prune_structured(model, sparsity)` prunes a copy of the base model one-shot (heads and MLP channels,
 magnitude or random scores; see `lorakit.rank.prune`) and returns the `PruningRecord`; (1) `align_pruned` (optional,
-the paper's alignment) trains the pruned model's own weights to reproduce the full model's hidden states on unlabelled
-text; (2) train a LoRA on the pruned model with
-lorakit as usual; (3) `recover_adapter(pruned_model, full_model, name, record)` scatters every trained B row and A
-column back to the original shapes with zeros at the pruned indices (`norm_a=True`: pruned A columns ~ N(0, 1/r)
-instead, the reference's `normA` option, which makes ΔW non-zero on the pruned input columns) and injects the
-result into the full model;
-(4) merge (`lorakit.merge_and_unload`) and evaluate on the original model.
+the paper's alignment) trains the pruned model's own weights to reproduce the full model's hidden states on
+unlabelled text; (2) train a LoRA on the pruned model with lorakit as usual; (3) `recover_adapter(pruned_model,
+full_model, name, record)` scatters every trained B row and A column back to the original shapes with zeros at the
+pruned indices (`norm_a=True`: pruned A columns ~ N(0, 1/r) instead, the reference's `normA` option, which makes ΔW
+non-zero on the pruned input columns) and injects the result into the full model; (4) merge
+(`lorakit.merge_and_unload`) and evaluate on the original model.
 
 Identity (default zero fill): on the kept rows/columns the recovered ΔW equals the pruned model's ΔW, elsewhere it is zero.
 """
@@ -60,8 +59,9 @@ def align_pruned(pruned_model: nn.Module, full_model: nn.Module, tokenizer, text
 
     if not texts:
         raise ModelError("align_pruned needs at least one text")
-    small = getattr(pruned_model, pruned_model.base_model_prefix, pruned_model)
-    teacher = getattr(full_model, full_model.base_model_prefix, full_model)
+    if any(isinstance(m, AdaptedLayer) for m in pruned_model.modules()):
+        raise ModelError("align_pruned aligns the base model: align before injecting the adapter")
+    small, teacher = (getattr(m, getattr(m, "base_model_prefix", ""), m) for m in (pruned_model, full_model))
     params = [p for p in small.parameters() if p.is_floating_point()]
     was_training, flags = small.training, [p.requires_grad for p in params]
     teacher.eval()
