@@ -138,6 +138,10 @@ def test_script_entry_point_tiny(tmp_path, capsys):
     main(["--config", str(tmp_path / "run.yaml"), "--metrics", "magnitude", "--out", str(tmp_path / "r.json")])
     res = json.loads((tmp_path / "r.json").read_text())["magnitude"]
     assert res["parameters_after"] < res["parameters_before"] and (tmp_path / "run" / "magnitude").is_dir()
+    main(["--config", str(tmp_path / "run.yaml"), "--experiment", "loram", "--align-data", flat["data"],
+          "--align-samples", "8", "--out", str(tmp_path / "l.json")])
+    res = json.loads((tmp_path / "l.json").read_text())["loram"]
+    assert res["align_texts"] == 8 and (tmp_path / "run" / "loram").is_dir()
 
 
 def test_pruned_base_saves_and_loads(tmp_path):
