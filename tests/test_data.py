@@ -9,15 +9,14 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from lorakit import data as D
+from lorakit import cache, data as D
+from lorakit.cache import pip_download
 from lorakit.errors import DataError
 
 # The files hold one row more than DESIGN.md lists (10,604 / 4,199 / 3,707 / 5,189: `wc -l` counts, the
@@ -38,10 +37,7 @@ def shared_cache():
 @pytest.fixture(scope="module")
 def real_sdist(tmp_path_factory):
     """The real vaderSentiment sdist, downloaded with the exact pip command the loader uses."""
-    dest = tmp_path_factory.mktemp("sdist")
-    subprocess.run([sys.executable, *D._PIP_DOWNLOAD, "-d", str(dest)], check=True, capture_output=True)
-    (sdist,) = dest.glob("*.tar.gz")
-    return sdist
+    return pip_download(D.VADER_REQUIREMENT, tmp_path_factory.mktemp("sdist"), "VADER data", DataError, source=True)
 
 
 @pytest.fixture
@@ -86,7 +82,7 @@ def test_fetch_into_fresh_cache_then_reuse(fresh_cache, shared_cache, monkeypatc
 
     def no_pip(*a, **k):
         raise AssertionError("pip must not run once the cache exists")
-    monkeypatch.setattr(D.subprocess, "run", no_pip)
+    monkeypatch.setattr(cache.subprocess, "run", no_pip)
     assert D.vader_files() == folder
 
 
@@ -106,7 +102,7 @@ def test_unreachable_index_says_how_to_predownload(fresh_cache, monkeypatch):
 
 def test_predownloaded_sdist(fresh_cache, real_sdist, shared_cache, monkeypatch):
     monkeypatch.setenv("LORAKIT_VADER_SDIST", str(real_sdist))
-    monkeypatch.setattr(D.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    monkeypatch.setattr(cache.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
     folder = D.vader_files()
     assert sorted(p.name for p in folder.iterdir()) == sorted([*D._VADER_FILES.values(), "LICENSE.txt"])
     assert (folder / D._VADER_FILES["nyt"]).read_bytes() == (shared_cache / D._VADER_FILES["nyt"]).read_bytes()
