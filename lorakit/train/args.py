@@ -49,6 +49,10 @@ class TrainingArguments:
     dataloader_drop_last: bool = False
     group_by_length: bool = False            # batches of similar length (less padding, faster); order stays seeded
     disable_tqdm: bool = False
+    bf16: bool = False                       # the base runs in bfloat16 (adapters and optimizer state stay fp32)
+    fp16: bool = False                       # the base runs in float16 (same)
+    device: str = "auto"                     # auto (CUDA when present) | cpu | cuda | cuda:N
+    gradient_checkpointing: bool = False     # recompute each decoder layer in backward (less activation memory)
 
     def __post_init__(self):
         _check_types(self)
@@ -69,6 +73,11 @@ class TrainingArguments:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("choose one of bf16 and fp16")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+                and self.device[5:].isdigit()):
+            raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
 
@@ -88,6 +97,7 @@ class RunConfig:
     init: str = ""                           # a `lorakit.initialize` method run on the adapter first (e.g. "eva")
     init_args: dict = field(default_factory=dict)  # its options
     init_batches: int = 8                    # training batches for a data-driven init (`init`, LoRA-SB, SHiRA masks)
+    quantize: str = ""                       # frozen base stored quantized: nf4 | fp4 | int8 (bitsandbytes); "" = none
     eval_ranks: list = field(default_factory=list)  # also test the adapter at these ranks (+ AURAC), e.g. [1, 2, 4, 8]
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
