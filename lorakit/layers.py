@@ -1,6 +1,7 @@
 """The adapted layer: keeps the original module as `base_layer` and holds any number of named adapters."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -54,16 +55,17 @@ class AdaptedLayer(nn.Module):
         if self.merged and any(v.reads_base_weight for v in variants):
             raise MergeError(f"active adapters read the base weight, which has {list(self.merged)} merged into it; "
                              "merge them too, or unmerge first")
-        if torch.is_grad_enabled():
-            y = out
+        with _compute_in(out.dtype, out.device):
+            if torch.is_grad_enabled():
+                y = out
+                for v in variants:
+                    y = v.plus_delta(y, _cast(x, v, out.dtype), out)
+                return y.to(out.dtype)
+            # inference: add into the base output in place (keeping a copy only if a later adapter reads it)
+            base = out.clone() if len(variants) > 1 and any(v.uses_base_out for v in variants) else out
             for v in variants:
-                y = v.plus_delta(y, _cast(x, v), out)
-            return y.to(out.dtype)
-        # inference: add into the base output in place (keeping a copy only if a later adapter reads it)
-        base = out.clone() if len(variants) > 1 and any(v.uses_base_out for v in variants) else out
-        for v in variants:
-            v.add_delta_(out, _cast(x, v), base)
-        return out
+                v.add_delta_(out, _cast(x, v, out.dtype), base)
+            return out
 
     def _routed(self, x, out):
         """Each adapter on its own rows: one gather of the routed rows, then contiguous slices."""
@@ -75,6 +77,10 @@ class AdaptedLayer(nn.Module):
             _bind(v, self.routing, plan, a, b, x.shape[0])
         if not segments:
             return out
+        with _compute_in(out.dtype, out.device):
+            return self._routed_deltas(x, out, plan, segments)
+
+    def _routed_deltas(self, x, out, plan, segments):
         xs = plan.gather(x)
         needs_base = any(v.uses_base_out for v, _, _ in segments)
         ys = out if plan.identity else out.index_select(0, plan.order) if needs_base else None
@@ -84,13 +90,13 @@ class AdaptedLayer(nn.Module):
                     stacked.add_run_(out, xs, plan, run, self._stacks)
                     continue
                 v, a, b = run[0]
-                x_rows, base_rows = _cast(xs[a:b], v), None if ys is None else ys[a:b]
+                x_rows, base_rows = _cast(xs[a:b], v, out.dtype), None if ys is None else ys[a:b]
                 if plan.identity:
                     v.add_delta_(out[a:b], x_rows, base_rows)
                 else:
                     out.index_add_(0, plan.order[a:b], v.delta(x_rows, base_rows).to(out.dtype))
             return out
-        deltas = [v.delta(_cast(xs[a:b], v), None if ys is None else ys[a:b]) for v, a, b in segments]
+        deltas = [v.delta(_cast(xs[a:b], v, out.dtype), None if ys is None else ys[a:b]) for v, a, b in segments]
         delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]
         if plan.identity and len(plan.order) == out.shape[0] and len(segments) == len(plan.segments):
             return (out + delta).to(out.dtype)  # every row routed, already in order: no scatter
@@ -162,9 +168,22 @@ def _bind(variant, routing, plan=None, start: int = 0, stop: int = 0, total_rows
         variant.bind_routing(routing, None if plan is None else plan.order[start:stop], total_rows or None)
 
 
-def _cast(x: torch.Tensor, variant) -> torch.Tensor:
-    """Inputs run through an adapter in the adapter's dtype (ids stay integers)."""
-    return x.to(variant.lora_dtype) if x.is_floating_point() else x
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _compute_in(dtype: torch.dtype, device: torch.device):
+    """On a half-precision base, adapters (fp32 master weights) compute in the base's dtype: autocast casts each
+    factor to it for the matmuls (gradients flow back to the fp32 parameters), as mixed-precision training does.
+    An fp32 adapter on a bf16 base would otherwise cost 1.6-4.4x the adapter's bf16 time on one layer."""
+    return torch.autocast(device.type, dtype=dtype) if dtype in HALF else contextlib.nullcontext()
+
+
+def _cast(x: torch.Tensor, variant, base_dtype: torch.dtype) -> torch.Tensor:
+    """Adapter inputs: in the base's dtype when that is half precision (see `_compute_in`), else in the adapter's
+    dtype (ids stay integers)."""
+    if not x.is_floating_point():
+        return x
+    return x.to(base_dtype) if base_dtype in HALF else x.to(variant.lora_dtype)
 
 
 class TrainedCopy(nn.Module):

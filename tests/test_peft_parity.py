@@ -193,16 +193,18 @@ BF16_ULP = 2.0 ** -7  # spacing of bf16 numbers in [1, 2)
 
 
 def assert_bf16_close(ours: torch.Tensor, ref: torch.Tensor, base_out: torch.Tensor) -> None:
-    """Logits agree within 4 bf16 ulps of their scale (measured: 0), while the adapter moves them ≥ 50 ulps.
+    """Logits agree within 8 bf16 ulps of their scale, while the adapter moves them ≥ 50 ulps (measured: effect
+    98-137 ulps, difference 1.5-4.9 ulps; a wrong scale or factor would differ by tens of ulps).
 
-    Both sides run the same bf16 base ops and fp32 adapter math, casting back to bf16 after each adapted
-    layer; a last-bit fp32 difference can flip one bf16 rounding, which 2 layers may amplify a little.
+    Both keep fp32 adapter weights on the bf16 base; PEFT runs the adapter matmuls in fp32, lorakit in bf16
+    (autocast, as mixed-precision training does: 1.6-4.4x faster on one layer). Rounding x, A and B to bf16
+    (relative 2^-8 each) moves the adapter's output by a few bf16 ulps, which 2 layers carry to the logits.
     """
     assert ours.dtype == ref.dtype == torch.bfloat16
     scale = max(1.0, ref.float().abs().max().item())
     assert (ref.float() - base_out.float()).abs().max() > 50 * BF16_ULP * scale, "adapter has no effect"
     err = (ours.float() - ref.float()).abs().max().item()
-    assert err <= 4 * BF16_ULP * scale, f"bf16: max|ours - peft| = {err:.3g}, scale {scale:.3g}"
+    assert err <= 8 * BF16_ULP * scale, f"bf16: max|ours - peft| = {err:.3g}, scale {scale:.3g}"
 
 
 def bf16_llama():
