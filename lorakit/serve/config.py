@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import torch
+
 from ..errors import ConfigError
 
 GiB = 1 << 30
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -24,6 +27,12 @@ class EngineConfig:
       least `bmm_min_adapters` adapters of one rank), or "segment" / "bmm" everywhere.
     - `load_workers`: threads reading adapter files from disk; 0 reads them on the engine's thread (a schedule that
       does not depend on timing: tests, benchmarks).
+    - `dtype` (vLLM's `--dtype`): "auto" = the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else its
+      tensors'; fp32 when it is neither bf16 nor fp16), or "float32" / "bfloat16" / "float16". Weights, KV cache and
+      adapters are held in it (adapters are scaled in fp32, then cast).
+    - `fp32_max_rows`: with a 16-bit dtype, steps of at most this many rows run through fp32 copies of the weights
+      (bf16 GEMMs on CPU are slower than fp32 ones at a few rows; see BENCHMARKS.md). 0 = never (no fp32 copies,
+      half the weight memory); ignored for float32.
     """
 
     max_loras: int = 32
@@ -37,6 +46,8 @@ class EngineConfig:
     lora_kernel: str = "auto"
     bmm_min_adapters: int = 4
     load_workers: int = 2
+    dtype: str = "auto"
+    fp32_max_rows: int = 4
 
     def __post_init__(self):
         for f in fields(self):
@@ -44,10 +55,23 @@ class EngineConfig:
             if f.name == "lora_kernel":
                 if value not in ("auto", "segment", "bmm"):
                     raise ConfigError(f"lora_kernel must be 'auto', 'segment' or 'bmm', got {value!r}")
-            elif (f.name == "max_cpu_loras" and value is None) or (f.name == "load_workers" and value == 0):
+            elif f.name == "dtype":
+                if value != "auto" and value not in DTYPES:
+                    raise ConfigError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {value!r}")
+            elif (f.name == "max_cpu_loras" and value is None) or (f.name in ("load_workers", "fp32_max_rows")
+                                                                   and value == 0):
                 continue
             elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be an integer >= 1, got {value!r}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): "
                               f"every adapter of a step is loaded in RAM")
+
+
+def serving_dtype(setting: str, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a model is served in: `setting` ("auto" or a DTYPES name) given the checkpoint's dtype."""
+    if setting != "auto":
+        if setting not in DTYPES:
+            raise ConfigError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {setting!r}")
+        return DTYPES[setting]
+    return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.float32
