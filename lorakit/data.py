@@ -6,6 +6,8 @@ The text is downloaded on first use into `cache_dir()`; lorakit never ships it.
 
 - classification: sentences with |rating| < 0.5 are dropped; label = 1 if rating > 0 else 0.
 - regression: every sentence is kept; label = the raw mean rating (not rescaled).
+- instruct: the classification rows as chat instructions. The user message is exactly
+  `INSTRUCTION.format(text=...)`; the reply is "negative" or "positive" (the dataset's `choices`).
 
 Texts are kept as in the files (stripped): tweets keep HTML entities such as `&amp;`, and a few
 sentences repeat within a domain, some with different ratings (NYT: 71 repeats).
@@ -33,7 +35,10 @@ from .cache import cache_dir, check_sha256, pip_download
 from .errors import DataError
 
 DOMAINS = ("movies", "tweets", "amazon", "nyt")
-TASKS = ("classification", "regression", "causal-lm")
+TASKS = ("classification", "regression", "causal-lm", "instruct")
+GENERATIVE = ("causal-lm", "instruct")
+INSTRUCTION = "Is the sentiment of this text positive or negative? Answer with one word.\n\n{text}"
+SENTIMENT_CHOICES = ("negative", "positive")  # class 0, class 1
 
 VADER_REQUIREMENT = "vaderSentiment==3.3.2"
 VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -84,10 +89,50 @@ class CompletionDataset(_Rows):
 
 
 @dataclasses.dataclass
+class ChatDataset(_Rows):
+    """Conversations for the instruct task: `messages` (the chat up to the reply, as dicts with role and content)
+    and the assistant's `response`. With `choices` (a closed label set, e.g. negative/positive), `labels` holds
+    each response's index in it, and models are also scored by which choice they rank highest."""
+    messages: list
+    responses: list
+    labels: list = dataclasses.field(default_factory=list)
+    choices: tuple = ()
+    task: str = "instruct"
+    _keys = (("messages", "messages"), ("responses", "response"))
+
+    def __post_init__(self):
+        if self.choices and not self.labels:
+            self.labels = [self.choices.index(r) if r in self.choices else -1 for r in self.responses]
+        if self.choices:
+            self._keys = self._keys + (("labels", "label"),)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.choices)
+
+    @classmethod
+    def from_texts(cls, texts: list, labels: list, choices=SENTIMENT_CHOICES,
+                   instruction: str = INSTRUCTION) -> "ChatDataset":
+        """Labelled texts as one-turn instructions: user `instruction.format(text=...)`, reply `choices[label]`."""
+        return cls([[{"role": "user", "content": instruction.format(text=t)}] for t in texts],
+                   [choices[y] for y in labels], list(labels), tuple(choices))
+
+    def with_shots(self, shots: "ChatDataset") -> "ChatDataset":
+        """Each conversation preceded by the `shots` as earlier user/assistant turns (k-shot prompting)."""
+        prefix = [turn for m, r in zip(shots.messages, shots.responses)
+                  for turn in (*m, {"role": "assistant", "content": r})]
+        return dataclasses.replace(self, messages=[prefix + m for m in self.messages])
+
+    def texts(self) -> list[str]:
+        """Every message and response (e.g. to train a tokenizer on)."""
+        return [t["content"] for m in self.messages for t in m] + list(self.responses)
+
+
+@dataclasses.dataclass
 class Splits:
-    train: TextDataset | CompletionDataset
-    validation: TextDataset | CompletionDataset
-    test: TextDataset | CompletionDataset
+    train: TextDataset | CompletionDataset | ChatDataset
+    validation: TextDataset | CompletionDataset | ChatDataset
+    test: TextDataset | CompletionDataset | ChatDataset
 
 
 # ---- VADER -------------------------------------------------------------------------------
@@ -153,13 +198,15 @@ def vader_ratings(domain: str) -> list[tuple[str, float]]:
 def vader(domain: str, task: str = "classification", seed: int = 0) -> Splits:
     """Train/validation/test splits of one VADER domain (see the module docstring for the rules)."""
     rows = vader_ratings(domain)
-    if task == "classification":
+    if task in ("classification", "instruct"):
         rows = [(t, int(r > 0)) for t, r in rows if abs(r) >= 0.5]
-        data = TextDataset([t for t, _ in rows], [y for _, y in rows], "classification", 2)
+        texts, labels = [t for t, _ in rows], [y for _, y in rows]
+        data = TextDataset(texts, labels, "classification", 2) if task == "classification" \
+            else ChatDataset.from_texts(texts, labels)
     elif task == "regression":
         data = TextDataset([t for t, _ in rows], [r for _, r in rows], "regression", 1)
     else:
-        raise DataError(f"VADER supports tasks classification and regression, not {task!r}")
+        raise DataError(f"VADER supports tasks classification, regression and instruct, not {task!r}")
     n = len(data)
     return split(data, seed, validation=min(1000, n // 10), test=min(2000, n // 5))
 
@@ -250,6 +297,33 @@ def read_completions(path, prompt_column="prompt", completion_column="completion
     return CompletionDataset([r[prompt_column] for _, r in records], [r[completion_column] for _, r in records])
 
 
+def read_chats(path) -> ChatDataset:
+    """A .jsonl file of chats: `{"messages": [{"role": ..., "content": ...}, ...]}` whose last message is the
+    assistant's reply (the one trained on), or prompt/completion pairs (a one-turn chat each)."""
+    messages, responses = [], []
+    for where, row in _rows(path):
+        if "messages" not in row:
+            if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+                messages.append([{"role": "user", "content": row["prompt"]}])
+                responses.append(row["completion"])
+                continue
+            raise DataError(f"{where}: expected a 'messages' list (or 'prompt' and 'completion'); "
+                            f"columns: {', '.join(map(str, row))}")
+        chat = row["messages"]
+        if not isinstance(chat, list) or not chat or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in chat):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects with text")
+        if chat[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's reply (the text trained on), "
+                            f"got role {chat[-1]['role']!r}")
+        messages.append([{"role": m["role"], "content": m["content"]} for m in chat[:-1]])
+        responses.append(chat[-1]["content"])
+    if not responses:
+        raise DataError(f"{path} is empty (no data rows)")
+    return ChatDataset(messages, responses)
+
+
 def split(dataset, seed: int = 0, validation=0.1, test=0.1) -> Splits:
     """Seeded train/validation/test split; `validation`/`test` are fractions (float) or row counts (int)."""
     n = len(dataset)
@@ -280,6 +354,8 @@ def load_data(spec: str, task: str = "classification", seed: int = 0,
     def read(p, classes=None):
         if task == "causal-lm":
             return read_completions(p)
+        if task == "instruct":
+            return read_chats(p)
         return _read_table(p, text_column, label_column, task, classes)
 
     path = Path(spec)

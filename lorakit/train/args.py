@@ -86,9 +86,9 @@ class TrainingArguments:
 class RunConfig:
     """One training run: which model, which data, which task, plus the adapter and the training settings."""
 
-    model: str = "minilm"                    # minilm | tiny-llama | a local transformers model directory
+    model: str = "minilm"                    # smollm2 | minilm | tiny-llama | a local transformers model directory
     data: str = "vader:movies"               # vader:<domain> | a .csv/.jsonl file | a directory of splits
-    task: str = "classification"             # classification | regression | causal-lm
+    task: str = "classification"             # classification | regression | causal-lm | instruct
     text_column: str = "text"
     label_column: str = "label"
     max_train_samples: int = 0               # > 0: a seeded subset of the training split (quick runs, sweeps)
@@ -98,6 +98,8 @@ class RunConfig:
     init_args: dict = field(default_factory=dict)  # its options
     init_batches: int = 8                    # training batches for a data-driven init (`init`, LoRA-SB, SHiRA masks)
     quantize: str = ""                       # frozen base stored quantized: nf4 | fp4 | int8 (bitsandbytes); "" = none
+    baselines: bool = False                  # also score the base k-shot (instruct; zero-shot is always scored)
+    shots: int = 4                           # k of the k-shot baseline
     eval_ranks: list = field(default_factory=list)  # also test the adapter at these ranks (+ AURAC), e.g. [1, 2, 4, 8]
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
@@ -126,7 +128,7 @@ class RunConfig:
         from ..data import TASKS
 
         _check_choice("task", self.task, TASKS)
-        for name in ("max_train_samples", "max_eval_samples", "split_seed", "init_batches"):
+        for name in ("max_train_samples", "max_eval_samples", "split_seed", "init_batches", "shots"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         ranks = self.eval_ranks if isinstance(self.eval_ranks, (list, tuple)) else [self.eval_ranks]

@@ -63,6 +63,8 @@ def save(directory: str | Path, model, optimizer, progress: dict, best: dict | N
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, tmp / "best.safetensors")
         rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():  # every visible device's generator (dropout masks on the GPU)
+            rng.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, tmp / "rng.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
@@ -120,6 +122,9 @@ def restore(path: str | Path, model, optimizer) -> tuple[dict, dict | None]:
     except (ValueError, KeyError) as e:
         raise TrainingError(f"checkpoint {path} optimizer state does not fit this optimizer: {e}") from None
     torch.set_rng_state(rng["torch"])
+    cuda = [rng[f"cuda:{i}"] for i in range(torch.cuda.device_count()) if f"cuda:{i}" in rng]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
     random.setstate(python_random)
     return progress, best
 

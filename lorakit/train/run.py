@@ -7,6 +7,7 @@ tokenizer trained on the data, so the run can be served or evaluated later).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -19,13 +20,14 @@ import yaml
 
 from .. import initialize, inject, load_adapter, read_adapter, save_adapter
 from ..variants import get_variant
-from ..data import load_data
+from ..data import GENERATIVE, load_data
 from ..errors import ConfigError
 from ..io.files import CONFIG_NAME
 from ..model import count_parameters
 from ..models import MODELS, PEFT_TASK_TYPES, load_model, minilm_dir, save_base
 from . import checkpoint
 from .args import RunConfig
+from .devices import base_dtype, device_of, resolve_device
 from .distributed import Processes
 from .tasks import make_task
 from .trainer import Trainer
@@ -67,6 +69,10 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                                   texts=_texts(splits.train))
     base_dir = _base_path(config)
     base = copy.deepcopy(model) if config.model == "tiny-llama" else None  # the base alone, saved once inject works
+    model = place(model, config)
+    task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels,
+                     getattr(splits.train, "choices", ()))
+    baselines = base_model_results(model, task, splits, config) if not resume else {}
     adapter = dataclasses.replace(config.adapter, task_type=config.adapter.task_type or PEFT_TASK_TYPES[config.task],
                                   base_model_name_or_path=base_dir)
     torch.manual_seed(args.seed)  # the adapter's initial A (and head copy) follow the run's seed
@@ -74,7 +80,9 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     if base is not None and Processes.from_env().is_main:
         save_base(base, tokenizer, base_dir)
     del base
-    task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def make_trainer():
         return Trainer(model, task, args, splits.train, splits.validation,
                        optimizer=optimizer(model) if callable(optimizer) else optimizer, hooks=hooks)
@@ -104,8 +112,9 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                "r": adapter.r, "learning_rate": args.learning_rate, "seed": args.seed, "steps": trainer.step,
                "trainable_parameters": trainable, "total_parameters": total, "train_seconds": round(seconds, 2),
                "seconds_per_step": round(sum(r["seconds"] for r in steps) / max(1, len(steps)), 4),
-               "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1),
-               **trainer.evaluate(splits.validation, "validation"), **trainer.evaluate(splits.test, "test")}
+               "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1), "dtype": str(base_dtype(args.bf16, args.fp16))[6:],
+               "device": str(device_of(model)), **validation_metrics(trainer, splits.validation),
+               **final_test(trainer, splits.test), **baselines}
     if config.eval_ranks:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
     if main:
@@ -114,6 +123,72 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
         from .plots import plot_run
         plot_run(trainer.history, out / "training_curves.png", task.main_metric)
     return results
+
+
+def place(model, config: RunConfig):
+    """The base on the run's device, in its dtype (`bf16` / `fp16`), stored quantized when `quantize` is set."""
+    args = config.training
+    model = model.to(resolve_device(args.device), base_dtype(args.bf16, args.fp16))
+    if config.quantize:
+        from ..quantize import quantize_base
+
+        quantize_base(model, config.quantize, compute_dtype=base_dtype(args.bf16, args.fp16))
+    if config.task in GENERATIVE:
+        model.config.use_cache = False  # training and scoring run whole sequences; `generate` turns it on
+    return model
+
+
+def validation_metrics(trainer: Trainer, validation) -> dict:
+    """The trained weights on the validation split: the trainer's own evaluation of them when it made one."""
+    if trainer.evaluated and trainer.eval_data is validation:
+        return {"validation_" + k.removeprefix("eval_"): v for k, v in trainer.evaluated.items()}
+    return trainer.evaluate(validation, "validation")
+
+
+def final_test(trainer: Trainer, test) -> dict:
+    """Test metrics of the trained model; instruct tasks with a label set also generate replies."""
+    task = trainer.task
+    with generating(task):
+        return trainer.evaluate(test, "test")
+
+
+def base_model_results(model, task, splits, config: RunConfig) -> dict:
+    """The base model alone on the test split, scored as the trained model will be: zero-shot for the instruct
+    task, and with `baselines` also k-shot (k = `shots` examples from the training split, balanced over labels)."""
+    if config.task != "instruct" or not task.choices:
+        return {}
+    args = config.training
+    results = {}
+    with generating(task):
+        results.update(evaluate_model(model, task, splits.test, args.per_device_eval_batch_size, "zero_shot_test"))
+        if config.baselines:
+            shots = splits.test.with_shots(pick_shots(splits.train, config.shots, args.seed))
+            results.update(evaluate_model(model, task, shots, args.per_device_eval_batch_size,
+                                          f"{config.shots}_shot_test"))
+    return results
+
+
+def pick_shots(train, k: int, seed: int):
+    """k training examples, as balanced over the labels as k allows, in a seeded order."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    by_label = {}
+    for j in order:
+        by_label.setdefault(train.labels[j], []).append(j)
+    picked = [j for group in zip(*by_label.values()) for j in group][:k]
+    return train.subset(picked)
+
+
+@contextlib.contextmanager
+def generating(task):
+    """Let an instruct task also generate replies inside the block."""
+    previous = getattr(task, "generate", None)
+    if previous is not None:
+        task.generate = True
+    try:
+        yield task
+    finally:
+        if previous is not None:
+            task.generate = previous
 
 
 def rank_results(trainer: Trainer, data, ranks: list[int], metric: str) -> dict:
@@ -168,9 +243,12 @@ def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") ->
     data = getattr(splits, split)
     model, tokenizer = load_model(spec, config.task, num_labels=splits.train.num_labels, seed=config.training.seed,
                                   texts=_texts(splits.train))
+    model = place(model, config)
     load_adapter(model, adapter_dir, "default")
-    task = make_task(config.task, tokenizer, config.training.max_length, splits.train.num_labels)
-    return evaluate_model(model, task, data, config.training.per_device_eval_batch_size, split)
+    task = make_task(config.task, tokenizer, config.training.max_length, splits.train.num_labels,
+                     getattr(splits.train, "choices", ()))
+    with generating(task):
+        return evaluate_model(model, task, data, config.training.per_device_eval_batch_size, split)
 
 
 # ---- memory --------------------------------------------------------------------------------------
@@ -203,6 +281,8 @@ def peak_memory_bytes() -> int:
 
 
 def _texts(dataset) -> list[str]:
+    if hasattr(dataset, "texts") and callable(dataset.texts):
+        return dataset.texts()
     if hasattr(dataset, "prompts"):
         return [p + c for p, c in zip(dataset.prompts, dataset.completions)]
     return list(dataset.texts)

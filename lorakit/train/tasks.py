@@ -5,10 +5,16 @@ log-likelihoods), so shards evaluated on different processes combine exactly wit
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import re
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .devices import device_of
 
 IGNORE = -100  # label id the loss skips (prompt and padding tokens)
 
@@ -34,6 +40,10 @@ class Task:
 
     def metrics(self, stats: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
+
+    def eval_order(self, dataset, indices: list[int]) -> list[int]:
+        """The order to evaluate `indices` in (statistics are sums, so any order gives the same metrics)."""
+        return indices
 
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -142,8 +152,189 @@ class CausalLM(Task):
         return {"loss": loss, "perplexity": math.exp(min(loss, 700))}
 
 
-TASKS = {t.name: t for t in (Classification, Regression, CausalLM)}
+class Instruct(CausalLM):
+    """Chat instructions (`lorakit.data.ChatDataset`): the prompt is the conversation in the tokenizer's chat template
+    with the generation prompt; the loss covers only the reply and its end-of-turn token (EOS).
+
+    Batches are padded on the left, so every reply ends at the last position and the LM head runs only on the
+    last positions that hold reply tokens (`logits_to_keep`; the head of a small LLM is a fifth of its weights).
+    Position ids count real tokens only, so padding does not move a row's positions.
+
+    With `choices` (a closed label set such as negative/positive) every model is also scored two ways:
+    label scoring (`accuracy`: the choice whose tokens have the highest total log-probability after the prompt)
+    and, while `generate` is set, greedy generation (`generation_accuracy`: the first choice word in the reply,
+    case-insensitive; a reply with none counts as wrong and as `unparseable`). `majority_class_rate` is the share
+    of the most frequent gold label in the scored examples.
+    """
+
+    name = "instruct"
+    max_new_tokens = 16
+
+    def __init__(self, tokenizer, max_length: int, num_labels: int = 0, choices=()):
+        super().__init__(tokenizer, max_length, num_labels)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"the instruct task needs a tokenizer with a chat template; "
+                              f"{tokenizer.name_or_path!r} has none")
+        self.choices = tuple(choices)
+        self.generate = False  # set for a final evaluation: greedy replies too (slower)
+        if self.choices:
+            self.main_metric, self.greater_is_better = "accuracy", True
+            self.metric_names = ("loss", "perplexity", "accuracy", "majority_class_rate", "generation_accuracy",
+                                 "unparseable")
+            self.choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in self.choices]
+            self._words = {c.lower(): i for i, c in enumerate(self.choices)}
+
+    # ---- batches -----------------------------------------------------------------------------
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def collate(self, examples):
+        tok = self.tokenizer
+        rows, labels, prompts = [], [], []
+        for e in examples:
+            reply = tok(e["response"], add_special_tokens=False)["input_ids"][: self.max_length - 1]
+            reply.append(tok.eos_token_id)
+            prompt = self.prompt_ids(e["messages"])[-(self.max_length - len(reply)):]  # keep the prompt's end
+            rows.append(prompt + reply)
+            labels.append([IGNORE] * len(prompt) + reply)
+            prompts.append(prompt)
+        batch = dict(_left_pad(rows, tok.pad_token_id), labels=_left_pad(labels, IGNORE)["input_ids"],
+                     prompts=prompts)
+        if self.choices:
+            batch["choice"] = torch.tensor([e.get("label", -1) for e in examples])
+        return batch
+
+    def eval_order(self, dataset, indices):
+        """Longest first, so batches pad little (and memory peaks at once)."""
+        size = lambda j: sum(len(m["content"]) for m in dataset[j]["messages"])  # noqa: E731
+        return sorted(indices, key=lambda j: -size(j))
+
+    # ---- model calls -------------------------------------------------------------------------
+    def _last_logits(self, model, input_ids, attention_mask, keep: int):
+        """Logits of the last `keep` positions, computed only there when the model supports it."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": keep} if _accepts(getattr(model, "module", model), "logits_to_keep") else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       **extra).logits
+        return logits[:, -keep:]
+
+    def _reply_logits(self, model, batch):
+        """(logits predicting each reply token, their targets): the last positions that hold reply tokens."""
+        labels = batch["labels"]
+        span = labels.shape[1] - int((labels != IGNORE).int().argmax(-1).min())  # longest reply (+ EOS)
+        logits = self._last_logits(model, batch["input_ids"], batch["attention_mask"], span + 1)
+        return logits[:, :-1], labels[:, -span:]
+
+    def _token_nll(self, model, batch):
+        return _nll(*self._reply_logits(model, batch))
+
+    def _choice_scores(self, model, prompts: list[list[int]], first: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows, choices) total log-probability of each choice's tokens after each prompt. `first`: the logits
+        at each prompt's last position, when already computed (enough when every choice is one token)."""
+        if first is not None and all(len(c) == 1 for c in self.choice_ids):
+            return first.float().log_softmax(-1)[:, [c[0] for c in self.choice_ids]]
+        columns = []
+        for ids in self.choice_ids:
+            padded = _left_pad([p + ids for p in prompts], self.tokenizer.pad_token_id)
+            device = device_of(model)
+            logits = self._last_logits(model, padded["input_ids"].to(device), padded["attention_mask"].to(device),
+                                       len(ids) + 1)
+            logp = logits[:, :-1].float().log_softmax(-1)
+            columns.append(logp.gather(-1, torch.tensor(ids, device=logp.device).expand(len(prompts), -1)[..., None])
+                           .sum((1, 2)))
+        return torch.stack(columns, 1)
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def stats(self, model, batch):
+        """[nll, tokens] (+ the label-scoring confusion k×k and the generation outcomes k×(k+1) with choices)."""
+        if self.choices and self.generate:
+            return self._generation_stats(model, batch)
+        logits, target = self._reply_logits(model, batch)
+        head = torch.stack([t.double() for t in _nll(logits, target)])
+        if not self.choices:
+            return head
+        reply_len = (target != IGNORE).sum(1)  # the prompt's last position predicts the first reply token
+        first = logits[torch.arange(len(target)), target.shape[1] - reply_len]
+        scores = self._choice_scores(model, batch["prompts"], first)
+        k = len(self.choices)
+        no_generation = torch.zeros(k * (k + 1), dtype=torch.float64)
+        return torch.cat([head, self._confusion(batch["choice"], scores.argmax(-1).cpu(), k), no_generation])
+
+    def _generation_stats(self, model, batch):
+        tok, k = self.tokenizer, len(self.choices)
+        padded = _left_pad(batch["prompts"], tok.pad_token_id)
+        device = device_of(model)
+        width = padded["input_ids"].shape[1]
+        out = getattr(model, "module", model).generate(
+            input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
+            max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, use_cache=True, output_logits=True, return_dict_in_generate=True)
+        scores = self._choice_scores(model, batch["prompts"], out.logits[0])
+        replies = tok.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
+        parsed = torch.tensor([self.parse(r) for r in replies])
+        gold = batch["choice"]
+        known = gold >= 0
+        outcomes = torch.bincount(gold[known] * (k + 1) + parsed[known], minlength=k * (k + 1)).double()
+        return torch.cat([torch.zeros(2, dtype=torch.float64), self._confusion(gold, scores.argmax(-1).cpu(), k),
+                          outcomes])
+
+    def parse(self, reply: str) -> int:
+        """The index of the first choice word in a reply; len(choices) when there is none."""
+        for word in re.findall(r"[^\W_]+", reply.lower()):
+            if word in self._words:
+                return self._words[word]
+        return len(self.choices)
+
+    @staticmethod
+    def _confusion(gold, pred, k):
+        known = gold >= 0
+        return torch.bincount(gold[known] * k + pred[known], minlength=k * k).double()
+
+    def metrics(self, stats):
+        nll, count = stats[:2].tolist()
+        out = super().metrics(stats[:2]) if count else {}
+        if not self.choices:
+            return out
+        k = len(self.choices)
+        confusion = stats[2:2 + k * k].view(k, k)
+        n = confusion.sum().item()
+        if n:
+            out.update(accuracy=confusion.trace().item() / n, majority_class_rate=confusion.sum(1).max().item() / n)
+        outcomes = stats[2 + k * k:].view(k, k + 1)
+        g = outcomes.sum().item()
+        if g:
+            out.update(generation_accuracy=outcomes[:, :k].trace().item() / g,
+                       unparseable=outcomes[:, k].sum().item() / g)
+        return out
 
 
-def make_task(name: str, tokenizer, max_length: int, num_labels: int = 0) -> Task:
+def _nll(logits, target):
+    """(summed cross-entropy over the non-ignored targets, their count)."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
+    return nll, (target != IGNORE).sum()
+
+
+def _left_pad(rows: list[list[int]], value: int) -> dict[str, torch.Tensor]:
+    width = max(map(len, rows))
+    return {"input_ids": torch.tensor([[value] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _accepts(model, name: str) -> bool:
+    return name in _forward_parameters(type(model))
+
+
+TASKS = {t.name: t for t in (Classification, Regression, CausalLM, Instruct)}
+
+
+def make_task(name: str, tokenizer, max_length: int, num_labels: int = 0, choices=()) -> Task:
+    if name == "instruct":
+        return Instruct(tokenizer, max_length, num_labels, choices)
     return TASKS[name](tokenizer, max_length, num_labels)

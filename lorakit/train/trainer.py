@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, TrainingError
 from . import checkpoint
 from .args import TrainingArguments
+from .devices import device_of, to_device
 from .distributed import Processes
 from .tasks import Task
 
@@ -69,6 +70,7 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.procs = Processes.from_env()
         self.wrapped = model  # the DistributedDataParallel wrapper under DDP, made when training starts
+        self.device = device_of(model)
         self.optimizer = optimizer or default_optimizer(model, args)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -79,6 +81,8 @@ class Trainer:
         self.metric, self.greater_is_better = _best_model_metric(args.metric_for_best_model, task)
         self.step, self.best, self.best_state, self.evals_without_gain = 0, None, None, 0
         self.history: list[dict] = []
+        self.evaluated: dict[str, float] = {}  # eval_* metrics of the weights the model holds now, when known
+        self._best_metrics: dict[str, float] = {}
         self._order: tuple[Optional[int], list[int]] = (None, [])  # (epoch, its example order)
 
     # ---- data order --------------------------------------------------------------------------
@@ -191,7 +195,7 @@ class Trainer:
             if self._eval_due(total):
                 metrics = self.evaluate(self.eval_data, prefix="eval")
                 record.update(metrics)
-                stop = self._track_best(metrics["eval_" + self.metric])
+                stop = self._track_best(metrics)
                 self.wrapped.train()
             logging_due = args.logging_steps and self.step % args.logging_steps == 0  # 0: evaluations and the end
             if logging_due or "eval_" + self.metric in record or self.step == total:
@@ -199,15 +203,19 @@ class Trainer:
             if stop or self.step == total or (args.save_steps and self.step % args.save_steps == 0):
                 self.save_checkpoint()
         bar.close()
+        last_eval = self.history[-1] if self.history and "eval_" + self.metric in self.history[-1] else {}
+        self.evaluated = {k: v for k, v in last_eval.items() if k.startswith("eval_")} \
+            if last_eval.get("step") == self.step else {}
         if args.load_best_model_at_end and self.best_state is not None:
             checkpoint.load_trainable_state(self.model, self.optimizer, self.best_state)
+            self.evaluated = self._best_metrics  # (empty after a resume: the best run's metrics are not saved)
         self.wrapped.eval()
         return self.history
 
     def _accumulate(self, micro: list[list[int]]) -> tuple[float, int]:
         total_loss, examples = 0.0, 0
         for i, indices in enumerate(micro):
-            batch = self.task.collate([self.train_data[j] for j in indices])
+            batch = to_device(self.task.collate([self.train_data[j] for j in indices]), self.device)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or self.procs.world_size == 1 else self.wrapped.no_sync()
             with sync:
@@ -228,12 +236,14 @@ class Trainer:
         every = self.args.eval_steps or self.steps_per_epoch
         return self.step % every == 0 or self.step == total
 
-    def _track_best(self, value: float) -> bool:
+    def _track_best(self, metrics: dict[str, float]) -> bool:
         """Remember the best evaluation; True when early stopping says stop."""
+        value = metrics["eval_" + self.metric]
         better = self.best is None or (value > self.best if self.greater_is_better else value < self.best)
         if better:
             self.best, self.evals_without_gain = value, 0
             self.best_state = checkpoint.trainable_state(self.model, self.optimizer)
+            self._best_metrics = dict(metrics)
         else:
             self.evals_without_gain += 1
         patience = self.args.early_stopping_patience
@@ -296,15 +306,18 @@ def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = 64, prefix
     """Metrics of `model` on `dataset`, each process evaluating a shard; keys are `<prefix>_<metric>`."""
     was_training = model.training
     model.eval()
-    mine = list(range(procs.rank, len(dataset), procs.world_size))
+    mine = task.eval_order(dataset, list(range(procs.rank, len(dataset), procs.world_size)))
+    device = device_of(model)
     stats = None
     for start in range(0, len(mine), batch_size):
-        s = task.stats(model, task.collate([dataset[j] for j in mine[start:start + batch_size]]))
+        batch = to_device(task.collate([dataset[j] for j in mine[start:start + batch_size]]), device)
+        s = task.stats(model, batch).cpu()
         stats = s if stats is None else stats + s
     if stats is None:  # an empty shard contributes zeros of the right shape
-        stats = torch.zeros_like(task.stats(model, task.collate([dataset[0]])))
+        stats = torch.zeros_like(task.stats(model, to_device(task.collate([dataset[0]]), device)).cpu())
     model.train(was_training)
     return {f"{prefix}_{k}": v for k, v in task.metrics(procs.sum(stats)).items()}
+
 
 
 LOWER_IS_BETTER = ("loss", "mse", "perplexity")
