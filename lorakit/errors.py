@@ -45,6 +45,10 @@ class MergeError(LorakitError):
     """A merge was refused (non-finite result in safe mode, unmergeable variant, bad state)."""
 
 
+class QuantizeError(LorakitError, ValueError):
+    """A base cannot be quantized: unknown method, already quantized, merged adapters, bitsandbytes missing."""
+
+
 class RoutingError(LorakitError, ValueError):
     """A routing request cannot be served (unknown adapter, batch size mismatch, merged layers)."""
 

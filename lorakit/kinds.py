@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quantize
 from .errors import TargetError
 
 try:  # transformers is a dependency, but the core works on plain torch models too
@@ -85,6 +86,47 @@ class LinearKind:
 
     def init_factors(self, a, b, how):
         _init_down_up(a, b, how)
+
+    def kept_weight(self):
+        """The unmerged (out, in) weight when the base keeps it aside while adapters are merged, else None."""
+        return None
+
+    def write_weight(self, matrix: torch.Tensor, merged: bool) -> None:
+        """Store an (out, in) `matrix` as the base weight (`merged`: whether adapters are now folded into it)."""
+        w = self.base.weight
+        w.copy_(self.to_layout(matrix).to(w.dtype))
+
+
+class QuantLinearKind(LinearKind):
+    """A bitsandbytes `Linear4bit` / `Linear8bitLt` base (see `lorakit.quantize`): W is stored quantized.
+
+    `weight()` dequantizes it to fp32 on each call (DoRA's row norm, merging, data-driven inits read it; nothing
+    dense is kept). Merging re-quantizes W + ΔW and records the relative error in `merge_error`; the original
+    quantized state is kept aside (`kept`: ½ or 1 byte a weight) so that unmerging restores it exactly.
+    """
+
+    def __init__(self, base: nn.Module):
+        self.base, self.transposed = base, False
+        self.out_features, self.in_features = base.out_features, base.in_features
+        quantize.training_layout(base)
+        self.kept = None          # stored state of the unmerged base while adapters are merged
+        self.merge_error = None   # max|deq(Q(W + ΔW)) − (W + ΔW)| / max|W + ΔW| of the last merge
+
+    def weight(self) -> torch.Tensor:
+        return quantize.dequantize(self.base)
+
+    def kept_weight(self):
+        return None if self.kept is None else quantize.dequantize(self.base, self.kept)
+
+    def write_weight(self, matrix, merged):
+        if not merged:
+            if self.kept is not None:
+                quantize.restore(self.base, self.kept)
+            self.kept = self.merge_error = None
+            return
+        if self.kept is None:
+            self.kept = quantize.stored(self.base)
+        self.merge_error = quantize.write_merged(self.base, matrix)
 
 
 class ConvKind(LinearKind):
@@ -192,6 +234,8 @@ def is_supported(module: nn.Module) -> bool:
 
 def kind_for(module: nn.Module):
     """The kind for a supported module, or None."""
+    if quantize.is_quantized(module):  # before nn.Linear: bitsandbytes' modules subclass it
+        return QuantLinearKind(module)
     if isinstance(module, nn.Embedding):
         return EmbeddingKind(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -201,4 +245,4 @@ def kind_for(module: nn.Module):
     return None
 
 
-SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, transformers Conv1D"
+SUPPORTED = "nn.Linear (bitsandbytes 4/8-bit too), nn.Conv1d, nn.Conv2d, nn.Embedding, transformers Conv1D"

@@ -143,8 +143,12 @@ class AdaptedLayer(nn.Module):
     def _unmerged_weight(self) -> torch.Tensor:
         """W recovered from merged = W·(1 + Σ(c−1)) + Σ c·ΔW (c = 1 for plain deltas); fp64 (out, in).
 
-        fp64 arithmetic leaves one rounding of the stored weight as the only error.
+        fp64 arithmetic leaves one rounding of the stored weight as the only error. A base that keeps its unmerged
+        weight aside (quantized) gives that instead.
         """
+        kept = self.kind.kept_weight() if self.merged else None
+        if kept is not None:
+            return kept.double()
         w = self.kind.weight().double()
         if not self.merged:
             return w
@@ -157,8 +161,7 @@ class AdaptedLayer(nn.Module):
         return num / den[:, None]
 
     def _write_weight(self, matrix: torch.Tensor) -> None:
-        w = self.base_layer.weight
-        w.copy_(self.kind.to_layout(matrix).to(w.dtype))
+        self.kind.write_weight(matrix, merged=bool(self.merged))
 
 
 def _bind(variant, routing, plan=None, start: int = 0, stop: int = 0, total_rows: int = 0) -> None:
