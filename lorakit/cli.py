@@ -15,10 +15,17 @@ import sys
 import typing
 
 from .errors import ConfigError, LorakitError
+from .train.args import TASK_DEFAULTS
 
-HELP = {"model": "minilm | tiny-llama | a local transformers model directory",
+HELP = {"model": "smollm2 | minilm | tiny-llama | a local transformers model directory",
         "data": "vader:<movies|tweets|amazon|nyt> | a .csv/.jsonl file | a directory with train/validation/test",
-        "task": "classification | regression | causal-lm",
+        "task": "classification | regression | causal-lm | instruct (chat replies; unless set, instruct uses "
+                + ", ".join(f"{k} {v}" for k, v in TASK_DEFAULTS["instruct"].items()) + ")",
+        "bf16": "run the base in bfloat16 (adapters and optimizer state stay fp32)",
+        "fp16": "run the base in float16 (adapters and optimizer state stay fp32)",
+        "device": "auto (CUDA when present) | cpu | cuda | cuda:N",
+        "quantize": "store the frozen base quantized: nf4 | fp4 | int8 (bitsandbytes)",
+        "baselines": "instruct: also score the base k-shot (zero-shot is always scored)",
         "rank_pattern": "per-module ranks as a mapping, e.g. '{q_proj: 4}'",
         "target_modules": "module names (one or more), one regex (PEFT full match), or all-linear",
         "output_dir": "where the run's files go",
@@ -187,7 +194,8 @@ def run_serve(args) -> None:
 
     given = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras,
              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-             "max_waiting": args.max_waiting, "block_size": args.block_size}
+             "max_waiting": args.max_waiting, "block_size": args.block_size, "dtype": args.dtype,
+             "fp32_max_rows": args.fp32_max_rows}
     if args.memory_gb is not None:
         if not args.memory_gb > 0:
             raise ConfigError(f"--memory-gb must be > 0, got {args.memory_gb}")
@@ -260,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server for a decoder model and many LoRA adapters "
                                        "(flags as `vllm serve`)")
-    srv.add_argument("model_dir", help="a local Llama/Mistral/Qwen2 directory (config.json + *.safetensors)")
+    srv.add_argument("model_dir", help="a local Llama/Mistral/Qwen2 directory (config.json + *.safetensors), or "
+                                       "smollm2 (SmolLM2-135M-Instruct, fetched and cached on first use)")
     srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                      help='adapters to register at start: name=path or JSON {"name": ..., "path": ...}')
     srv.add_argument("--adapter-root", action="append", default=None, metavar="DIR",
@@ -273,11 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
                              ("--max-num-seqs", int, "running requests"),
                              ("--max-num-batched-tokens", int, "tokens computed per step"),
                              ("--max-waiting", int, "queued requests before 429"),
-                             ("--block-size", int, "tokens per KV cache block")):
+                             ("--block-size", int, "tokens per KV cache block"),
+                             ("--fp32-max-rows", int, "with a 16-bit --dtype, steps of at most this many tokens "
+                                                      "compute in fp32 on fp32 copies of the weights (faster on CPU "
+                                                      "for few rows); 0 = never, no copies")):
         srv.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
                          help=f"{text} (default: EngineConfig's)")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights, activations and KV cache; adapters are cast to it. auto (default) = the "
+                          "checkpoint's dtype (config.json dtype/torch_dtype): bf16 or fp16 checkpoints stay 16-bit, "
+                          "anything else is served in float32. bfloat16 is faster on CPUs with avx512_bf16/AMX "
+                          "from a few concurrent requests on (see BENCHMARKS.md); float16 is not tuned on CPU")
     srv.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: the "
-                                                              "directory's name)")
+                                                              "directory's name, or smollm2)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
