@@ -14,7 +14,7 @@ from .config import DEFAULT_TARGETS, AdapterConfig, is_targeted, name_matches
 from .errors import AdapterNameError, MergeError, TargetError
 from .kinds import SUPPORTED, Conv1D, is_supported, kind_for
 from .layers import AdaptedLayer, TrainedCopy
-from .routing import BASE
+from .routing import BASE, pin_in_checkpoints, unpin_checkpoints
 from .variants import Variant, get_variant
 from .variants.base import Shared, Site
 
@@ -273,6 +273,7 @@ def attach(model: nn.Module, prepared: PreparedAdapter, trainable: bool = True) 
     book = _book(model)
     book.configs[name] = prepared.config
     set_active(model, book.active or [name])
+    pin_in_checkpoints(model)  # gradient checkpointing recomputes blocks with the routing of their forward
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -392,6 +393,7 @@ def _strip(model: nn.Module, keep_copy_of: list[str]) -> nn.Module:
             _replace(model, path, w.copies[name] if name else w.original_module)
     if hasattr(model, SHARED_ATTR):
         delattr(model, SHARED_ATTR)
+    unpin_checkpoints(model)
     if hasattr(model, BOOK_ATTR):
         object.__delattr__(model, BOOK_ATTR)
     return model

@@ -3,8 +3,7 @@
 `with lorakit.route(model, adapter_names=[...]):` assigns one adapter (or "__base__") to each row.
 The rows are stably sorted by adapter once; each layer then runs every distinct adapter on its
 contiguous slice at that adapter's own rank. The plan for a given number of rows is cached, so a
-model forward builds it at most once, and it stays valid for a backward that recomputes
-(gradient checkpointing) as long as the context is open.
+model forward builds it at most once.
 
 Rows are the first axis of each layer's input. An input with k·N rows for N names (beam search,
 `num_return_sequences`, or a model that flattens (batch, tokens) into one token axis) maps row i
@@ -16,11 +15,29 @@ mask), alone or together with per-row names. A mask is defined on the flattened 
 with that many tokens. Variants that read it declare `reads_routing = True`; the adapted layer calls their
 `bind_routing(routing, rows, total_rows)` before each call (`rows`: which rows of the layer input the call
 covers, None for all of them in order) and they ask `routing.token_weights(key, x, rows, total_rows)`.
+
+Gradient checkpointing. A checkpointed block is run again in the backward pass, which may come after the
+`route(...)` context has closed, or after another forward with another routing. So the adapter state of the
+adapted layers in a block — routing, active adapters, disabled flag — is captured when the block runs and
+installed again around its recomputation (`pin_routing`), whether the backward runs inside the context or
+after it, reentrant or not. Each recomputation thus uses the routing of its own forward (two routed forwards,
+one backward works), token masks included. The gather cache of the plans is emptied when a pinned block starts
+and ends, so the recomputation does the same gathers as the forward (non-reentrant checkpointing requires it).
+- transformers (`model.gradient_checkpointing_enable()` / `activation_checkpointing_enable()`, before or after
+  `inject`): nothing to do. `inject` puts a forward pre-hook on each module with a `gradient_checkpointing`
+  flag that holds adapted layers; it wraps that module's `_gradient_checkpointing_func` so that it pins the
+  block. With reentrant checkpointing it also makes the block's inputs require grad when none does but the
+  block has trainable parameters (a frozen embedding feeding the first layer, `inputs_embeds`): otherwise
+  reentrant checkpointing would give the adapters inside no gradient at all.
+- `torch.utils.checkpoint.checkpoint` called directly: pass `pin_routing(block)` (or `pin_routing(fn, scope)`)
+  as the function, created at forward time; without it a recomputation after the context closes runs
+  unrouted. (This cannot be automatic: a recomputation is an ordinary call of the block that nothing marks.)
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -159,7 +176,8 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
     one bool or [0, 1] weight per token of the flattened batch × seq axis).
 
     Works for forward, `generate()` and backward (training on a mixed batch sends each adapter the
-    gradient of its own rows only). Per-row routing is refused while any layer is merged.
+    gradient of its own rows only), also a backward after the context closes that recomputes checkpointed
+    blocks (see the module docstring). Per-row routing is refused while any layer is merged.
     """
     from .layers import AdaptedLayer
     from .model import adapter_names as known_names, get_config
@@ -184,7 +202,107 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
     finally:
         for m, prev in zip(modules, previous):
             m.routing = prev
-            for v in getattr(m, "adapters", {}).values():
-                if getattr(v, "reads_routing", False):
-                    v.bind_routing(None)
+        _unbind(modules)
         routing.release()
+
+
+def _unbind(modules: Iterable[nn.Module]) -> None:
+    """Variants that read the routing forget the one of their last call (the layer binds it before each call)."""
+    for m in modules:
+        for v in getattr(m, "adapters", {}).values():
+            if getattr(v, "reads_routing", False):
+                v.bind_routing(None)
+
+
+# ---- gradient checkpointing (see the module docstring) -----------------------------------------
+def _state(modules: Iterable[nn.Module]) -> list[tuple]:
+    return [(m, m.routing, list(m.active), m.disabled) for m in modules]
+
+
+def _install(state: list[tuple]) -> None:
+    for m, routing, active, disabled in state:
+        m.routing, m.active, m.disabled = routing, active, disabled
+
+
+def _release(state: list[tuple]) -> None:
+    for routing in {id(r): r for _, r, _, _ in state if r is not None}.values():
+        routing.release()
+
+
+def pin_routing(fn: Callable, scope: nn.Module | None = None) -> Callable:
+    """`fn`, run with the adapter state (routing, active adapters, disabled flag) that the adapted layers inside
+    `scope` (default: `fn`, a module) have now, whenever it is called: the function to hand to
+    `torch.utils.checkpoint.checkpoint`, so that its recomputation in backward routes as the forward did.
+
+    Call it in the forward, e.g. `checkpoint(pin_routing(block), x, use_reentrant=False)`.
+    """
+    scope = fn if scope is None else scope
+    if not isinstance(scope, nn.Module):
+        raise RoutingError(f"pin_routing needs the module whose adapted layers to pin (scope=), got "
+                           f"{type(scope).__name__}")
+    pinned = _state(routed_modules(scope))
+    if not pinned:
+        return fn
+
+    def run(*args, **kwargs):
+        current = _state(m for m, *_ in pinned)
+        _install(pinned)
+        _release(pinned)  # no gather cached outside the block: forward and recomputation gather alike
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _release(pinned)
+            _install(current)
+            _unbind(m for m, *_ in pinned)
+
+    return run
+
+
+class _PinningCheckpoint:
+    """A transformers block's `_gradient_checkpointing_func`, wrapped: pins the block's adapter state for the
+    recomputation, and under reentrant checkpointing gives it an input that requires grad when it trains."""
+
+    def __init__(self, func: Callable, block: nn.Module):
+        self.func, self.block = func, block
+
+    def __call__(self, fn, *args, **kwargs):
+        if torch.is_grad_enabled() and self._reentrant(kwargs) and not _any_requires_grad(args) \
+                and any(p.requires_grad for p in self.block.parameters()):
+            args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                         else a for a in args)
+        return self.func(pin_routing(fn, self.block), *args, **kwargs)
+
+    def _reentrant(self, kwargs) -> bool:
+        """False only when the call is known to be non-reentrant (torch's default is reentrant)."""
+        keywords = getattr(self.func, "keywords", None) or {}
+        return kwargs.get("use_reentrant", keywords.get("use_reentrant", True)) is not False
+
+
+def _any_requires_grad(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _wrap_checkpoint_func(block: nn.Module, args) -> None:
+    """Forward pre-hook: wrap the checkpoint function transformers set (at enable time, before or after inject)."""
+    func = block.__dict__.get("_gradient_checkpointing_func")
+    if func is not None and not isinstance(func, _PinningCheckpoint):
+        block._gradient_checkpointing_func = _PinningCheckpoint(func, block)
+
+
+def pin_in_checkpoints(model: nn.Module) -> None:
+    """Hook every module with a transformers `gradient_checkpointing` flag that holds adapted layers (idempotent)."""
+    for m in model.modules():
+        if hasattr(m, "gradient_checkpointing") and _wrap_checkpoint_func not in m._forward_pre_hooks.values() \
+                and routed_modules(m):
+            m.register_forward_pre_hook(_wrap_checkpoint_func)
+
+
+def unpin_checkpoints(model: nn.Module) -> None:
+    """Undo `pin_in_checkpoints`: remove the hooks and give back transformers' checkpoint functions."""
+    for m in model.modules():
+        for key, hook in list(m._forward_pre_hooks.items()):
+            if hook is _wrap_checkpoint_func:
+                del m._forward_pre_hooks[key]
+        func = m.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, _PinningCheckpoint):
+            m._gradient_checkpointing_func = func.func
