@@ -3,6 +3,8 @@
 Usage: `.venv/bin/python bench/serve.py [--quick] [--dry-run] [--workloads S1,S2] [--n 1,8,32,128,1000]
 [--requests 64] [--mode both|closed|open] [--systems ours,base,hf-base,peft-seq,peft-mixed] [--out out/serve_bench]
 [--resume] [--engine-opt lora_kernel=segment]` (`--help` lists the rest).
+`bench/serve.py --dtype-compare [--concurrency 1,32] [--rounds 5]`: SmolLM2-135M-Instruct in bf16 vs fp32, with and
+without adapters (`bench/serve_dtype.py`, its own BENCHMARKS.md section).
 
 Model: a random-weight Llama directory (`lorakit.serve.model_dir.make_model`, hidden 1024, 8 layers, vocab 4096).
 Workloads (`bench/serve_workloads.py`): S1 = N adapters of rank 8 on q/k/v/o; S2 = ranks {8,16,32,64} cycled over
@@ -632,6 +634,10 @@ def plot(results: list[dict], path: Path) -> bool:
 
 
 def main():
+    if "--dtype-compare" in sys.argv[1:]:  # SmolLM2 bf16 vs fp32: its own flags and section
+        from serve_dtype import main as dtype_compare
+
+        return dtype_compare([a for a in sys.argv[1:] if a != "--dtype-compare"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="tiny model and workload, in-process, nothing written")

@@ -56,6 +56,15 @@ class GroupWeights:
 
     a: torch.Tensor
     parts: list[tuple[int, int, int, int, torch.Tensor]]
+    _casts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cast(self, dtype: torch.dtype) -> "GroupWeights":
+        """These factors in `dtype` (itself when it already is; other dtypes made once and kept)."""
+        if self.a.dtype == dtype:
+            return self
+        if dtype not in self._casts:
+            self._casts[dtype] = GroupWeights(self.a.to(dtype), [(*p[:4], p[4].to(dtype)) for p in self.parts])
+        return self._casts[dtype]
 
     @property
     def key(self) -> tuple:
@@ -86,8 +95,10 @@ def check_name(name) -> str:
     return name
 
 
-def inspect_adapter(name: str, path, dims: Dims, max_lora_rank: int) -> AdapterSpec:
-    """Check a PEFT LoRA folder against the model from its config and tensor header (reads no tensor data)."""
+def inspect_adapter(name: str, path, dims: Dims, max_lora_rank: int, itemsize: int = 4) -> AdapterSpec:
+    """Check a PEFT LoRA folder against the model from its config and tensor header (reads no tensor data).
+
+    `itemsize`: bytes per element once loaded (the serving dtype's), for the spec's `nbytes`."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(path)
@@ -138,12 +149,14 @@ def inspect_adapter(name: str, path, dims: Dims, max_lora_rank: int) -> AdapterS
             raise ConfigError(f"LoRA rank {r} of adapter {name!r} ({module}, layer {layer}) is greater than "
                               f"max_lora_rank {max_lora_rank}")
         ranks[layer, module], scales[layer, module] = r, config.scale_for(path_)
-        nbytes += 4 * r * (fan_in + fan_out)
+        nbytes += itemsize * r * (fan_in + fan_out)
     return AdapterSpec(name, str(folder), ranks, scales, nbytes)
 
 
-def load_adapter_weights(spec: AdapterSpec, dims: Dims) -> LoadedAdapter:
-    """Read and validate the tensors of a registered adapter and lay them out per fused group."""
+def load_adapter_weights(spec: AdapterSpec, dims: Dims, dtype: torch.dtype = torch.float32) -> LoadedAdapter:
+    """Read and validate the tensors of a registered adapter and lay them out per fused group, in `dtype`.
+
+    The scale is folded into B in fp32; the factors are cast to `dtype` after that."""
     from ..io.files import read_adapter
 
     _, tensors = read_adapter(spec.path)
@@ -163,11 +176,12 @@ def load_adapter_weights(spec: AdapterSpec, dims: Dims) -> LoadedAdapter:
                         raise StateDictError(f"adapter {spec.name!r}: {prefix} changed on disk since it was registered")
                     r = a.shape[0]
                     a_parts.append(a.float())
-                    parts.append((r0, r0 + r, c0, c0 + width, (b.float() * spec.scales[layer, m]).T.contiguous()))
+                    bt = (b.float() * spec.scales[layer, m]).T.to(dtype).contiguous()
+                    parts.append((r0, r0 + r, c0, c0 + width, bt))
                     r0 += r
                 c0 += width
-            groups[layer, group] = GroupWeights(torch.cat(a_parts).contiguous(), parts)
-    nbytes = sum(g.a.numel() * 4 + sum(p[4].numel() * 4 for p in g.parts) for g in groups.values())
+            groups[layer, group] = GroupWeights(torch.cat(a_parts).to(dtype).contiguous(), parts)
+    nbytes = sum(g.a.nbytes + sum(p[4].nbytes for p in g.parts) for g in groups.values())
     return LoadedAdapter(spec, groups, nbytes)
 
 
@@ -190,8 +204,10 @@ class AdapterPool:
     load starts only when its bytes fit after evicting idle adapters, and is counted from then on.
     """
 
-    def __init__(self, dims: Dims, max_lora_rank: int, max_cpu_loras: int | None, free_bytes, workers: int = 2):
+    def __init__(self, dims: Dims, max_lora_rank: int, max_cpu_loras: int | None, free_bytes, workers: int = 2,
+                 dtype: torch.dtype = torch.float32):
         self.dims, self.max_lora_rank, self.max_cpu_loras = dims, max_lora_rank, max_cpu_loras
+        self.dtype = dtype
         self._free_bytes = free_bytes
         self._entries: dict[str, _Entry] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # loaded or loading, least recently used first
@@ -208,7 +224,7 @@ class AdapterPool:
             raise AdapterNameError(f"adapter {name!r} is already registered (unload it first)")
         if any(e.spec.name == name for e in self._retired):
             raise AdapterNameError(f"adapter {name!r} was unloaded but requests still use it; retry shortly")
-        spec = inspect_adapter(name, path, self.dims, self.max_lora_rank)
+        spec = inspect_adapter(name, path, self.dims, self.max_lora_rank, self.dtype.itemsize)
         self._entries[name] = _Entry(spec)
         return spec
 
@@ -258,10 +274,10 @@ class AdapterPool:
 
     def _submit(self, spec: AdapterSpec) -> Future:
         if self._executor is not None:
-            return self._executor.submit(load_adapter_weights, spec, self.dims)
+            return self._executor.submit(load_adapter_weights, spec, self.dims, self.dtype)
         future = Future()
         try:
-            future.set_result(load_adapter_weights(spec, self.dims))
+            future.set_result(load_adapter_weights(spec, self.dims, self.dtype))
         except Exception as e:
             future.set_exception(e)
         return future

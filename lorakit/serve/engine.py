@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CapacityError, QueueFullError, RequestError, UnknownAdapterError
+from ..errors import CapacityError, ConfigError, QueueFullError, RequestError, UnknownAdapterError
 from .adapters import AdapterPool
-from .config import EngineConfig
+from .config import DTYPES, EngineConfig
 from .llama import LlamaRunner, SeqSlice, StepBatch
 from .lora import LoraStep, Segment, StackCache
+from .model_dir import resolve_model_dir
 from .request import Request, RequestOutput
 from .scheduler import Scheduler, Sequence, sample
 
@@ -33,12 +34,17 @@ class Engine:
     def __init__(self, model: LlamaRunner, config: EngineConfig | None = None, eos_token_id=None):
         self.model, self.config = model, config or EngineConfig()
         cfg = self.config
+        if cfg.dtype != "auto" and DTYPES[cfg.dtype] != model.dtype:
+            raise ConfigError(f"EngineConfig.dtype is {cfg.dtype!r} but the model runner holds {model.dtype}; "
+                              f"build it with that dtype (LlamaRunner.from_dir(..., dtype=...)) or use dtype='auto'")
+        model.use_fp32_below(cfg.fp32_max_rows)
         self.block_bytes = model.kv_bytes_per_block(cfg.block_size)
         num_blocks = cfg.memory_bytes // self.block_bytes
         if num_blocks < 1:
             raise CapacityError(f"memory_bytes {cfg.memory_bytes} cannot hold one KV block ({self.block_bytes} bytes)")
         self.cache = model.new_cache(num_blocks, cfg.block_size)
-        self.pool = AdapterPool(model.dims, cfg.max_lora_rank, cfg.max_cpu_loras, self.free_bytes, cfg.load_workers)
+        self.pool = AdapterPool(model.dims, cfg.max_lora_rank, cfg.max_cpu_loras, self.free_bytes, cfg.load_workers,
+                                model.dtype)
         self.scheduler = Scheduler(self)
         self.stacks = StackCache()
         eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)
@@ -50,7 +56,10 @@ class Engine:
 
     @classmethod
     def from_dir(cls, model_dir, config: EngineConfig | None = None) -> "Engine":
-        return cls(LlamaRunner.from_dir(model_dir), config)
+        """An engine on a transformers model directory, or a model lorakit knows by name ("smollm2")."""
+        config = config or EngineConfig()
+        directory, name = resolve_model_dir(model_dir)
+        return cls(LlamaRunner.from_dir(directory, config.dtype, name=name), config)
 
     @property
     def model_name(self) -> str:

@@ -62,8 +62,9 @@ class KVCache:
         self.block_bytes = 2 * layers * block_size * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """Store k, v (any float dtype; cast to the cache's) at `slots`."""
+        self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)

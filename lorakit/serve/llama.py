@@ -4,6 +4,11 @@ One forward covers the tokens of many sequences at once — prefills and decodes
 matrix: every projection is one GEMM for the whole step (q/k/v fused, gate/up fused), LoRA add-ons come from
 the step's `LoraStep`, and attention reads and writes the paged KV cache. Prefill attention runs per sequence
 on its own fresh K/V (causal); all decodes of the step share one attention call over their gathered blocks.
+
+Dtype: weights, activations and the KV cache are held in the runner's dtype (fp32, bf16 or fp16), with the
+numerics of transformers' model in that dtype (RMSNorm in fp32, RoPE tables cast, logits returned as fp32).
+With a 16-bit dtype, steps of few rows may compute in fp32 on fp32 copies of the layer weights
+(`use_fp32_below`), since 16-bit GEMMs with few rows are slower than fp32 ones on CPU.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from .config import DTYPES, serving_dtype
 from .kv_cache import KVCache
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -66,10 +72,13 @@ class StepBatch:
 
 
 class LlamaRunner:
-    """Weights of a Llama-style causal LM and a step function over a paged KV cache (fp32, inference only)."""
+    """Weights of a Llama-style causal LM and a step function over a paged KV cache (inference only)."""
 
-    def __init__(self, config, weights: dict[str, torch.Tensor], name: str = "model"):
+    def __init__(self, config, weights: dict[str, torch.Tensor], name: str = "model", dtype: str = "auto"):
+        """`dtype`: "auto" (the checkpoint's: config `dtype`/`torch_dtype`, else the weights'), "float32",
+        "bfloat16" or "float16" — weights, activations and the KV cache are held in it (see EngineConfig)."""
         self.config, self.name = config, name
+        self.dtype = serving_dtype(dtype, checkpoint_dtype(config, weights))
         arch = getattr(config, "model_type", None)
         if arch not in ARCHITECTURES:
             raise ModelError(f"{name}: model_type {arch!r} is not served; supported: {list(ARCHITECTURES)}")
@@ -84,11 +93,12 @@ class LlamaRunner:
             raise ModelError(f"{name}: sliding-window attention (window {window} < max_position_embeddings "
                              f"{self.dims.max_len}) is not supported")
         self.inv_freq, self.rope_scale = _rope(config)
+        self.fp32_max_rows, self._layers32 = 0, None
         self._load(weights)
 
     # ---- weights -------------------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike) -> "LlamaRunner":
+    def from_dir(cls, directory: str | os.PathLike, dtype: str = "auto", name: str | None = None) -> "LlamaRunner":
         """Read config.json and *.safetensors (sharded or not) of a transformers model directory."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -107,12 +117,12 @@ class LlamaRunner:
                 weights.update(load_file(str(f)))
         except (OSError, ValueError, KeyError, SafetensorError, json.JSONDecodeError) as e:
             raise ModelError(f"cannot read the model in {directory}: {e}") from e
-        return cls(config, weights, name=directory.resolve().name)
+        return cls(config, weights, name=name or directory.resolve().name, dtype=dtype)
 
     @classmethod
-    def from_hf(cls, model) -> "LlamaRunner":
-        """From a loaded transformers `LlamaForCausalLM` (or Mistral/Qwen2): shares nothing, copies to fp32."""
-        return cls(model.config, {k: v.detach() for k, v in model.state_dict().items()})
+    def from_hf(cls, model, dtype: str = "auto") -> "LlamaRunner":
+        """From a loaded transformers `LlamaForCausalLM` (or Mistral/Qwen2); copies its weights."""
+        return cls(model.config, {k: v.detach() for k, v in model.state_dict().items()}, dtype=dtype)
 
     def _load(self, w: dict[str, torch.Tensor]) -> None:
         d = self.dims
@@ -125,7 +135,7 @@ class LlamaRunner:
                 raise ModelError(f"{self.name}: weight {key!r} is missing")
             if shape is not None and tuple(t.shape) != shape:
                 raise ModelError(f"{self.name}: weight {key!r} has shape {tuple(t.shape)}, expected {shape}")
-            return t.float().contiguous()
+            return t.to(self.dtype).contiguous()
 
         self.embed = get("model.embed_tokens.weight", (d.vocab, d.hidden))
         self.norm = get("model.norm.weight", (d.hidden,))
@@ -153,16 +163,33 @@ class LlamaRunner:
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         d = self.dims
-        return KVCache(d.layers, num_blocks, block_size, d.kv_heads, d.head_dim)
+        return KVCache(d.layers, num_blocks, block_size, d.kv_heads, d.head_dim, self.dtype)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         d = self.dims
-        return 2 * d.layers * block_size * d.kv_heads * d.head_dim * 4
+        return 2 * d.layers * block_size * d.kv_heads * d.head_dim * self.dtype.itemsize
 
     def weight_bytes(self) -> int:
+        """Bytes of the weights held, fp32 copies for small steps included."""
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        tensors += [t for layer in self.layers for t in layer.values() if t is not None]
+        tensors += [t for layers in (self.layers, self._layers32 or []) for layer in layers
+                    for t in layer.values() if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def use_fp32_below(self, max_rows: int) -> None:
+        """Run steps of at most `max_rows` rows in fp32, on fp32 copies of the (16-bit) layer weights.
+
+        On CPU, 16-bit GEMMs with a few rows are slower than fp32 ones, while the LM head (one big matrix, bound by
+        memory bandwidth) is faster in 16 bits, so it stays 16-bit. No-op for an fp32 model; 0 drops the copies."""
+        self.fp32_max_rows = max_rows if self.dtype != torch.float32 else 0
+        if not self.fp32_max_rows:
+            self._layers32 = None
+        elif self._layers32 is None:
+            self._layers32 = [{k: None if t is None else t.float() for k, t in layer.items()} for layer in self.layers]
+
+    def compute_dtype(self, rows: int) -> torch.dtype:
+        """The dtype a step of `rows` token rows computes in."""
+        return torch.float32 if rows <= self.fp32_max_rows else self.dtype
 
     # ---- one step ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -170,12 +197,13 @@ class LlamaRunner:
         """Run the step's tokens, write their K/V into `cache`, return logits (len(logits_rows), vocab)."""
         d = self.dims
         lora = batch.lora
-        cos, sin = self._rope_tables(batch.positions)
+        compute = self.compute_dtype(len(batch.tokens))
+        cos, sin = self._rope_tables(batch.positions, compute)
         write_slots = torch.cat([s.slots[s.context - (s.stop - s.start):] for s in batch.seqs])
         decode_meta = _decode_meta(batch.seqs)
-        x = self.embed.index_select(0, batch.tokens)
+        x = self.embed.index_select(0, batch.tokens).to(compute)
         q_out, kv_out = d.heads * d.head_dim, d.kv_heads * d.head_dim
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if compute == self.dtype else self._layers32):
             h = _rms_norm(x, layer["attn_norm"], d.rms_eps)
             qkv = F.linear(h, layer["qkv"], layer["qkv_b"])
             if lora is not None:
@@ -203,7 +231,8 @@ class LlamaRunner:
         rows = batch.logits_rows
         if rows is None:
             rows = torch.tensor([s.stop - 1 for s in batch.seqs], dtype=torch.long)
-        return F.linear(_rms_norm(x.index_select(0, rows), self.norm, d.rms_eps), self.lm_head)
+        h = _rms_norm(x.index_select(0, rows), self.norm, d.rms_eps)  # in `compute` (a 16-bit norm weight promotes)
+        return F.linear(h.to(self.dtype), self.lm_head).float()
 
     def _attention(self, layer, q, k, v, seqs, decode_meta, cache) -> torch.Tensor:
         d = self.dims
@@ -219,19 +248,19 @@ class LlamaRunner:
             out[s.start:s.stop] = o.transpose(0, 1).reshape(s.stop - s.start, -1)
         if decode_meta is not None:
             rows, slots, mask = decode_meta
-            kc, vc = cache.read(layer, slots.view(-1))
+            kc, vc = (t.to(q.dtype) for t in cache.read(layer, slots.view(-1)))
             n, width = slots.shape
             kc = kc.view(n, width, d.kv_heads, d.head_dim).transpose(1, 2)  # (n, kv_heads, ctx, head_dim)
             vc = vc.view(n, width, d.kv_heads, d.head_dim).transpose(1, 2)
-            qd = q.index_select(0, rows).unsqueeze(2)                         # (n, heads, 1, head_dim)
-            o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask, enable_gqa=gqa)
-            out.index_copy_(0, rows, o.reshape(n, -1))
+            qd = q.index_select(0, rows).view(n, d.kv_heads, d.heads // d.kv_heads, d.head_dim)
+            out.index_copy_(0, rows, _decode_attention(qd, kc, vc, mask).reshape(n, -1))
         return out
 
-    def _rope_tables(self, positions: torch.Tensor):
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.rope_scale)[:, None, :], (emb.sin() * self.rope_scale)[:, None, :]
+        cos, sin = (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+        return cos[:, None, :], sin[:, None, :]
 
 
 def _decode_meta(seqs: list[SeqSlice]):
@@ -249,6 +278,16 @@ def _decode_meta(seqs: list[SeqSlice]):
     return rows, slots, mask
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query token per sequence: q (n, kv_heads, group, d) against k, v (n, kv_heads, ctx, d); mask (n, 1, 1, ctx).
+
+    Plain matmuls with the query heads of one KV head grouped (no K/V repeat), softmax in fp32. On CPU this is
+    several times faster than SDPA's flash kernel for decode, most in bf16 (see BENCHMARKS.md, serving notes)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
 def _cat_bias(biases, weights):
     if all(b is None for b in biases):
         return None
@@ -256,7 +295,19 @@ def _cat_bias(biases, weights):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """RMSNorm computed in fp32 and cast back before the weight, as transformers' LlamaRMSNorm does."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def checkpoint_dtype(config, weights: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype a checkpoint is stored in: config `dtype` / `torch_dtype`, else its first floating tensor's."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = DTYPES.get(value.removeprefix("torch."))
+    if isinstance(value, torch.dtype):
+        return value
+    return next((t.dtype for t in weights.values() if t.is_floating_point()), None)
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

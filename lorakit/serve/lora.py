@@ -46,7 +46,7 @@ class StackCache:
         if self._current:
             self._previous, self._current = self._current, {}
 
-    def get(self, layer: int, group: str, adapters: tuple, build, only_if_stable: bool = False):
+    def get(self, layer: int, group, adapters: tuple, build, only_if_stable: bool = False):
         """The stacks of `adapters`, built now if needed; with `only_if_stable`, None for a set new since last step."""
         key = (layer, group, tuple(map(id, adapters)))
         hit = self._current.get(key)
@@ -95,6 +95,7 @@ class LoraStep:
         w = seg.adapter.groups.get((layer, group))
         if w is None:
             return
+        w = w.cast(x.dtype)
         h = torch.mm(x[seg.start:seg.stop], w.a.T)
         for r0, r1, c0, c1, bt in w.parts:
             out[seg.start:seg.stop, c0:c1].addmm_(h[:, r0:r1], bt)
@@ -115,13 +116,13 @@ class LoraStep:
     def _bmm(self, bucket: list[Segment], layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Run the bucket as two bmm calls; False (nothing done) in auto mode when its set is new this step."""
         adapters = tuple(s.adapter for s in bucket)
-        weights = [a.groups[layer, group] for a in adapters]
+        weights = [a.groups[layer, group].cast(x.dtype) for a in adapters]
 
         def build():
             return (torch.stack([w.a for w in weights]),
                     [torch.stack([w.parts[j][4] for w in weights]) for j in range(len(weights[0].parts))])
 
-        stacks = self.stacks.get(layer, group, adapters, build, only_if_stable=self.kernel == "auto")
+        stacks = self.stacks.get(layer, (group, x.dtype), adapters, build, only_if_stable=self.kernel == "auto")
         if stacks is None:
             return False
         a, bts = stacks

@@ -158,11 +158,27 @@ def build_tokenizer(vocab_size: int = 4096, model_max_length: int = 2048):
     return tokenizer
 
 
+NAMED_MODELS = ("smollm2",)
+
+
+def resolve_model_dir(spec: str | os.PathLike) -> tuple[Path, str]:
+    """(directory, served name) of a model: a local transformers directory (named after its folder), or a name
+    lorakit knows — "smollm2" is SmolLM2-135M-Instruct's cached folder (`lorakit.models.smollm2_dir()`, fetched
+    and converted on first use). A local directory of the same name wins over the known name."""
+    text = os.fspath(spec)
+    if text in NAMED_MODELS and not Path(text).is_dir():
+        from ..models import smollm2_dir
+
+        return Path(smollm2_dir()), text
+    directory = Path(text)
+    return directory, directory.resolve().name
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The fast tokenizer saved in `model_dir` (ModelError when there is none or it cannot be read)."""
+    """The fast tokenizer saved in `model_dir` or of a known model name (ModelError when there is none)."""
     from transformers import AutoTokenizer
 
-    where = Path(model_dir).absolute()
+    where = resolve_model_dir(model_dir)[0].absolute()
     if not where.is_dir():
         raise ModelError(f"model directory {where} does not exist")
     try:

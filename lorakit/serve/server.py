@@ -738,6 +738,7 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
           classify_labels: int = 2) -> None:
     """Load the model, register `lora_modules` (name -> path), and serve until SIGINT/SIGTERM.
 
+    `model_dir`: a local transformers directory or a model lorakit knows by name ("smollm2").
     `adapter_roots` default to the parent directories of the `lora_modules` paths. `classify_model` (an encoder
     directory or "minilm") adds POST /v1/classify, with `classify_modules` (name -> path) as per-request adapters.
     """
@@ -746,11 +747,12 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
     from .async_engine import AsyncEngine
     from .config import EngineConfig
     from .engine import Engine
-    from .model_dir import load_tokenizer
+    from .model_dir import load_tokenizer, resolve_model_dir
 
     lora_modules = dict(lora_modules or {})
     if adapter_roots is None:
         adapter_roots = sorted({str(Path(p).absolute().parent) for p in lora_modules.values()})
+    directory, _ = resolve_model_dir(model_dir)
     engine = Engine.from_dir(model_dir, engine_config or EngineConfig())
     try:
         for name, path in lora_modules.items():
@@ -772,7 +774,7 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
             encoder.register_adapter(name, path)
         classifier = AsyncClassifier(encoder)
     async_engine = AsyncEngine(engine)
-    async_engine.model_dir = str(Path(model_dir).absolute())  # the base model's `root` in /v1/models
+    async_engine.model_dir = str(directory.absolute())  # the base model's `root` in /v1/models
     app = build_app(async_engine, tokenizer, adapter_roots=adapter_roots, served_name=served_name,
                     shutdown_timeout=shutdown_timeout, classifier=classifier)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(shutdown_timeout))

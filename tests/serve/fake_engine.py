@@ -8,6 +8,7 @@ Token rule: each running request gets one token per step, `next = (31 * last + 7
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import re
@@ -202,3 +203,23 @@ def save_adapter(model_dir, out_dir, r: int = 4, seed: int = 0, targets=("q_proj
                 torch.nn.init.normal_(p, std=0.5)
     peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+@contextlib.asynccontextmanager
+async def served(engine, tokenizer, **kw):
+    """An httpx client on `build_app` over an AsyncEngine of `engine` (in-process ASGI, no socket); the client
+    carries `.app` and `.ae`; the engine thread is shut down on exit."""
+    import httpx
+
+    from lorakit.serve.async_engine import AsyncEngine
+    from lorakit.serve.server import build_app
+
+    kw.setdefault("adapter_roots", [])
+    ae = AsyncEngine(engine)
+    app = build_app(ae, tokenizer, **kw)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        client.app, client.ae = app, ae
+        try:
+            yield client
+        finally:
+            await ae.shutdown(2)

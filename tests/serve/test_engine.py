@@ -203,9 +203,9 @@ def test_cold_adapter_loads_without_blocking_other_requests(base, adapters, monk
 
     real = pool_module.load_adapter_weights
 
-    def slow(spec, dims):
+    def slow(spec, dims, *dtype):
         time.sleep(0.5)
-        return real(spec, dims)
+        return real(spec, dims, *dtype)
 
     monkeypatch.setattr(pool_module, "load_adapter_weights", slow)
     engine = Engine(LlamaRunner.from_hf(base), EngineConfig(memory_bytes=4 << 20, block_size=4))

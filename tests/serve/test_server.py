@@ -4,19 +4,17 @@ A FakeEngine (deterministic tokens, failure injection) covers the protocol and r
 a tiny random Llama checks end-to-end results against the engine run alone.
 """
 import asyncio
-import contextlib
 import json
 import time
 
-import httpx
 import pytest
 import torch
 
-from fake_engine import FakeEngine, expected_tokens, save_adapter, tiny_model_dir, tiny_tokenizer, word_tokens
+from fake_engine import (FakeEngine, expected_tokens, save_adapter, served, tiny_model_dir, tiny_tokenizer,
+                         word_tokens)
 from lorakit.errors import ConfigError, EngineStoppedError, QueueFullError
-from lorakit.serve.async_engine import AsyncEngine
 from lorakit.serve.request import Request, SamplingParams
-from lorakit.serve.server import Detokenizer, StopMatcher, build_app, parse_lora_modules
+from lorakit.serve.server import Detokenizer, StopMatcher, parse_lora_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -41,19 +39,6 @@ def adapter_root(tmp_path_factory):
 
 def fake(tok, pool, **kw):
     return FakeEngine(vocab_size=len(tok), pool=pool, **kw)
-
-
-@contextlib.asynccontextmanager
-async def served(engine, tokenizer, **kw):
-    kw.setdefault("adapter_roots", [])
-    ae = AsyncEngine(engine)
-    app = build_app(ae, tokenizer, **kw)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        client.app, client.ae = app, ae
-        try:
-            yield client
-        finally:
-            await ae.shutdown(2)
 
 
 def run(coro):
