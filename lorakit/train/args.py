@@ -53,6 +53,9 @@ class TrainingArguments:
     fp16: bool = False                       # the base runs in float16 (same)
     device: str = "auto"                     # auto (CUDA when present) | cpu | cuda | cuda:N
     gradient_checkpointing: bool = False     # recompute each decoder layer in backward (less activation memory)
+    fsdp: str = ""                           # "full_shard": under torchrun, shard the model (torch's fully_shard
+                                             # per decoder layer, as transformers' "full_shard auto_wrap") instead
+                                             # of DDP; "" = DDP. No effect in a single process
 
     def __post_init__(self):
         _check_types(self)
@@ -78,6 +81,10 @@ class TrainingArguments:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
                 and self.device[5:].isdigit()):
             raise ConfigError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        fsdp = set(self.fsdp.split())
+        if fsdp and (fsdp - {"full_shard", "auto_wrap"} or "full_shard" not in fsdp):
+            raise ConfigError(f"fsdp={self.fsdp!r} is not supported; use 'full_shard' (each decoder layer is wrapped, "
+                              f"as transformers' 'full_shard auto_wrap') or '' for DDP")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
 

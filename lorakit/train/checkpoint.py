@@ -4,6 +4,9 @@ A folder `checkpoint-<step>` therefore exists only when complete; a run killed a
 included) resumes from the newest one. Tensors go to safetensors; the optimizer state is read back with
 `torch.load(weights_only=True)` (plain tensors and numbers, never arbitrary objects). `progress.json` records
 each file's SHA-256, so a damaged or truncated file is an error on resume rather than a silently wrong run.
+
+Under FSDP the files hold whole tensors, as a single process writes them: `trainable_state` and
+`optimizer_state` gather the shards (every rank calls them; rank 0 writes), and `restore` splits them again.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
+from .distributed import full_tensor, full_tensors, shard_like
 
 PATTERN = re.compile(r"checkpoint-(\d+)")
 
@@ -32,7 +36,23 @@ def trained_parameters(model, optimizer) -> dict[str, torch.nn.Parameter]:
 
 
 def trainable_state(model, optimizer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trained_parameters(model, optimizer).items()}
+    """A copy of the trained tensors, whole (under FSDP a collective: every rank calls it)."""
+    return {n: full_tensor(p.detach()).clone() for n, p in trained_parameters(model, optimizer).items()}
+
+
+def optimizer_state(optimizer) -> dict:
+    """`optimizer.state_dict()` with whole tensors (under FSDP a collective: every rank calls it)."""
+    return full_tensors(optimizer.state_dict())
+
+
+def _shard_optimizer_state(optimizer) -> None:
+    """After loading whole tensors: split each state tensor shaped like its sharded parameter as the parameter is."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
+                    state[key] = shard_like(value, p)
 
 
 def load_trainable_state(model, optimizer, state: dict[str, torch.Tensor]) -> None:
@@ -47,26 +67,27 @@ def load_trainable_state(model, optimizer, state: dict[str, torch.Tensor]) -> No
                                 f"the model has {tuple(params[name].shape)}")
     with torch.no_grad():
         for name, t in state.items():
-            params[name].copy_(t)
+            params[name].copy_(shard_like(t, params[name]))
 
 
-def save(directory: str | Path, model, optimizer, progress: dict, best: dict | None = None) -> Path:
-    """Write `checkpoint-<step>` under `directory` atomically, then delete older checkpoints."""
+def save(directory: str | Path, trainable: dict[str, torch.Tensor], optimizer: dict, progress: dict,
+         best: dict | None = None) -> Path:
+    """Write `checkpoint-<step>` under `directory` atomically, then delete older checkpoints. `trainable` and
+    `optimizer`: as `trainable_state` and `optimizer_state` give them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{progress['step']}"
     tmp = directory / f".tmp-checkpoint-{progress['step']}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # (not mkdtemp: its mode 0700 would stay on the renamed checkpoint)
     try:
-        state = trainable_state(model, optimizer)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "trainable.safetensors")
+        save_file({k: v.contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         if best is not None:
             save_file({k: v.contiguous() for k, v in best.items()}, tmp / "best.safetensors")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():  # every visible device's generator (dropout masks on the GPU)
             rng.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, tmp / "rng.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer, tmp / "optimizer.pt")
         digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         progress = dict(progress, python_random=_plain(random.getstate()), sha256=digests)
         (tmp / "progress.json").write_text(json.dumps(progress, indent=1))
@@ -121,6 +142,7 @@ def restore(path: str | Path, model, optimizer) -> tuple[dict, dict | None]:
         optimizer.load_state_dict(opt_state)
     except (ValueError, KeyError) as e:
         raise TrainingError(f"checkpoint {path} optimizer state does not fit this optimizer: {e}") from None
+    _shard_optimizer_state(optimizer)
     torch.set_rng_state(rng["torch"])
     cuda = [rng[f"cuda:{i}"] for i in range(torch.cuda.device_count()) if f"cuda:{i}" in rng]
     if cuda and torch.cuda.is_available():

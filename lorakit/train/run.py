@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import initialize, inject, load_adapter, read_adapter, save_adapter
+from .. import adapter_parameters, get_config, initialize, inject, load_adapter, read_adapter
 from ..variants import get_variant
 from ..data import GENERATIVE, load_data
 from ..errors import ConfigError
-from ..io.files import CONFIG_NAME
+from ..io.files import CONFIG_NAME, write_folder
 from ..model import count_parameters
 from ..models import MODELS, PEFT_TASK_TYPES, load_model, minilm_dir, save_base
 from . import checkpoint
 from .args import RunConfig
 from .devices import base_dtype, device_of, resolve_device
-from .distributed import Processes
+from .distributed import Processes, full_tensors
 from .tasks import make_task
 from .trainer import Trainer
 from .trainer import evaluate as evaluate_model
@@ -117,8 +117,9 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                **final_test(trainer, splits.test), **baselines}
     if config.eval_ranks:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
+    tensors = full_tensors(adapter_parameters(model, "default"))  # every rank: FSDP gathers the shards
     if main:
-        save_adapter(model, out / ADAPTER_DIR, "default")
+        write_folder(out / ADAPTER_DIR, get_config(model, "default"), tensors)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         from .plots import plot_run
         plot_run(trainer.history, out / "training_curves.png", task.main_metric)

@@ -3,6 +3,17 @@
 Per optimizer step: accumulate gradients over `gradient_accumulation_steps` micro-batches, refuse a non-finite
 loss, clip, set the scheduled learning rate, run the step hooks around `optimizer.step()`, log, evaluate,
 checkpoint. Data order is a seeded permutation per epoch, so the step number alone says where the data stands.
+
+Under `torchrun` the model is replicated with DistributedDataParallel, or with `fsdp="full_shard"` sharded with
+torch's `fully_shard` (FSDP2: each decoder block, found by transformers' `_no_split_modules`, then the root; frozen
+base weights are sharded too, so a base too big for one device trains on several):
+
+    torchrun --nproc_per_node 2 -m lorakit -- train --config run.yaml --fsdp full_shard
+
+Checkpoints, the best weights and the saved adapter hold whole tensors (gathered from the shards), the same files
+a single process writes. In a single process `fsdp` changes nothing. Under FSDP the optimizer sees DTensor shards:
+AdamW and SGD are tested; optimizers or step hooks that work on whole weight matrices (GaLore, LoRA-Pro), rank
+evaluations and quantized bases are not supported.
 """
 from __future__ import annotations
 
@@ -22,7 +33,7 @@ from ..errors import ConfigError, TrainingError
 from . import checkpoint
 from .args import TrainingArguments
 from .devices import device_of, to_device
-from .distributed import Processes
+from .distributed import Processes, full_tensor, is_sharded, lockstep_batches, shard_model
 from .tasks import Task
 
 
@@ -149,8 +160,11 @@ class Trainer:
     def train(self, resume: bool = False) -> list[dict]:
         """Run to `total_steps` (from the newest checkpoint when `resume`); returns the logged history."""
         args, procs = self.args, self.procs
-        if procs.world_size > 1 and self.wrapped is self.model:
-            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
+        if procs.world_size > 1 and self.wrapped is self.model and not is_sharded(self.model):
+            if args.fsdp:
+                self._shard()
+            else:
+                self.wrapped = nn.parallel.DistributedDataParallel(self.model)
         if resume:
             self._resume()
         else:
@@ -217,7 +231,7 @@ class Trainer:
         for i, indices in enumerate(micro):
             batch = to_device(self.task.collate([self.train_data[j] for j in indices]), self.device)
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self.procs.world_size == 1 else self.wrapped.no_sync()
+            sync = contextlib.nullcontext() if last or self.procs.world_size == 1 else self._no_sync()
             with sync:
                 loss = self.task.loss(self.wrapped, batch)
                 (loss / len(micro)).backward()
@@ -225,10 +239,28 @@ class Trainer:
             examples += len(indices)
         return self.procs.mean(total_loss), int(self.procs.sum(torch.tensor([examples])).item())
 
+    def _no_sync(self):
+        """Skip the gradient all-reduce of a micro-batch that is not the step's last (DDP); FSDP reduce-scatters
+        every micro-batch's gradients into the shards."""
+        return contextlib.nullcontext() if is_sharded(self.model) else self.wrapped.no_sync()
+
+    def _shard(self) -> None:
+        """FSDP: shard the model in place, then point the optimizer at the sharded parameters (same names)."""
+        if self.optimizer.state:
+            raise TrainingError("fsdp: the model must be sharded before the optimizer's first step")
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        shard_model(self.model)
+        sharded = dict(self.model.named_parameters())
+        for group in self.optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+
     def _clip(self) -> float:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        limit = self.args.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
+        if not params:
+            return 0.0
+        norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))  # (FSDP: over all shards)
+        torch.nn.utils.clip_grads_with_norm_(params, self.args.max_grad_norm or float("inf"), norm)
+        return float(norm)
 
     def _eval_due(self, total: int) -> bool:
         if self.eval_data is None:
@@ -254,9 +286,11 @@ class Trainer:
 
     # ---- files ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        trainable = checkpoint.trainable_state(self.model, self.optimizer)  # every rank: FSDP gathers the shards
+        optimizer = checkpoint.optimizer_state(self.optimizer)
         if self.procs.is_main:
             progress = {"step": self.step, "best": self.best, "evals_without_gain": self.evals_without_gain}
-            checkpoint.save(self.output_dir / "checkpoints", self.model, self.optimizer, progress, self.best_state)
+            checkpoint.save(self.output_dir / "checkpoints", trainable, optimizer, progress, self.best_state)
         self.procs.barrier()
 
     def _resume(self) -> None:
@@ -309,10 +343,14 @@ def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = 64, prefix
     mine = task.eval_order(dataset, list(range(procs.rank, len(dataset), procs.world_size)))
     device = device_of(model)
     stats = None
+    extra = lockstep_batches(model, math.ceil(len(mine) / batch_size), procs)  # FSDP: every rank as many forwards
     for start in range(0, len(mine), batch_size):
         batch = to_device(task.collate([dataset[j] for j in mine[start:start + batch_size]]), device)
         s = task.stats(model, batch).cpu()
         stats = s if stats is None else stats + s
+    for _ in range(extra):
+        s = torch.zeros_like(task.stats(model, to_device(task.collate([dataset[0]]), device)).cpu())
+        stats = s if stats is None else stats
     if stats is None:  # an empty shard contributes zeros of the right shape
         stats = torch.zeros_like(task.stats(model, to_device(task.collate([dataset[0]]), device)).cpu())
     model.train(was_training)
