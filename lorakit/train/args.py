@@ -15,6 +15,10 @@ from ..config import AdapterConfig
 from ..errors import ConfigError
 
 SCHEDULES = ("linear", "cosine", "constant")
+# Settings a task changes when the run does not set them: instruction tuning an LLM wants all-linear adapters,
+# longer sequences and a step budget that fits a CPU (the acceptance run: under 15 minutes on 2 cores, fp32).
+TASK_DEFAULTS = {"instruct": dict(target_modules="all-linear", r=16, lora_alpha=32, learning_rate=1e-3,
+                                  max_steps=100, warmup_ratio=0.1, max_length=256)}
 
 
 @dataclass
@@ -121,6 +125,7 @@ class RunConfig:
                 near = difflib.get_close_matches(str(key), sorted(valid), n=3)
                 hint = f"did you mean {', '.join(near)}? " if near else ""
                 raise ConfigError(f"unknown setting {key!r}; {hint}valid settings: {', '.join(sorted(valid))}")
+        values = {**TASK_DEFAULTS.get(values.get("task", cls.task), {}), **values}
         pick = lambda keys: {k: v for k, v in values.items() if k in keys}  # noqa: E731
         return cls(**pick(run_keys), adapter=AdapterConfig(**pick(adapter_keys)),
                    training=TrainingArguments(**pick(training_keys)))
