@@ -241,3 +241,5 @@ def test_a_run_reports_baselines_and_both_scorings(tmp_path):
     assert results["validation_loss"] > 0 and "validation_accuracy" in results
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["zero_shot_test_accuracy"] == results["zero_shot_test_accuracy"]
+    kept = json.loads((tmp_path / "run" / "baselines.json").read_text())  # a resumed run reads these back
+    assert kept == {k: v for k, v in results.items() if k.startswith(("zero_shot_", "2_shot_"))}

@@ -72,7 +72,7 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     model = place(model, config)
     task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels,
                      getattr(splits.train, "choices", ()))
-    baselines = base_model_results(model, task, splits, config) if not resume else {}
+    baselines = base_model_results(model, task, splits, config)
     adapter = dataclasses.replace(config.adapter, task_type=config.adapter.task_type or PEFT_TASK_TYPES[config.task],
                                   base_model_name_or_path=base_dir)
     torch.manual_seed(args.seed)  # the adapter's initial A (and head copy) follow the run's seed
@@ -112,9 +112,9 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                "r": adapter.r, "learning_rate": args.learning_rate, "seed": args.seed, "steps": trainer.step,
                "trainable_parameters": trainable, "total_parameters": total, "train_seconds": round(seconds, 2),
                "seconds_per_step": round(sum(r["seconds"] for r in steps) / max(1, len(steps)), 4),
-               "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1), "dtype": str(base_dtype(args.bf16, args.fp16))[6:],
-               "device": str(device_of(model)), **validation_metrics(trainer, splits.validation),
-               **final_test(trainer, splits.test), **baselines}
+               "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1),
+               "dtype": str(base_dtype(args.bf16, args.fp16)).removeprefix("torch."), "device": str(device_of(model)),
+               **validation_metrics(trainer, splits.validation), **final_test(trainer, splits.test), **baselines}
     if config.eval_ranks:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
     tensors = full_tensors(adapter_parameters(model, "default"))  # every rank: FSDP gathers the shards
@@ -155,17 +155,28 @@ def final_test(trainer: Trainer, test) -> dict:
 
 def base_model_results(model, task, splits, config: RunConfig) -> dict:
     """The base model alone on the test split, scored as the trained model will be: zero-shot for the instruct
-    task, and with `baselines` also k-shot (k = `shots` examples from the training split, balanced over labels)."""
+    task, and with `baselines` also k-shot (k = `shots` examples from the training split, balanced over labels).
+    Kept in `<output_dir>/baselines.json`, which a resumed run reads instead of scoring again."""
     if config.task != "instruct" or not task.choices:
         return {}
     args = config.training
+    saved = Path(args.output_dir) / "baselines.json"
+    if saved.exists():
+        results = json.loads(saved.read_text())
+        has_shots = any(k.endswith("_shot_test_accuracy") and k[0].isdigit() for k in results)
+        if has_shots or not config.baselines:
+            return results
     results = {}
+    score = lambda data, prefix: evaluate_model(  # noqa: E731
+        model, task, data, args.per_device_eval_batch_size, prefix, progress=not args.disable_tqdm)
     with generating(task):
-        results.update(evaluate_model(model, task, splits.test, args.per_device_eval_batch_size, "zero_shot_test"))
+        results.update(score(splits.test, "zero_shot_test"))
         if config.baselines:
-            shots = splits.test.with_shots(pick_shots(splits.train, config.shots, args.seed))
-            results.update(evaluate_model(model, task, shots, args.per_device_eval_batch_size,
-                                          f"{config.shots}_shot_test"))
+            shots = pick_shots(splits.train, config.shots, args.seed)
+            results.update(score(splits.test.with_shots(shots), f"{config.shots}_shot_test"))
+    if Processes.from_env().is_main:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(results, indent=1))
     return results
 
 

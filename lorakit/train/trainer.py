@@ -282,7 +282,8 @@ class Trainer:
         return bool(patience) and self.evals_without_gain >= patience
 
     def evaluate(self, dataset, prefix: str = "eval") -> dict[str, float]:
-        return evaluate(self.model, self.task, dataset, self.args.per_device_eval_batch_size, prefix, self.procs)
+        return evaluate(self.model, self.task, dataset, self.args.per_device_eval_batch_size, prefix, self.procs,
+                        progress=not self.args.disable_tqdm)
 
     # ---- files ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -336,15 +337,19 @@ def read_metrics(path: Path) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, dataset, batch_size: int = 64, prefix: str = "eval",
-             procs: Processes = Processes()) -> dict[str, float]:
-    """Metrics of `model` on `dataset`, each process evaluating a shard; keys are `<prefix>_<metric>`."""
+             procs: Processes = Processes(), progress: bool = False) -> dict[str, float]:
+    """Metrics of `model` on `dataset`, each process evaluating a shard; keys are `<prefix>_<metric>`.
+    `progress`: a progress bar (main process, evaluations of more than one batch; it vanishes when done)."""
     was_training = model.training
     model.eval()
     mine = task.eval_order(dataset, list(range(procs.rank, len(dataset), procs.world_size)))
     device = device_of(model)
     stats = None
     extra = lockstep_batches(model, math.ceil(len(mine) / batch_size), procs)  # FSDP: every rank as many forwards
-    for start in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    bar = tqdm(starts, desc=prefix, unit="batch", leave=False, dynamic_ncols=True,
+               disable=not progress or not procs.is_main or len(starts) < 2)
+    for start in bar:
         batch = to_device(task.collate([dataset[j] for j in mine[start:start + batch_size]]), device)
         s = task.stats(model, batch).cpu()
         stats = s if stats is None else stats + s
