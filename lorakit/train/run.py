@@ -58,6 +58,7 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     `optimizer`: a torch optimizer, or a function model → optimizer (called after the adapter is injected).
     """
     args = config.training
+    begun = time.perf_counter()
     out = Path(args.output_dir)
     found = checkpoint.checkpoints(out / "checkpoints")
     if not resume and found:
@@ -117,6 +118,7 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                **validation_metrics(trainer, splits.validation), **final_test(trainer, splits.test), **baselines}
     if config.eval_ranks:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
+    results["wall_seconds"] = round(time.perf_counter() - begun, 1)  # data, model, baselines, training, tests
     tensors = full_tensors(adapter_parameters(model, "default"))  # every rank: FSDP gathers the shards
     if main:
         write_folder(out / ADAPTER_DIR, get_config(model, "default"), tensors)
