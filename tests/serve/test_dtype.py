@@ -54,11 +54,13 @@ def reference(base, adapter, request, dtype):
     return logits[len(request.prompt_ids) - 1:len(request.all_ids) - 1]
 
 
-@pytest.mark.parametrize("fp32_max_rows", [0, 4])
-def test_bf16_engine_logits_match_transformers_bf16(base, adapter, fp32_max_rows):
-    engine = Engine(LlamaRunner.from_hf(base, "bfloat16"), EngineConfig(
+@pytest.mark.parametrize("dtype, fp32_max_rows", [("bfloat16", 0), ("bfloat16", 4), ("float16", 0)])
+def test_16bit_engine_logits_match_transformers_16bit(base, adapter, dtype, fp32_max_rows):
+    """bf16 (and fp16, with the same bound) against transformers + PEFT in that dtype."""
+    engine = Engine(LlamaRunner.from_hf(base, dtype), EngineConfig(
         memory_bytes=1 << 24, block_size=4, load_workers=0, fp32_max_rows=fp32_max_rows))
-    assert engine.model.layers[0]["qkv"].dtype == torch.bfloat16 and engine.cache.k[0].dtype == torch.bfloat16
+    half = getattr(torch, dtype)
+    assert engine.model.layers[0]["qkv"].dtype == half and engine.cache.k[0].dtype == half
     engine.register_adapter("a", adapter)
     g = torch.Generator().manual_seed(0)
     requests = [Request(torch.randint(256, (int(torch.randint(4, 30, (1,), generator=g)),), generator=g).tolist(),
@@ -68,12 +70,12 @@ def test_bf16_engine_logits_match_transformers_bf16(base, adapter, fp32_max_rows
     engine.generate(requests[2:])
     for r in requests:
         mine = torch.stack(r.logits)
-        ref16, ref32 = reference(base, adapter, r, torch.bfloat16), reference(base, adapter, r, torch.float32)
+        ref16, ref32 = reference(base, adapter, r, half), reference(base, adapter, r, torch.float32)
         scale = ref32.abs().max()
         err16, ours = (ref16 - ref32).abs().max() / scale, (mine - ref32).abs().max() / scale
         assert (mine - ref16).abs().max() / scale <= REL_TOL, (r.adapter, (mine - ref16).abs().max() / scale)
         assert ours <= 2 * err16 + 1e-3, (r.adapter, ours, err16)
-        assert 0 < ours  # bf16 is not fp32 in disguise
+        assert 0 < ours  # 16 bits, not fp32 in disguise
 
 
 def test_bf16_greedy_agrees_with_fp32_until_a_near_tie(base, adapter):
