@@ -243,3 +243,16 @@ def test_a_run_reports_baselines_and_both_scorings(tmp_path):
     assert saved["zero_shot_test_accuracy"] == results["zero_shot_test_accuracy"]
     kept = json.loads((tmp_path / "run" / "baselines.json").read_text())  # a resumed run reads these back
     assert kept == {k: v for k, v in results.items() if k.startswith(("zero_shot_", "2_shot_"))}
+
+
+def test_generation_stops_a_row_once_its_label_word_is_whole(model_and_task):
+    """The stopping rule never changes what `parse` reads: a row stops only after a whole choice word."""
+    task = model_and_task[1]
+    tok = task.tokenizer
+    prompt = [5, 6, 7]
+    replies = ["the sentiment is positive.", "the sentiment is positive", "positively", "neutral, I think", "negative!"]
+    generated = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
+    longest = max(map(len, generated))  # rows are as long as the longest; special padding decodes to nothing
+    ids = torch.tensor([prompt + g + [tok.pad_token_id] * (longest - len(g)) for g in generated])
+    stop = task._decided_after(len(prompt))(ids, None)
+    assert stop.tolist() == [True, False, False, False, True]

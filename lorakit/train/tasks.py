@@ -270,7 +270,8 @@ class Instruct(CausalLM):
         out = getattr(model, "module", model).generate(
             input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
             max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, use_cache=True, output_logits=True, return_dict_in_generate=True)
+            eos_token_id=tok.eos_token_id, use_cache=True, output_logits=True, return_dict_in_generate=True,
+            stopping_criteria=[self._decided_after(width)])
         scores = self._choice_scores(model, batch["prompts"], out.logits[0])
         replies = tok.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
         parsed = torch.tensor([self.parse(r) for r in replies])
@@ -282,10 +283,29 @@ class Instruct(CausalLM):
 
     def parse(self, reply: str) -> int:
         """The index of the first choice word in a reply; len(choices) when there is none."""
-        for word in re.findall(r"[^\W_]+", reply.lower()):
-            if word in self._words:
-                return self._words[word]
-        return len(self.choices)
+        first = self._first_choice_word(reply)
+        return self._words[first.group()] if first else len(self.choices)
+
+    def _first_choice_word(self, reply: str):
+        return next((m for m in re.finditer(r"[^\W_]+", reply.lower()) if m.group() in self._words), None)
+
+    def _decided_after(self, width: int):
+        """A stopping criterion: a row is done once its reply holds a whole choice word (one followed by another
+        character), since later tokens cannot change `parse`. Generation ends when every row is done or at EOS."""
+        from transformers import StoppingCriteria
+
+        task = self
+
+        class Decided(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                replies = task.tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+                done = []
+                for reply in replies:
+                    first = task._first_choice_word(reply)
+                    done.append(first is not None and first.end() < len(reply))
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        return Decided()
 
     @staticmethod
     def _confusion(gold, pred, k):

@@ -1,0 +1,87 @@
+"""SmolLM2 instruct runs on VADER movies: the acceptance command in fp32 and bf16, with the base's baselines.
+
+Usage: `.venv/bin/python bench/instruct_runs.py [--runs fp32,bf16,bf16-baselines] [--out runs/instruct]
+[--summarize-only]`. Each run is `lorakit train --model smollm2 --task instruct --data vader:movies` with the
+instruct defaults (plus `--bf16`, `--baselines`), in its own process, one after the other; a finished run folder
+is reused. Writes the `instruct_runs` section of BENCHMARKS.md: accuracies on the full 2,000-sentence test split
+(label scoring and greedy generation) beside the zero-shot / 4-shot base and the majority class, wall time, step
+time and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, header_lines, load_average, markdown_table, write_section  # noqa: E402
+
+RUNS = {"fp32": [], "bf16": ["--bf16"], "bf16-baselines": ["--bf16", "--baselines"],
+        "fp32-baselines": ["--baselines"]}
+COMMAND = ["-m", "lorakit", "train", "--model", "smollm2", "--task", "instruct", "--data", "vader:movies"]
+
+
+def run(name: str, out: Path) -> dict:
+    folder = out / name
+    if not (folder / "results.json").exists():
+        started = time.perf_counter()
+        subprocess.run([sys.executable, *COMMAND, *RUNS[name], "--output-dir", str(folder), "--disable-tqdm"],
+                       cwd=ROOT, check=True)
+        print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return json.loads((folder / "results.json").read_text())
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def table(results: dict[str, dict]) -> str:
+    header = ["run", "test acc. (label)", "test acc. (generation)", "unparseable", "zero-shot base (label / gen.)",
+              "4-shot base (label / gen.)", "majority class", "wall time", "s / step", "peak RSS MiB"]
+    rows = []
+    for name, r in results.items():
+        base = f"{pct(r.get('zero_shot_test_accuracy'))} / {pct(r.get('zero_shot_test_generation_accuracy'))}"
+        shot = f"{pct(r.get('4_shot_test_accuracy'))} / {pct(r.get('4_shot_test_generation_accuracy'))}" \
+            if "4_shot_test_accuracy" in r else "–"
+        wall = r.get("wall_seconds")
+        rows.append([name, pct(r["test_accuracy"]), pct(r["test_generation_accuracy"]), pct(r["test_unparseable"]),
+                     base, shot, pct(r["test_majority_class_rate"]), f"{wall / 60:.1f} min" if wall else "–",
+                     f"{r['seconds_per_step']:.2f}", f"{r['peak_memory_mb']:.0f}"])
+    return markdown_table(header, rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default="fp32,bf16,bf16-baselines")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "instruct"))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    load0 = load_average()
+    results = {name: run(name, Path(args.out)) for name in args.runs.split(",")}
+    first = next(iter(results.values()))
+    tab = table(results)
+    print(tab)
+    body = f"""
+{header_lines(load0)}
+
+`lorakit train --model smollm2 --task instruct --data vader:movies` (+ `--bf16`, `--baselines`) with the instruct
+defaults: LoRA r={first['r']} on all linear layers, lora_alpha 32, lr {first['learning_rate']:g}, {first['steps']}
+steps of 16 examples, warmup 0.1, seed {first['seed']}. User message: `Is the sentiment of this text positive or
+negative? Answer with one word.\\n\\n{{text}}` in SmolLM2's chat template (its default system prompt kept); reply
+`positive` or `negative`. Accuracies (%) on the full movies test split (2,000 sentences): *label* = the label
+whose tokens get the higher log-probability after the prompt; *generation* = the first label word of the greedy
+reply (16 new tokens at most), replies without one counted wrong and as unparseable. The base is scored the same
+way, zero-shot and (with `--baselines`) with 4 balanced training examples as earlier chat turns. The wall time
+covers everything: loading, the base's baselines, training, validation and the test passes.
+
+{tab}
+"""
+    if not args.no_write:
+        write_section("instruct_runs", "SmolLM2 instruct runs on VADER movies (`bench/instruct_runs.py`)", body)
+
+
+if __name__ == "__main__":
+    main()
