@@ -224,9 +224,9 @@ def test_select(shared_cache):
 def test_unknown_domain_and_task(shared_cache):
     with pytest.raises(DataError, match="unknown VADER domain 'imdb'; valid: movies, tweets, amazon, nyt"):
         D.load_data("vader:imdb")
-    with pytest.raises(DataError, match="classification and regression"):
+    with pytest.raises(DataError, match="classification, regression and instruct"):
         D.vader("movies", "causal-lm")
-    with pytest.raises(DataError, match="unknown task 'ner'; valid: classification, regression, causal-lm"):
+    with pytest.raises(DataError, match="unknown task 'ner'; valid: classification, regression, causal-lm, instruct"):
         D.load_data("vader:movies", task="ner")
 
 
