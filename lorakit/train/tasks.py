@@ -134,9 +134,7 @@ class CausalLM(Task):
 
     def _token_nll(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        target = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
-        return nll, (target != IGNORE).sum()
+        return _nll(logits[:, :-1], batch["labels"][:, 1:])
 
     def loss(self, model, batch):
         nll, count = self._token_nll(model, batch)
@@ -276,10 +274,8 @@ class Instruct(CausalLM):
         replies = tok.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
         parsed = torch.tensor([self.parse(r) for r in replies])
         gold = batch["choice"]
-        known = gold >= 0
-        outcomes = torch.bincount(gold[known] * (k + 1) + parsed[known], minlength=k * (k + 1)).double()
         return torch.cat([torch.zeros(2, dtype=torch.float64), self._confusion(gold, scores.argmax(-1).cpu(), k),
-                          outcomes])
+                          self._confusion(gold, parsed, k, k + 1)])
 
     def parse(self, reply: str) -> int:
         """The index of the first choice word in a reply; len(choices) when there is none."""
@@ -308,9 +304,12 @@ class Instruct(CausalLM):
         return Decided()
 
     @staticmethod
-    def _confusion(gold, pred, k):
+    def _confusion(gold, pred, k, columns=None):
+        """Counts of (gold, predicted) over the examples with a known gold label; `columns` predicted values
+        (default k; k + 1 for generation, whose last column is unparseable)."""
+        columns = columns or k
         known = gold >= 0
-        return torch.bincount(gold[known] * k + pred[known], minlength=k * k).double()
+        return torch.bincount(gold[known] * columns + pred[known], minlength=k * columns).double()
 
     def metrics(self, stats):
         nll, count = stats[:2].tolist()
