@@ -16,7 +16,7 @@ from lorakit.models import load_model
 from lorakit.train import RunConfig
 from lorakit.train import train as train_run
 from lorakit.train.run import pick_shots
-from lorakit.train.tasks import IGNORE, Instruct, make_task
+from lorakit.train.tasks import IGNORE, MIN_SHARED_PREFIX, Instruct, _left_pad, make_task
 from lorakit.train.trainer import evaluate
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,14 +81,18 @@ def test_loss_equals_the_full_logits_computation_and_runs_the_head_only_where_su
         pred = logits[len(prompt) - 1: len(prompt) + len(reply) - 1]
         nll += F.cross_entropy(pred, torch.tensor(reply), reduction="sum").item()
         count += len(reply)
-    rows_seen = []
-    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[1]))
+    rows_seen, embedded = [], []
+    hooks = [model.lm_head.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[1])),
+             model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(tuple(i[0].shape)))]
     try:
         with torch.no_grad():
             loss = task.loss(model, task.collate(examples))
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert loss.item() == pytest.approx(nll / count, rel=1e-5)
+    assert embedded[0][0] == 1 and embedded[0][1] >= MIN_SHARED_PREFIX, "the shared prompt prefix runs once"
+    assert embedded[1][0] == len(examples)
     longest_reply = max(len(task.tokenizer(e["response"], add_special_tokens=False)["input_ids"]) + 1
                         for e in examples)
     assert rows_seen == [longest_reply + 1], "the LM head must see only the positions that predict reply tokens"
@@ -102,6 +106,76 @@ def test_gradient_flows_to_the_adapter_only_from_reply_tokens(model_and_task, ch
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     model.zero_grad()
+
+
+def test_a_shared_prefix_gives_the_gradients_of_whole_rows(model_and_task, chats, monkeypatch):
+    """Training runs the prompt prefix every row shares once: loss and adapter gradients equal whole-row ones."""
+    model, task = model_and_task
+    batch = task.collate([chats[i] for i in range(len(chats))])
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+    model.train()
+    try:
+        assert task._shared_length(model, batch["input_ids"], batch["attention_mask"], 1) >= MIN_SHARED_PREFIX
+        shared = loss_and_grads()
+        monkeypatch.setattr(Instruct, "_shared_length", lambda *a: 0)
+        whole = loss_and_grads()
+    finally:
+        model.eval().zero_grad()
+    torch.testing.assert_close(shared[0], whole[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(shared[1], whole[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_training_forwards_that_must_be_whole_do_not_share(chats):
+    """Dropout would draw one mask for every row's prefix; gradient checkpointing drops caches."""
+    model, tok = load_model("tiny-llama", "instruct", texts=chats.texts(), seed=1)
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    task = make_task("instruct", tok, 64, 2, chats.choices)
+    batch = task.collate([chats[0], chats[1]])
+    length = lambda: task._shared_length(model, batch["input_ids"], batch["attention_mask"], 1)  # noqa: E731
+    with torch.no_grad():
+        assert length() >= MIN_SHARED_PREFIX  # evaluation shares: dropout is off there
+    model.train()
+    assert length() == 0
+    model.eval()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert length() == 0
+
+
+def test_greedy_replies_equal_transformers_generate(model_and_task, chats, monkeypatch):
+    """The decoding loop (shared prefix, KV cache, positions of left-padded rows, ended rows leaving the batch)
+    gives `generate`'s greedy tokens under the same stopping rule. The tiny model's replies hold no label words,
+    so the rule here is "three words": rows end at different steps."""
+    from transformers import StoppingCriteria
+
+    model, task = model_and_task
+    tok = task.tokenizer
+    monkeypatch.setattr(Instruct, "_decided", lambda self, reply: len(reply.split()) >= 3)
+    padded = _left_pad(task.collate([chats[i] for i in range(len(chats))])["prompts"], tok.pad_token_id)
+    width = padded["input_ids"].shape[1]
+
+    class SameRule(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            replies = tok.batch_decode(input_ids[:, width:], skip_special_tokens=True)
+            return torch.tensor([task._decided(r) for r in replies])
+    with torch.no_grad():
+        logits, cache, mask = task._forward(model, padded["input_ids"], padded["attention_mask"], 1, use_cache=True)
+        ours = task._greedy_replies(model, logits, cache, mask)
+        reference = model.generate(**padded, max_new_tokens=task.max_new_tokens, do_sample=False,
+                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                   stopping_criteria=[SameRule()])
+    want = tok.batch_decode(reference[:, width:], skip_special_tokens=True)
+    assert ours == want
+    assert len({len(tok(r)["input_ids"]) for r in want}) > 1, "rows should end at different steps"
 
 
 def test_label_scoring_matches_log_probabilities(model_and_task, chats):
@@ -245,14 +319,8 @@ def test_a_run_reports_baselines_and_both_scorings(tmp_path):
     assert kept == {k: v for k, v in results.items() if k.startswith(("zero_shot_", "2_shot_"))}
 
 
-def test_generation_stops_a_row_once_its_label_word_is_whole(model_and_task):
+def test_a_reply_is_decided_once_its_label_word_is_whole(model_and_task):
     """The stopping rule never changes what `parse` reads: a row stops only after a whole choice word."""
     task = model_and_task[1]
-    tok = task.tokenizer
-    prompt = [5, 6, 7]
     replies = ["the sentiment is positive.", "the sentiment is positive", "positively", "neutral, I think", "negative!"]
-    generated = [tok(r, add_special_tokens=False)["input_ids"] for r in replies]
-    longest = max(map(len, generated))  # rows are as long as the longest; special padding decodes to nothing
-    ids = torch.tensor([prompt + g + [tok.pad_token_id] * (longest - len(g)) for g in generated])
-    stop = task._decided_after(len(prompt))(ids, None)
-    assert stop.tolist() == [True, False, False, False, True]
+    assert [task._decided(r) for r in replies] == [True, False, False, False, True]

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from .devices import device_of
 
 IGNORE = -100  # label id the loss skips (prompt and padding tokens)
+MIN_SHARED_PREFIX = 8  # leading ids every row of a batch must share before they run once (`Instruct._forward`)
 
 
 class Task:
@@ -210,13 +211,51 @@ class Instruct(CausalLM):
         return sorted(indices, key=lambda j: -size(j))
 
     # ---- model calls -------------------------------------------------------------------------
-    def _last_logits(self, model, input_ids, attention_mask, keep: int):
-        """Logits of the last `keep` positions, computed only there when the model supports it."""
+    def _forward(self, model, input_ids, attention_mask, keep: int, use_cache: bool = False):
+        """(logits of the last `keep` positions, the KV cache or None, the attention mask over all cached positions).
+
+        The head runs only on those positions when the model supports it. The prompt prefix that every row shares
+        (system prompt, instruction: most of a short prompt) runs once, as one row, and its keys and values are
+        repeated over the rows (`_shared_length` says when); the rows' own tokens run after it. Causal attention
+        makes this the same computation as the whole rows, up to floating-point summation order.
+        """
+        inner = getattr(model, "module", model)
+        extra = {"logits_to_keep": keep} if _accepts(inner, "logits_to_keep") else {}
+        shared = self._shared_length(model, input_ids, attention_mask, keep)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": keep} if _accepts(getattr(model, "module", model), "logits_to_keep") else {}
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       **extra).logits
-        return logits[:, -keep:]
+        if shared:
+            start = int(attention_mask[0].argmax())  # every row's real tokens begin with the same `shared` ids
+            cache = _cache_of(inner.get_decoder()(input_ids=input_ids[:1, start:start + shared], use_cache=True))
+            cache.batch_repeat_interleave(len(input_ids))
+            rest = attention_mask[:, :-shared]  # each row's tokens after the prefix, padded on the left again
+            input_ids = input_ids[:, shared:].masked_fill(rest == 0, self.tokenizer.pad_token_id)
+            position_ids = shared + (rest.cumsum(-1) - 1).clamp(min=0)
+            attention_mask = torch.cat([rest.new_ones(len(rest), shared), rest], 1)
+            extra[_cache_keyword(model)] = cache
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=use_cache or bool(shared), **extra)
+        return out.logits[:, -keep:], _cache_of(out) if use_cache else None, attention_mask
+
+    def _shared_length(self, model, input_ids, attention_mask, keep: int) -> int:
+        """How many leading ids all rows share and may run once: 0 for a single row, a prefix shorter than
+        `MIN_SHARED_PREFIX`, or a forward whose gradient or randomness differs when rows share the prefix
+        (training with active dropout, gradient checkpointing, which drops caches, or DDP/FSDP wrappers, which
+        expect one forward per backward). At most the shortest row less `keep`, so logits come from each row."""
+        if len(input_ids) < 2 or not _cache_keyword(model):
+            return 0
+        if torch.is_grad_enabled() and model.training and _train_forward_must_be_whole(model):
+            return 0
+        lengths = attention_mask.sum(-1)
+        width = input_ids.shape[1]
+        first = input_ids[0, width - int(lengths[0]):]
+        limit = int(lengths.min()) - keep
+        aligned = torch.stack([row[width - int(n): width - int(n) + limit] for row, n in zip(input_ids, lengths)])
+        same = (aligned == first[:limit]).all(0)
+        shared = int(same.int().cumprod(0).sum()) if limit > 0 else 0
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _last_logits(self, model, input_ids, attention_mask, keep: int):
+        return self._forward(model, input_ids, attention_mask, keep)[0]
 
     def _reply_logits(self, model, batch):
         """(logits predicting each reply token, their targets): the last positions that hold reply tokens."""
@@ -264,18 +303,39 @@ class Instruct(CausalLM):
         tok, k = self.tokenizer, len(self.choices)
         padded = _left_pad(batch["prompts"], tok.pad_token_id)
         device = device_of(model)
-        width = padded["input_ids"].shape[1]
-        out = getattr(model, "module", model).generate(
-            input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
-            max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, use_cache=True, output_logits=True, return_dict_in_generate=True,
-            stopping_criteria=[self._decided_after(width)])
-        scores = self._choice_scores(model, batch["prompts"], out.logits[0])
-        replies = tok.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
+        logits, cache, mask = self._forward(model, padded["input_ids"].to(device), padded["attention_mask"].to(device),
+                                            1, use_cache=True)
+        scores = self._choice_scores(model, batch["prompts"], logits[:, -1])
+        replies = self._greedy_replies(model, logits, cache, mask)
         parsed = torch.tensor([self.parse(r) for r in replies])
         gold = batch["choice"]
         return torch.cat([torch.zeros(2, dtype=torch.float64), self._confusion(gold, scores.argmax(-1).cpu(), k),
                           self._confusion(gold, parsed, k, k + 1)])
+
+    def _greedy_replies(self, model, logits, cache, mask) -> list[str]:
+        """Greedy replies from the prompts' last logits and KV cache (`_forward`), as transformers' `generate`
+        gives them: at most `max_new_tokens`; a row ends at EOS or once it holds a whole choice word (a later token
+        cannot change `parse`) and takes padding after. Ended rows leave the batch (and the cache)."""
+        tok = self.tokenizer
+        rows = torch.arange(len(mask), device=mask.device)  # the rows still decoding
+        tokens = torch.full((len(mask), self.max_new_tokens), tok.pad_token_id, device=mask.device)
+        position = mask.sum(-1, keepdim=True)
+        for step in range(self.max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            tokens[rows, step] = token
+            replies = tok.batch_decode(tokens[rows, :step + 1], skip_special_tokens=True)
+            going = (token != tok.eos_token_id) & torch.tensor([not self._decided(r) for r in replies],
+                                                               device=token.device)
+            if not going.any() or step == self.max_new_tokens - 1:
+                break
+            if not going.all():
+                cache.batch_select_indices(going.nonzero().squeeze(1))
+                rows, token, mask, position = rows[going], token[going], mask[going], position[going]
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                           **{_cache_keyword(model): cache}).logits
+            position = position + 1
+        return tok.batch_decode(tokens, skip_special_tokens=True)
 
     def parse(self, reply: str) -> int:
         """The index of the first choice word in a reply; len(choices) when there is none."""
@@ -285,23 +345,10 @@ class Instruct(CausalLM):
     def _first_choice_word(self, reply: str):
         return next((m for m in re.finditer(r"[^\W_]+", reply.lower()) if m.group() in self._words), None)
 
-    def _decided_after(self, width: int):
-        """A stopping criterion: a row is done once its reply holds a whole choice word (one followed by another
-        character), since later tokens cannot change `parse`. Generation ends when every row is done or at EOS."""
-        from transformers import StoppingCriteria
-
-        task = self
-
-        class Decided(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                replies = task.tokenizer.batch_decode(input_ids[:, width:], skip_special_tokens=True)
-                done = []
-                for reply in replies:
-                    first = task._first_choice_word(reply)
-                    done.append(first is not None and first.end() < len(reply))
-                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-        return Decided()
+    def _decided(self, reply: str) -> bool:
+        """Whether a reply holds a whole choice word (one followed by another character)."""
+        first = self._first_choice_word(reply)
+        return first is not None and first.end() < len(reply)
 
     @staticmethod
     def _confusion(gold, pred, k, columns=None):
@@ -327,6 +374,29 @@ class Instruct(CausalLM):
             out.update(generation_accuracy=outcomes[:, :k].trace().item() / g,
                        unparseable=outcomes[:, k].sum().item() / g)
         return out
+
+
+def _train_forward_must_be_whole(model) -> bool:
+    """Whether a training forward must run whole rows (see `Instruct._shared_length`)."""
+    if hasattr(model, "module") or getattr(model, "is_gradient_checkpointing", False):
+        return True
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+
+
+def _cache_keyword(model) -> str | None:
+    """The forward's name for a KV cache to continue from (`cache` since transformers 5.2x); None when the model
+    takes none or has no decoder to run a prefix without the head."""
+    inner = getattr(model, "module", model)
+    if not hasattr(inner, "get_decoder"):
+        return None
+    return next((name for name in ("cache", "past_key_values") if _accepts(inner, name)), None)
+
+
+def _cache_of(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def _nll(logits, target):
