@@ -9,6 +9,10 @@ on the reply tokens. Both get the logits only where the loss needs them (`logits
 the adapter path. PEFT keeps fp32 adapters on a bf16 base and runs their matmuls in fp32
 (`autocast_adapter_dtype`); lorakit runs them in bf16 with fp32 master weights. The four configurations are
 timed round-robin in one process.
+
+A second table times the step `lorakit train` takes (`Instruct.loss`) on the same 16 instructions uncut (the
+instruct default `max_length` 256): whole rows, and with the 41-token prefix every row shares (system prompt and
+instruction) run once and its keys/values repeated over the rows (`Instruct.share_prefix`, the default).
 """
 from __future__ import annotations
 
@@ -26,15 +30,21 @@ from common import compare, fmt_ms, header_lines, load_average, markdown_table, 
 
 R, ALPHA, BATCH, TOKENS, LR = 16, 32, 16, 64, 1e-3
 SYSTEMS = ("lorakit fp32", "peft fp32", "lorakit bf16", "peft bf16")
+TRAINER = tuple(f"{d}, {rows}" for d in ("fp32", "bf16") for rows in ("whole rows", "shared prefix"))
 
 
-def make_batch(tokenizer):
+def make_task(tokenizer, max_length: int):
+    """(the instruct task, a batch of the first BATCH training instructions)."""
     from lorakit.data import load_data
     from lorakit.train.tasks import make_task
 
     data = load_data("vader:movies", "instruct")
-    task = make_task("instruct", tokenizer, TOKENS, 2, data.train.choices)
-    batch = task.collate([data.train[i] for i in range(BATCH)])
+    task = make_task("instruct", tokenizer, max_length, 2, data.train.choices)
+    return task, task.collate([data.train[i] for i in range(BATCH)])
+
+
+def make_batch(tokenizer):
+    batch = make_task(tokenizer, TOKENS)[1]
     return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
@@ -78,6 +88,21 @@ def make_step(model, batch):
     return step
 
 
+def make_trainer_step(model, task, batch, share_prefix: bool):
+    """The trainer's step: `Instruct.loss` + backward + AdamW step + zero_grad."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step():
+        task.share_prefix = share_prefix
+        loss = task.loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def profile(step, rows: int = 12) -> str:
     """The top ops of one step by self CPU time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -98,12 +123,17 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     load0 = load_average()
-    steps, laps = {}, {s: [] for s in SYSTEMS}
+    steps, laps = {}, {s: [] for s in SYSTEMS + TRAINER}
     batch = None
     for s in SYSTEMS:
         model, tokenizer = build(s)
         batch = batch or make_batch(tokenizer)
         steps[s] = make_step(model, batch)
+        if s.startswith("lorakit"):
+            task, uncut = make_task(tokenizer, 256)
+            for t in TRAINER:
+                if t.startswith(s.split()[1]):
+                    steps[t] = make_trainer_step(model, task, uncut, t.endswith("shared prefix"))
 
     def timed(system):
         def run():
@@ -114,8 +144,8 @@ def main():
             laps[system].append(time.perf_counter() - t0)
         return run
 
-    compare({s: timed(s) for s in SYSTEMS}, warmup=args.warmup, repeats=args.repeats)
-    times = {s: laps[s][args.warmup:] for s in SYSTEMS}
+    compare({s: timed(s) for s in SYSTEMS + TRAINER}, warmup=args.warmup, repeats=args.repeats)
+    times = {s: laps[s][args.warmup:] for s in SYSTEMS + TRAINER}
     med = {s: statistics.median(t) for s, t in times.items()}
     rows = [[s, fmt_ms(med[s]), f"{fmt_ms(min(times[s]))}–{fmt_ms(max(times[s]))}"] for s in SYSTEMS]
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
@@ -126,8 +156,15 @@ def main():
                ["lorakit fp32 / PEFT fp32", f"{med['lorakit fp32'] / med['peft fp32']:.3f}",
                 f"per-round median {ratio('lorakit fp32', 'peft fp32'):.3f}"]]
     table = markdown_table(["system", "step ms (median)", "min–max ms"], rows + targets)
+    trainer_rows = [[t, fmt_ms(med[t]), f"{fmt_ms(min(times[t]))}–{fmt_ms(max(times[t]))}"] for t in TRAINER]
+    trainer_rows += [[f"{d}: shared prefix / whole rows", f"{med[f'{d}, shared prefix'] / med[f'{d}, whole rows']:.3f}",
+                      f"per-round median {ratio(f'{d}, shared prefix', f'{d}, whole rows'):.3f}"]
+                     for d in ("fp32", "bf16")]
+    trainer_table = markdown_table(["lorakit trainer step (uncut rows)", "step ms (median)", "min–max ms"],
+                                   trainer_rows)
     ops = {s: profile(steps[s]) for s in ("lorakit bf16", "peft bf16")}
     print(table)
+    print(trainer_table)
     for s, t in ops.items():
         print(f"\n{s}\n{t}")
     tokens = int(batch["attention_mask"].sum())
@@ -142,6 +179,8 @@ loss on the reply tokens with logits only there. Step = forward + cross-entropy 
 matmuls (fp32 master weights).
 
 {table}
+
+{trainer_table}
 
 Per-op breakdown of one bf16 step (torch.profiler, self CPU time, top ops):
 

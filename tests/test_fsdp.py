@@ -117,6 +117,17 @@ def test_fsdp_resume_matches_an_uninterrupted_run(tiny_runs, tmp_path):
     print("tiny-llama resumed", compare(eight, two, 8))
 
 
+def test_fsdp_instruct_scores_and_generates_in_lockstep(tmp_path):
+    """The instruct task under FSDP: shards of 5 and 4 test examples, greedy replies that end at different steps on
+    each rank, one prefill per batch everywhere; no rank waits forever, and the scores equal one process's."""
+    one, two, _ = run_pair(tmp_path, 4, 240, task="instruct", data="vader:movies", max_train_samples=48, max_steps=4,
+                           max_length=96, learning_rate=1e-2, **TINY)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    for key in ("zero_shot_test_accuracy", "zero_shot_test_generation_accuracy", "zero_shot_test_unparseable",
+                "test_accuracy", "test_generation_accuracy", "test_unparseable"):
+        assert rb[key] == ra[key], key
+
+
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_process_smollm2(tmp_path):
     """SmolLM2-135M (30 decoder layers, tied embeddings in the root unit) for 3 steps."""

@@ -33,8 +33,8 @@ def chats():
 @pytest.fixture(scope="module")
 def model_and_task(chats):
     model, tok = load_model("tiny-llama", "instruct", texts=chats.texts(), seed=1)
+    torch.manual_seed(0)  # the same adapter in every session, whatever ran before
     lorakit.inject(model, lorakit.AdapterConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    torch.manual_seed(0)
     for name, p in model.named_parameters():  # non-zero B: the adapter changes every output
         if "lora_B" in name:
             p.data.normal_(0, 0.2)
@@ -122,7 +122,7 @@ def test_a_shared_prefix_gives_the_gradients_of_whole_rows(model_and_task, chats
     try:
         assert task._shared_length(model, batch["input_ids"], batch["attention_mask"], 1) >= MIN_SHARED_PREFIX
         shared = loss_and_grads()
-        monkeypatch.setattr(Instruct, "_shared_length", lambda *a: 0)
+        monkeypatch.setattr(task, "share_prefix", False)
         whole = loss_and_grads()
     finally:
         model.eval().zero_grad()
@@ -154,12 +154,12 @@ def test_training_forwards_that_must_be_whole_do_not_share(chats):
 def test_greedy_replies_equal_transformers_generate(model_and_task, chats, monkeypatch):
     """The decoding loop (shared prefix, KV cache, positions of left-padded rows, ended rows leaving the batch)
     gives `generate`'s greedy tokens under the same stopping rule. The tiny model's replies hold no label words,
-    so the rule here is "three words": rows end at different steps."""
+    so the rule here is "a full stop": rows end at different steps (or run to `max_new_tokens`)."""
     from transformers import StoppingCriteria
 
     model, task = model_and_task
     tok = task.tokenizer
-    monkeypatch.setattr(Instruct, "_decided", lambda self, reply: len(reply.split()) >= 3)
+    monkeypatch.setattr(Instruct, "_decided", lambda self, reply: "." in reply)
     padded = _left_pad(task.collate([chats[i] for i in range(len(chats))])["prompts"], tok.pad_token_id)
     width = padded["input_ids"].shape[1]
 
@@ -173,9 +173,36 @@ def test_greedy_replies_equal_transformers_generate(model_and_task, chats, monke
         reference = model.generate(**padded, max_new_tokens=task.max_new_tokens, do_sample=False,
                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                    stopping_criteria=[SameRule()])
-    want = tok.batch_decode(reference[:, width:], skip_special_tokens=True)
-    assert ours == want
-    assert len({len(tok(r)["input_ids"]) for r in want}) > 1, "rows should end at different steps"
+    assert ours == tok.batch_decode(reference[:, width:], skip_special_tokens=True)
+    lengths = (reference[:, width:] != tok.pad_token_id).sum(1)
+    assert len(set(lengths.tolist())) > 2, "rows should end at different steps"
+
+
+def test_a_sharded_model_decodes_in_lockstep(model_and_task, chats, monkeypatch):
+    """On an FSDP model every rank must make the same forward calls: no shared-prefix pass, and decoding goes on
+    with the whole batch until no rank has a row left. The replies are those of the pruned loop."""
+    import lorakit.train.tasks as tasks
+
+    model, task = model_and_task
+    monkeypatch.setattr(Instruct, "_decided", lambda self, reply: "." in reply)
+    padded = _left_pad(task.collate([chats[i] for i in range(len(chats))])["prompts"], task.tokenizer.pad_token_id)
+
+    def replies():
+        with torch.no_grad():
+            logits, cache, mask = task._forward(model, padded["input_ids"], padded["attention_mask"], 1, True)
+            return task._greedy_replies(model, logits, cache, mask)
+    alone = replies()
+    rows, asked = [], []
+    monkeypatch.setattr(tasks, "is_sharded", lambda m: True)
+    monkeypatch.setattr(tasks.Processes, "from_env", classmethod(lambda cls: cls(0, 2)))
+    monkeypatch.setattr(tasks, "_on_any_rank", lambda flag, synced: asked.append(synced) or bool(flag))
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    try:
+        assert replies() == alone
+    finally:
+        hook.remove()
+    assert set(rows) == {len(chats)} and len(rows) > 2  # one prefill, then every decoding step with every row
+    assert asked and all(asked)
 
 
 def test_label_scoring_matches_log_probabilities(model_and_task, chats):

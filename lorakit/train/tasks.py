@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .devices import device_of
+from .distributed import Processes, is_sharded
 
 IGNORE = -100  # label id the loss skips (prompt and padding tokens)
 MIN_SHARED_PREFIX = 8  # leading ids every row of a batch must share before they run once (`Instruct._forward`)
@@ -168,6 +169,7 @@ class Instruct(CausalLM):
 
     name = "instruct"
     max_new_tokens = 16
+    share_prefix = True  # run the prompt prefix all rows of a batch share once (`_forward`); False: whole rows
 
     def __init__(self, tokenizer, max_length: int, num_labels: int = 0, choices=()):
         super().__init__(tokenizer, max_length, num_labels)
@@ -237,11 +239,12 @@ class Instruct(CausalLM):
         return out.logits[:, -keep:], _cache_of(out) if use_cache else None, attention_mask
 
     def _shared_length(self, model, input_ids, attention_mask, keep: int) -> int:
-        """How many leading ids all rows share and may run once: 0 for a single row, a prefix shorter than
-        `MIN_SHARED_PREFIX`, or a forward whose gradient or randomness differs when rows share the prefix
-        (training with active dropout, gradient checkpointing, which drops caches, or DDP/FSDP wrappers, which
-        expect one forward per backward). At most the shortest row less `keep`, so logits come from each row."""
-        if len(input_ids) < 2 or not _cache_keyword(model):
+        """How many leading ids all rows share and may run once. 0 without `share_prefix`, for a single row, for a
+        prefix shorter than `MIN_SHARED_PREFIX`, on a sharded (FSDP) model (every rank must make the same forward
+        calls), and for training forwards whose gradient or randomness would change (active dropout; gradient
+        checkpointing, which drops caches; DDP, which expects one forward per backward). At most the shortest row
+        less `keep`, so the kept logits come from each row's own tokens."""
+        if not self.share_prefix or len(input_ids) < 2 or not _cache_keyword(model) or is_sharded(model):
             return 0
         if torch.is_grad_enabled() and model.training and _train_forward_must_be_whole(model):
             return 0
@@ -315,22 +318,26 @@ class Instruct(CausalLM):
     def _greedy_replies(self, model, logits, cache, mask) -> list[str]:
         """Greedy replies from the prompts' last logits and KV cache (`_forward`), as transformers' `generate`
         gives them: at most `max_new_tokens`; a row ends at EOS or once it holds a whole choice word (a later token
-        cannot change `parse`) and takes padding after. Ended rows leave the batch (and the cache)."""
+        cannot change `parse`) and takes padding after. Ended rows leave the batch (and the cache), except on a
+        sharded (FSDP) model, where every forward gathers weights from all ranks: there all ranks step together
+        until none has a row left (transformers' `synced_gpus`)."""
         tok = self.tokenizer
-        rows = torch.arange(len(mask), device=mask.device)  # the rows still decoding
+        synced = is_sharded(model) and Processes.from_env().world_size > 1
+        rows = torch.arange(len(mask), device=mask.device)  # the rows in the batch
+        live = torch.ones(len(mask), dtype=torch.bool, device=mask.device)
         tokens = torch.full((len(mask), self.max_new_tokens), tok.pad_token_id, device=mask.device)
         position = mask.sum(-1, keepdim=True)
         for step in range(self.max_new_tokens):
-            token = logits[:, -1].argmax(-1)
+            token = logits[:, -1].argmax(-1).masked_fill(~live, tok.pad_token_id)
             tokens[rows, step] = token
             replies = tok.batch_decode(tokens[rows, :step + 1], skip_special_tokens=True)
-            going = (token != tok.eos_token_id) & torch.tensor([not self._decided(r) for r in replies],
-                                                               device=token.device)
-            if not going.any() or step == self.max_new_tokens - 1:
+            live &= (token != tok.eos_token_id) & torch.tensor([not self._decided(r) for r in replies],
+                                                              device=token.device)
+            if step == self.max_new_tokens - 1 or not _on_any_rank(live.any(), synced):
                 break
-            if not going.all():
-                cache.batch_select_indices(going.nonzero().squeeze(1))
-                rows, token, mask, position = rows[going], token[going], mask[going], position[going]
+            if not synced and not live.all():
+                cache.batch_select_indices(live.nonzero().squeeze(1))
+                rows, token, mask, position, live = rows[live], token[live], mask[live], position[live], live[live]
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
             logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
                            **{_cache_keyword(model): cache}).logits
@@ -380,10 +387,17 @@ def _train_forward_must_be_whole(model) -> bool:
     """Whether a training forward must run whole rows (see `Instruct._shared_length`)."""
     if hasattr(model, "module") or getattr(model, "is_gradient_checkpointing", False):
         return True
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if Processes.from_env().world_size > 1:
         return True
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+
+
+def _on_any_rank(flag: torch.Tensor, synced: bool) -> bool:
+    """`flag`, or with `synced` whether it holds on any process."""
+    if synced:
+        flag = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
 
 
 def _cache_keyword(model) -> str | None:
