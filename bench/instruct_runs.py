@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header_lines, load_average, markdown_table, write_section  # noqa: E402
 
-RUNS = {"fp32": [], "bf16": ["--bf16"], "bf16-baselines": ["--bf16", "--baselines"],
-        "fp32-baselines": ["--baselines"]}
+RUNS = {"fp32": [], "fp32-repeat": [], "bf16": ["--bf16"], "bf16-baselines": ["--bf16", "--baselines"],
+        "fp32-baselines": ["--baselines"]}  # (a repeat is the same command again: its wall time is the second reading)
 COMMAND = ["-m", "lorakit", "train", "--model", "smollm2", "--task", "instruct", "--data", "vader:movies"]
 
 
@@ -40,15 +40,18 @@ def pct(x) -> str:
 
 def table(results: dict[str, dict]) -> str:
     header = ["run", "test acc. (label)", "test acc. (generation)", "unparseable", "zero-shot base (label / gen.)",
-              "4-shot base (label / gen.)", "majority class", "wall time", "s / step", "peak RSS MiB"]
+              "4-shot base (label / gen.)", "majority class", "wall time", "base / training / test min",
+              "s / step", "peak RSS MiB"]
     rows = []
     for name, r in results.items():
         base = f"{pct(r.get('zero_shot_test_accuracy'))} / {pct(r.get('zero_shot_test_generation_accuracy'))}"
         shot = f"{pct(r.get('4_shot_test_accuracy'))} / {pct(r.get('4_shot_test_generation_accuracy'))}" \
             if "4_shot_test_accuracy" in r else "–"
         wall = r.get("wall_seconds")
+        phases = " / ".join("–" if r.get(k) is None else f"{r[k] / 60:.1f}"
+                            for k in ("baseline_seconds", "train_seconds", "test_seconds"))
         rows.append([name, pct(r["test_accuracy"]), pct(r["test_generation_accuracy"]), pct(r["test_unparseable"]),
-                     base, shot, pct(r["test_majority_class_rate"]), f"{wall / 60:.1f} min" if wall else "–",
+                     base, shot, pct(r["test_majority_class_rate"]), f"{wall / 60:.1f} min" if wall else "–", phases,
                      f"{r['seconds_per_step']:.2f}", f"{r['peak_memory_mb']:.0f}"])
     return markdown_table(header, rows)
 
@@ -75,7 +78,8 @@ negative? Answer with one word.\\n\\n{{text}}` in SmolLM2's chat template (its d
 whose tokens get the higher log-probability after the prompt; *generation* = the first label word of the greedy
 reply (16 new tokens at most), replies without one counted wrong and as unparseable. The base is scored the same
 way, zero-shot and (with `--baselines`) with 4 balanced training examples as earlier chat turns. The wall time
-covers everything: loading, the base's baselines, training, validation and the test passes.
+covers everything: loading, the base's baselines, training, validation and the test passes; *training* includes
+the final validation pass (1,000 sentences, label scoring).
 
 {tab}
 """

@@ -83,6 +83,18 @@ def compare(one: Path, two: Path, steps: int) -> dict:
     return {"max_loss_diff": loss, "max_rel_tensor_diff": rel}
 
 
+@pytest.mark.parametrize("settings,named", [(dict(optim="galore"), "optim='galore'"),
+                                            (dict(optim="lorapro"), "optim='lorapro'"),
+                                            (dict(quantize="nf4"), "quantize"), (dict(eval_ranks=[1, 2]), "eval_ranks")])
+def test_what_needs_whole_tensors_is_refused_under_fsdp(settings, named):
+    from lorakit.errors import ConfigError
+    from lorakit.train import RunConfig
+
+    with pytest.raises(ConfigError, match=named):
+        RunConfig.from_flat({"fsdp": "full_shard", **settings})
+    RunConfig.from_flat(settings)  # fine without fsdp
+
+
 # 9 evaluation examples, 4 a batch: shards of 5 and 4 make 2 and 1 batches (the short rank runs one more, discarded)
 TINY = dict(model="tiny-llama", fsdp="full_shard", save_steps=2, max_eval_samples=9)
 

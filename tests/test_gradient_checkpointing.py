@@ -68,6 +68,15 @@ def assert_same(got, ref, rtol=1e-5):
         assert (got[n] - g).abs().max() <= rtol * g.abs().max(), n
 
 
+def assert_checkpointing_changes_nothing(run, variant, reentrant, calls):
+    """`run(model)` → (loss, grads) equal with and without checkpointing, and some layer was checkpointed."""
+    ref_loss, ref = run(build(variant))
+    loss, got = run(build(variant, True, reentrant))
+    assert calls, "no layer was checkpointed"
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert_same(got, ref)
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the checkpointed block calls (so a test cannot pass because nothing was checkpointed)."""
@@ -97,11 +106,7 @@ def test_mixed_batch_gradients_equal_without_checkpointing(variant, reentrant, w
             loss.backward()
         return loss.item(), grads(model)
 
-    ref_loss, ref = run(build(variant))
-    loss, got = run(build(variant, True, reentrant))
-    assert calls, "no layer was checkpointed"
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    assert_same(got, ref)
+    assert_checkpointing_changes_nothing(run, variant, reentrant, calls)
 
 
 @pytest.mark.parametrize("reentrant", REENTRANT)
@@ -112,11 +117,7 @@ def test_two_routed_forwards_then_one_backward(reentrant, calls):
         loss.backward()
         return loss.item(), grads(model)
 
-    ref_loss, ref = run(build("dora"))
-    loss, got = run(build("dora", True, reentrant))
-    assert calls
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    assert_same(got, ref)
+    assert_checkpointing_changes_nothing(run, "dora", reentrant, calls)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -162,11 +163,7 @@ def test_mm_lora_token_masks_with_per_row_names(reentrant, calls):
         loss.backward()
         return loss.item(), grads(model)
 
-    ref_loss, ref = run(build("mm_lora"))
-    loss, got = run(build("mm_lora", True, reentrant))
-    assert calls
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    assert_same(got, ref)
+    assert_checkpointing_changes_nothing(run, "mm_lora", reentrant, calls)
 
 
 @pytest.mark.parametrize("inputs", ["inputs_embeds", "no_input_hook"])

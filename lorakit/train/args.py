@@ -93,6 +93,9 @@ class TrainingArguments:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
 
 
+FSDP_OPTIMIZERS = ("adamw", "sgd", "loraplus")  # element-wise updates: each process can update its own shard
+
+
 @dataclass
 class RunConfig:
     """One training run: which model, which data, which task, plus the adapter and the training settings."""
@@ -150,6 +153,19 @@ class RunConfig:
             raise ConfigError(f"eval_ranks must be positive integers, got {self.eval_ranks!r}") from None
         if any(r < 1 for r in self.eval_ranks):
             raise ConfigError(f"eval_ranks must be positive integers, got {self.eval_ranks!r}")
+        if self.training.fsdp:
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """FSDP shards each tensor over the processes: refuse what needs whole tensors on every process."""
+        args = self.training
+        if args.optim not in FSDP_OPTIMIZERS:
+            raise ConfigError(f"optim={args.optim!r} works on whole matrices and does not run under fsdp; choose one "
+                              f"of {', '.join(FSDP_OPTIMIZERS)} (element-wise updates), or train with DDP (fsdp '')")
+        for name, reason in (("quantize", "bitsandbytes' quantized weights cannot be sharded"),
+                             ("eval_ranks", "rank truncation needs the whole adapter")):
+            if getattr(self, name, None) or getattr(args, name, None):
+                raise ConfigError(f"{name} does not run under fsdp ({reason}); train with DDP (fsdp '') instead")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

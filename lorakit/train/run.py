@@ -115,7 +115,10 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                "seconds_per_step": round(sum(r["seconds"] for r in steps) / max(1, len(steps)), 4),
                "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1),
                "dtype": str(base_dtype(args.bf16, args.fp16)).removeprefix("torch."), "device": str(device_of(model)),
-               **validation_metrics(trainer, splits.validation), **final_test(trainer, splits.test), **baselines}
+               **validation_metrics(trainer, splits.validation)}
+    began_test = time.perf_counter()
+    results.update(final_test(trainer, splits.test), test_seconds=round(time.perf_counter() - began_test, 1),
+                   **baselines)
     if config.eval_ranks:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
     results["wall_seconds"] = round(time.perf_counter() - begun, 1)  # data, model, baselines, training, tests
@@ -158,7 +161,8 @@ def final_test(trainer: Trainer, test) -> dict:
 def base_model_results(model, task, splits, config: RunConfig) -> dict:
     """The base model alone on the test split, scored as the trained model will be: zero-shot for the instruct
     task, and with `baselines` also k-shot (k = `shots` examples from the training split, balanced over labels).
-    Kept in `<output_dir>/baselines.json`, which a resumed run reads instead of scoring again."""
+    Kept in `<output_dir>/baselines.json` (with `baseline_seconds`), which a resumed run reads instead of scoring
+    again."""
     if config.task != "instruct" or not task.choices:
         return {}
     args = config.training
@@ -168,7 +172,7 @@ def base_model_results(model, task, splits, config: RunConfig) -> dict:
         has_shots = any(k.endswith("_shot_test_accuracy") and k[0].isdigit() for k in results)
         if has_shots or not config.baselines:
             return results
-    results = {}
+    results, began = {}, time.perf_counter()
     score = lambda data, prefix: evaluate_model(  # noqa: E731
         model, task, data, args.per_device_eval_batch_size, prefix, progress=not args.disable_tqdm)
     with generating(task):
@@ -176,6 +180,7 @@ def base_model_results(model, task, splits, config: RunConfig) -> dict:
         if config.baselines:
             shots = pick_shots(splits.train, config.shots, args.seed)
             results.update(score(splits.test.with_shots(shots), f"{config.shots}_shot_test"))
+    results["baseline_seconds"] = round(time.perf_counter() - began, 1)
     if Processes.from_env().is_main:
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(results, indent=1))
