@@ -15,7 +15,7 @@ from lorakit.errors import ConfigError, DataError
 from lorakit.models import load_model
 from lorakit.train import RunConfig
 from lorakit.train import train as train_run
-from lorakit.train.run import pick_shots
+from lorakit.train.run import pick_shots, whole_prompts
 from lorakit.train.tasks import IGNORE, MIN_SHARED_PREFIX, Instruct, _left_pad, make_task
 from lorakit.train.trainer import evaluate
 
@@ -326,6 +326,18 @@ def test_read_chats(tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": 3}]}) + "\n")
     with pytest.raises(DataError, match="role, content"):
         read_chats(bad)
+
+
+def test_shot_prompts_are_scored_whole(model_and_task, chats):
+    """k-shot prompts run past the training max_length; the baseline scores them uncut (the system prompt and
+    the first shot included), and the task's own max_length comes back after."""
+    model, task = model_and_task
+    shot_row = chats.with_shots(pick_shots(chats, 4, 0))[5]
+    whole = task.prompt_ids(shot_row["messages"])
+    assert len(whole) > task.max_length
+    with whole_prompts(task, model):
+        assert task.collate([shot_row])["prompts"][0] == whole
+    assert task.max_length == 64 and len(task.collate([shot_row])["prompts"][0]) < len(whole)
 
 
 def test_a_run_reports_baselines_and_both_scorings(tmp_path):

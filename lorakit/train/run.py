@@ -179,12 +179,24 @@ def base_model_results(model, task, splits, config: RunConfig) -> dict:
         results.update(score(splits.test, "zero_shot_test"))
         if config.baselines:
             shots = pick_shots(splits.train, config.shots, args.seed)
-            results.update(score(splits.test.with_shots(shots), f"{config.shots}_shot_test"))
+            with whole_prompts(task, model):  # the shots lengthen each prompt past the training max_length
+                results.update(score(splits.test.with_shots(shots), f"{config.shots}_shot_test"))
     results["baseline_seconds"] = round(time.perf_counter() - began, 1)
     if Processes.from_env().is_main:
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(results, indent=1))
     return results
+
+
+@contextlib.contextmanager
+def whole_prompts(task, model):
+    """Inside the block the task cuts no prompt short of the model's context (`max_position_embeddings`)."""
+    previous = task.max_length
+    task.max_length = max(previous, getattr(model.config, "max_position_embeddings", previous))
+    try:
+        yield task
+    finally:
+        task.max_length = previous
 
 
 def pick_shots(train, k: int, seed: int):

@@ -158,7 +158,8 @@ class Instruct(CausalLM):
 
     Batches are padded on the left, so every reply ends at the last position and the LM head runs only on the
     last positions that hold reply tokens (`logits_to_keep`; the head of a small LLM is a fifth of its weights).
-    Position ids count real tokens only, so padding does not move a row's positions.
+    Position ids count real tokens only, so padding does not move a row's positions. The prompt prefix all rows of a
+    batch share (system prompt, instruction, shots) runs once per batch (`share_prefix`, see `_forward`).
 
     With `choices` (a closed label set such as negative/positive) every model is also scored two ways:
     label scoring (`accuracy`: the choice whose tokens have the highest total log-probability after the prompt)
