@@ -1,9 +1,10 @@
-"""SmolLM2 instruct runs on VADER movies: the acceptance command in fp32 and bf16, with the base's baselines.
+"""SmolLM2 instruct runs on VADER movies: the acceptance command in fp32 and bf16, with the base's baselines, and on
+a quantized base (nf4 with bf16 compute, int8).
 
-Usage: `.venv/bin/python bench/instruct_runs.py [--runs fp32,bf16,bf16-baselines] [--out runs/instruct]
-[--summarize-only]`. Each run is `lorakit train --model smollm2 --task instruct --data vader:movies` with the
-instruct defaults (plus `--bf16`, `--baselines`), in its own process, one after the other; a finished run folder
-is reused. Writes the `instruct_runs` section of BENCHMARKS.md: accuracies on the full 2,000-sentence test split
+Usage: `.venv/bin/python bench/instruct_runs.py [--runs fp32,fp32-repeat,bf16-baselines] [--out runs/instruct]
+[--no-write]`. Each run is `lorakit train --model smollm2 --task instruct --data vader:movies` with the
+instruct defaults (plus the flags in `RUNS`), in its own process, one after the other; a finished run folder
+is reused (so a table can gather runs made at different times; run timing runs alone on the machine). Writes the `instruct_runs` section of BENCHMARKS.md: accuracies on the full 2,000-sentence test split
 (label scoring and greedy generation) beside the zero-shot / 4-shot base and the majority class, wall time, step
 time and peak memory.
 """
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header_lines, load_average, markdown_table, write_section  # noqa: E402
 
 RUNS = {"fp32": [], "fp32-repeat": [], "bf16": ["--bf16"], "bf16-baselines": ["--bf16", "--baselines"],
-        "fp32-baselines": ["--baselines"]}  # (a repeat is the same command again: its wall time is the second reading)
+        "fp32-baselines": ["--baselines"], "nf4-bf16": ["--quantize", "nf4", "--bf16"], "int8": ["--quantize", "int8"]}
+# (a repeat is the same command again: its wall time is the second reading)
 COMMAND = ["-m", "lorakit", "train", "--model", "smollm2", "--task", "instruct", "--data", "vader:movies"]
 
 
