@@ -223,9 +223,8 @@ class Instruct(CausalLM):
         makes this the same computation as the whole rows, up to floating-point summation order.
         """
         inner = getattr(model, "module", model)
-        extra = {"logits_to_keep": keep} if _accepts(inner, "logits_to_keep") else {}
         shared = self._shared_length(model, input_ids, attention_mask, keep)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids, extra = (attention_mask.cumsum(-1) - 1).clamp(min=0), {}
         if shared:
             start = int(attention_mask[0].argmax())  # every row's real tokens begin with the same `shared` ids
             cache = _cache_of(inner.get_decoder()(input_ids=input_ids[:1, start:start + shared], use_cache=True))
@@ -235,6 +234,9 @@ class Instruct(CausalLM):
             position_ids = shared + (rest.cumsum(-1) - 1).clamp(min=0)
             attention_mask = torch.cat([rest.new_ones(len(rest), shared), rest], 1)
             extra[_cache_keyword(model)] = cache
+        if _accepts(inner, "logits_to_keep"):  # as indices, so the head gets a contiguous (rows·keep, hidden) input
+            width = input_ids.shape[1]  # (a slice would make matmul broadcast the head's weight over the rows)
+            extra["logits_to_keep"] = torch.arange(width - keep, width, device=input_ids.device)
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=use_cache or bool(shared), **extra)
         return out.logits[:, -keep:], _cache_of(out) if use_cache else None, attention_mask
