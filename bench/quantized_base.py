@@ -7,7 +7,9 @@ quantization state included), RSS after loading (quantized bases are loaded in f
 returned to the OS), and peak RSS during training (VmHWM reset once training starts: weights + activations, logits
 and optimizer state). Step time: one AdamW step (forward with loss, backward, update) on a fixed batch of 16 × 64
 random token ids; the workers take turns one step at a time (round-robin), median over the timed rounds.
-Movies accuracy is measured separately (pending). `--write` replaces this script's section of BENCHMARKS.md.
+Movies accuracy (test split, label scoring) is read from the full `lorakit train` runs of `bench/instruct_runs.py`
+(`runs/instruct/<run>/results.json`, see `ACCURACY_RUNS`); "not run" where there is none. `--write` replaces this
+script's section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import (fmt_ms, header_lines, load_average, markdown_table, peak_rss_bytes, reset_peak_rss,  # noqa: E402
-                    rss_bytes, write_section)
+from common import (ROOT, fmt_ms, header_lines, load_average, markdown_table, peak_rss_bytes,  # noqa: E402
+                    reset_peak_rss, rss_bytes, write_section)
 
 BASES = ["fp32", "bf16", "int8", "nf4"]
+ACCURACY_RUNS = {"fp32": "fp32", "bf16": "bf16-baselines", "int8": "int8", "nf4": "nf4-bf16"}  # instruct_runs names
 BATCH, SEQ, RANK = 16, 64, 16
 MIB = 2**20
 
@@ -119,7 +122,7 @@ def main() -> None:
                      f"{i['rss_loaded'] / MIB:.0f}", f"{i['train_peak'] / MIB:.0f}",
                      f"{(i['train_peak'] - i['rss_loaded']) / MIB:.0f}", fmt_ms(med),
                      f"{med / statistics.median(times['fp32']):.2f}x",
-                     f"{losses[b][0]:.3f} → {losses[b][-1]:.3f}", "pending"])
+                     f"{losses[b][0]:.3f} → {losses[b][-1]:.3f}", movies_accuracy(b)])
     table = markdown_table(["base", "weight MiB (vs fp32)", "RSS after load MiB", "peak RSS training MiB",
                             "training − loaded MiB", "step ms (median)", "step vs fp32", "loss first → last",
                             "movies acc"], rows)
@@ -140,6 +143,17 @@ def main() -> None:
     if args.write:
         write_section("quantized_base", "Quantized frozen base: SmolLM2 + LoRA r=16 (`bench/quantized_base.py`)",
                       body)
+
+
+def movies_accuracy(base: str) -> str:
+    """Test accuracy (%) of the full instruct run on this base, with its run name."""
+    import json
+
+    name = ACCURACY_RUNS[base]
+    found = ROOT / "runs" / "instruct" / name / "results.json"
+    if not found.exists():
+        return "not run"
+    return f"{100 * json.loads(found.read_text())['test_accuracy']:.2f} (`{name}`)"
 
 
 def _bnb_version() -> str:
