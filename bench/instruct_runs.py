@@ -85,10 +85,11 @@ def main():
 lr {first['learning_rate']:g}, {first['steps']} steps of 16 examples, warmup 0.1, seed {first['seed']}. User message:
 `Is the sentiment of this text positive or negative? Answer with one word.\\n\\n{{text}}` in SmolLM2's chat
 template (its default system prompt kept); reply `positive` or `negative`. Accuracies (%) on the full movies
-test split (2,000 sentences): *label* = the label whose tokens get the higher log-probability after the prompt; *generation* = the first label word of the greedy
-reply (16 new tokens at most), replies without one counted wrong and as unparseable. The base is scored the same
-way, zero-shot and (with `--baselines`) with 4 balanced training examples as earlier chat turns. The wall time
-covers everything: loading, the base's baselines, training, validation and the test passes; *training* includes
+test split (2,000 sentences): *label* = the label whose tokens get the higher log-probability after the prompt;
+*generation* = the first label word of the greedy reply (16 new tokens at most), replies without one counted wrong
+and as unparseable. The base is scored the same way, zero-shot and (with `--baselines`) with 4 balanced training
+examples as earlier chat turns. The wall time covers everything: loading, the base's baselines, training,
+validation and the test passes; *training* includes
 the final validation pass (1,000 sentences, label scoring).{untimed_note}
 
 {tab}
