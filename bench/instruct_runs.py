@@ -53,7 +53,7 @@ def table(results: dict[str, dict], untimed=()) -> str:
             if "4_shot_test_accuracy" in r else "–"
         wall = r.get("wall_seconds")
         phases = " / ".join("–" if r.get(k) is None else f"{r[k] / 60:.1f}"
-                            for k in ("baseline_seconds", "train_seconds", "test_seconds"))
+                            for k in ("baseline_seconds", "train_seconds", "final_test_seconds"))
         times = [f"{wall / 60:.1f} min" if wall else "–", phases, f"{r['seconds_per_step']:.2f}"]
         if name in untimed:
             times = [f"({t})" for t in times]

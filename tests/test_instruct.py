@@ -356,7 +356,7 @@ def test_a_run_reports_baselines_and_both_scorings(tmp_path):
     assert saved["zero_shot_test_accuracy"] == results["zero_shot_test_accuracy"]
     kept = json.loads((tmp_path / "run" / "baselines.json").read_text())  # a resumed run reads these back
     assert kept == {k: v for k, v in results.items() if k.startswith(("zero_shot_", "2_shot_", "baseline_"))}
-    assert results["baseline_seconds"] > 0 and results["test_seconds"] > 0
+    assert results["baseline_seconds"] > 0 and results["final_test_seconds"] > 0
 
 
 def test_a_reply_is_decided_once_its_label_word_is_whole(model_and_task):

@@ -117,7 +117,7 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                "dtype": str(base_dtype(args.bf16, args.fp16)).removeprefix("torch."), "device": str(device_of(model)),
                **validation_metrics(trainer, splits.validation)}
     began_test = time.perf_counter()
-    results.update(final_test(trainer, splits.test), test_seconds=round(time.perf_counter() - began_test, 1),
+    results.update(final_test(trainer, splits.test), final_test_seconds=round(time.perf_counter() - began_test, 1),
                    **baselines)
     if config.eval_ranks:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
