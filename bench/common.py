@@ -118,12 +118,11 @@ def cpu_model() -> str:
 
 
 def machine_info() -> list[str]:
-    import peft
-    import transformers
+    from importlib.metadata import version  # (importing peft would import bitsandbytes, which looks up a Hub kernel)
 
     return [
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, "
+        f"- torch {torch.__version__}, peft {version('peft')}, transformers {version('transformers')}, "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
     ]
 
