@@ -388,11 +388,10 @@ class Instruct(CausalLM):
 
 def _train_forward_must_be_whole(model) -> bool:
     """Whether a training forward must run whole rows (see `Instruct._shared_length`)."""
-    if hasattr(model, "module") or getattr(model, "is_gradient_checkpointing", False):
+    if hasattr(model, "module") or Processes.from_env().world_size > 1:
         return True
-    if Processes.from_env().world_size > 1:
-        return True
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+    return any(getattr(m, "gradient_checkpointing", False) is True  # transformers' flag on checkpointed layers
+               or isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
 
 
 def _on_any_rank(flag: torch.Tensor, synced: bool) -> bool:
