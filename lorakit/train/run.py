@@ -188,15 +188,9 @@ def base_model_results(model, task, splits, config: RunConfig) -> dict:
     return results
 
 
-@contextlib.contextmanager
 def whole_prompts(task, model):
     """Inside the block the task cuts no prompt short of the model's context (`max_position_embeddings`)."""
-    previous = task.max_length
-    task.max_length = max(previous, getattr(model.config, "max_position_embeddings", previous))
-    try:
-        yield task
-    finally:
-        task.max_length = previous
+    return _task_settings(task, max_length=max(task.max_length, getattr(model.config, "max_position_embeddings", 0)))
 
 
 def pick_shots(train, k: int, seed: int):
@@ -209,17 +203,22 @@ def pick_shots(train, k: int, seed: int):
     return train.subset(picked)
 
 
-@contextlib.contextmanager
 def generating(task):
     """Let an instruct task also generate replies inside the block."""
-    previous = getattr(task, "generate", None)
-    if previous is not None:
-        task.generate = True
+    return _task_settings(task, generate=True)
+
+
+@contextlib.contextmanager
+def _task_settings(task, **values):
+    """Set the task's attributes inside the block (those it has), then put them back."""
+    saved = {k: getattr(task, k) for k in values if hasattr(task, k)}
+    for k in saved:
+        setattr(task, k, values[k])
     try:
         yield task
     finally:
-        if previous is not None:
-            task.generate = previous
+        for k, v in saved.items():
+            setattr(task, k, v)
 
 
 def rank_results(trainer: Trainer, data, ranks: list[int], metric: str) -> dict:

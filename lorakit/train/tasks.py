@@ -252,12 +252,12 @@ class Instruct(CausalLM):
         if torch.is_grad_enabled() and model.training and _train_forward_must_be_whole(model):
             return 0
         lengths = attention_mask.sum(-1)
-        width = input_ids.shape[1]
-        first = input_ids[0, width - int(lengths[0]):]
         limit = int(lengths.min()) - keep
-        aligned = torch.stack([row[width - int(n): width - int(n) + limit] for row, n in zip(input_ids, lengths)])
-        same = (aligned == first[:limit]).all(0)
-        shared = int(same.int().cumprod(0).sum()) if limit > 0 else 0
+        if limit < MIN_SHARED_PREFIX:
+            return 0
+        starts = input_ids.shape[1] - lengths  # left padding: where each row's tokens begin
+        aligned = input_ids.gather(1, starts[:, None] + torch.arange(limit, device=input_ids.device))
+        shared = int((aligned == aligned[:1]).all(0).int().cumprod(0).sum())
         return shared if shared >= MIN_SHARED_PREFIX else 0
 
     def _last_logits(self, model, input_ids, attention_mask, keep: int):
