@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, UnsupportedFeatureError
 from lorakit.layers import AdaptedLayer
 from lorakit.optim import make_optimizer
 from lorakit.optim import lora_pairs
 from lorakit.optim.lorapro import LoRAPro, adjusted_gradients, solve_sylvester
 from lorakit.train.args import TrainingArguments
-from tests.contract import mlp, planted_teacher
+from tests.contract import mlp, perturb, planted_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -231,7 +231,141 @@ def test_runs_in_the_trainer(tmp_path):
     tr = Trainer(model, make_task("classification", TOKENIZER, 32, 2),
                  targs(tmp_path, max_steps=3, optim="lorapro", learning_rate=1e-3), data())
     tr.train()
-    assert isinstance(tr.optimizer, LoRAPro) and len(tr.optimizer.pairs) > 0
+    assert isinstance(tr.optimizer, LoRAPro) and len(tr.optimizer.adapters) > 0
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.isfinite(p).all() and not torch.equal(before[n], p), n
+
+
+# ---- which adapters: every variant whose step moves ΔW = const + s·B·diag(w)·A, refusal elsewhere ----------------
+X16 = torch.randn(20, 16, generator=torch.Generator().manual_seed(11))
+
+
+class One(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(16, 24)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def one_layer(config, seed=0):
+    torch.manual_seed(seed)
+    model = One()
+    lorakit.inject(model, lorakit.AdapterConfig(target_modules=["layer"], **config))
+    perturb(model, seed=seed)  # A, B away from their init: B ≠ 0, A ≠ A₀
+    return model.train()
+
+
+def lorapro_step(model, lr=1e-2, **options):
+    opt = make_optimizer("lorapro", model, TrainingArguments(output_dir="unused", learning_rate=lr), **options)
+    model(X16).sin().sum().backward()
+    opt.step()
+    return opt
+
+
+def twin(w_eff, bias, a, b, s):
+    """A plain LoRA (A, B, s) on a Linear of weight `w_eff`: it computes what the variant's training forward does,
+    so LoRA-Pro must move it exactly as it moves the variant's trained pair."""
+    model = One()
+    with torch.no_grad():
+        model.layer.weight.copy_(w_eff)
+        model.layer.bias.copy_(bias)
+    lorakit.inject(model, lorakit.AdapterConfig(r=a.shape[0], lora_alpha=s * a.shape[0], target_modules=["layer"]))
+    v = model.layer.adapters["default"]
+    with torch.no_grad():
+        v.lora_A.copy_(a)
+        v.lora_B.copy_(b)
+    return model.train(), v
+
+
+def check_against_twin(model, ranks, scale, weights=None):
+    layer = model.layer
+    v = layer.adapters["default"]
+    a_all, b_all = v.lora_A.detach().clone(), v.lora_B.detach().clone()
+    a, b = a_all[ranks], b_all[:, ranks]
+    w = torch.ones(a.shape[0]) if weights is None else weights
+    trained = scale * b @ (w[:, None] * a)
+    with torch.no_grad():
+        w_eff = layer.base_layer.weight + layer(torch.eye(16)).T - layer.base_layer(torch.eye(16)).T - trained
+    t_model, t = twin(w_eff, layer.base_layer.bias.detach(), w[:, None] * a, b, scale)
+    assert rel(t_model(X16).detach(), model(X16).detach()) <= 1e-5  # the twin computes the same function
+    lorapro_step(model)
+    lorapro_step(t_model)
+    new_a, new_b = v.lora_A.detach(), v.lora_B.detach()
+    assert rel(w[:, None] * new_a[ranks] - w[:, None] * a, t.lora_A.detach() - w[:, None] * a) <= 1e-4
+    assert rel(new_b[:, ranks] - b, t.lora_B.detach() - b) <= 1e-4
+    keep = torch.ones(a_all.shape[0], dtype=torch.bool)
+    keep[ranks] = False
+    assert torch.equal(new_a[keep], a_all[keep]) and torch.equal(new_b[:, keep], b_all[:, keep])  # the rest stays
+
+
+@pytest.mark.parametrize("variant", ["lora", "pissa", "olora", "lora_ga"])
+def test_residual_variants_get_the_closed_form_on_their_trainable_pair(variant):
+    """PiSSA, OLoRA, LoRA-GA: ΔW = s·(B·A − B₀·A₀), the offset constant, so LoRA-Pro applies to (A, B)
+    (before the fix they got plain AdamW: the twin check fails)."""
+    model = one_layer(dict(variant=variant, r=4, lora_alpha=8))
+    v = model.layer.adapters["default"]
+    if variant == "lora_ga":  # give it a non-zero offset, as its data init would
+        with torch.no_grad():
+            v.lora_A0.normal_()
+            v.lora_B0.normal_()
+    check_against_twin(model, slice(0, 4), 2.0)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_dylora_gets_the_truncation_it_trains_at_its_scale(frozen):
+    """DyLoRA trains A[:b], B[:, :b] at scale s·r/b (frozen mode: component b alone): the closed form must use that
+    pair and scale, and leave the other components alone."""
+    from lorakit.variants import dylora
+    model = one_layer(dict(variant="dylora", r=6, lora_alpha=12, options=dict(frozen=frozen, ranks=[3])))
+    assert dylora.train_rank(model) == 3
+    check_against_twin(model, slice(2, 3) if frozen else slice(0, 3), 12 / 3)
+
+
+def test_matryoshka_works_on_a_scaled_by_its_fixed_diagonal():
+    """ΔW = s·B·diag(P)·A: LoRA-Pro on A' = diag(P)·A, mapped back through diag(P)⁻¹."""
+    model = one_layer(dict(variant="matryoshka_lora", r=4, lora_alpha=8))
+    p = model.layer.adapters["default"].lora_P.clone()
+    assert len(set(p.tolist())) > 1
+    check_against_twin(model, slice(0, 4), 2.0, weights=p)
+
+
+def test_mm_lora_branches_are_paired():
+    torch.manual_seed(0)
+    model = mlp()
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, lora_alpha=8, variant="mm_lora", target_modules=["fc1"],
+                                                options=dict(unmasked="text")))
+    perturb(model)
+    opt = make_optimizer("lorapro", model, TrainingArguments(output_dir="unused", learning_rate=1e-2))
+    v = model.fc1.adapters["default"]
+    assert {id(p) for p in (v.lora_A_vision, v.lora_B_vision, v.lora_A_text, v.lora_B_text)} <= opt._paired
+    before = v.lora_A_vision.detach().clone(), v.lora_A_text.detach().clone()
+    model(torch.randn(8, 64)).pow(2).mean().backward()  # all text: the vision branch has zero gradient
+    opt.step()
+    assert torch.equal(v.lora_A_vision.detach(), before[0]) and not torch.equal(v.lora_A_text.detach(), before[1])
+    assert opt.state[v.lora_A_text]["exp_avg"].shape == (v.lora_B_text.shape[0], v.lora_A_text.shape[1])
+
+
+@pytest.mark.parametrize("variant,why", [("dora", "magnitude"), ("sora", "gate"), ("vera", "scaling vectors"),
+                                         ("hypelora", "hypernetwork"), ("tied_lora", "shared"),
+                                         ("lamda", "core")])
+def test_refuses_variants_outside_its_math(variant, why):
+    torch.manual_seed(0)
+    model = mlp()
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, lora_alpha=8, variant=variant, target_modules=["fc1"]), "mine")
+    with pytest.raises(UnsupportedFeatureError, match=rf"'mine' on 'fc1'.*{why}"):
+        make_optimizer("lorapro", model, TrainingArguments(output_dir="unused"))
+
+
+def test_weight_decay_shrinks_each_factor_by_its_square_root():
+    """Decoupled decay of ΔW by (1 − lr·wd): each factor × √(1 − lr·wd), then the step."""
+    lr, wd = 0.1, 0.5
+    plain, decayed = one_layer(dict(r=4, lora_alpha=8)), one_layer(dict(r=4, lora_alpha=8))
+    v0, v1 = plain.layer.adapters["default"], decayed.layer.adapters["default"]
+    a0 = v0.lora_A.detach().clone()
+    lorapro_step(plain, lr=lr)
+    lorapro_step(decayed, lr=lr, weight_decay=wd)
+    shrink = (1 - lr * wd) ** 0.5
+    assert rel(v1.lora_A.detach() - v0.lora_A.detach(), (shrink - 1) * a0) <= 1e-5

@@ -13,7 +13,8 @@ from lorakit.errors import ConfigError
 from lorakit.layers import AdaptedLayer
 from lorakit.models import tiny_llama, train_tokenizer
 from lorakit.optim import make_optimizer
-from lorakit.optim.sora import SoRAOptimizer, lambda_values, soft_threshold_, sparsify_stages, trainer_stages
+from lorakit.optim.sora import (SoRAOptimizer, lambda_values, reference_threshold_, soft_threshold_, sparsify_stages,
+                                trainer_stages)
 from lorakit.train.args import TrainingArguments
 from lorakit.train.tasks import make_task
 from lorakit.train.trainer import Trainer
@@ -145,12 +146,45 @@ def test_soft_threshold_on_explicit_numbers():
     assert torch.equal(soft_threshold_(same, 0.0), torch.tensor([0.5, -0.2]))
 
 
+def test_reference_threshold_is_the_released_sparse_adamw():
+    """TsinghuaC3I/SoRA src/sparse_optimizer.py L116-119, applied in order: every |g| < 2λ ends at 0 (the soft
+    threshold would keep .05 and −.05), |g| = λ exactly is kept, |g| = 2λ lands on λ."""
+    lam = 0.1
+    for dtype in (torch.float32, torch.float64):
+        g = torch.tensor([0.5, 0.15, 0.05, -0.15, -0.25], dtype=dtype)
+        assert torch.allclose(reference_threshold_(g.clone(), lam), torch.tensor([0.4, 0, 0, 0, -0.15], dtype=dtype))
+        assert torch.allclose(soft_threshold_(g.clone(), lam), torch.tensor([0.4, 0.05, 0, -0.05, -0.15], dtype=dtype))
+        edges = torch.tensor([lam, -lam, 2 * lam, -2 * lam], dtype=dtype)
+        assert torch.allclose(reference_threshold_(edges, lam), torch.tensor([lam, -lam, lam, -lam], dtype=dtype))
+
+
+@pytest.mark.parametrize("lr_scaled", [False, True])
+def test_default_optimizer_uses_the_reference_threshold(lr_scaled):
+    """The gate after one step of the `sora` optimizer (no task or L1 gradient, so Adam leaves it alone) is the
+    released map with τ = λ₂ (or λ₂·lr, the `_multiply_lr` variant)."""
+    model = sora_mlp(r=8)
+    gate = next(iter(variants(model).values())).lora_gate
+    lr = 0.5
+    opt = make_optimizer("sora", model, TrainingArguments(learning_rate=lr), sparse_lambda=0.0,
+                         sparse_lambda_2=0.2 if lr_scaled else 0.1, threshold="lr" if lr_scaled else "constant")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    with torch.no_grad():
+        gate[:5] = torch.tensor([0.5, 0.15, 0.05, -0.15, -0.25])
+    opt.step()
+    assert torch.allclose(gate[:5].detach(), torch.tensor([0.4, 0, 0, 0, -0.15]), atol=1e-7)
+    with pytest.raises(ConfigError, match="proximal"):
+        make_optimizer("sora", model, TrainingArguments(), proximal="hard")
+
+
+@pytest.mark.parametrize("proximal", ["reference", "soft"])
 @pytest.mark.parametrize("threshold", ["constant", "lr"])
-def test_optimizer_step_is_adamw_plus_l1_gradient_then_soft_threshold(threshold):
+def test_optimizer_step_is_adamw_plus_l1_gradient_then_threshold(threshold, proximal):
     model = sora_mlp()
     lr, wd, lam, lam2 = 0.05, 0.1, 2.0, 0.03
     args = TrainingArguments(learning_rate=lr, weight_decay=wd)
-    opt = make_optimizer("sora", model, args, sparse_lambda=lam, sparse_lambda_2=lam2, threshold=threshold)
+    opt = make_optimizer("sora", model, args, sparse_lambda=lam, sparse_lambda_2=lam2, threshold=threshold,
+                         proximal=proximal)
     assert isinstance(opt, SoRAOptimizer) and [g["name"] for g in opt.param_groups] == ["main", "gate"]
     vs = variants(model)
     gates = [v.lora_gate for v in vs.values()]
@@ -174,7 +208,8 @@ def test_optimizer_step_is_adamw_plus_l1_gradient_then_soft_threshold(threshold)
     torch.optim.AdamW(ref_gates, lr=lr, weight_decay=0.0, eps=args.adam_epsilon).step()
     tau = lam2 * lr if threshold == "lr" else lam2
     with torch.no_grad():
-        expected_gates = [torch.sign(r) * (r.abs() - tau).clamp(min=0) for r in ref_gates]
+        shrink = reference_threshold_ if proximal == "reference" else soft_threshold_
+        expected_gates = [shrink(r.detach().clone(), tau) for r in ref_gates]
     opt.step()
     for p, e in zip(gates, expected_gates):
         assert torch.allclose(p.detach(), e, atol=1e-7)
@@ -287,7 +322,7 @@ def test_gates_reach_target_sparsity_on_schedule_and_prune_exactly(tmp_path):
     assert [r["lambda_2"] for r in rows] == pytest.approx([1e-4, 2.575e-3, 5.05e-3, 7.525e-3, 1e-2])
     sparsity = [r["sparsity"] for r in rows]
     assert all(b >= a for a, b in zip(sparsity, sparsity[1:])), sparsity      # λ₂ up → more gates shut
-    assert sparsity[0] < 0.25 and sparsity[1] >= 0.5 and sparsity[-1] >= 0.5, sparsity  # target 50% by stage 1
+    assert sparsity[0] <= 0.25 and sparsity[1] >= 0.5 and sparsity[-1] >= 0.5, sparsity  # target 50% by stage 1
     assert all(r["open_ranks"] >= 4 for r in rows)                              # the planted ΔW has rank 4
     assert all(r["metric"] <= 1e-3 * before for r in rows), (before, rows)     # accuracy kept while sparsifying
     assert rows[-1]["sparsity"] == gate_sparsity(model, "default")

@@ -7,12 +7,21 @@ plain LoRA gradients are g_A = s·BᵀG, g_B = s·G·Aᵀ. For each adapter, per
 2. Adam on g̃ in the full m×n space (state `exp_avg`, `exp_avg_sq` of shape m×n, bias-corrected): U = m̂/(√v̂ + ε);
 3. map U back (g_A ← s·BᵀU, g_B ← s·U·Aᵀ), adjust again with the Sylvester X of
    (BᵀB)X + X(AAᵀ) = −(BᵀB)⁻¹·g_A·Aᵀ / s²  (X keeps the adjusted gradients closest to the raw ones), and take the
-   plain step p ← p − lr·g* (the reference's outer SGD), with optional decoupled weight decay (default 0 as there).
+   plain step p ← p − lr·g* (the reference's outer SGD). Optional decoupled weight decay (default 0 as there)
+   shrinks each factor by √(1 − lr·wd) before the step, so that B·A (i.e. ΔW) shrinks by (1 − lr·wd) as the
+   reference does.
 Inverses are pinv(M + 1e-8·I) as in the reference; r×r algebra runs in float64 (cheap), the Sylvester equation by the
 eigendecompositions of the two symmetric r×r matrices. When B = 0 this is the reference's first-step form.
 
-A is paired with B through the model's modules (`AdaptedLayer.adapters[name]`), never by parameter order. Trainable
-parameters that are not such a pair (a head, biases, DoRA magnitudes, ...) get plain AdamW with the same settings.
+Which adapters: A is paired with B through the model's modules, never by parameter order, and each variant says
+through `Variant.trained_pairs()` which factors the step moves, at which scale:
+ΔW = const + s·B[:, ranks]·diag(w)·A[ranks]. So PiSSA, OLoRA and LoRA-GA (a frozen offset plus trainable A, B),
+DyLoRA (this step's truncation at its sampled rank b, scale s·r/b; in frozen mode component b alone),
+MatryoshkaLoRA (A' = diag(P)·A: the adjusted gradient of A' is mapped back through diag(P)⁻¹) and both branches of
+MM-LoRA (each branch's full-weight gradient is the part of G from its own tokens) get the closed form. An adapter
+whose ΔW is not of that form (DoRA, SoRA's gate, VeRA, a hypernetwork, ...) is refused with an
+UnsupportedFeatureError naming it and why: never a silent fallback to AdamW. Trainable parameters outside the
+adapters (a classification head, biases) get plain AdamW with the same settings.
 State holds only tensors, so checkpoints reload with `weights_only=True`.
 """
 from __future__ import annotations
@@ -22,8 +31,9 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from . import lora_pairs, register_optimizer
+from ..errors import ConfigError, UnsupportedFeatureError
+from ..layers import AdaptedLayer
+from . import register_optimizer
 from .standard import trainable
 
 JITTER = 1e-8
@@ -74,8 +84,8 @@ class LoRAPro(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         params = trainable(model)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.pairs = [(v, n) for n, v in lora_pairs(model, exact=True)]
-        self._paired = {id(p) for v, _ in self.pairs for p in (v.lora_A, v.lora_B)}
+        self.adapters = trained_adapters(model)
+        self._paired = {id(p) for _, v in self.adapters for pair in v.trained_pairs() for p in (pair.a, pair.b)}
 
     @staticmethod
     def _adam(state: dict, g: torch.Tensor, beta1, beta2, eps) -> torch.Tensor:
@@ -88,6 +98,30 @@ class LoRAPro(torch.optim.Optimizer):
         t = int(state["step"])
         return (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt_().add_(eps))
 
+    def _pair_step(self, pair, lr, beta1, beta2, eps, wd) -> None:
+        pa, pb, s, ranks = pair.a, pair.b, float(pair.scale), pair.ranks
+        if pa.grad is None and pb.grad is None:
+            return
+        a_rows, b_cols = pa.flatten(1)[ranks], pb.flatten(1)[:, ranks]  # views: the step writes through them
+        a, b = a_rows.detach().clone(), b_cols.detach().clone()
+        g_a = pa.grad.flatten(1)[ranks] if pa.grad is not None else torch.zeros_like(a)
+        g_b = pb.grad.flatten(1)[:, ranks] if pb.grad is not None else torch.zeros_like(b)
+        w = None if pair.weights is None else pair.weights.to(torch.promote_types(a.dtype, torch.float32))[:, None]
+        if w is not None:  # work on A' = diag(w)·A, whose gradient is diag(w)⁻¹·g_A
+            a, g_a = w * a, g_a / w
+        ga_star, gb_star, _ = adjusted_gradients(a, b, g_a, g_b, s, sylvester=False)
+        equiv = s * (b.to(ga_star.dtype) @ ga_star + gb_star @ a.to(gb_star.dtype))  # m×n
+        state = self.state[pa]  # the pair's full-space state lives with A
+        state["step"] = state.get("step", torch.tensor(0.0)) + 1
+        u = self._adam(state, equiv, beta1, beta2, eps)
+        new_a, new_b, _ = adjusted_gradients(a, b, s * (b.to(u.dtype).T @ u), s * (u @ a.to(u.dtype).T), s)
+        if w is not None:
+            new_a = new_a / w  # back from A' to A
+        for rows, g in ((a_rows, new_a), (b_cols, new_b)):
+            if wd:
+                rows.mul_(math.sqrt(1 - lr * wd))
+            rows.add_(g.to(rows.dtype), alpha=-lr)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -96,23 +130,9 @@ class LoRAPro(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        for v, _ in self.pairs:
-            pa, pb, s = v.lora_A, v.lora_B, float(v.scale)
-            if pa.grad is None and pb.grad is None:
-                continue
-            a, b = pa.detach().flatten(1), pb.detach().flatten(1)
-            g_a = pa.grad.flatten(1) if pa.grad is not None else torch.zeros_like(a)
-            g_b = pb.grad.flatten(1) if pb.grad is not None else torch.zeros_like(b)
-            ga_star, gb_star, _ = adjusted_gradients(a, b, g_a, g_b, s, sylvester=False)
-            equiv = s * (b.to(ga_star.dtype) @ ga_star + gb_star @ a.to(gb_star.dtype))  # m×n
-            state = self.state[pa]  # the pair's full-space state lives with A
-            state["step"] = state.get("step", torch.tensor(0.0)) + 1
-            u = self._adam(state, equiv, beta1, beta2, eps)
-            new_a, new_b, _ = adjusted_gradients(a, b, s * (b.to(u.dtype).T @ u), s * (u @ a.to(u.dtype).T), s)
-            for p, g in ((pa, new_a), (pb, new_b)):
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(g.view_as(p).to(p.dtype), alpha=-lr)
+        for _, v in self.adapters:
+            for pair in v.trained_pairs():
+                self._pair_step(pair, lr, beta1, beta2, eps, wd)
         for p in group["params"]:  # the rest: AdamW
             if id(p) in self._paired or p.grad is None:
                 continue
@@ -123,6 +143,32 @@ class LoRAPro(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd)
             p.add_(u.to(p.dtype), alpha=-lr)
         return loss
+
+
+def trained_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """("module.path/adapter", variant) for every adapter with trainable state (its own or its shared module's);
+    UnsupportedFeatureError naming the first whose ΔW is not a pair of trainable factors, or whose pair has a
+    frozen factor."""
+    found = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        for name, v in layer.adapters.items():
+            owners = [v] + ([v.shared] if v.shared is not None else [])
+            if not any(p.requires_grad for o in owners for p in o.parameters()):
+                continue  # a frozen adapter
+            where = f"adapter {name!r} on {path!r}"
+            try:
+                pairs = v.trained_pairs()
+            except UnsupportedFeatureError as e:
+                raise UnsupportedFeatureError(f"lorapro cannot train {where}: {e}. LoRA-Pro's closed form needs "
+                                              f"ΔW = s·B·A of two trainable factors; use another optimizer "
+                                              f"(e.g. adamw) for this variant") from None
+            if any(not (p.a.requires_grad and p.b.requires_grad) for p in pairs):
+                raise UnsupportedFeatureError(f"lorapro cannot train {where}: one of its factors is frozen "
+                                              f"(LoRA-Pro moves A and B together)")
+            found.append((f"{path}/{name}", v))
+    return found
 
 
 @register_optimizer("lorapro")

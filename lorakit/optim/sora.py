@@ -1,12 +1,16 @@
 """SoRA's optimizer and sparsifying scheduler (Ding et al., EMNLP 2023; card structures.md §22).
 
 `sora` optimizer: AdamW for every trainable parameter, and for the gates of SoRA adapters (`lora_gate`, their own
-param group "gate": weight decay 0, lr `gate_lr` or the main lr) an AdamW step followed by the proximal soft
-threshold  g ← sign(g)·max(|g| − τ, 0)  with
+param group "gate": weight decay 0, lr `gate_lr` or the main lr) an AdamW step followed by a threshold step with
 - `threshold="constant"` (default, the released `SparseAdamW`): τ = λ₂ (`sparse_lambda_2`);
 - `threshold="lr"` (the reference's `_multiply_lr` variant, the paper's η_t·λ form): τ = λ₂·lr_t, lr_t the gate
   group's current (scheduled) lr.
-The reference zeroes |g| < τ and shrinks |g| > τ by τ; |g| = τ exactly becomes 0 here (the same soft threshold).
+The step (`proximal`):
+- "reference" (default): the released optimizer's three in-place lines, in order (TsinghuaC3I/SoRA
+  `src/sparse_optimizer.py` L116-119): g[g > τ] −= τ; g[g < −τ] += τ; g[|g| < τ] = 0. The third line sees the
+  already shrunk values, so every |g| < 2τ ends at 0 except |g| = τ exactly (kept) and |g| = 2τ (→ τ):
+  λ = 0.1 on [.5, .15, .05, −.15, −.25] gives [.4, 0, 0, 0, −.15]. It shuts gates faster than the paper's prox.
+- "soft": the paper's proximal operator of τ·‖g‖₁, g ← sign(g)·max(|g| − τ, 0) ([.4, .05, 0, −.05, −.15]).
 
 L1 term (card: loss += λ·mean|g|, `sparse_lambda`, on top of the proximal step — both, as the reference does): with
 `l1="grad"` (default) the optimizer adds that term's gradient λ·sign(g)/N (N = gate entries it holds) to the gate
@@ -32,7 +36,7 @@ from ..errors import ConfigError
 from . import register_optimizer
 from .standard import trainable
 
-_OPTIONS = ("sparse_lambda", "sparse_lambda_2", "threshold", "gate_lr", "l1", "lambda_schedule", "max_lambda",
+_OPTIONS = ("sparse_lambda", "sparse_lambda_2", "threshold", "proximal", "gate_lr", "l1", "lambda_schedule", "max_lambda",
             "lambda_num", "adapter")
 SCHEDULES = ("linear", "log_linear", "exp_linear")
 
@@ -42,6 +46,19 @@ def soft_threshold_(g: torch.Tensor, tau: float) -> torch.Tensor:
     if tau > 0:
         g.copy_(torch.sign(g) * (g.abs() - tau).clamp_(min=0))
     return g
+
+
+def reference_threshold_(g: torch.Tensor, tau: float) -> torch.Tensor:
+    """In place, the released SparseAdamW's step: shrink entries beyond ±τ by τ, then zero what is now inside
+    (−τ, τ) (see the module doc for the resulting map)."""
+    if tau > 0:
+        g[g > tau] -= tau
+        g[g < -tau] += tau
+        g[g.abs() < tau] = 0.0
+    return g
+
+
+PROXIMAL = {"reference": reference_threshold_, "soft": soft_threshold_}
 
 
 def lambda_values(start: float, schedule: Optional[str], max_lambda: Optional[float] = None,
@@ -94,10 +111,10 @@ class SoRAOptimizer(torch.optim.AdamW):
     @torch.no_grad()
     def proximal_step(self) -> None:
         for group in self.gate_groups():
-            tau = self.threshold(group)
+            tau, shrink = self.threshold(group), PROXIMAL[group["proximal_step"]]
             for p in group["params"]:
                 if p.grad is not None:
-                    soft_threshold_(p, tau)
+                    shrink(p, tau)
 
     def step(self, closure=None):
         loss = None
@@ -156,7 +173,8 @@ def sora_groups(model, adapter: Optional[str] = None) -> tuple[list, list]:
 @register_optimizer("sora")
 def sora(model, args, **options) -> SoRAOptimizer:
     """AdamW + proximal gates. Options (reference names): sparse_lambda (λ of the L1 term, default 10 as the GLUE
-    scripts), sparse_lambda_2 (λ₂ threshold, 3e-4), threshold ("constant" | "lr"), gate_lr (default the main lr),
+    scripts), sparse_lambda_2 (λ₂ threshold, 3e-4), threshold ("constant" | "lr"), proximal ("reference" |
+    "soft"), gate_lr (default the main lr),
     l1 ("grad" | "loss"), lambda_schedule (None | "linear" | "log_linear" | "exp_linear"), max_lambda, lambda_num
     (≥ 1), adapter (only this adapter's gates; default every SoRA adapter's)."""
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -167,6 +185,9 @@ def sora(model, args, **options) -> SoRAOptimizer:
     threshold = options.get("threshold", "constant")
     if threshold not in ("constant", "lr"):
         raise ConfigError(f"optim option threshold must be 'constant' or 'lr', got {threshold!r}")
+    proximal = options.get("proximal", "reference")
+    if proximal not in PROXIMAL:
+        raise ConfigError(f"optim option proximal must be one of {list(PROXIMAL)}, got {proximal!r}")
     l1 = options.get("l1", "grad")
     if l1 not in ("grad", "loss"):
         raise ConfigError(f"optim option l1 must be 'grad' or 'loss', got {l1!r}")
@@ -180,7 +201,8 @@ def sora(model, args, **options) -> SoRAOptimizer:
     groups = [{"params": rest, "lr": args.learning_rate, "weight_decay": args.weight_decay, "name": "main"}] \
         if rest else []
     groups.append({"params": gates, "lr": args.learning_rate if gate_lr is None else gate_lr, "weight_decay": 0.0,
-                   "name": "gate", "proximal": True, "threshold": threshold, "sparse_lambda_2": lambdas[0],
+                   "name": "gate", "proximal": True, "threshold": threshold,
+                   "proximal_step": proximal, "sparse_lambda_2": lambdas[0],
                    "lambdas": lambdas, "lambda_idx": 0})
     return SoRAOptimizer(groups, sparse_lambda=lam, l1=l1, lr=args.learning_rate,
                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
@@ -244,4 +266,4 @@ def trainer_stages(model, task, args, train_data, eval_data, optimizer: SoRAOpti
     return train_stage, evaluate
 
 
-__all__ = ["SoRAOptimizer", "lambda_values", "soft_threshold_", "sparsify_stages", "trainer_stages"]
+__all__ = ["SoRAOptimizer", "lambda_values", "reference_threshold_", "soft_threshold_", "sparsify_stages", "trainer_stages"]

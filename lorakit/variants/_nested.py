@@ -87,6 +87,22 @@ class NestedRankVariant(LowRankVariant):
     def train_factors(self):
         return self.default_factors()
 
+    def trained_pairs(self):
+        if self.training and self.current_rank() is None:
+            return [self.train_pair()]
+        k = self.current_rank()
+        return [self.default_pair() if k is None else self.rank_pair(k)]
+
+    def rank_pair(self, k: int):
+        """The `TrainedPair` of `rank_factors(k)`."""
+        raise NotImplementedError
+
+    def default_pair(self):
+        raise NotImplementedError
+
+    def train_pair(self):
+        return self.default_pair()
+
     def factors(self):
         k = self.current_rank()
         return self.default_factors() if k is None else self.rank_factors(k)

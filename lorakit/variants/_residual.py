@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedFeatureError
-from .base import LowRankVariant
+from .base import LowRankVariant, TrainedPair
 
 
 class ResidualVariant(LowRankVariant):
@@ -110,6 +110,9 @@ class FactorResidual(ResidualVariant):
 
     def offset_factors(self):
         return self.kind.matrix(self.lora_A0), self.kind.matrix(self.lora_B0)
+
+    def trained_pairs(self):
+        return [TrainedPair(self.lora_A, self.lora_B, self.scale)]  # the offset −s·B₀A₀ is constant
 
     def file_tensors(self):
         return {self.kind.key_a: self.lora_A, self.kind.key_b: self.lora_B, "lora_A0": self.lora_A0,

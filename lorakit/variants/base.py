@@ -7,7 +7,7 @@ from typing import Any, ClassVar, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedFeatureError
 
 
 class Site(NamedTuple):
@@ -17,6 +17,21 @@ class Site(NamedTuple):
     kind: Any
     r: int
     scale: float
+
+
+class TrainedPair(NamedTuple):
+    """Two trainable factors through which a training step moves ΔW:
+    ΔW = (constant) + scale·B[:, ranks]·diag(weights)·A[ranks], A (r, in) and B (out, r) as `kind.matrix` views.
+
+    `ranks`: the components this step trains (all, or DyLoRA's one); `weights`: a fixed diagonal between the
+    factors (MatryoshkaLoRA's P), None for the identity. Closed-form optimizers (LoRA-Pro) work on this form.
+    """
+
+    a: nn.Parameter
+    b: nn.Parameter
+    scale: float
+    ranks: slice = slice(None)
+    weights: Optional[torch.Tensor] = None
 
 
 class Shared(nn.Module):
@@ -156,6 +171,14 @@ class Variant(nn.Module):
         Merging, exporting as a plain LoRA, squeezing and batched serving use this form.
         """
         return None
+
+    # ---- the factored training form, for closed-form optimizers -----------------------------
+    pair_refusal: ClassVar[str] = "its ΔW is not s·B·A of two trainable factors"
+
+    def trained_pairs(self) -> list[TrainedPair]:
+        """The (A, B) pairs the current training step moves (see `TrainedPair`); UnsupportedFeatureError naming
+        `pair_refusal` when ΔW does not take that form."""
+        raise UnsupportedFeatureError(f"variant {self.name!r}: {self.pair_refusal}")
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scale={self.scale:g}"

@@ -40,6 +40,7 @@ class BlockLoRA(LowRankVariant):
 
     name = "block_lora"
     peft_type = "LORAKIT_BLOCK_LORA"
+    pair_refusal = "its A is tied across blocks (a constrained factor)"
 
     @dataclass
     class Options:

@@ -68,6 +68,8 @@ class DoRA(LoRA):
     """LoRA A, B plus a trainable magnitude per output row (`lora_magnitude_vector`, PEFT's key)."""
 
     name = "dora"
+    pair_refusal = "its magnitude normalisation makes ΔW a non-linear function of B·A"
+    trained_pairs = Variant.trained_pairs  # not LoRA's
     reads_base_weight = uses_base_out = True
 
     def __init__(self, kind, r, scale, dropout, config, **context):

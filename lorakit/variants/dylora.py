@@ -13,6 +13,7 @@ import torch
 from ..errors import ConfigError
 from . import register_variant
 from ._nested import NestedRankVariant, RankState, at_rank, export_at_rank, get_rank, set_rank
+from .base import TrainedPair
 
 __all__ = ["DyLoRA", "DyLoRARanks", "at_rank", "set_rank", "get_rank", "export_at_rank",
            "resample"]
@@ -108,6 +109,18 @@ class DyLoRA(NestedRankVariant):
 
     def default_factors(self):
         return self.rank_factors(self.r)
+
+    def rank_pair(self, k):
+        return TrainedPair(self.lora_A, self.lora_B, self.rank_scale(k), slice(0, k))
+
+    def default_pair(self):
+        return self.rank_pair(self.r)
+
+    def train_pair(self):
+        """The step's truncation at its sampled rank b: components < b are constant in frozen mode."""
+        k = min(int(self.shared.train_rank), self.r)
+        first = k - 1 if self.opts.frozen else 0
+        return TrainedPair(self.lora_A, self.lora_B, self.rank_scale(k), slice(first, k))
 
     def train_factors(self):
         k = min(int(self.shared.train_rank), self.r)

@@ -42,6 +42,7 @@ class LaMDA(CoreVariant):
 
     name = "lamda"
     peft_type = "LORAKIT_LAMDA"
+    pair_refusal = "it trains an r×r core next to B (three factors)"
     core_key = "lora_sigma.weight"
     b_trainable = True
 

@@ -47,6 +47,7 @@ class LoLDU(ResidualVariant):
 
     name = "loldu"
     peft_type = "LORAKIT_LOLDU"
+    pair_refusal = "it trains only a diagonal between frozen L and U factors"
 
     @dataclass
     class Options:

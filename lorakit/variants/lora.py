@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kinds import LinearKind
 from . import register_variant
-from .base import Variant
+from .base import TrainedPair, Variant
 
 
 class _DropoutDown(torch.autograd.Function):
@@ -91,6 +91,9 @@ class LoRA(Variant):
 
     def factors(self):
         return self.matrices()
+
+    def trained_pairs(self):
+        return [TrainedPair(self.lora_A, self.lora_B, self.scale)]
 
     def delta_weight(self):
         a, b, s = self.matrices()

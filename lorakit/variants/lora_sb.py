@@ -32,6 +32,7 @@ class LoRASB(CoreVariant):
 
     name = "lora_sb"
     peft_type = "LORAKIT_LORA_SB"
+    pair_refusal = "it trains only an r×r core between frozen factors"
     core_key = "lora_latent_mapping.weight"
 
     def __init__(self, kind, r, scale, dropout, config, **context):

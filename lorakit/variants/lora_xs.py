@@ -27,6 +27,7 @@ class LoRAXS(CoreVariant):
 
     name = "lora_xs"
     peft_type = "LORAKIT_LORA_XS"
+    pair_refusal = "it trains only an r×r core between frozen factors"
     core_key = "lora_latent_mapping.weight"
 
     @dataclass

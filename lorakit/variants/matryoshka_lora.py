@@ -13,6 +13,7 @@ import torch
 from ..errors import ConfigError
 from . import register_variant
 from ._nested import NestedRankVariant, at_rank, export_at_rank, get_rank, set_rank
+from .base import TrainedPair
 
 __all__ = ["MatryoshkaLoRA", "at_rank", "set_rank", "get_rank", "export_at_rank",
            "default_train_ranks", "rank_weight", "diagonal"]
@@ -94,6 +95,18 @@ class MatryoshkaLoRA(NestedRankVariant):
         if self.opts.rank_form == "diag":
             return self.lora_P[:k, None].to(a.dtype) * a[:k], b[:, :k], self.scale
         return a[:k], b[:, :k], self.scale * rank_weight(k, self.opts.c)
+
+    def _diag_pair(self, k):
+        k = min(k, max(self.train_ranks))  # P = 0 above the largest train rank: those components never move
+        return TrainedPair(self.lora_A, self.lora_B, self.scale, slice(0, k), self.lora_P[:k])
+
+    def rank_pair(self, k):
+        if self.opts.rank_form == "diag":
+            return self._diag_pair(k)
+        return TrainedPair(self.lora_A, self.lora_B, self.scale * rank_weight(k, self.opts.c), slice(0, k))
+
+    def default_pair(self):
+        return self._diag_pair(self.r)
 
     def default_factors(self):
         a, b = self.matrices()

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import ConfigError, RoutingError, TargetError
 from ..kinds import LinearKind
 from . import register_variant
-from .base import Variant
+from .base import TrainedPair, Variant
 
 
 @register_variant
@@ -86,6 +86,12 @@ class MMLoRA(Variant):
         root = math.sqrt if self.config.use_rslora else (lambda v: v)
         alpha = self.scale * root(self.r)
         return alpha / root(self.r_vision), alpha / root(self.r_text)
+
+    def trained_pairs(self):
+        """Each branch is a LoRA pair whose full-weight gradient is the part of G from its own tokens."""
+        s_v, s_t = self.branch_scales()
+        return [TrainedPair(self.lora_A_vision, self.lora_B_vision, s_v),
+                TrainedPair(self.lora_A_text, self.lora_B_text, s_t)]
 
     def initialize(self, how):
         self.kind.init_factors(self.lora_A_vision, self.lora_B_vision, how)

@@ -102,6 +102,7 @@ class RandLoRA(LowRankVariant):
 
     name = "randlora"
     peft_type = "RANDLORA"
+    pair_refusal = "it trains diagonal scalings of frozen random bases"
 
     @dataclass
     class Options:

@@ -61,6 +61,7 @@ class SHiRA(Variant):
 
     name = "shira"
     peft_type = "SHIRA"
+    pair_refusal = "it trains sparse entries of ΔW, not low-rank factors"
     uses_base_out = False
 
     @dataclass

@@ -38,6 +38,7 @@ class SoRA(LowRankVariant):
 
     name = "sora"
     peft_type = "LORAKIT_SORA"
+    pair_refusal = "a trainable gate sits between A and B (three factors; train it with --optim sora)"
     gate_key = "lora_gate"
 
     @dataclass

@@ -89,6 +89,7 @@ class TiedLoRA(LowRankVariant):
 
     name = "tied_lora"
     peft_type = "LORAKIT_TIED_LORA"
+    pair_refusal = "its A and B are shared by every layer (one pair, many ΔW)"
 
     @dataclass
     class Options:

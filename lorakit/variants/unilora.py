@@ -88,6 +88,7 @@ class UniLoRA(LowRankVariant):
 
     name = "unilora"
     peft_type = "UNILORA"
+    pair_refusal = "its factors are projections of one shared vector"
 
     @dataclass
     class Options:

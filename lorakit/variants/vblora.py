@@ -112,6 +112,7 @@ class VBLoRA(LowRankVariant):
 
     name = "vblora"
     peft_type = "VBLORA"
+    pair_refusal = "its factors are mixtures of a shared vector bank"
 
     @dataclass
     class Options:

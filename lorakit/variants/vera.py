@@ -52,6 +52,7 @@ class VeRA(LowRankVariant):
 
     name = "vera"
     peft_type = "VERA"
+    pair_refusal = "it trains scaling vectors around frozen shared bases, not A and B"
 
     @dataclass
     class Options:
