@@ -87,6 +87,12 @@ class LinearKind:
     def init_factors(self, a, b, how):
         _init_down_up(a, b, how)
 
+    def init_factors_rank_fan_in(self, a, b, how):
+        """`init_factors`, except that `True` draws A from U(±1/√r) (`rank_fan_in_uniform_`)."""
+        self.init_factors(a, b, how)
+        if how is True:
+            rank_fan_in_uniform_(a)
+
     def kept_weight(self):
         """The unmerged (out, in) weight when the base keeps it aside while adapters are merged, else None."""
         return None
@@ -211,6 +217,17 @@ class EmbeddingKind(LinearKind):
         with torch.no_grad():  # reversed: A = 0, B ~ N(0, 1) as nn.Embedding; `False` makes both random
             nn.init.normal_(a) if how is False else nn.init.zeros_(a)
             nn.init.normal_(b)
+
+    init_factors_rank_fan_in = init_factors  # A = 0 here whatever its fan-in
+
+
+def rank_fan_in_uniform_(a: torch.Tensor) -> torch.Tensor:
+    """In place, A (r, ...) ~ U(±1/√r): what kaiming_uniform_(a=√5) gives on A stored as (in, r), the layout of
+    reference code that computes x·A·B (MatryoshkaLoRA, HypeLoRA), where the fan-in is r. PEFT's (r, in) layout
+    gives U(±1/√in) instead (about 10× smaller at in = 768, r = 8)."""
+    bound = 1 / math.sqrt(a.shape[0])
+    with torch.no_grad():
+        return a.uniform_(-bound, bound)
 
 
 def _init_down_up(down: torch.Tensor, up: torch.Tensor, how) -> None:

@@ -69,18 +69,27 @@ def test_trainable_count_is_r_per_layer():
 
 @pytest.mark.parametrize("method", ["uniform", "normal", "constant", "ones", "zeros"])
 def test_init_methods(method):
+    """z from the LU diagonal D_r per method; the residual as the reference takes it: with the drawn z (ΔW = 0) for
+    uniform/normal/constant, whose z shares D_r's storage there, with D_r (ΔW = σ·P L_r diag(z − D_r) U_r) for
+    ones/zeros, whose z does not."""
     torch.manual_seed(0)
     model = lorakit.inject(mlp(), config(target_modules=["fc1"], options={"init_method": method}))
     v = model.fc1.adapters["default"]
-    z, d = v.vector_z.detach(), v.loldu_D
+    z = v.vector_z.detach()
+    perm, lower, d, upper = ldu(model.fc1.base_layer.weight.detach().float())
+    d = d[:8]
     mean = d.mean()
     expect = {"constant": lambda: torch.equal(z, torch.full_like(z, mean.item())),
               "ones": lambda: torch.equal(z, torch.ones(8)), "zeros": lambda: torch.equal(z, torch.zeros(8)),
               "uniform": lambda: bool((z.abs() <= mean.abs() / 2).all()) and z.unique().numel() == 8,
               "normal": lambda: z.unique().numel() == 8}
     assert expect[method]()
-    # the offset keeps D_r whatever the init (as the reference's residual), so ΔW ≠ 0 from the start
-    assert v.delta_weight().abs().max() > 0
+    if method in ("ones", "zeros"):
+        p_l = lower[:, :8].index_select(0, perm)
+        assert close(v.delta_weight(), v.scale * p_l @ torch.diag(z - d) @ upper[:8])
+        assert v.delta_weight().abs().max() > 0.1
+    else:
+        assert v.delta_weight().abs().max() == 0
     assert close(v.delta_weight(), dense_delta(v))
 
 

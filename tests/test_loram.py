@@ -90,7 +90,9 @@ def test_norm_a_fills_pruned_columns_and_keeps_kept_ones():
     kept = torch.tensor(record.modules[path]["in"])
     pruned = torch.tensor(sorted(set(range(a.shape[1])) - set(kept.tolist())))
     assert torch.equal(a[:, kept], dict(small.named_modules())[path].adapters["default"].lora_A)
-    assert a[:, pruned].abs().min() > 0 and a[:, pruned].std().item() == pytest.approx(0.5, rel=0.2)
+    r = a.shape[0]
+    print(f"norm_a: {a[:, pruned].numel()} filled entries, std {a[:, pruned].std().item():.4f} (1/r = {1 / r})")
+    assert a[:, pruned].abs().min() > 0 and a[:, pruned].std().item() == pytest.approx(1 / r, rel=0.05)
 
 
 def test_recover_needs_a_record():

@@ -8,8 +8,7 @@ import lorakit
 from lorakit.errors import ConfigError, UnsupportedFeatureError
 from lorakit.layers import AdaptedLayer
 from lorakit.optim import make_optimizer
-from lorakit.optim import lora_pairs
-from lorakit.optim.lorapro import LoRAPro, adjusted_gradients, solve_sylvester
+from lorakit.optim.lorapro import LoRAPro, adjusted_gradients, solve_sylvester, trained_adapters
 from lorakit.train.args import TrainingArguments
 from tests.contract import mlp, perturb, planted_teacher
 
@@ -112,7 +111,7 @@ def test_pairs_by_module_with_real_scale():
     model = interleaved_model()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names[0] == "gate" and "second" in names[1] and "first" in names[3]
-    pairs = [(v, path) for path, v in lora_pairs(model, exact=True)]
+    pairs = [(v, path) for path, v in trained_adapters(model)]
     assert len(pairs) == 2
     for v, path in pairs:
         layer = model.get_submodule(path.split("/")[0])

@@ -66,6 +66,18 @@ def test_parameter_count_and_init():
     assert not close(run(model, X), base)
 
 
+def test_a_init_is_the_reference_kaiming_on_in_by_r():
+    """The reference stores A as (in, r) and runs kaiming_uniform_(a=√5): U(±1/√r), independent of in (PEFT's
+    (r, in) layout gives U(±1/√in), 10× smaller here). Bound and std (bound/√3) within 5 %."""
+    torch.manual_seed(0)
+    model = lorakit.inject(torch.nn.Sequential(torch.nn.Linear(768, 32)), config(r=8, target_modules=["0"]))
+    a = model[0].adapters["default"].lora_A.detach()
+    bound = 1 / math.sqrt(8)
+    assert a.abs().max().item() <= bound and a.abs().max().item() == pytest.approx(bound, rel=0.05)
+    assert a.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert model[0].adapters["default"].lora_B.abs().max() == 0
+
+
 def test_diagonal_p_by_hand():
     assert default_train_ranks(8) == [1, 2, 4, 8] and default_train_ranks(6) == [1, 2, 4, 6]
     assert default_train_ranks(1) == [1]

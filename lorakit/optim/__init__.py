@@ -28,10 +28,10 @@ def optimizer_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def lora_pairs(model, exact: bool = False) -> list[tuple[str, object]]:
+def lora_pairs(model) -> list[tuple[str, object]]:
     """("module.path/adapter", variant) for every adapter with trainable `lora_A` and `lora_B`, found by walking the
-    model's adapted layers: A is paired with the B of its own module, never by parameter order. `exact`: only
-    variants whose factors are these very tensors, ΔW = s·B·A (not DoRA, not SoRA's gated A), for closed forms."""
+    model's adapted layers: A is paired with the B of its own module, never by parameter order. (Closed forms that
+    need ΔW = s·B·A exactly use `Variant.trained_pairs` instead.)"""
     import torch
 
     from ..layers import AdaptedLayer
@@ -42,14 +42,9 @@ def lora_pairs(model, exact: bool = False) -> list[tuple[str, object]]:
             for name, v in layer.adapters.items():
                 a, b = getattr(v, "lora_A", None), getattr(v, "lora_B", None)
                 if isinstance(a, torch.nn.Parameter) and isinstance(b, torch.nn.Parameter) and a.requires_grad \
-                        and b.requires_grad and not (exact and not _factors_are(v, a, b)):
+                        and b.requires_grad:
                     pairs.append((f"{path}/{name}", v))
     return pairs
-
-
-def _factors_are(variant, a, b) -> bool:
-    factors = variant.factors()
-    return factors is not None and factors[0].data_ptr() == a.data_ptr() and factors[1].data_ptr() == b.data_ptr()
 
 
 def make_optimizer(name: str, model, args, **options):

@@ -5,8 +5,9 @@ magnitude or random scores; see `lorakit.rank.prune`) and returns the `PruningRe
 the paper's alignment) trains the pruned model's own weights to reproduce the full model's hidden states on
 unlabelled text; (2) train a LoRA on the pruned model with lorakit as usual; (3) `recover_adapter(pruned_model,
 full_model, name, record)` scatters every trained B row and A column back to the original shapes with zeros at the
-pruned indices (`norm_a=True`: pruned A columns ~ N(0, 1/r) instead, the reference's `normA` option, which makes ΔW
-non-zero on the pruned input columns) and injects the result into the full model; (4) merge
+pruned indices (`norm_a=True`: pruned A columns ~ N(0, std 1/r) instead, the reference's `normA` option —
+`3_recovered_low_rank_matrix_generation.py` fills them with `normal_(std=1/r)`, r = 8 hard-coded there, the
+adapter's own r here — which makes ΔW non-zero on the pruned input columns) and injects the result into the full model; (4) merge
 (`lorakit.merge_and_unload`) and evaluate on the original model.
 
 Identity (default zero fill): on the kept rows/columns the recovered ΔW equals the pruned model's ΔW, elsewhere it is zero.
@@ -134,7 +135,7 @@ def recover_adapter(pruned_model: nn.Module, full_model: nn.Module, name: str = 
         fill = None
         if norm_a and entry.get("in") is not None:
             r = sv.lora_A.shape[0]
-            fill = torch.randn(r, kind.in_features, generator=gen).to(sv.lora_A.device) / r ** 0.5
+            fill = torch.randn(r, kind.in_features, generator=gen).to(sv.lora_A.device) / r
         v.lora_A.copy_(_scatter(sv.lora_A, 1, entry.get("in"), kind.in_features, fill))
         v.lora_B.copy_(_scatter(sv.lora_B, 0, entry.get("out"), kind.out_features))
     for path, c in prepared.copies.items():

@@ -3,25 +3,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from . import register_variant
+from ..kinds import rank_fan_in_uniform_
 from .base import LowRankVariant, Shared
 
 
-class _TransformerGenerator(nn.Module):
-    """Embedding → hidden, a Transformer encoder over all layer tokens at once, hidden → factors."""
+# The reference's generator settings (btrojan-official/HypeLoRA `params/hypernet_transformer/*/*.py` L15-30 with
+# torch's TransformerEncoderLayer defaults: FFN 2048, dropout 0.1, ReLU, post-norm; `params/hypernet_mlp/*/*.py`
+# L17-35: three hidden layers of 2048, GELU, no dropout). An option left at None takes its generator's value here.
+GENERATOR_DEFAULTS = {
+    "transformer": dict(hidden=256, depth=2, embedding_dim=64, heads=16, ffn=2048, dropout=0.1, activation="relu"),
+    "mlp": dict(hidden=2048, depth=4, embedding_dim=128, heads=1, ffn=0, dropout=0.0, activation="gelu"),
+}
 
-    def __init__(self, embedding_dim, hidden, heads, depth, out):
+
+class _TransformerGenerator(nn.Module):
+    """Embedding → hidden, a Transformer encoder over all layer tokens at once (no positions), hidden → factors."""
+
+    def __init__(self, opts, out):
         super().__init__()
-        self.inp = nn.Linear(embedding_dim, hidden)
-        layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=0.0,
-                                           activation="gelu", batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.out = nn.Linear(hidden, out)
+        self.inp = nn.Linear(opts.embedding_dim, opts.hidden)
+        layer = nn.TransformerEncoderLayer(opts.hidden, opts.heads, dim_feedforward=opts.ffn, dropout=opts.dropout,
+                                           activation=opts.activation, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, opts.depth, enable_nested_tensor=False)
+        self.out = nn.Linear(opts.hidden, out)
 
     def forward(self, e):
         return self.out(self.encoder(self.inp(e)[None])[0])
@@ -43,12 +54,13 @@ class HyperNet(Shared):
         self.embeddings = nn.Parameter(torch.empty(len(sites), opts.embedding_dim))
         if opts.generator == "mlp":
             dims = [opts.embedding_dim] + [opts.hidden] * (opts.depth - 1) + [out]
+            act = {"gelu": nn.GELU, "relu": nn.ReLU}[opts.activation]
             layers = []
             for i in range(len(dims) - 1):
-                layers += [nn.Linear(dims[i], dims[i + 1]), nn.GELU()]
-            self.generator = nn.Sequential(*layers[:-1])
+                layers += [nn.Linear(dims[i], dims[i + 1]), act()] + ([nn.Dropout(opts.dropout)] if opts.dropout else [])
+            self.generator = nn.Sequential(*layers[:-(2 if opts.dropout else 1)])
         else:
-            self.generator = _TransformerGenerator(opts.embedding_dim, opts.hidden, opts.heads, opts.depth, out)
+            self.generator = _TransformerGenerator(opts, out)
         self.register_buffer("blend", torch.tensor(float(opts.blend_start if opts.blend == "add" else 0.0)))
         self._cache = None  # (key, [(A_hyp or None, B_hyp, A_random or None) per layer])
         self._used: set[int] = set()
@@ -105,8 +117,7 @@ class HyperNet(Shared):
             a = raw[i, r * m:].view(r, n)[:r_l, :n_l] if self.opts.a_mode == "generated" else None
             rand = None
             if sample:
-                rand = torch.empty(r_l, n_l, device=raw.device, dtype=raw.dtype)
-                nn.init.kaiming_uniform_(rand, a=math.sqrt(5))
+                rand = rank_fan_in_uniform_(torch.empty(r_l, n_l, device=raw.device, dtype=raw.dtype))
             layers.append((a, b, rand))
         self._cache, self._used = (key, layers), set()
 
@@ -135,24 +146,31 @@ class HypeLoRA(LowRankVariant):
     per adapted layer to that layer's LoRA factors: ΔW_l = s·B_l·A_l, s = α/r, model-wide trainable state only
     (generator + embeddings, `model.lorakit_shared[name]`); the backbone and per-layer tensors are frozen.
 
-    A modes (`a_mode`): "fixed" (default, as the reference code: a frozen kaiming-uniform A per layer, only B
-    generated), "random" (training forwards draw a fresh kaiming A per forward; evaluation, merging and export
-    use the layer's frozen A — our choice, the card only says "resampled each call"), "generated" (A and B
-    both generated). Blending "add" (default): B = (1 − a)·B_hyp + a·B_init with B_init = 0, and in "generated"
-    mode A = (1 − a)·A_hyp + a·A_init; a decays linearly from `blend_start` (0.99) to 0 over training: the
-    Trainer calls the shared module's `before_optimizer_step`, plain loops call
-    `model.lorakit_shared[name].set_step(step, total_steps)`. `blend="none"` uses the generated factors as they
-    are (a = 0). At init ΔW is tiny but non-zero: 0.01·s·B_hyp·A (card). The reference's "replace"/"multiply"
-    blends and the generator input concatenated with flattened A are not implemented.
+    A modes (`a_mode`): "fixed" (default, as the reference code: a frozen random A per layer, only B generated),
+    "random" (training forwards draw a fresh A per forward; evaluation, merging and export use the layer's frozen A
+    — our choice: the reference redraws it in evaluation too), "generated" (A and B both generated). The fixed and
+    random A are U(±1/√r), as the reference's kaiming_uniform_(a=√5) on A stored as (in, r) (`models/hypernet.py`
+    L66-71, L97-98); PEFT's (r, in) layout would give U(±1/√in).
 
-    Generator: "mlp" (`depth` Linear layers, GELU, width `hidden`) or "transformer" (input projection,
-    `depth` encoder layers of width `hidden`, `heads` heads, FFN 2·hidden, then an output projection). The
-    output has r_max·m_max (+ r_max·n_max) entries per layer; layers with smaller shapes or ranks take the
-    top-left block. `precompute`: all layers' factors come from one generator call per model forward
-    (`HyperNet.generated`). `factors()` returns the generated (A, B, s), so merging and `lorakit.export_lora`
-    (a plain PEFT LoRA with the static generated factors) work. Files: our own format (LORAKIT_HYPELORA):
-    `hypelora_A` (frozen per-layer A) per layer; `base_model.hypelora_embeddings`, `base_model.hypelora_blend`
-    (a) and `base_model.hypelora_generator.*`.
+    Blending "add" (default; the reference's transformer runs set `noise_type_A = noise_type_B = "add"`,
+    `models/dynamic_lora_layer.py` L51-63): A = (1 − a)·A_mode + a·A_init and B = (1 − a)·B_hyp + a·B_init, in
+    every A mode, fixed included. A_init, B_init are PEFT's LoRA init (A_init U(±1/√in), frozen buffer
+    `hypelora_A_init`; B_init = 0). a decays linearly from `blend_start` (0.99) to 0 over training: the Trainer
+    calls the shared module's `before_optimizer_step`, plain loops call `model.lorakit_shared[name].set_step(step,
+    total_steps)` (the reference's callback counts micro-batches against optimizer steps, so with gradient
+    accumulation 2 its a stops near 0.5; we take its README's intent, 0). `blend="none"`: a = 0. At init ΔW is
+    tiny but non-zero: 0.01·s·B_hyp·(0.01·A + 0.99·A_init). The reference's "replace"/"multiply" blends and the
+    generator input concatenated with flattened A are not implemented.
+
+    Generator (defaults: the reference's runs, `GENERATOR_DEFAULTS`): "transformer" (default; input projection
+    64 → 256, 2 post-norm encoder layers, 16 heads, FFN 2048, ReLU, dropout 0.1, no positions, then an output
+    projection) or "mlp" (4 Linear layers of width 2048, GELU, no dropout, embeddings 128). The output has
+    r_max·m_max (+ r_max·n_max) entries per layer; layers with smaller shapes or ranks take the top-left block.
+    `precompute`: all layers' factors come from one generator call per model forward (`HyperNet.generated`).
+    `factors()` returns the generated (A, B, s), so merging and `lorakit.export_lora` (a plain PEFT LoRA with the
+    static generated factors) work. Files: our own format (LORAKIT_HYPELORA): `hypelora_A` and `hypelora_A_init`
+    (frozen) per layer; `base_model.hypelora_embeddings`, `base_model.hypelora_blend` (a) and
+    `base_model.hypelora_generator.*`.
     """
 
     name = "hypelora"
@@ -162,11 +180,14 @@ class HypeLoRA(LowRankVariant):
     @dataclass
     class Options:
         a_mode: str = "fixed"  # "fixed" | "random" | "generated"
-        generator: str = "mlp"  # "mlp" | "transformer"
-        hidden: int = 64
-        depth: int = 2  # MLP: Linear layers (≥ 2); transformer: encoder layers (≥ 1)
-        embedding_dim: int = 16
-        heads: int = 4  # transformer only; must divide hidden
+        generator: str = "transformer"  # "transformer" | "mlp"
+        hidden: Optional[int] = None  # None: the generator's reference value (GENERATOR_DEFAULTS), as below
+        depth: Optional[int] = None  # MLP: Linear layers (≥ 2); transformer: encoder layers (≥ 1)
+        embedding_dim: Optional[int] = None
+        heads: Optional[int] = None  # transformer only; must divide hidden
+        ffn: Optional[int] = None  # transformer only: feed-forward width
+        dropout: Optional[float] = None  # inside the generator
+        activation: Optional[str] = None  # "relu" | "gelu"
         blend: str = "add"  # "add" (decaying a) | "none"
         blend_start: float = 0.99  # a₀
 
@@ -176,7 +197,16 @@ class HypeLoRA(LowRankVariant):
             for key, allowed in choices.items():
                 if getattr(self, key) not in allowed:
                     raise ConfigError(f"option {key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-            for key in ("hidden", "depth", "embedding_dim", "heads"):
+            for key, value in GENERATOR_DEFAULTS[self.generator].items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
+            if self.activation not in ("relu", "gelu"):
+                raise ConfigError(f"option activation must be 'relu' or 'gelu', got {self.activation!r}")
+            if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                    or not 0 <= self.dropout < 1:
+                raise ConfigError(f"option dropout must be in [0, 1), got {self.dropout!r}")
+            for key in ("hidden", "depth", "embedding_dim", "heads") + (("ffn",) if self.generator == "transformer"
+                                                                         else ()):
                 value = getattr(self, key)
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ConfigError(f"option {key} must be an integer ≥ 1, got {value!r}")
@@ -195,16 +225,19 @@ class HypeLoRA(LowRankVariant):
     def __init__(self, kind, r, scale, dropout, config, **context):
         super().__init__(kind, r, scale, dropout, config, **context)
         self.register_buffer("hypelora_A", torch.empty(r, kind.in_features))
+        self.register_buffer("hypelora_A_init", torch.empty(r, kind.in_features))
 
     def initialize(self, how):
         with torch.no_grad():
             if how == "gaussian":
                 nn.init.normal_(self.hypelora_A, std=1 / self.r)
+                nn.init.normal_(self.hypelora_A_init, std=1 / self.r)
             else:
-                nn.init.kaiming_uniform_(self.hypelora_A, a=math.sqrt(5))
+                rank_fan_in_uniform_(self.hypelora_A)  # the reference's kaiming on A stored as (in, r): U(±1/√r)
+                nn.init.kaiming_uniform_(self.hypelora_A_init, a=math.sqrt(5))  # PEFT's lora_A init: U(±1/√in)
 
     def file_tensors(self):
-        return {"hypelora_A": self.hypelora_A}
+        return {"hypelora_A": self.hypelora_A, "hypelora_A_init": self.hypelora_A_init}
 
     @property
     def lora_dtype(self):
@@ -214,8 +247,5 @@ class HypeLoRA(LowRankVariant):
         a_hyp, b_hyp, a_rand = self.shared.generated(self.path)
         blend = self.shared.blend
         b = b_hyp * (1 - blend)  # + a·B_init, B_init = 0
-        if a_hyp is not None:
-            a = a_hyp * (1 - blend) + self.hypelora_A * blend
-        else:
-            a = self.hypelora_A if a_rand is None else a_rand
-        return a, b, self.scale
+        a = a_hyp if a_hyp is not None else self.hypelora_A if a_rand is None else a_rand
+        return a * (1 - blend) + self.hypelora_A_init * blend, b, self.scale

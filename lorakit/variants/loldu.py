@@ -8,9 +8,13 @@ untouched and the adapter holds it as a frozen offset (see `_residual`), so
 
     ΔW = σ·P·L_r·diag(z − D_r)·U_r        (rank ≤ r: `factors()` = (diag(z − D_r)·U_r, P·L_r, σ)).
 
-`init_method` (reference names): "lu" z = D_r (ΔW = 0); "uniform" z ~ U(−|m|/2, |m|/2), m = mean(D_r); "normal"
-z ~ N(mean(D_r), std(D_r)); "constant" z = mean(D_r); "ones"; "zeros". The offset always uses D_r (as the reference's
-residual), so every init but "lu" starts with ΔW ≠ 0. Choices where the card is silent: σ stays fixed (the
+`init_method` (reference names): "lu" z = D_r; "uniform" z ~ U(−|m|/2, |m|/2), m = mean(D_r); "normal"
+z ~ N(mean(D_r), std(D_r)); "constant" z = mean(D_r); "ones"; "zeros". The offset's diagonal (`loldu_D`) is the one
+the reference's residual is taken with (SKDDJ/LoLDU `minloldu/loldu.py` L161-187 then L211-216): for "lu",
+"uniform", "normal" and "constant" the reference first binds `vector_z` to D_r's storage and draws z into it in
+place, so the residual uses the drawn z and ΔW = 0 at init; "ones" and "zeros" never bind it, so their residual uses
+D_r and the model starts at W + σ·P·L_r·diag(z − D_r)·U_r (ΔW ≠ 0: "zeros" removes the top-r LDU component).
+Choices where the card is silent: σ stays fixed (the
 reference creates it as a parameter but never trains it); with dropout, the trainable path σ·P L_r diag(z) U_r sees
 dropout(x) and the offset the undropped x (the reference ignores dropout); a zero pivot D_i (singular W) is kept
 as D_i = 1 with U_r's row left unnormalized, so P·L·diag(D)·U = W still holds. The reference's α default is 1
@@ -42,8 +46,8 @@ def ldu(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
 @register_variant
 class LoLDU(ResidualVariant):
     """LoLDU on any layer kind (conv: the flattened kernel matrix): r trainable values (`vector_z`) per layer;
-    frozen `loldu_L` (out, r), `loldu_D` (r,), `loldu_U` (r, in) and the row permutation `loldu_P` (out,) int64,
-    all saved."""
+    frozen `loldu_L` (out, r), `loldu_D` (r,: the diagonal of the residual, see the module doc), `loldu_U` (r, in)
+    and the row permutation `loldu_P` (out,) int64, all saved."""
 
     name = "loldu"
     peft_type = "LORAKIT_LOLDU"
@@ -93,6 +97,8 @@ class LoLDU(ResidualVariant):
             z.fill_(1.0)
         else:
             z.zero_()
+        if method in ("lu", "uniform", "normal", "constant"):
+            d.copy_(z)  # the residual is taken with the drawn z (the reference's shared storage): ΔW = 0
 
     def lower_factor(self) -> torch.Tensor:
         """P·L_r as an (out, r) matrix."""

@@ -41,8 +41,11 @@ def diagonal(r: int, train_ranks: list[int], c: str, mode: str = "diag") -> torc
 
 @register_variant
 class MatryoshkaLoRA(NestedRankVariant):
-    """LoRA pair A (r×in, kaiming-uniform), B (out×r, zeros) and a fixed, non-trainable diagonal P (a buffer,
-    rebuilt from the options, not saved); trainable parameters r·(in + out) per layer, as LoRA.
+    """LoRA pair A (r×in), B (out×r, zeros) and a fixed, non-trainable diagonal P (a buffer, rebuilt from the
+    options, not saved); trainable parameters r·(in + out) per layer, as LoRA. A ~ U(±1/√r): the reference
+    (IST-DASLab/MatryoshkaLoRA `adapters/lora.py` L20-28) stores A as (in, r) and runs kaiming_uniform_(a=√5) on it,
+    whose fan-in is r (PEFT's (r, in) layout would give U(±1/√in), ~10× smaller at in = 768, r = 8); embeddings
+    keep LoRA's reversed init (A = 0).
 
     Training and default inference/merge/export: ΔW = s·B diag(P) A — Σ_{ρ∈S} c(ρ)·B[:, :ρ]A[:ρ] (times s) in one
     product, every nested rank each step, no sampling. `at_rank(model, k)`: ΔW = s·c(k)·B[:, :k]A[:k]
@@ -95,6 +98,9 @@ class MatryoshkaLoRA(NestedRankVariant):
         if self.opts.rank_form == "diag":
             return self.lora_P[:k, None].to(a.dtype) * a[:k], b[:, :k], self.scale
         return a[:k], b[:, :k], self.scale * rank_weight(k, self.opts.c)
+
+    def initialize(self, how):
+        self.kind.init_factors_rank_fan_in(self.lora_A, self.lora_B, how)
 
     def _diag_pair(self, k):
         k = min(k, max(self.train_ranks))  # P = 0 above the largest train rank: those components never move
