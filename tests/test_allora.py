@@ -1,6 +1,7 @@
-"""ALLoRA (optimizer "allora"): the per-slice rate equals 1/√(‖θ_k‖² + 1/η²) computed explicitly per row / column /
-tensor; a step equals AdamW on c·g (before) or c·(AdamW update) (after); adapters with dropout or s ≠ 1 are refused
-unless strict=false; options errors; resume through a weights-only state dict; a short real loop reduces the loss."""
+"""ALLoRA (optimizer "allora"): the paper's default rule (∂L/∂ΔW rows scaled by 1/√(‖ΔW_i,:‖ + 1/η²) inside the
+backward, input gradient untouched, AdamW after it); the per-factor rates 1/√(‖θ_k‖² + 1/η²) per row / column /
+tensor, before or after AdamW; adapters with dropout or s ≠ 1 are refused unless strict=false; options errors; resume
+through a weights-only state dict; a short real loop reduces the loss."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import torch
 from contract import mlp, planted_loss_drop
 
 import lorakit
-from lorakit.errors import ConfigError, TrainingError
+from lorakit.errors import ConfigError, TrainingError, UnsupportedFeatureError
 from lorakit.optim import make_optimizer
 from lorakit.optim import lora_pairs
 
@@ -150,10 +151,11 @@ def test_resume_from_weights_only_state_dict():
         assert torch.allclose(x, y, atol=1e-7)
 
 
-@pytest.mark.parametrize("before", [True, False])
-def test_planted_task_loss_drops(before):
+@pytest.mark.parametrize("granularity,before", [("output_row", True), ("row", True), ("row", False)])
+def test_planted_task_loss_drops(granularity, before):
     model = model_with_lora(alpha=4)  # s = 1
-    opt = make_optimizer("allora", model, args(lr=1e-2, wd=0.0), apply_before_optimizer=before)
+    opt = make_optimizer("allora", model, args(lr=1e-2, wd=0.0), granularity=granularity,
+                         apply_before_optimizer=before)
     before_loss, after = planted_loss_drop(model, opt)
     assert after < 0.25 * before_loss
 
@@ -166,3 +168,71 @@ def test_trainer_runs_it(tmp_path):
     after = trainable(tr.model)
     assert all(torch.isfinite(p).all() for p in after.values())
     assert all(not torch.equal(before[n], after[n]) for n in after)
+
+
+# ---- the paper's rule (default): ∂L/∂ΔW rows scaled by f_i = 1/√(‖ΔW_i,:‖ + 1/η²), input gradient untouched ----
+def full_gradient_and_input_grad(model, x):
+    """(∂L/∂W of fc1 from its input and output gradient, ∂L/∂x) for loss = sin(model(x)).sum()."""
+    seen = {}
+
+    def hook(module, inputs, out):
+        seen["x"] = inputs[0].detach()
+        out.register_hook(lambda g: seen.__setitem__("g", g))
+    h = model.fc1.register_forward_hook(hook)
+    x = x.clone().requires_grad_()
+    model(x).sin().sum().backward()
+    h.remove()
+    return seen["g"].T @ seen["x"], x.grad
+
+
+def test_default_gradients_are_the_papers_row_adapted_ones():
+    model = model_with_lora()
+    randomize(model, zero_b_rows=(3,))
+    v = model.fc1.adapters["default"]
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(3))
+    g_full, x_grad_plain = full_gradient_and_input_grad(model, x)
+    model.zero_grad()
+    opt = make_optimizer("allora", model, args(), eta=1.5)
+    assert v.grad_row_scale is not None
+    _, x_grad = full_gradient_and_input_grad(model, x)
+    a, b = v.lora_A.detach().double(), v.lora_B.detach().double()
+    f = 1 / torch.sqrt((b @ a).norm(dim=1) + 1 / 1.5 ** 2)  # s = 1; the norm itself under the root
+    assert f[3] == pytest.approx(1.5)  # a zero row of ΔW gets the cap η
+    g = f[:, None] * g_full.double()
+    def rel(got, want):
+        return ((got.double() - want).norm() / want.norm()).item()
+    assert rel(v.lora_B.grad, g @ a.T) < 1e-5 and rel(v.lora_A.grad, b.T @ g) < 1e-5
+    assert rel(v.lora_A.grad, b.T @ g_full.double()) > 0.1  # and not the plain gradient
+    assert torch.equal(x_grad, x_grad_plain)  # the input gradient is the plain one
+    del opt
+    import gc
+    gc.collect()
+    assert v.grad_row_scale is None  # the rate lives as long as its optimizer
+
+
+def test_default_is_not_adamw_after_b_leaves_zero():
+    """Step 1 (B = 0: f = η on every row, ∂A = 0) equals AdamW's; after that the trajectories part."""
+    def train(optim, steps):
+        model = model_with_lora()
+        x = torch.randn(100, 64, generator=torch.Generator().manual_seed(5))
+        train_p = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(train_p, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=0.01) if optim == "adamw" \
+            else make_optimizer("allora", model, args(), eta=2.0)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).sin().sum().backward()
+            opt.step()
+        return model.fc1.adapters["default"].delta_weight().detach()
+    assert torch.allclose(train("allora", 1), train("adamw", 1), atol=1e-7)
+    ours, plain = train("allora", 30), train("adamw", 30)
+    assert ((ours - plain).norm() / plain.norm()).item() > 1e-3
+
+
+def test_paper_rule_needs_plain_lora_on_linear_layers():
+    model = mlp(0)
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, lora_alpha=4, variant="dora", target_modules=["fc1"]))
+    with pytest.raises(UnsupportedFeatureError, match="plain LoRA"):
+        make_optimizer("allora", model, args())
+    make_optimizer("allora", model, args(), granularity="row")
+    with pytest.raises(ConfigError, match="output_row"):
+        make_optimizer("allora", model_with_lora(), args(), apply_before_optimizer=False)

@@ -1,48 +1,92 @@
-"""ALLoRA (Huang & Balestriero 2024, arXiv 2410.09692): a norm-based adaptive rate for the LoRA factors, no dropout,
+"""ALLoRA (Huang & Balestriero 2024, arXiv 2410.09692): an adaptive rate inversely proportional to a norm, no dropout,
 no scaling (s = 1).
 
-Card: training.md §3 (the exact rule is the card's reconstruction, marked [U] there). For each LoRA factor θ (A: r×n,
-B: m×r, taken through the adapter kind's matrix view) and each slice θ_k of the chosen granularity:
-    c_k = 1 / √(‖θ_k‖² + 1/η²)        (so c_k ≤ η: a zero-initialised B row gets exactly η)
-- granularity "row" (default; the card's "per parameter vector"): one c per row of A and per row of B;
-  "column": one per column; "tensor": one per factor.
-- apply_before_optimizer=True (default; the paper's abstract scales "the per sample and per parameter gradients"):
-  g ← c·g, then AdamW. False: AdamW computes its update u (incl. decoupled decay) and the factor moves by c·u,
-  i.e. c multiplies the per-slice learning rate.
-c is computed from the factor's value before the step. Gradients are rescaled in place (`p.grad` holds c·g after
-the step in the "before" placement).
+The paper's rule (§4.2, and the custom autograd function of its Listing 1), the default (`granularity="output_row"`):
+with g = ∂L/∂ΔW (ΔW = s·B·A, m×n) and f_i = 1/√(‖ΔW_i,:‖ + 1/η²) per output row i (the norm itself, not its
+square, under the root; f_i = η at ΔW_i,: = 0), the weight gradients are computed from the adapted g̃_i = f_i·g_i:
+    ∂A ← s·Bᵀ·diag(f)·g,   ∂B ← s·diag(f)·g·Aᵀ,   the input gradient unchanged ("we only modify the gradients of A
+and B, but not that of the input"). B's gradient rows are scaled, A's gradient mixes them. f is computed in each
+forward from the current factors (‖ΔW_i,:‖ from the r×r Gram matrix, no m×n tensor). The LoRA layer does this in its
+autograd forward (`LoRA.grad_row_scale`, installed on every adapter while the optimizer lives), so it needs plain
+LoRA adapters on Linear layers; then the adapted gradients go to AdamW (the paper names no optimizer; its runs
+use the standard fine-tuning stack, so AdamW is our reading).
 
-Choices where the card is silent:
-- η defaults to 1.0 [U] (option `eta`).
-- Only the LoRA factors (adapters with `lora_A`/`lora_B`, found by module) get the rate; every other trainable
-  parameter gets plain AdamW.
-- The card forces dropout 0 and s = 1. An optimizer does not own the adapter's configuration (changing the scale
-  here would make the saved config lie about the trained weights), so by default (`strict=True`) the factory
-  refuses adapters with dropout > 0 or scale ≠ 1 with a ConfigError that says how to configure them
-  (lora_dropout=0, lora_alpha=r, or lora_alpha=√r with use_rslora). `strict=False` accepts them: the rate is then
-  applied as above, and the adapter keeps its own dropout and scale (a hybrid, not the paper's method).
+What AdamW does to it (measured in `bench/allora_planted.py`, see docs/optimizer_comparison.md): at step 1, B = 0
+gives f = η on every row and ∂A = 0, so the step equals AdamW's; afterwards the rows of ∂B are rescaled (which Adam's
+per-coordinate normalisation largely cancels while f moves slowly) and ∂A changes direction (which it does not).
+
+Per-factor granularities (the card's earlier reconstruction, kept as options for any LoRA pair): "row" (one c per
+row of A and of B), "column", "tensor", with c_k = 1/√(‖θ_k‖² + 1/η²) from the factor slice θ_k. They take
+`apply_before_optimizer`: True scales the gradient before AdamW (g ← c·g, which Adam cancels up to ε whenever c
+changes slowly); False scales AdamW's update instead (θ moves by c·u: an adaptive per-slice learning rate, the
+paper's "effective learning rate η·l_b" under Adam). `output_row` exists only in the gradient placement.
+
+Choices where the paper is silent: η defaults to 1 (its Table 1; Listing 1 uses η² = 4). Only the LoRA factors get
+the rate; every other trainable parameter gets plain AdamW. The paper trains with dropout 0 and s = 1; an optimizer
+does not own the adapter's configuration, so by default (`strict=True`) the factory refuses adapters with dropout
+> 0 or scale ≠ 1 with a ConfigError saying how to configure them (lora_dropout=0, lora_alpha=r, or lora_alpha=√r
+with use_rslora). `strict=False` accepts them (a hybrid, not the paper's method; the output-row norm is then that of
+s·B·A).
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 
 import torch
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, UnsupportedFeatureError
+from ..kinds import LinearKind
+from ..variants.lora import LoRA
 from . import lora_pairs, register_optimizer
 
-GRANULARITIES = ("row", "column", "tensor")
+GRANULARITIES = ("output_row", "row", "column", "tensor")
+
+
+def output_row_rate(v, eta: float) -> torch.Tensor:
+    """f_i = 1/√(‖ΔW_i,:‖ + 1/η²) for the rows of ΔW = s·B·A of LoRA adapter `v` (detached, shape (out,))."""
+    a, b = v.lora_A.detach().float(), v.lora_B.detach().float()
+    row_sq = ((b @ (a @ a.T)) * b).sum(1).clamp_min(0)  # ‖(B·A)_i,:‖²
+    return (abs(v.scale) * row_sq.sqrt() + 1.0 / eta ** 2).rsqrt()
 
 
 class ALLoRA(torch.optim.AdamW):
-    """AdamW whose "allora" group (the LoRA factors) gets the per-slice rate c; `kinds` maps id(param) → kind."""
+    """AdamW whose "allora" group (the LoRA factors of `pairs`, ("path", variant) items) gets the per-slice rate c.
+    With granularity "output_row" the rate acts inside the layers' backward (see the module doc; installed while
+    the optimizer lives, and re-synced when a state dict changes the granularity) and `step` is AdamW's."""
 
-    def __init__(self, groups, kinds, **adamw):
+    def __init__(self, groups, pairs, **adamw):
         super().__init__(groups, **adamw)
-        self.kinds = kinds
+        self.pairs = pairs
+        self.kinds = {id(p): v.kind for _, v in pairs for p in (v.lora_A, v.lora_B)}
+        self._installed = [None]  # the rate function this optimizer handed out (its finalizer takes only that back)
+        self.sync_row_rates()
+        weakref.finalize(self, _take_back, [v for _, v in pairs], self._installed)
+
+    def sync_row_rates(self) -> None:
+        """Give the adapters the paper's output-row rate when the group's granularity is "output_row", else none."""
+        group = next(g for g in self.param_groups if g.get("allora"))
+        variants = [v for _, v in self.pairs]
+        _take_back(variants, self._installed)
+        if group["granularity"] != "output_row":
+            return
+        for path, v in self.pairs:
+            if type(v) is not LoRA or type(v.kind) is not LinearKind:
+                raise UnsupportedFeatureError(
+                    f"allora: adapter {path} is a {v.name!r} adapter on a {type(v.kind.base).__name__}; the paper's "
+                    "output-row rate needs plain LoRA on Linear layers (or pass granularity='row', 'column' or "
+                    "'tensor')")
+        self._installed[0] = functools.partial(output_row_rate, eta=group["eta"])
+        for v in variants:
+            v.grad_row_scale = self._installed[0]
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.sync_row_rates()
 
     def rate(self, p: torch.Tensor, group: dict | None = None) -> torch.Tensor:
-        """c for every element of factor `p` (shaped like `p`), from its current value."""
+        """c for every element of factor `p` (shaped like `p`), from its current value (per-factor granularities)."""
         group = group or next(g for g in self.param_groups if any(q is p for q in g["params"]))
         kind = self.kinds[id(p)]
         x = kind.matrix(p.detach()).to(torch.promote_types(p.dtype, torch.float32))
@@ -59,7 +103,7 @@ class ALLoRA(torch.optim.AdamW):
                 loss = closure()
         moves = []
         for group in self.param_groups:
-            if not group.get("allora"):
+            if not group.get("allora") or group["granularity"] == "output_row":
                 continue
             for p in group["params"]:
                 if p.grad is None:
@@ -88,9 +132,17 @@ def _check_adapters(pairs, strict):
                               "lora_alpha = r (lora_alpha = √r with use_rslora), or pass optim_args strict=false")
 
 
+def _take_back(variants, installed: list) -> None:
+    """Remove the rate function `installed[0]` from the adapters still holding it."""
+    for v in variants:
+        if installed[0] is not None and v.grad_row_scale is installed[0]:
+            v.grad_row_scale = None
+    installed[0] = None
+
+
 @register_optimizer("allora")
 def allora(model, args, **options):
-    opts = dict(granularity="row", eta=1.0, apply_before_optimizer=True, strict=True)
+    opts = dict(granularity="output_row", eta=1.0, apply_before_optimizer=True, strict=True)
     for key, value in options.items():
         if key not in opts:
             raise ConfigError(f"unknown allora option {key!r}; known: {sorted(opts)}")
@@ -103,16 +155,19 @@ def allora(model, args, **options):
     for key in ("apply_before_optimizer", "strict"):
         if not isinstance(opts[key], bool):
             raise ConfigError(f"allora option {key} must be true or false, got {opts[key]!r}")
+    if opts["granularity"] == "output_row" and not opts["apply_before_optimizer"]:
+        raise ConfigError("allora: granularity 'output_row' scales ∂L/∂ΔW inside the backward (the paper's "
+                          "placement); apply_before_optimizer=false needs granularity 'row', 'column' or 'tensor'")
     pairs = lora_pairs(model)
     if not pairs:
         raise TrainingError("allora needs LoRA adapters with trainable lora_A/lora_B factors; none found")
     _check_adapters(pairs, opts["strict"])
-    kinds = {id(p): v.kind for _, v in pairs for p in (v.lora_A, v.lora_B)}
     factors = [p for _, v in pairs for p in (v.lora_A, v.lora_B)]
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in kinds]
+    ids = {id(p) for p in factors}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [dict(params=factors, allora=True, eta=float(eta), granularity=opts["granularity"],
                    apply_before_optimizer=opts["apply_before_optimizer"])]
     if others:
         groups.append(dict(params=others, allora=False))
-    return ALLoRA(groups, kinds, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    return ALLoRA(groups, pairs, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                   eps=args.adam_epsilon, weight_decay=args.weight_decay)

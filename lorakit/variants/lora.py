@@ -34,12 +34,39 @@ class _DropoutDown(torch.autograd.Function):
         return grad_x, grad_a, None
 
 
+class _RowScaledGradient(torch.autograd.Function):
+    """s·B·A·x whose weight gradients are computed from ∂L/∂ΔW with row i (output feature i) scaled by f_i, while
+    the input gradient stays the plain one: ALLoRA's gradient adaptor (Huang & Balestriero, §4.2 and Listing 1)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, s, f):
+        h = F.linear(x, a)
+        ctx.save_for_backward(x, a, b, h, f)
+        ctx.s = s
+        return F.linear(h, b) * s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, a, b, h, f = ctx.saved_tensors
+        s = ctx.s
+        gf = (g * f).reshape(-1, g.shape[-1])
+        grad_b = (gf.T @ h.reshape(-1, h.shape[-1])) * s
+        grad_a = ((gf @ b).T @ x.reshape(-1, x.shape[-1])) * s
+        grad_x = (g @ b) @ a * s if ctx.needs_input_grad[0] else None
+        return grad_x, grad_a, grad_b, None, None
+
+
 @register_variant
 class LoRA(Variant):
-    """Trainable A (r×in, "down") and B (out×r, "up"); A kaiming-uniform, B = 0 by default."""
+    """Trainable A (r×in, "down") and B (out×r, "up"); A kaiming-uniform, B = 0 by default.
+
+    `grad_row_scale` (None, or a function variant → f of shape (out,)): when set (by the `allora` optimizer), the
+    autograd forward of a Linear layer computes the weight gradients from ∂L/∂ΔW with its rows scaled by f."""
 
     name = "lora"
     uses_base_out = False
+    grad_row_scale = None
 
     def __init__(self, kind, r, scale, dropout, config, **context):
         super().__init__(kind, r, scale, dropout, config, **context)
@@ -58,13 +85,16 @@ class LoRA(Variant):
         return self.lora_A.dtype
 
     def delta(self, x, base_out):
+        if self.grad_row_scale is not None and torch.is_grad_enabled() and type(self.kind) is LinearKind:
+            return _RowScaledGradient.apply(self.dropout(x), self.lora_A, self.lora_B, self.scale,
+                                            self.grad_row_scale(self).to(x.dtype))
         return self.lora_out(self.dropout(x))
 
     def plus_delta(self, y, x, base_out):
         """Training: y + B·(s·A·dropout(x)), the add and the scale fused into the B matmul (one addmm: no
         output-sized delta is written and read back); on CPU, dropout and A in one step (`_DropoutDown`).
         Subclasses with their own `delta` get the plain sum."""
-        if type(self).delta is not LoRA.delta:
+        if type(self).delta is not LoRA.delta or self.grad_row_scale is not None:
             return Variant.plus_delta(self, y, x, base_out)
         drop, scale, b = self.dropout, self.scale, self.lora_B
         if (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0 and x.device.type == "cpu"
