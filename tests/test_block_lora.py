@@ -101,3 +101,47 @@ def test_invalid_options_raise_config_errors_naming_them():
         lorakit.inject(mlp(), block(blocks=3, split="rank"))
     with pytest.raises(ConfigError, match="sizes"):
         block(sizes=2)
+
+
+def fit(config, delta, steps=300, lr=1e-2):
+    """(test MSE before, after) of training `config` on fc1 of the MLP to a teacher whose fc1 differs by `delta`."""
+    g = torch.Generator().manual_seed(3)
+    x, x_test = torch.randn(2000, 64, generator=g), torch.randn(500, 64, generator=g)
+    teacher = mlp()
+    with torch.no_grad():
+        teacher.fc1.weight.add_(delta)
+        y, y_test = teacher(x), teacher(x_test)
+    model = mlp()
+    torch.manual_seed(0)
+    lorakit.inject(model, config)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    mse = torch.nn.functional.mse_loss
+    with torch.no_grad():
+        before = mse(model(x_test), y_test).item()
+    for step in range(steps):
+        i = (step * 200) % 2000
+        opt.zero_grad()
+        mse(model(x[i:i + 200]), y[i:i + 200]).backward()
+        opt.step()
+    with torch.no_grad():
+        return before, mse(model(x_test), y_test).item(), model
+
+
+def test_input_split_fits_its_own_class_exactly():
+    """The default reading is a block matrix ΔW = [B_i·A₀]_{i,j}: any ΔW with k equal column blocks of rank r is
+    reachable, and training finds it (a generic ΔW is not: only its block average is, see test_planted_task)."""
+    g = torch.Generator().manual_seed(1)
+    delta = (torch.randn(64, 4, generator=g) @ torch.randn(4, 8, generator=g)).repeat(1, 8) * 0.05
+    before, after, _ = fit(block(r=4, targets=["fc1"], blocks=8), delta)
+    assert after <= 1e-3 * before, (before, after)
+
+
+def test_rank_split_arms_never_part_from_zero_init():
+    """Why `split="rank"` is not the default: with B = 0 at init every arm B_i gets the same gradient s·G·A₀ᵀ, so the
+    arms stay equal through training and (Σ B_i)·A₀ is a rank-r/k LoRA whose B learns k× faster."""
+    delta = torch.randn(64, 64, generator=torch.Generator().manual_seed(2)) * 0.02
+    _, _, model = fit(block(r=8, targets=["fc1"], blocks=4, split="rank"), delta, steps=40)
+    arms = model.fc1.adapters["default"].block_lora_B.detach().view(64, 4, 2)
+    assert arms.abs().max() > 0.01
+    for i in range(1, 4):
+        assert torch.allclose(arms[:, i], arms[:, 0], atol=1e-6)

@@ -17,17 +17,19 @@ from .base import LowRankVariant
 class BlockLoRA(LowRankVariant):
     """Block-LoRA: LoRA's factors split into blocks, all down-projection blocks shared (one head, k arms).
 
-    Reading (the paper's method section was not available, only its abstract): with `split="input"`
-    (default) the input is cut into k equal blocks x = [x_1; …; x_k] and every block of A = [A_1 … A_k] is
-    one shared A₀ (r × n/k), so ΔW = s·B·A₀·[I … I] and ΔW·x = s·B·A₀·(Σ_j x_j): the block products become
-    one sum of input blocks (the abstract's "matrix multiplications become matrix additions"). Trainable:
-    B (m × r) and A₀ (r × n/k), i.e. m·r + r·n/k per layer. Chosen because it matches every claim of the
-    abstract: fewer parameters and FLOPs, and less memory (A₀'s backward saves the n/k-wide block sum instead
-    of the n-wide input, which fits "ImageNet on one 24 GB GPU"), while the rank-wise reading is just a
-    rank-r/k LoRA with a k-fold over-parametrized B. Limitation of this reading: ΔW's k column blocks are
-    equal, so on a generic ΔW it learns only the block average (about 1/k of it: see the planted task).
-    The rank-wise alternative (`split="rank"`: B = [B_1 … B_k] with B_i m × r/k, shared A₀ (r/k × n),
-    ΔW = s·(Σ_i B_i)·A₀, rank r/k, same parameter count m·r + r·n/k) is available as an option.
+    Reading (the paper's method section is not available to us, only its abstract: "partitions the original
+    low-rank decomposition matrix of LoRA into a series of sub-matrices while sharing all down-projection
+    sub-matrices", "transforms certain complex matrix multiplication operations into simpler matrix addition"):
+    the block-matrix product of LoRA with the input cut into k equal blocks x = [x_1; …; x_k], B = [B_1; …; B_k]
+    (row blocks, the k "arms") and A = [A_1 … A_k] (column blocks) gives ΔW = [B_i·A_j]_{i,j}; sharing every
+    down-projection block A_j = A₀ (the one "head", r × n/k) gives ΔW = s·B·A₀·[I … I] and
+    ΔW·x = s·B·A₀·(Σ_j x_j): the k block products A_j·x_j become one sum of input blocks. `split="input"`
+    (default). Trainable: B (m × r) and A₀ (r × n/k), i.e. m·r + r·n/k per layer; fewer FLOPs and less memory
+    (A₀'s backward saves the n/k-wide block sum instead of the n-wide input). What it gives up: ΔW's k column
+    blocks are equal, so it fits any such ΔW exactly but only the block average of a generic one.
+    The rank-wise reading (`split="rank"`: B = [B_1 … B_k] with B_i m × r/k, shared A₀ (r/k × n),
+    ΔW = s·(Σ_i B_i)·A₀, same parameter count) is kept as an option, not the default: with B = 0 at init every arm
+    gets the same gradient, so the arms never part and it is a rank-r/k LoRA whose B learns k× faster (tested).
     `blocks` = k must divide the layer's input size n (`split="input"`) or r (`split="rank"`): ConfigError
     naming the option otherwise.
 
