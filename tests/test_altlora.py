@@ -14,7 +14,7 @@ import torch
 from contract import mlp, planted_loss_drop
 
 import lorakit
-from lorakit.errors import ConfigError, TrainingError
+from lorakit.errors import ConfigError, TrainingError, UnsupportedFeatureError
 from lorakit.optim import make_optimizer
 from lorakit.optim import lora_pairs
 
@@ -210,3 +210,14 @@ def test_trainer_runs_it(tmp_path, name):
     after = trainable(tr.model)
     assert all(torch.isfinite(p).all() for p in after.values())
     assert all(not torch.equal(before[n], after[n]) for n in after if "lora_" in n)
+
+
+@pytest.mark.parametrize("variant", ["dora", "sora", "dylora", "matryoshka_lora", "vera"])
+def test_refuses_adapters_without_one_whole_pair(variant):
+    """AltLoRA's preconditioners are built from the pair the step moves; variants outside ΔW = const + s·B·A are
+    refused by name instead of silently preconditioned with the wrong factors."""
+    torch.manual_seed(0)
+    model = mlp()
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, lora_alpha=8, variant=variant, target_modules=["fc1"]))
+    with pytest.raises(UnsupportedFeatureError, match=f"{variant}|'default' on 'fc1'"):
+        make_optimizer("altlora", model, args())

@@ -8,7 +8,8 @@ import lorakit
 from lorakit.errors import ConfigError, UnsupportedFeatureError
 from lorakit.layers import AdaptedLayer
 from lorakit.optim import make_optimizer
-from lorakit.optim.lorapro import LoRAPro, adjusted_gradients, solve_sylvester, trained_adapters
+from lorakit.optim import trained_adapters
+from lorakit.optim.lorapro import LoRAPro, adjusted_gradients, solve_sylvester
 from lorakit.train.args import TrainingArguments
 from tests.contract import mlp, perturb, planted_teacher
 
@@ -111,7 +112,7 @@ def test_pairs_by_module_with_real_scale():
     model = interleaved_model()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names[0] == "gate" and "second" in names[1] and "first" in names[3]
-    pairs = [(v, path) for path, v in trained_adapters(model)]
+    pairs = [(v, path) for path, v in trained_adapters(model, "lorapro")]
     assert len(pairs) == 2
     for v, path in pairs:
         layer = model.get_submodule(path.split("/")[0])

@@ -47,6 +47,36 @@ def lora_pairs(model) -> list[tuple[str, object]]:
     return pairs
 
 
+def trained_adapters(model, optimizer: str) -> list[tuple[str, object]]:
+    """("module.path/adapter", variant) for every adapter with trainable state (its own or its shared module's),
+    for optimizers with a closed form over ΔW = const + s·B·diag(w)·A (`Variant.trained_pairs`).
+    UnsupportedFeatureError naming the first adapter whose ΔW is not of that form, or whose pair has a frozen
+    factor: never a silent fallback."""
+    from ..errors import UnsupportedFeatureError
+    from ..layers import AdaptedLayer
+
+    found = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, AdaptedLayer):
+            continue
+        for name, v in layer.adapters.items():
+            owners = [v] + ([v.shared] if v.shared is not None else [])
+            if not any(p.requires_grad for o in owners for p in o.parameters()):
+                continue  # a frozen adapter
+            where = f"adapter {name!r} on {path!r}"
+            try:
+                pairs = v.trained_pairs()
+            except UnsupportedFeatureError as e:
+                raise UnsupportedFeatureError(f"{optimizer} cannot train {where}: {e}. Its closed form needs "
+                                              f"ΔW = s·B·A of two trainable factors; use another optimizer "
+                                              f"(e.g. adamw) for this variant") from None
+            if any(not (p.a.requires_grad and p.b.requires_grad) for p in pairs):
+                raise UnsupportedFeatureError(f"{optimizer} cannot train {where}: one of its factors is frozen "
+                                              f"({optimizer} moves A and B together)")
+            found.append((f"{path}/{name}", v))
+    return found
+
+
 def make_optimizer(name: str, model, args, **options):
     """The registered optimizer `name` over `model`'s trainable parameters."""
     if name not in optimizer_names():
@@ -65,4 +95,4 @@ def _discover() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-__all__ = ["lora_pairs", "make_optimizer", "optimizer_names", "register_optimizer"]
+__all__ = ["lora_pairs", "make_optimizer", "trained_adapters", "optimizer_names", "register_optimizer"]

@@ -23,16 +23,18 @@ Choices where the card is silent or the reference is quirky:
 - ε and β come from TrainingArguments (`adam_epsilon`, `adam_beta1/2`); the reference used ε = 1e-4, pass
   `optim_args={"eps": 1e-4}` to match. ρ defaults to 1e-5 (the reference trainer's value).
 - A and B are paired by module (`AdaptedLayer.adapters[name].lora_A/.lora_B`), never by parameter order. Conv
-  factors are handled through their matrix views. Every other trainable parameter (biases, parameters of variants
-  without an A/B pair) gets plain AdamW with the same hyperparameters.
+  factors are handled through their matrix views. Only adapters whose step moves one whole pair, ΔW = const + s·B·A
+  (LoRA, PiSSA, OLoRA, LoRA-GA; `Variant.trained_pairs`), are accepted; any other adapter (DoRA, SoRA's gate,
+  DyLoRA's sampled truncation, MatryoshkaLoRA's diagonal, ...) is refused by name, as in LoRA-Pro. Trainable
+  parameters outside the adapters (a head, biases) get plain AdamW with the same hyperparameters.
 - The math runs in fp32 (fp64 for fp64 factors) and is written back in the parameter's dtype.
 """
 from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError, TrainingError
-from . import lora_pairs, register_optimizer
+from ..errors import ConfigError, TrainingError, UnsupportedFeatureError
+from . import register_optimizer, trained_adapters
 
 MODES = ("sequential", "alternating")
 
@@ -152,7 +154,13 @@ def _build(model, args, plus, options):
     for key in ("reg", "eps"):
         if isinstance(opts[key], bool) or not isinstance(opts[key], (int, float)) or opts[key] < 0:
             raise ConfigError(f"option {key} must be a non-negative number, got {opts[key]!r}")
-    pairs = [v for _, v in lora_pairs(model)]
+    name = "altlora+" if plus else "altlora"
+    pairs = [v for _, v in trained_adapters(model, name)]
+    for v in pairs:
+        form = v.trained_pairs()
+        if len(form) != 1 or form[0].weights is not None or form[0].ranks != slice(None):
+            raise UnsupportedFeatureError(f"{name} cannot train a {v.name!r} adapter ({v.path!r}): its "
+                                          "preconditioners need one whole pair (lora_A, lora_B) moved every step")
     if not pairs:
         raise TrainingError("altlora needs LoRA adapters with trainable lora_A/lora_B factors; none found")
     paired = {id(p) for v in pairs for p in (v.lora_A, v.lora_B)}

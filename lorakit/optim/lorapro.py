@@ -31,9 +31,8 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedFeatureError
-from ..layers import AdaptedLayer
-from . import register_optimizer
+from ..errors import ConfigError
+from . import register_optimizer, trained_adapters
 from .standard import trainable
 
 JITTER = 1e-8
@@ -84,7 +83,7 @@ class LoRAPro(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         params = trainable(model)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.adapters = trained_adapters(model)
+        self.adapters = trained_adapters(model, "lorapro")
         self._paired = {id(p) for _, v in self.adapters for pair in v.trained_pairs() for p in (pair.a, pair.b)}
 
     @staticmethod
@@ -143,32 +142,6 @@ class LoRAPro(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd)
             p.add_(u.to(p.dtype), alpha=-lr)
         return loss
-
-
-def trained_adapters(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """("module.path/adapter", variant) for every adapter with trainable state (its own or its shared module's);
-    UnsupportedFeatureError naming the first whose ΔW is not a pair of trainable factors, or whose pair has a
-    frozen factor."""
-    found = []
-    for path, layer in model.named_modules():
-        if not isinstance(layer, AdaptedLayer):
-            continue
-        for name, v in layer.adapters.items():
-            owners = [v] + ([v.shared] if v.shared is not None else [])
-            if not any(p.requires_grad for o in owners for p in o.parameters()):
-                continue  # a frozen adapter
-            where = f"adapter {name!r} on {path!r}"
-            try:
-                pairs = v.trained_pairs()
-            except UnsupportedFeatureError as e:
-                raise UnsupportedFeatureError(f"lorapro cannot train {where}: {e}. LoRA-Pro's closed form needs "
-                                              f"ΔW = s·B·A of two trainable factors; use another optimizer "
-                                              f"(e.g. adamw) for this variant") from None
-            if any(not (p.a.requires_grad and p.b.requires_grad) for p in pairs):
-                raise UnsupportedFeatureError(f"lorapro cannot train {where}: one of its factors is frozen "
-                                              f"(LoRA-Pro moves A and B together)")
-            found.append((f"{path}/{name}", v))
-    return found
 
 
 @register_optimizer("lorapro")

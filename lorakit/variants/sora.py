@@ -1,5 +1,5 @@
 """SoRA — sparse low-rank adaptation (Ding et al., EMNLP 2023, arXiv 2311.11696): a trainable gate g (r) between the
-LoRA factors, y = W x + s·B·(g ⊙ A x), made sparse during training by a proximal soft-threshold step on g (the
+LoRA factors, y = W x + s·B·(g ⊙ A x), made sparse during training by a threshold step on g (the
 `sora` optimizer, `lorakit.optim.sora`); ranks whose gate reaches exactly 0 are then cut out (`prune_sora`), leaving
 a smaller plain LoRA with a rank per layer."""
 from __future__ import annotations
@@ -33,7 +33,7 @@ class SoRA(LowRankVariant):
     Choices where the card is silent: the gate is applied in rank space (h = A x; h ⊙ g·s; B h) rather than by
     forming diag(g)·A each step; on Conv layers it scales the rank channels; on Embeddings the rank-space vector the
     lookup returns. The file key is `lora_gate` (PEFT has no SoRA; peft_type "LORAKIT_SORA"). Sparsity is exact
-    zeros of g (the soft threshold produces them); `prune_sora` removes those ranks and nothing else by default.
+    zeros of g (the threshold step produces them); `prune_sora` removes those ranks and nothing else by default.
     """
 
     name = "sora"
