@@ -438,9 +438,11 @@ def test_option_errors():
 
 
 def test_closed_form_optimizers_do_not_take_sora_for_a_plain_lora():
-    from lorakit.optim import lora_pairs
+    from lorakit.errors import UnsupportedFeatureError
+    from lorakit.optim import lora_pairs, trained_adapters
 
     model = sora_mlp()
     lorakit.inject(model, lorakit.AdapterConfig(r=4, target_modules=["fc1"], init_lora_weights=False), "plain")
     assert {k.split("/")[1] for k, _ in lora_pairs(model)} == {"default", "plain"}
-    assert [k for k, _ in lora_pairs(model, exact=True)] == ["fc1/plain"]
+    with pytest.raises(UnsupportedFeatureError, match="'default' on 'fc1'.*gate"):
+        trained_adapters(model, "lorapro")
