@@ -1,6 +1,7 @@
 """lorakit: low-rank adapters for any PyTorch model — create, train, shrink, combine, serve, inspect."""
 from . import errors
 from .config import AdapterConfig
+from .hf import from_pretrained
 from .init import initialize, register_init
 from .io import export_lora, load_adapter, read_adapter, save_adapter
 from .model import (active_adapters, adapter_names, adapter_parameters, count_parameters, delete_adapter,
@@ -14,7 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "BASE", "active_adapters", "adapter_names", "adapter_parameters", "count_parameters",
-    "delete_adapter", "disabled", "errors", "export_lora", "get_config", "get_variant", "initialize", "inject", "load_adapter",
+    "delete_adapter", "disabled", "errors", "export_lora", "from_pretrained", "get_config", "get_variant", "initialize",
+    "inject", "load_adapter",
     "mark_trainable", "merge", "merge_and_unload", "parameter_report", "pin_routing", "quantize_base", "read_adapter",
     "register_init", "register_variant", "route", "save_adapter", "set_active", "unload", "unmerge", "variant_names",
 ]

@@ -70,11 +70,13 @@ class _Rows(torch.utils.data.Dataset):
 
 @dataclasses.dataclass
 class TextDataset(_Rows):
-    """Texts with int class ids 0..K-1 (classification) or float targets (regression)."""
+    """Texts with int class ids 0..K-1 (classification) or float targets (regression); `label_names` (name of class
+    k at k) when the source names its classes."""
     texts: list
     labels: list
     task: str = "classification"
     num_labels: int = 2
+    label_names: tuple = ()
     _keys = (("texts", "text"), ("labels", "label"))
 
 
@@ -201,7 +203,7 @@ def vader(domain: str, task: str = "classification", seed: int = 0) -> Splits:
     if task in ("classification", "instruct"):
         rows = [(t, int(r > 0)) for t, r in rows if abs(r) >= 0.5]
         texts, labels = [t for t, _ in rows], [y for _, y in rows]
-        data = TextDataset(texts, labels, "classification", 2) if task == "classification" \
+        data = TextDataset(texts, labels, "classification", 2, ("negative", "positive")) if task == "classification" \
             else ChatDataset.from_texts(texts, labels)
     elif task == "regression":
         data = TextDataset([t for t, _ in rows], [r for _, r in rows], "regression", 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGETS, AdapterConfig, is_targeted, name_matches
 from .errors import AdapterNameError, MergeError, TargetError
+from .hf import bind_save_pretrained, unbind_save_pretrained
 from .kinds import SUPPORTED, Conv1D, is_supported, kind_for
 from .layers import AdaptedLayer, TrainedCopy
 from .routing import BASE, pin_in_checkpoints, unpin_checkpoints
@@ -173,6 +175,20 @@ def _saved_modules(model: nn.Module, config: AdapterConfig) -> list[tuple[str, n
     return found
 
 
+def _warn_fresh_heads(model: nn.Module, planned: list[tuple[str, nn.Module]]) -> None:
+    """Warn when LoRA targets a task head that is not in the checkpoint the model came from (transformers marks the
+    weights it loaded with `_is_hf_initialized`): a low-rank change of a random, frozen head. PEFT has the same trap."""
+    heads = {h for names in TASK_HEADS.values() for h in names}
+    loaded = any(getattr(p, "_is_hf_initialized", False) for p in model.parameters())
+    fresh = [path for path, m in planned if path.split(".")[-1] in heads and loaded
+             and not getattr(getattr(_base_of(m), "weight", None), "_is_hf_initialized", False)]
+    if fresh:
+        warnings.warn(f"LoRA targets {fresh}: a task head that was freshly initialised when the model was loaded "
+                      f"(not in its checkpoint). The head stays random and frozen; only a low-rank change of it trains. "
+                      f"Set task_type='SEQ_CLS' (or list the head in modules_to_save) to train and save the whole head, "
+                      f"and leave it out of target_modules", UserWarning, stacklevel=4)
+
+
 # ---- building and attaching --------------------------------------------------------------------
 @dataclass
 class PreparedAdapter:
@@ -217,7 +233,9 @@ def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool
     if heads:  # as PEFT: a classification task trains and saves its head
         config = dataclasses.replace(config, modules_to_save=(config.modules_to_save or []) + heads)
     sites, weights = [], []
-    for path, module in plan_targets(model, config):
+    planned = plan_targets(model, config)
+    _warn_fresh_heads(model, planned)
+    for path, module in planned:
         base = _base_of(module)
         kind = module.kind if isinstance(module, AdaptedLayer) else kind_for(base)
         sites.append(Site(path, kind, config.rank_for(path), config.scale_for(path)))
@@ -273,7 +291,8 @@ def attach(model: nn.Module, prepared: PreparedAdapter, trainable: bool = True) 
     book = _book(model)
     book.configs[name] = prepared.config
     set_active(model, book.active or [name])
-    pin_in_checkpoints(model)  # gradient checkpointing recomputes blocks with the routing of their forward
+    pin_in_checkpoints(model)
+    bind_save_pretrained(model)  # transformers' save_pretrained / Trainer checkpoints write the adapters  # gradient checkpointing recomputes blocks with the routing of their forward
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -294,10 +313,17 @@ def inject(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn
 
 # ---- activation --------------------------------------------------------------------------------
 def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
-    """Activate one or several adapters (their deltas are summed)."""
+    """Activate one or several adapters (their deltas are summed). Two active adapters may not both carry a trained
+    copy of the same module (e.g. a classification head): there is no sum of two heads (PEFT refuses too); route
+    rows to them instead (`lorakit.route`)."""
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         _known(model, n)
+    for path, w in wrappers(model):
+        both = [n for n in names if isinstance(w, TrainedCopy) and n in w.copies]
+        if len(both) > 1:
+            raise AdapterNameError(f"adapters {both} each carry a trained copy of {path!r} (modules_to_save); only "
+                                   f"one of them can be active at a time (or route rows with lorakit.route)")
     _book(model).active = names
     for _, w in wrappers(model):
         w.active = list(names)
@@ -346,6 +372,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     book = _book(model)
     del book.configs[name]
     set_active(model, [n for n in book.active if n != name])
+    if not book.configs:
+        unbind_save_pretrained(model)
 
 
 # ---- merging -----------------------------------------------------------------------------------
@@ -396,6 +424,7 @@ def _strip(model: nn.Module, keep_copy_of: list[str]) -> nn.Module:
     unpin_checkpoints(model)
     if hasattr(model, BOOK_ATTR):
         object.__delattr__(model, BOOK_ATTR)
+    unbind_save_pretrained(model)
     return model
 
 

@@ -105,10 +105,11 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
-def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: list[str] | None = None
-               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: list[str] | None = None,
+               tokenizer: bool = True) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """(model, tokenizer) for `spec` ("smollm2", "minilm", "tiny-llama" or a local transformers directory, including a pruned
-    base written by `lorakit.rank.save_pruned`) and `task`.
+    base written by `lorakit.rank.save_pruned`) and `task`; (model, None) with `tokenizer=False` (local directories
+    need not hold one then).
 
     "tiny-llama" trains its tokenizer on `texts`. Heads missing from a checkpoint are drawn from `seed`.
     """
@@ -152,16 +153,18 @@ def load_model(spec: str, task: str, num_labels: int = 2, seed: int = 0, texts: 
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load a {task} model from {where}: {e}") from e
+    if not tokenizer:
+        return model.eval(), None
     try:
         with _quiet():
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            loaded = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"no usable tokenizer in {where} (save one there with save_base or "
                          f"tokenizer.save_pretrained): {e}") from e
-    tokenizer = _prepare_tokenizer(tokenizer)
+    loaded = _prepare_tokenizer(loaded)
     if model.config.pad_token_id is None:  # sequence classification pools the last non-pad token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
+        model.config.pad_token_id = loaded.pad_token_id
+    return model.eval(), loaded
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:

@@ -463,8 +463,8 @@ NAMES = [Case(f"name_{label}", "lora", lambda folder, ctx: None, E.AdapterNameEr
          for label, name in [("empty", ""), ("slash", "a/b"), ("backslash", "a\\b"), ("dotdot", ".."),
                              ("dotdot_inside", "x..y"), ("dot", "."), ("dotted", "a.b"), ("base", "__base__"),
                              ("padded", " x "), ("traversal", "../evil")]]
-NAMES.append(Case("name_exists", "lora", lambda folder, ctx: None, E.AdapterNameError, ("first",), name="first",
-                  states=("adapter",)))
+NAMES.append(Case("name_exists", "lora", lambda folder, ctx: None, E.StateDictError, ("first", "in place"),
+                  name="first", states=("adapter",)))  # a hot swap whose tensors do not fit the loaded adapter
 CASES = (TRUNCATION + JSON + MISSING + KEYS + SHAPES + VALUES + VARIANTS + FEATURE_CASES + CONFIG_VALUES + TARGETS
          + NAMES)
 assert len({c.id for c in CASES}) == len(CASES)

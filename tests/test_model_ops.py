@@ -15,7 +15,8 @@ def build(variant="lora", names=("a",), rs=False, noise=0.3):
     for i, name in enumerate(names):
         torch.manual_seed(10 + i)
         cfg = lorakit.AdapterConfig(r=3 + i, lora_alpha=5, variant=variant, use_rslora=rs, init_lora_weights=False,
-                                    target_modules=["emb", "conv", "conv2d"], modules_to_save=["head"])
+                                    target_modules=["emb", "conv", "conv2d"],
+                                    modules_to_save=["head"] if i == 0 else None)  # one trained head may be active
         lorakit.inject(model, cfg, name)
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from ..io.files import dir_mode
 
 ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
          "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
@@ -59,6 +60,7 @@ def make_model(out_dir: str | os.PathLike, arch: str = "llama", hidden_size: int
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, dir_mode())  # mkdtemp's 0700 would stay on `out`
         _write(tmp, config, tokenizer, random_state_dict(config, seed))
         _check_target(out)
         try:
