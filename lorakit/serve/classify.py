@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EngineStoppedError, ModelError, QueueFullError, RequestError, UnknownAdapterError
+from ..errors import (AdapterNameError, EngineStoppedError, ModelError, QueueFullError, RequestError,
+                      UnknownAdapterError)
 from ..routing import BASE
 
 
@@ -59,6 +60,8 @@ class Classifier:
         from ..io import load_adapter
 
         with self._lock:
+            if name in self._adapters:  # lorakit.load_adapter would hot-swap; the API wants an explicit unload
+                raise AdapterNameError(f"adapter {name!r} is already registered (unload it first)")
             load_adapter(self.model, path, name)
             self._adapters[name] = str(path)
 
