@@ -126,10 +126,14 @@ def _pattern(name: str, value) -> bool:
 
 def run_train(args) -> None:
     from .train import RunConfig, train
+    from .train.run import saved_paths
 
-    results = train(RunConfig.from_flat(settings(args)), resume=args.resume)
+    config = RunConfig.from_flat(settings(args))
+    results = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
         _print_results(results)
+        for path in saved_paths(config.training.output_dir):
+            print(f"saved {path}")
 
 
 def run_eval(args) -> None:
@@ -220,9 +224,15 @@ def run_squeeze(args) -> None:
 
 
 def _print_results(results: dict) -> None:
-    width = max(map(len, results))
-    for k, v in results.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    """One `name  value` line per result (floats to 4 significant digits), then its warnings."""
+    from .train.tasks import format_number
+
+    shown = {k: v for k, v in results.items() if k != "warnings"}
+    width = max(map(len, shown))
+    for k, v in shown.items():
+        print(f"{k:<{width}}  {format_number(v)}")
+    for warning in results.get("warnings", ()):
+        print(f"warning: {warning}")
 
 
 def build_parser() -> argparse.ArgumentParser:

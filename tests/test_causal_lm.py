@@ -126,7 +126,10 @@ def test_adapter_is_peft_format_and_peft_loads_it(lm_run):
 def test_eval_reproduces_perplexity(lm_run, capsys):
     results = json.loads((lm_run / "results.json").read_text())
     config = RunConfig.from_flat(read_yaml(lm_run / "run_config.yaml"))
-    assert evaluate(lm_run, config) == {"test_loss": results["test_loss"], "test_perplexity": results["test_perplexity"]}
+    again = evaluate(lm_run, config)
+    assert {k: again[k] for k in ("test_loss", "test_perplexity")} == \
+        {"test_loss": results["test_loss"], "test_perplexity": results["test_perplexity"]}
+    assert again["split"] == "test" and again["test_examples"] == results["test_examples"]
     assert main(["eval", str(lm_run / "adapter"), "--split", "validation"]) == 0  # the run's settings are found
     out = capsys.readouterr().out
-    assert f"validation_perplexity  {results['validation_perplexity']:.4f}" in out
+    assert f"validation_perplexity  {results['validation_perplexity']:.4g}\n" in out

@@ -132,13 +132,14 @@ def test_train_yaml_and_flags_eval_inspect(tmp_path, monkeypatch, capsys):
     lora = 6 * 2 * 4 * (384 + 384)  # 6 layers x (query, value) x r x (in + out)
     assert results["trainable_parameters"] == lora + 384 * 2 + 2  # + the classifier head, trained fully
     assert results["steps"] == 4 and 0 <= results["test_accuracy"] <= 1
-    assert f"test_accuracy         {results['test_accuracy']:.4f}" in printed
+    assert printed_value(printed, "test_accuracy") == f"{results['test_accuracy']:.4g}"
 
     config = RunConfig.from_flat(saved)
     again = evaluate(run, config)
-    assert again == {k: v for k, v in results.items() if k.startswith("test_")}  # exactly
+    assert again == {"data": saved["data"], "split": "test",
+                     **{k: v for k, v in results.items() if k.startswith("test_")}}  # exactly
     assert main(["eval", str(run), "--split", "validation"]) == 0
-    assert f"validation_accuracy  {results['validation_accuracy']:.4f}" in capsys.readouterr().out
+    assert printed_value(capsys.readouterr().out, "validation_accuracy") == f"{results['validation_accuracy']:.4g}"
 
     for where in (run / "adapter", run):  # an adapter folder, or the run's folder
         assert main(["inspect", str(where)]) == 0
@@ -170,7 +171,7 @@ def test_tiny_llama_flags_run(tiny_run, capsys):
     results = json.loads((run / "results.json").read_text())
     assert main(["eval", str(run)]) == 0  # rebuilds model and tokenizer from base_model/
     out = capsys.readouterr().out
-    assert f"test_accuracy  {results['test_accuracy']:.4f}" in out
+    assert printed_value(out, "test_accuracy") == f"{results['test_accuracy']:.4g}"
     config = RunConfig.from_flat(read_yaml(run / "run_config.yaml"))
     assert evaluate(run / "adapter", config)["test_f1"] == results["test_f1"]
 
@@ -249,3 +250,8 @@ def test_inspect_any_variant_lists_each_layers_tensors(tmp_path, capsys):
     assert "variant=vblora" in out and "vector_length" in out
     assert "0: 64 stored values — vblora_logits_A (4, 2, 4), vblora_logits_B (2, 4, 4)" in out
     assert "base_model.vblora_vector_bank" in out and "2 adapted layers" in out
+
+
+def printed_value(out: str, key: str) -> str:
+    """The value `lorakit train` / `eval` printed for `key` (a `name  value` line)."""
+    return next(line.split(None, 1)[1] for line in out.splitlines() if line.split()[:1] == [key])

@@ -157,8 +157,8 @@ def test_group_runs_mean_std():
     assert groups[("lora", 1e-2)]["std"] == 0 and groups[("dora", 1e-3)]["std"] == 0  # one seed: 0, not an error
 
     md = summary(groups, best_learning_rates(groups, True), "test_accuracy", True, {"model": "m", "data": "d"})
-    assert "| lora | 0.001 | 2 | 0.7000 ± 0.1414 | 1,000 | 0.500 | 100 |" in md
-    assert "| lora | 0.01 | 0.9000 ± 0.0000 |" in md and "higher is better" in md
+    assert "| lora | 0.001 | 2 | 0.7 ± 0.1414 | 1,000 | 0.5 | 100 |" in md
+    assert "| lora | 0.01 | 0.9 ± 0 |" in md and "higher is better" in md
 
 
 @pytest.mark.parametrize("greater, expected", [(True, 1e-2), (False, 1e-3)])
@@ -263,3 +263,17 @@ def test_best_learning_rate_is_chosen_on_validation_not_test():
     best = best_learning_rates(group_runs(rows, "test_accuracy", select="validation_accuracy"), True)
     assert best["lora"] == (1e-2, 0.7, 0.0)  # validation picks 1e-2; its test accuracy is what gets reported
     assert best_learning_rates(group_runs(rows, "test_accuracy"), True)["lora"][0] == 1e-3  # no select: the metric
+
+
+def test_sweep_reports_majority_class_macro_f1_and_predicted_labels(swept):
+    _, out = swept
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        shares = float(r["test_predicted_share_0"]) + float(r["test_predicted_share_1"])
+        assert shares == pytest.approx(1.0) and 0.5 <= float(r["test_majority_class_rate"]) <= 1
+        assert float(r["test_macro_f1"]) <= 1
+    assert len({r["test_majority_class_rate"] for r in rows}) == 1  # the runs share their test split
+    md = (out / "results.md").read_text()
+    assert "| variant | learning rate | accuracy | majority class | f1 | macro f1 | predicted labels |" in md
+    assert md.count(" of 2 |") == 4  # one row per (variant, lr), each counting its single-class seeds

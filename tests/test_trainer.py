@@ -582,3 +582,22 @@ def test_group_by_length_sorts_within_megabatches_and_keeps_every_example(tmp_pa
             assert [len(texts[i]) for i in chunk] == sorted((len(texts[i]) for i in chunk), reverse=True)
             assert set(chunk) == set(plain.epoch_order(epoch)[start:start + mega])  # same seeded draw, reordered
     assert grouped.epoch_order(0) != grouped.epoch_order(1)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_without_a_progress_bar_each_logged_step_prints_a_line(tmp_path, capsys, quiet):
+    """`disable_tqdm`: one stderr line per logged step (step, loss, lr; the evaluation's metrics when it made one)."""
+    tr = trainer_for(tmp_path, max_steps=7, logging_steps=3, eval_steps=5, eval_data=data(8), disable_tqdm=quiet,
+                     learning_rate=2e-5)
+    history = tr.train()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    if not quiet:
+        assert lines == []
+        return
+    assert [line.split()[1] for line in lines] == ["3/7", "5/7", "6/7", "7/7"]
+    for line, record in zip(lines, history):
+        words = line.split()
+        assert words[2:6] == ["loss", f"{record['loss']:.4g}", "lr", f"{record['learning_rate']:.4g}"]
+        assert ("eval_accuracy" in words) == ("eval_accuracy" in record)
+        if "eval_accuracy" in record:
+            assert words[words.index("eval_macro_f1") + 1] == f"{record['eval_macro_f1']:.4g}"

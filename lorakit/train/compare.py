@@ -4,7 +4,9 @@ Each run lives in `<output_dir>/runs/<variant>-lr<lr>-seed<seed>/` with its own 
 `results.json` is reused, so an interrupted sweep continues where it stopped. The summary is
 `results.csv` (one row per run, each run in its own process), `results.md` (mean ± std over seeds per variant
 and learning rate, best learning rate per variant), `accuracy_vs_lr.png` (or the task's main metric) and
-`training_curves.png`. With `eval_ranks`, every run is also tested at those ranks and `results.md` gets an AURAC
+`training_curves.png`. For classification `results.md` also sets each accuracy beside the test split's
+majority-class rate, with positive-class and macro F1, the predicted-label shares and the runs that predict a
+single class. With `eval_ranks`, every run is also tested at those ranks and `results.md` gets an AURAC
 table (plus `accuracy_by_rank.csv`, `aurac.json`, `accuracy_vs_rank.png`).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ from . import checkpoint
 from .args import RunConfig
 from .plots import plot_curves, plot_sweep
 from .run import saved_settings, train
-from .tasks import TASKS
+from .tasks import PREDICTED_SHARE, TASKS, format_number, single_class_warning
 from .trainer import read_metrics
 
 COLUMNS = ["variant", "learning_rate", "seed", "trainable_parameters", "steps", "seconds_per_step",
@@ -84,7 +86,8 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
     _write_csv(out / "results.csv", rows, metric)
     groups = group_runs(rows, metric, select="validation_" + task.main_metric)
     best = best_learning_rates(groups, task.greater_is_better)
-    (out / "results.md").write_text(summary(groups, best, metric, task.greater_is_better, settings))
+    (out / "results.md").write_text(summary(groups, best, metric, task.greater_is_better, settings)
+                                    + class_summary(groups))
     ranks = next(iter(configs.values())).eval_ranks
     if ranks:
         (out / "results.md").write_text((out / "results.md").read_text() + rank_summary(groups, best, metric, ranks, out))
@@ -136,13 +139,50 @@ def summary(groups: dict, best: dict, metric: str, greater_is_better: bool, sett
              "|---|---|---|---|---|---|---|"]
     for (variant, lr), g in groups.items():
         rs = g["runs"]
-        lines.append(f"| {variant} | {lr:g} | {len(rs)} | {g['mean']:.4f} ± {g['std']:.4f} "
-                     f"| {rs[0]['trainable_parameters']:,} | {statistics.fmean(r['seconds_per_step'] for r in rs):.3f} "
-                     f"| {max(r['peak_memory_mb'] for r in rs):.0f} |")
+        step = statistics.fmean(r["seconds_per_step"] for r in rs)
+        lines.append(f"| {variant} | {lr:g} | {len(rs)} | {_num(g['mean'])} ± {_num(g['std'])} "
+                     f"| {rs[0]['trainable_parameters']:,} | {_num(step)} | {max(r['peak_memory_mb'] for r in rs):.0f} |")
     lines += ["", "Best learning rate per variant (chosen on the validation split when the runs report it):", "",
               "| variant | learning rate | " + metric + " |", "|---|---|---|"]
-    lines += [f"| {v} | {lr:g} | {m:.4f} ± {s:.4f} |" for v, (lr, m, s) in best.items()]
+    lines += [f"| {v} | {lr:g} | {_num(m)} ± {_num(s)} |" for v, (lr, m, s) in best.items()]
     return "\n".join(lines) + "\n"
+
+
+def class_summary(groups: dict, split: str = "test") -> str:
+    """Markdown for classification sweeps ('' otherwise): per (variant, lr), accuracy beside the split's
+    majority-class rate, positive-class and macro F1, the predicted-label shares (means over seeds) and how many
+    runs predict a single class, then a warning naming those runs."""
+    if not all(f"{split}_macro_f1" in r for g in groups.values() for r in g["runs"]):
+        return ""
+    mean = lambda rs, name: _num(statistics.fmean(r[f"{split}_{name}"] for r in rs))  # noqa: E731
+    lines = ["", f"Classification on the {split} split: accuracy against the majority-class rate (the accuracy of "
+             "always predicting the most frequent label), F1 of the positive class (label 1) and macro F1, the "
+             "share of examples predicted as each label (means over seeds):", "",
+             "| variant | learning rate | accuracy | majority class | f1 | macro f1 | predicted labels | "
+             "single-class runs |", "|---|---|---|---|---|---|---|---|"]
+    single = []
+    for (variant, lr), g in groups.items():
+        rs = g["runs"]
+        shares = " · ".join(f"{label}: {_num(v)}" for label, v in _predicted_shares(rs, split).items())
+        one = [r for r in rs if single_class_warning(r, split)]
+        single += [f"{variant} lr {lr:g} seed {r.get('seed')}" for r in one]
+        lines.append(f"| {variant} | {lr:g} | {mean(rs, 'accuracy')} | {mean(rs, 'majority_class_rate')} "
+                     f"| {mean(rs, 'f1')} | {mean(rs, 'macro_f1')} | {shares} | {len(one)} of {len(rs)} |")
+    if single:
+        lines += ["", f"**Warning**: {len(single)} run(s) predict a single class for every {split} example, so their "
+                  f"accuracy is only that class's share of the split: {', '.join(single)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _predicted_shares(runs: list[dict], split: str) -> dict[str, float]:
+    """label → mean share of the `split` examples predicted as it, over `runs`."""
+    start = f"{split}_{PREDICTED_SHARE}"
+    labels = [k.removeprefix(start) for k in runs[0] if k.startswith(start)]
+    return {label: statistics.fmean(r[start + label] for r in runs) for label in labels}
+
+
+def _num(value: float) -> str:
+    return format_number(float(value))
 
 
 def rank_summary(groups: dict, best: dict, metric: str, ranks: list[int], out: Path) -> str:
@@ -157,8 +197,8 @@ def rank_summary(groups: dict, best: dict, metric: str, ranks: list[int], out: P
              f"(v1) and log2 rank (v2)):", "",
              "| variant | " + " | ".join(f"r={k}" for k in ranks) + " | AURAC v1 | AURAC v2 |",
              "|---|" + "---|" * (len(ranks) + 2)]
-    lines += [f"| {v} | " + " | ".join(f"{c[k]:.4f}" for k in ranks) +
-              f" | {scores[v]['aurac_v1']:.4f} | {scores[v]['aurac_v2']:.4f} |" for v, c in curves.items()]
+    lines += [f"| {v} | " + " | ".join(_num(c[k]) for k in ranks) +
+              f" | {_num(scores[v]['aurac_v1'])} | {_num(scores[v]['aurac_v2'])} |" for v, c in curves.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from . import checkpoint
 from .args import RunConfig
 from .devices import base_dtype, device_of, resolve_device
 from .distributed import Processes, full_tensors
-from .tasks import make_task
+from .tasks import make_task, single_class_warning
 from .trainer import Trainer
 from .trainer import evaluate as evaluate_model
 
@@ -121,6 +122,9 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
                    **baselines)
     if config.eval_ranks:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
+    warnings = report_warnings(results, ("validation", "test"), show=main)
+    if warnings:
+        results["warnings"] = warnings
     results["wall_seconds"] = round(time.perf_counter() - begun, 1)  # data, model, baselines, training, tests
     tensors = full_tensors(adapter_parameters(model, "default"))  # every rank: FSDP gathers the shards
     if main:
@@ -147,15 +151,26 @@ def place(model, config: RunConfig):
 def validation_metrics(trainer: Trainer, validation) -> dict:
     """The trained weights on the validation split: the trainer's own evaluation of them when it made one."""
     if trainer.evaluated and trainer.eval_data is validation:
-        return {"validation_" + k.removeprefix("eval_"): v for k, v in trainer.evaluated.items()}
-    return trainer.evaluate(validation, "validation")
+        metrics = {"validation_" + k.removeprefix("eval_"): v for k, v in trainer.evaluated.items()}
+    else:
+        metrics = trainer.evaluate(validation, "validation")
+    return {"validation_examples": len(validation), **metrics}
 
 
 def final_test(trainer: Trainer, test) -> dict:
     """Test metrics of the trained model; instruct tasks with a label set also generate replies."""
     task = trainer.task
     with generating(task):
-        return trainer.evaluate(test, "test")
+        return {"test_examples": len(test), **trainer.evaluate(test, "test")}
+
+
+def report_warnings(results: dict, prefixes: tuple[str, ...], show: bool = True) -> list[str]:
+    """Warnings about the `<prefix>_*` metrics in `results` (a model that predicts a single class), each printed
+    on stderr when `show`."""
+    found = [w for w in (single_class_warning(results, p) for p in prefixes) if w]
+    for warning in found if show else ():
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return found
 
 
 def base_model_results(model, task, splits, config: RunConfig) -> dict:
@@ -261,7 +276,8 @@ def adapter_folder(path: str | Path) -> Path:
 
 
 def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") -> dict:
-    """Metrics of a saved adapter (a run's output_dir or its `adapter/` folder) on a split of `config.data`.
+    """Metrics of a saved adapter (a run's output_dir or its `adapter/` folder) on a split of `config.data`, after
+    what was scored: `data`, `split` and `<split>_examples`. A model that predicts one class is warned about.
 
     The base model is the adapter's `base_model_name_or_path` when that is a local directory, else `config.model`.
     """
@@ -278,7 +294,16 @@ def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") ->
     task = make_task(config.task, tokenizer, config.training.max_length, splits.train.num_labels,
                      getattr(splits.train, "choices", ()))
     with generating(task):
-        return evaluate_model(model, task, data, config.training.per_device_eval_batch_size, split)
+        metrics = evaluate_model(model, task, data, config.training.per_device_eval_batch_size, split)
+    report_warnings(metrics, (split,))
+    return {"data": config.data, "split": split, f"{split}_examples": len(data), **metrics}
+
+
+def saved_paths(output_dir: str | Path) -> list[Path]:
+    """What a finished run wrote that one opens next: the adapter folder, results.json, metrics.jsonl, the plot."""
+    out = Path(output_dir)
+    return [p for p in (out / ADAPTER_DIR, out / "results.json", out / "metrics.jsonl", out / "training_curves.png")
+            if p.exists()]
 
 
 # ---- memory --------------------------------------------------------------------------------------

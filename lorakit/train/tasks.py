@@ -53,8 +53,13 @@ class Task:
 
 
 class Classification(Task):
+    """Sequence classification. Besides `accuracy` and `f1` (binary: F1 of the positive class, label 1; more
+    classes: macro F1), an evaluation reports `macro_f1`, `majority_class_rate` (the share of the split's most
+    frequent gold label: the accuracy of always predicting it) and `predicted_share_<label>` (the share of examples
+    predicted as each label), so a model that predicts one class shows as such."""
+
     name, main_metric, greater_is_better = "classification", "accuracy", True
-    metric_names = ("accuracy", "f1")
+    metric_names = ("accuracy", "f1", "macro_f1", "majority_class_rate")
 
     def collate(self, examples):
         batch = self._encode([e["text"] for e in examples])
@@ -74,18 +79,50 @@ class Classification(Task):
         return confusion.double()
 
     def metrics(self, stats):
-        k = self.num_labels
-        confusion = stats.view(k, k)  # rows: true label, columns: prediction
-        tp = confusion.diag()
-        precision = tp / confusion.sum(0).clamp(min=1)
-        recall = tp / confusion.sum(1).clamp(min=1)
-        f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
-        # binary: F1 of the positive class (label 1); more classes: macro F1 over the classes that occur in the
-        # labels or the predictions (both as scikit-learn's defaults)
-        present = (confusion.sum(0) + confusion.sum(1)) > 0
-        macro = f1[present].mean() if present.any() else f1.sum()
-        return {"accuracy": (tp.sum() / confusion.sum().clamp(min=1)).item(),
-                "f1": (f1[1] if k == 2 else macro).item()}
+        return confusion_metrics(stats.view(self.num_labels, self.num_labels))
+
+
+def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """Classification metrics of a k×k confusion matrix (rows: true label, columns: prediction)."""
+    k = len(confusion)
+    n = confusion.sum().clamp(min=1)
+    tp = confusion.diag()
+    precision = tp / confusion.sum(0).clamp(min=1)
+    recall = tp / confusion.sum(1).clamp(min=1)
+    f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), 0.0)
+    # macro F1 over the classes that occur in the labels or the predictions (as scikit-learn's default)
+    present = (confusion.sum(0) + confusion.sum(1)) > 0
+    macro = (f1[present].mean() if present.any() else f1.sum()).item()
+    shares = (confusion.sum(0) / n).tolist()
+    return {"accuracy": (tp.sum() / n).item(), "f1": f1[1].item() if k == 2 else macro, "macro_f1": macro,
+            "majority_class_rate": (confusion.sum(1).max() / n).item(),
+            **{f"predicted_share_{label}": share for label, share in enumerate(shares)}}
+
+
+PREDICTED_SHARE = "predicted_share_"
+
+
+def single_class_warning(results: dict, prefix: str) -> str | None:
+    """A warning when the `<prefix>_*` classification metrics in `results` come from predicting one class for
+    every example; None otherwise (or when there are no such metrics)."""
+    start = f"{prefix}_{PREDICTED_SHARE}"
+    only = [k.removeprefix(start) for k, v in results.items() if k.startswith(start) and v == 1.0]
+    if not only:
+        return None
+    accuracy, majority = results[f"{prefix}_accuracy"], results[f"{prefix}_majority_class_rate"]
+    return (f"{prefix}: the model predicts class {only[0]} for every example; {prefix}_accuracy "
+            f"{format_number(accuracy)} is only that class's share of the split (majority-class rate "
+            f"{format_number(majority)}) and {prefix}_f1 {format_number(results[f'{prefix}_f1'])} is a constant "
+            f"predictor's")
+
+
+def format_number(value) -> str:
+    """A result as printed: floats with 4 significant digits and every digit of their whole part (`2e-05`,
+    `0.6808`, `1235`, `12346`), anything else as is."""
+    if not isinstance(value, float):
+        return str(value)
+    whole = len(str(int(abs(value)))) if abs(value) < 1e12 else 0  # (False for inf and nan)
+    return f"{value:.{max(4, whole)}g}"
 
 
 class Regression(Classification):

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Protocol
@@ -34,7 +35,7 @@ from . import checkpoint
 from .args import TrainingArguments
 from .devices import device_of, to_device
 from .distributed import Processes, full_tensor, is_sharded, lockstep_batches, shard_model
-from .tasks import Task
+from .tasks import Task, format_number
 
 
 class StepHook(Protocol):
@@ -310,16 +311,27 @@ class Trainer:
         return self.output_dir / "metrics.jsonl"
 
     def _log(self, record: dict) -> None:
+        """Keep a step's record, append it to `metrics.jsonl` and, without a progress bar, print it on stderr."""
         self.history.append(record)
         if self.procs.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.args.disable_tqdm:
+                print(progress_line(record, self.total_steps), file=sys.stderr, flush=True)
 
     def _write_metrics(self, records: list[dict]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.metrics_path)
+
+
+def progress_line(record: dict, total: int) -> str:
+    """A logged step as one line: step, loss, learning rate, and the evaluation's metrics when it made one."""
+    parts = [f"step {record['step']}/{total}", f"loss {format_number(record['loss'])}",
+             f"lr {format_number(record['learning_rate'])}"]
+    parts += [f"{k} {format_number(v)}" for k, v in record.items() if k.startswith("eval_")]
+    return "  ".join(parts)
 
 
 def read_metrics(path: Path) -> list[dict]:
