@@ -23,6 +23,7 @@ from .. import adapter_parameters, get_config, initialize, inject, load_adapter,
 from ..variants import get_variant
 from ..data import GENERATIVE, load_data
 from ..errors import ConfigError
+from ..hf import labels
 from ..io.files import CONFIG_NAME, write_folder
 from ..model import count_parameters
 from ..models import MODELS, PEFT_TASK_TYPES, load_model, minilm_dir, save_base
@@ -69,6 +70,7 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     splits = load_splits(config)
     model, tokenizer = load_model(config.model, config.task, num_labels=splits.train.num_labels, seed=args.seed,
                                   texts=_texts(splits.train))
+    name_labels(model, getattr(splits.train, "label_names", ()))  # saved with the adapter (`/v1/classify` names them)
     base_dir = _base_path(config)
     base = copy.deepcopy(model) if config.model == "tiny-llama" else None  # the base alone, saved once inject works
     model = place(model, config)
@@ -128,11 +130,18 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     results["wall_seconds"] = round(time.perf_counter() - begun, 1)  # data, model, baselines, training, tests
     tensors = full_tensors(adapter_parameters(model, "default"))  # every rank: FSDP gathers the shards
     if main:
-        write_folder(out / ADAPTER_DIR, get_config(model, "default"), tensors)
+        write_folder(out / ADAPTER_DIR, get_config(model, "default"), tensors, id2label=labels(model))
         (out / "results.json").write_text(json.dumps(results, indent=1))
         from .plots import plot_run
         plot_run(trainer.history, out / "training_curves.png", task.main_metric)
     return results
+
+
+def name_labels(model, names) -> None:
+    """Give a classifier's config the data's class names (id2label / label2id)."""
+    if names and hasattr(getattr(model, "config", None), "id2label"):
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def place(model, config: RunConfig):
@@ -348,4 +357,6 @@ def _base_path(config: RunConfig) -> str:
         return str(minilm_dir())
     if config.model == "tiny-llama":
         return os.path.abspath(os.path.join(config.training.output_dir, "base_model"))
+    if config.model == "smollm2":
+        return "smollm2"  # a lorakit model name (lorakit.from_pretrained and `lorakit serve` resolve it)
     return os.path.abspath(config.model)
