@@ -1,8 +1,11 @@
-"""`lorakit ...` command line: train, eval, compare, inspect, squeeze, demo, make-model, serve.
+"""`lorakit ...` command line: train, eval, compare, inspect, merge, export, squeeze, demo, make-model, serve.
 
 Run settings come from `--config run.yaml` and/or flags; a flag is a `RunConfig`, `AdapterConfig` or
-`TrainingArguments` field with dashes (`--learning-rate 1e-3`, `--target-modules query value`, `--use-rslora`).
-Flags override the YAML file.
+`TrainingArguments` field with dashes (`--learning-rate 1e-3`, `--target-modules query value`, `--use-rslora`)
+or, as transformers spells them, with underscores (`--learning_rate`); a boolean flag alone means true
+(`--bf16`), or takes a value (`--bf16 false`), or is negated (`--no-bf16`). Flags override the YAML file.
+`train` takes every setting; `eval` the ones that say what to evaluate on and how; `compare` every setting but
+the ones it sweeps.
 """
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ import dataclasses
 import difflib
 import os
 import re
+import secrets
+import shutil
 import sys
 import typing
+from pathlib import Path
 
-from .errors import ConfigError, LorakitError
+from .errors import ConfigError, LorakitError, MergeError
 from .train.args import TASK_DEFAULTS
 
 HELP = {"model": "smollm2 | minilm | tiny-llama | a local transformers model directory",
@@ -29,8 +35,19 @@ HELP = {"model": "smollm2 | minilm | tiny-llama | a local transformers model dir
         "rank_pattern": "per-module ranks as a mapping, e.g. '{q_proj: 4}'",
         "target_modules": "module names (one or more), one regex (PEFT full match), or all-linear",
         "output_dir": "where the run's files go",
+        "report_to": "none | tensorboard (scalars in <output_dir>/runs) | wandb (offline mode) (default: none)",
+        "save_total_limit": "checkpoints kept in <output_dir>/checkpoints, oldest deleted first; 0 keeps all "
+                            "(default: 1)",
         "eval_ranks": "also test the adapter at these ranks and report AURAC, e.g. 1,2,4,8 (plain LoRA: first k "
                       "components; dylora / matryoshka_lora: their nested form)"}
+
+
+# `lorakit eval`: what to evaluate on (data, model, task) and how (batching, length, device, precision)
+EVAL_SETTINGS = ("model", "data", "task", "text_column", "label_column", "split_seed", "max_eval_samples",
+                 "max_length", "per_device_eval_batch_size", "device", "bf16", "fp16", "quantize")
+# `lorakit compare` sweeps these; their flags only point at the sweep flag
+SWEPT = {"variant": "--variants", "use_rslora": "--variants (rslora, <variant>+rslora)", "learning_rate": "--lrs",
+         "seed": "--seeds"}
 
 
 class _UsageError(Exception):
@@ -76,23 +93,45 @@ def _parse_token(text: str):
         return yaml.safe_load(text) if text[:1] in "[{" else text
 
 
-def add_settings(parser: argparse.ArgumentParser) -> None:
-    """One flag per run setting; only flags the user gives end up in the namespace."""
+def _bool(text: str) -> bool:
+    """A boolean flag's value, as transformers' HfArgumentParser reads it (`--bf16 True`)."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid bool value: {text!r} (true or false)")
+    return value
+
+
+def _help(name: str, default) -> str:
+    if name == "variant":
+        from .variants import variant_names
+
+        return " | ".join(variant_names()) + f" (default: {default})"
+    if name == "optim":
+        from .optim import optimizer_names
+        from .train.args import OPTIM_ALIASES
+
+        return (" | ".join(optimizer_names()) + f" (default: {default}; transformers' "
+                + ", ".join(OPTIM_ALIASES) + " = adamw)")
+    return HELP.get(name, f"default: {default!r}")
+
+
+def add_settings(parser: argparse.ArgumentParser, only=None, hidden=()) -> None:
+    """One flag per run setting (`only` these, when given; `hidden` ones parse but stay out of --help); only flags
+    the user gives end up in the namespace."""
     parser.add_argument("--config", help="a YAML file of settings (flags override it)")
     groups = {}
     for owner, f, hint in _setting_fields():
+        if only is not None and f.name not in only:
+            continue
         group = groups.setdefault(owner, parser.add_argument_group(owner))
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if f.name == "variant":
-            from .variants import variant_names
-
-            text = " | ".join(variant_names()) + f" (default: {default})"
-        else:
-            text = HELP.get(f.name, f"default: {default!r}")
+        text = argparse.SUPPRESS if f.name in hidden else _help(f.name, default)
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text)
         if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            group.add_argument(flag, nargs="?", const=True, type=_bool, metavar="BOOL", **kw)
+            group.add_argument("--no-" + flag[2:], action="store_false", dest=f.name, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
         elif hint in (int, float, str):
             group.add_argument(flag, type=hint, metavar=hint.__name__.upper(), **kw)
         else:  # lists, unions, patterns: one or more tokens, numbers parsed, JSON/YAML for mappings
@@ -129,6 +168,7 @@ def run_train(args) -> None:
     from .train.run import saved_paths
 
     config = RunConfig.from_flat(settings(args))
+    _prepare_output_dir(Path(config.training.output_dir), args.resume, args.overwrite_output_dir)
     results = train(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one table
         _print_results(results)
@@ -137,14 +177,10 @@ def run_train(args) -> None:
 
 
 def run_eval(args) -> None:
-    from pathlib import Path
-
     from .train import RunConfig, evaluate
-    from .train.args import read_yaml
 
-    folder = Path(args.adapter)  # a run's output_dir, or an adapter folder (inside a run's output_dir or not)
-    found = [f / "run_config.yaml" for f in (folder, folder.parent) if (f / "run_config.yaml").is_file()]
-    base = read_yaml(found[0]) if found else {}  # the run's settings; flags override them
+    reads = EVAL_SETTINGS + ("max_train_samples", "seed")  # of the run's settings (flags override them)
+    base = {k: v for k, v in _run_settings(args.adapter).items() if k in reads}
     config = RunConfig.from_flat(settings(args, base))
     _print_results(evaluate(args.adapter, config, split=args.split))
 
@@ -152,11 +188,9 @@ def run_eval(args) -> None:
 def run_compare(args) -> None:
     from .train import compare
 
-    swept = {"variant": "--variants", "use_rslora": "--variants (rslora, <variant>+rslora)",
-             "learning_rate": "--lrs", "seed": "--seeds"}
-    given = [name for name in swept if name in vars(args)]
+    given = [name for name in SWEPT if name in vars(args)]
     if given:
-        raise ConfigError(f"compare sweeps {', '.join(given)}: use {', '.join(swept[n] for n in given)} instead of "
+        raise ConfigError(f"compare sweeps {', '.join(given)}: use {', '.join(SWEPT[n] for n in given)} instead of "
                           f"{', '.join('--' + n.replace('_', '-') for n in given)}")
     try:
         seeds = list(range(int(args.seeds[0]))) if len(args.seeds) == 1 else [int(s) for s in args.seeds]
@@ -211,16 +245,138 @@ def run_serve(args) -> None:
           classify_modules=parse_lora_modules(args.classify_lora_modules or []), classify_labels=args.classify_labels)
 
 
-def run_squeeze(args) -> None:
-    from .rank.squeeze import squeeze_folder
+def run_merge(args) -> None:
+    from .model import count_parameters, merge_and_unload
+    from .models import _quiet
+    from .train.run import adapter_folder
 
-    if (args.rank is None) == (args.energy is None):
-        raise ConfigError("squeeze needs exactly one of --rank K or --energy E")
-    report = squeeze_folder(args.src, args.dst, target_rank=args.rank, energy=args.energy, method=args.method)
+    folder, out = adapter_folder(args.adapter), Path(args.out_dir)
+    _check_output_dir(out, args.overwrite)
+    model, tokenizer = _adapted(folder, args.model, tokenizer=True)
+    model = merge_and_unload(model, safe=True)
+
+    def write(tmp: Path) -> None:
+        with _quiet():  # (transformers' progress bar)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    _write_output_dir(out, write)
+    print(f"wrote {out}: {type(model).__name__}, {count_parameters(model)[1]:,} parameters, {folder} merged in")
+
+
+def run_export(args) -> None:
+    from .io import export_lora, read_adapter
+    from .train.run import adapter_folder
+
+    folder, out = adapter_folder(args.adapter), Path(args.out_dir)
+    _check_output_dir(out, args.overwrite)
+    variant = read_adapter(folder)[0].variant
+    model = _adapted(folder, args.model)
+    try:
+        _write_output_dir(out, lambda tmp: export_lora(model, tmp))
+    except MergeError as e:  # DoRA: its effective ΔW is full rank
+        raise MergeError(f"{e}; `lorakit squeeze` writes its best low-rank plain LoRA, `lorakit merge` folds it into "
+                         f"the base") from None
+    config = read_adapter(out)[0]
+    ranks = sorted({config.r, *config.rank_pattern.values()})
+    print(f"wrote {out}: {variant} adapter {folder} as a PEFT LoRA, rank {'/'.join(map(str, ranks))}")
+
+
+def run_squeeze(args) -> None:
+    from .io import read_adapter, save_adapter
+    from .rank.squeeze import is_plain_lora, squeeze_adapter, squeeze_folder
+    from .train.run import adapter_folder
+
+    if args.rank is not None:
+        if args.r is not None:
+            raise ConfigError("give --r only (--rank is its deprecated name)")
+        print("warning: `lorakit squeeze --rank` is deprecated; use --r (as `lorakit train`)", file=sys.stderr)
+        args.r = args.rank
+    if (args.r is None) == (args.energy is None):
+        raise ConfigError("squeeze needs exactly one of --r K or --energy E")
+    folder, out = adapter_folder(args.src), Path(args.dst)
+    _check_output_dir(out, args.overwrite)
+    options = dict(target_rank=args.r, energy=args.energy, method=args.method)
+
+    def squeeze_on_base(tmp: Path) -> dict:  # any other variant: through the adapter on its base model
+        model = _adapted(folder, args.model)
+        report = squeeze_adapter(model, "default", **options)
+        save_adapter(model, tmp)
+        return report
+    plain = is_plain_lora(read_adapter(folder)[0])  # needs no model
+    report = _write_output_dir(out, (lambda tmp: squeeze_folder(folder, tmp, **options)) if plain else squeeze_on_base)
     width = max(map(len, report))
     for path, r in report.items():
         print(f"{path:<{width}}  r {r['from']:>3} -> {r['to']:<3}  energy kept {r['energy']:.4f}")
     print(f"wrote {args.dst}")
+
+
+# ---- output folders and base models -------------------------------------------------------------
+def _check_output_dir(folder: Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """ConfigError unless `folder` is missing or empty, or `overwrite` (then it must not hold the working
+    directory)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output folder {folder} is a file")
+    if overwrite:
+        if Path.cwd().resolve().is_relative_to(folder.resolve()):
+            raise ConfigError(f"{flag} would delete {folder}, which holds the working directory")
+    elif folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(f"output folder {folder} exists and is not empty; choose another or pass {flag} to "
+                          f"replace it")
+
+
+def _write_output_dir(folder: Path, write):
+    """`write(tmp)` into a new folder beside `folder`, which then replaces `folder`; returns what `write` returns.
+    A failed write leaves `folder` as it was."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        result = write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _prepare_output_dir(folder: Path, resume: bool, overwrite: bool) -> None:
+    """`lorakit train`'s output_dir: a run to resume, or empty, or (overwrite) removed first. Main process only."""
+    from .train.checkpoint import checkpoints
+
+    if resume and overwrite:
+        raise ConfigError("choose one of --resume (continue the run in output_dir) and --overwrite-output-dir")
+    if resume or os.environ.get("RANK", "0") != "0":
+        return
+    if checkpoints(folder / "checkpoints") and not overwrite:
+        raise ConfigError(f"{folder} already holds a run; pass --resume to continue it, --overwrite-output-dir to "
+                          f"replace it, or choose another output_dir")
+    _check_output_dir(folder, overwrite, "--overwrite-output-dir")
+    if overwrite and folder.exists():
+        shutil.rmtree(folder)
+
+
+def _run_settings(path) -> dict:
+    """The settings of the run that holds `path` (its output_dir, or an adapter folder inside it), else {}."""
+    from .train.args import read_yaml
+
+    found = [f / "run_config.yaml" for f in (Path(path), Path(path).parent) if (f / "run_config.yaml").is_file()]
+    return read_yaml(found[0]) if found else {}
+
+
+def _adapted(folder: Path, base: str | None, tokenizer: bool = False):
+    """`lorakit.from_pretrained(folder)`: the adapter on its base (`base`, else the folder's
+    base_model_name_or_path when that is a folder, else its run's model, else the model name it was saved as)."""
+    from .hf import from_pretrained
+    from .io import read_adapter
+    from .models import MODELS
+
+    saved = read_adapter(folder)[0].base_model_name_or_path or ""
+    if base is None and not saved:
+        raise ConfigError(f"{folder} names no base model (base_model_name_or_path); pass --model")
+    if base is None and not os.path.isdir(saved):  # e.g. smollm2, recorded as <cwd>/smollm2
+        base = _run_settings(folder).get("model") or (Path(saved).name if Path(saved).name in MODELS else None)
+    return from_pretrained(folder, base=base, return_tokenizer=tokenizer)
 
 
 def _print_results(results: dict) -> None:
@@ -236,18 +392,26 @@ def _print_results(results: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="lorakit", description="Low-rank adapters for any PyTorch model.")
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train an adapter (flags or --config YAML)", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--overwrite-output-dir", "--overwrite", action="store_true",
+                       help="delete a non-empty output_dir (a finished or interrupted run) first")
     add_settings(train)
     train.set_defaults(run=run_train)
 
-    ev = sub.add_parser("eval", help="evaluate a saved adapter (a run folder or an adapter folder) on a dataset")
+    ev = sub.add_parser("eval", help="evaluate a saved adapter (a run folder or an adapter folder) on a dataset",
+                        description="Evaluate a saved adapter. Unless given, model, data and task are the run's "
+                                    "(run_config.yaml beside the adapter); the base is the adapter's "
+                                    "base_model_name_or_path when that is a local folder.")
     ev.add_argument("adapter", help="a run's output_dir or an adapter folder")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    add_settings(ev)
+    add_settings(ev, only=EVAL_SETTINGS)
     ev.set_defaults(run=run_eval)
 
     cmp = sub.add_parser("compare", help="variants x learning rates x seeds on one task: table + plots")
@@ -259,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "entry with its own `variant` key is a free label")
     cmp.add_argument("--lrs", nargs="+", default=["1e-4", "5e-4", "2e-3"], help="learning rates")
     cmp.add_argument("--seeds", nargs="+", default=["2"], help="a count N (seeds 0..N-1) or a list of seeds")
-    add_settings(cmp)
+    add_settings(cmp, hidden=SWEPT)
     cmp.set_defaults(run=run_compare)
 
     ins = sub.add_parser("inspect", help="an adapter folder: config, per-layer ranks, parameter counts, norms")
@@ -316,14 +480,30 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--classify-labels", type=int, default=2, metavar="N", help="classes of the classifier head")
     srv.set_defaults(run=run_serve)
 
-    sq = sub.add_parser("squeeze", help="compress a PEFT LoRA folder to a lower rank (LoRA-Squeeze, no model needed)")
-    sq.add_argument("src", help="a PEFT LoRA folder")
+    mg = sub.add_parser("merge", help="fold an adapter into its base: a full transformers model folder")
+    mg.add_argument("adapter", help="a run's output_dir or an adapter folder")
+    mg.add_argument("out_dir", help="where the merged model goes (config.json, safetensors, tokenizer)")
+    _add_base_flags(mg)
+    mg.set_defaults(run=run_merge)
+
+    ex = sub.add_parser("export", help="write any low-rank adapter as a plain PEFT LoRA (same ΔW; PEFT and vLLM "
+                                       "load it)")
+    ex.add_argument("adapter", help="a run's output_dir or an adapter folder")
+    ex.add_argument("out_dir", help="where the LoRA folder goes")
+    _add_base_flags(ex)
+    ex.set_defaults(run=run_export)
+
+    sq = sub.add_parser("squeeze", help="compress an adapter to a lower rank as a plain PEFT LoRA (LoRA-Squeeze; "
+                                        "plain LoRA needs no model, other variants load their base)")
+    sq.add_argument("src", help="a run's output_dir or an adapter folder (any mergeable variant)")
     sq.add_argument("dst", help="where the squeezed folder goes")
-    sq.add_argument("--rank", type=int, default=None, help="target rank of every layer")
+    sq.add_argument("--r", type=int, default=None, metavar="INT", help="target rank of every layer")
+    sq.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # deprecated name of --r
     sq.add_argument("--energy", type=float, default=None,
                     help="per layer, the smallest rank keeping this fraction of the spectral energy (e.g. 0.9)")
     sq.add_argument("--method", default="exact", choices=["exact", "rsvd"],
                     help="exact: QR of the factors (never forms ΔW); rsvd: randomized SVD on the factors")
+    _add_base_flags(sq)
     sq.set_defaults(run=run_squeeze)
 
     demo = sub.add_parser("demo", help="the README demo: baseline vs LoRA on VADER movies with MiniLM",
@@ -332,11 +512,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_base_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="the base model (default: the adapter's base_model_name_or_path, "
+                                                      "else the run's model): " + HELP["model"])
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def _dashes(token: str) -> str:
+    """`--per_device_train_batch_size=8` (transformers' spelling) → `--per-device-train-batch-size=8`."""
+    if not token.startswith("--") or token == "--":
+        return token
+    name, sep, value = token.partition("=")
+    return name.replace("_", "-") + sep + value
+
+
+def _check_command(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """ConfigError naming the nearest command when the first word is not one."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is not None and word not in commands:
+        near = difflib.get_close_matches(word, list(commands), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"unknown command {word!r}{hint}; commands: {', '.join(commands)}. See `lorakit --help`.")
+
+
 def main(argv=None) -> int:
     """Run a command; returns the exit code (0, or 2 with a one-line `error: ...` on stderr for bad input)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [_dashes(a) for a in (sys.argv[1:] if argv is None else argv)]
     parser = build_parser()
     try:
+        _check_command(argv, parser)
         args, rest = parser.parse_known_args(argv)
         if args.command == "demo":
             from .demo import main as demo_main
@@ -359,9 +564,14 @@ def main(argv=None) -> int:
 def _unknown_flags(rest: list[str], parser: argparse.ArgumentParser, command: str) -> str:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     known = sorted(s for a in sub._actions for s in a.option_strings if s.startswith("--"))
+    setting_flags = {"--" + f.name.replace("_", "-") for _, f, _ in _setting_fields()}
     parts = []
     for flag in (r for r in rest if r.startswith("-")) or rest:
-        near = difflib.get_close_matches(flag.split("=")[0], known, n=3)
+        name = flag.split("=")[0]
+        if name in setting_flags:  # e.g. a training setting given to eval
+            parts.append(f"`lorakit {command}` does not take the run setting {name}")
+            continue
+        near = difflib.get_close_matches(name, known, n=3)
         parts.append(f"unknown option {flag!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
     return "; ".join(parts) + f". See `lorakit {command} --help`."
 

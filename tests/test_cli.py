@@ -70,10 +70,11 @@ SETTING_FLAGS = ["--learning-rate", "--per-device-train-batch-size", "--target-m
 
 
 @pytest.mark.parametrize("command, wanted", [
-    ([], ["train", "eval", "compare", "inspect", "demo"]),
-    (["train"], SETTING_FLAGS + ["--config", "--resume"]),
-    (["eval"], SETTING_FLAGS + ["--config", "--split"]),
-    (["compare"], SETTING_FLAGS + ["--variants", "--lrs", "--seeds"]),
+    ([], ["train", "eval", "compare", "inspect", "merge", "export", "squeeze", "demo"]),
+    (["train"], SETTING_FLAGS + ["--config", "--resume", "--overwrite-output-dir"]),
+    (["eval"], ["--config", "--split", "--data", "--model", "--per-device-eval-batch-size", "--max-length"]),
+    (["compare"], [f for f in SETTING_FLAGS if f not in ("--learning-rate", "--variant", "--use-rslora")]
+     + ["--variants", "--lrs", "--seeds"]),
     (["inspect"], ["dir", "output_dir"]),
     (["demo"], ["--learning-rate", "--max-train-samples", "--variant"]),
 ])
@@ -255,3 +256,300 @@ def test_inspect_any_variant_lists_each_layers_tensors(tmp_path, capsys):
 def printed_value(out: str, key: str) -> str:
     """The value `lorakit train` / `eval` printed for `key` (a `name  value` line)."""
     return next(line.split(None, 1)[1] for line in out.splitlines() if line.split()[:1] == [key])
+
+
+# ---- issue 16: the flags transformers users type, the life cycle, per-command flags, typos ----------------------
+class Captured(Exception):
+    """Raised by a stand-in for `lorakit.train.train`: carries the RunConfig the command line built."""
+
+
+def config_of(monkeypatch, tmp_path, *argv):
+    """The RunConfig `lorakit train ARGV` hands to train(), without training."""
+    def capture(config, resume=False):
+        raise Captured(config)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("lorakit.train.train", capture)
+    with pytest.raises(Captured) as caught:
+        main(["train", *argv])
+    return caught.value.args[0]
+
+
+def one_line_error(capsys, code, *words):
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+def test_transformers_spellings(monkeypatch, tmp_path):
+    """Underscores, `--flag value` booleans (HfArgumentParser's forms) and transformers' optimizer names."""
+    config = config_of(monkeypatch, tmp_path, "--per_device_train_batch_size=8", "--gradient_checkpointing",
+                       "--bf16", "True", "--load_best_model_at_end", "false", "--optim", "adamw_torch_fused",
+                       "--save_total_limit", "3", "--lora_alpha", "4")
+    args = config.training
+    assert args.per_device_train_batch_size == 8 and args.gradient_checkpointing and args.bf16
+    assert not args.load_best_model_at_end and args.optim == "adamw" and args.save_total_limit == 3
+    assert config.adapter.lora_alpha == 4
+    for flags, bf16 in ((["--bf16"], True), (["--bf16", "false"], False), (["--bf16=yes"], True),
+                        (["--bf16", "--no-bf16"], False)):
+        assert config_of(monkeypatch, tmp_path, *flags).training.bf16 is bf16, flags
+    for name, ours in (("adamw_torch", "adamw"), ("adamw_hf", "adamw"), ("adamw", "adamw"), ("sgd", "sgd")):
+        assert config_of(monkeypatch, tmp_path, "--optim", name).training.optim == ours
+    (tmp_path / "run.yaml").write_text("optim: adamw_torch\n")
+    assert RunConfig.from_flat(read_yaml(tmp_path / "run.yaml")).training.optim == "adamw"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--optim", "adafactor"], ["optim='adafactor'", "adamw", "sgd", "lorapro", "adamw_torch"]),
+    (["train", "--optim", "adamw_tor"], ["did you mean 'adamw'"]),
+    (["train", "--bf16", "maybe"], ["--bf16", "invalid bool value: 'maybe'"]),
+    (["train", "--report-to", "tensorbord"], ["report_to='tensorbord'", "did you mean 'tensorboard'"]),
+    (["train", "--save-total-limit", "-1"], ["save_total_limit must be >= 0"]),
+    (["train", "--resume", "--overwrite-output-dir"], ["choose one of --resume", "--overwrite-output-dir"]),
+    (["trian", "--r", "4"], ["unknown command 'trian'", "did you mean 'train'", "eval"]),
+    (["squeze", "a", "b"], ["did you mean 'squeeze'"]),
+    (["train", "--variant", "dorra"], ["unknown variant 'dorra'", "did you mean 'dora'", "vera"]),
+    (["eval", "run", "--learning-rate", "1e-3"], ["`lorakit eval` does not take the run setting --learning-rate"]),
+    (["compare", "--learning-rate", "1e-3"], ["compare sweeps learning_rate", "--lrs"]),
+])
+def test_bad_flags_are_one_line_errors(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, main(argv), *words)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("missing", ["tensorboard", "wandb"])
+def test_report_to_needs_its_package(missing, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, main(["train", "--report-to", missing]), f"needs the {missing} package",
+                   f"pip install {missing}")
+    assert not any(tmp_path.iterdir())
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"lorakit {lorakit.__version__}\n"
+
+
+def test_each_command_takes_its_own_flags(capsys):
+    """eval: what to evaluate on and how; compare: every setting but those it sweeps (they parse, for the hint)."""
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--data", "--model", "--task", "--max-eval-samples", "--per-device-eval-batch-size",
+                 "--max-length", "--device", "--bf16", "--quantize"):
+        assert flag in out, flag
+    for flag in ("--learning-rate", "--lora-alpha", "--r ", "--optim", "--save-steps", "--resume", "--report-to"):
+        assert flag not in out, flag
+    assert main(["compare", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--learning-rate" not in out and "--variant " not in out and "--seed " not in out
+    assert "--lr-scheduler-type" in out and "--lrs" in out
+
+
+# ---- checkpoints kept, reporting -------------------------------------------------------------------------------
+def test_save_total_limit_keeps_the_newest(tmp_path):
+    from lorakit.train import checkpoint
+
+    def steps(keep, n=4):
+        folder = tmp_path / f"keep{keep}"
+        for step in range(1, n + 1):
+            checkpoint.save(folder, {"w": torch.zeros(2)}, {}, {"step": step, "best": None,
+                                                              "evals_without_gain": 0}, keep=keep)
+        return [p.name for p in checkpoint.checkpoints(folder)]
+
+    assert steps(1) == ["checkpoint-4"]
+    assert steps(2) == ["checkpoint-3", "checkpoint-4"]
+    assert steps(0) == [f"checkpoint-{i}" for i in range(1, 5)]
+
+
+class FakeWriter:
+    """Records what `torch.utils.tensorboard.SummaryWriter` is asked to do."""
+    made = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def fake_module(name, **attrs):
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    module.__dict__.update(attrs)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(tmp_path_factory):
+    """A finished 4-step tiny-llama run with transformers' spellings, every step checkpointed, 2 kept, and its
+    metrics reported to TensorBoard (a stand-in writer: tensorboard is optional). Returns (run folder, data)."""
+    import sys
+
+    root = tmp_path_factory.mktemp("lifecycle")
+    data = write_sentiment(root / "data.jsonl")
+    run = root / "run"
+    FakeWriter.made.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "tensorboard", fake_module("tensorboard"))
+        mp.setitem(sys.modules, "torch.utils.tensorboard", fake_module("torch.utils.tensorboard",
+                                                                       SummaryWriter=FakeWriter))
+        assert main(["train", "--model", "tiny-llama", "--data", data, "--target_modules", "q_proj", "v_proj",
+                     "--r", "4", "--init_lora_weights", "false", "--learning_rate", "1e-2", "--max_steps", "4",
+                     "--save_steps", "1", "--save-total-limit", "2", "--optim", "adamw_torch", "--eval-steps", "2",
+                     "--per_device_train_batch_size=8", "--disable_tqdm", "--report-to", "tensorboard",
+                     "--output_dir", str(run)]) == 0
+    return run, data
+
+
+def test_lifecycle_run_checkpoints_and_tensorboard(lifecycle_run):
+    run, _ = lifecycle_run
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    assert read_yaml(run / "run_config.yaml")["optim"] == "adamw"
+    [writer] = FakeWriter.made
+    assert writer.log_dir == str(run / "runs") and writer.purge_step is None and writer.closed
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(tag, value, step) for tag, value, step in writer.scalars if tag == "train/loss"]
+    assert losses == [("train/loss", m["loss"], m["step"]) for m in metrics]
+    evals = [(value, step) for tag, value, step in writer.scalars if tag == "eval/accuracy"]
+    assert evals == [(m["eval_accuracy"], m["step"]) for m in metrics if "eval_accuracy" in m] and len(evals) == 2
+    assert {"train/learning_rate", "train/grad_norm", "train/epoch"} <= {t for t, _, _ in writer.scalars}
+
+
+def test_wandb_reports_offline(tmp_path, monkeypatch):
+    import sys
+
+    from lorakit.train.reporting import Reporter
+
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    monkeypatch.setitem(sys.modules, "wandb", fake_module("wandb", init=lambda **kw: calls.append(("init", kw))
+                                                          or Run()))
+    reporter = Reporter("wandb", tmp_path / "run")
+    reporter.log({"step": 3, "loss": 0.5, "eval_accuracy": 0.75, "note": "text"})
+    reporter.close()
+    assert calls[0] == ("init", {"mode": "offline", "dir": str(tmp_path / "run"), "project": "lorakit",
+                                 "name": "run"})
+    assert calls[1:] == [("log", {"train/loss": 0.5, "eval/accuracy": 0.75}, 3), ("finish",)]
+
+
+def test_real_tensorboard_event_files(tmp_path):
+    """With tensorboard installed, the scalars can be read back from the event file."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lorakit.train.reporting import Reporter
+
+    reporter = Reporter("tensorboard", tmp_path)
+    for step in (1, 2):
+        reporter.log({"step": step, "loss": 1.0 / step})
+    reporter.close()
+    events = EventAccumulator(str(tmp_path / "runs")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5)]
+
+
+# ---- eval, merge, export, squeeze on a run ------------------------------------------------------------------------
+def test_eval_takes_its_flags_and_ignores_training_settings_of_the_run(lifecycle_run, tmp_path, capsys):
+    import re
+    import shutil
+
+    run, _ = lifecycle_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with open(copy / "run_config.yaml", "a") as f:  # settings eval has no use for, which would fail here
+        f.write("report_to: wandb\nfsdp: full_shard\n")
+    assert main(["eval", str(copy), "--max-eval-samples", "4", "--per-device-eval-batch-size", "2",
+                 "--max_length", "32"]) == 0
+    assert re.search(r"test_examples\s+4\b", capsys.readouterr().out)
+
+
+def model_logits(model, n=3):
+    ids = torch.arange(4, 4 + 5 * n).reshape(n, 5)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_merge_writes_a_transformers_model(lifecycle_run, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.models import load_model
+
+    run, _ = lifecycle_run
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), str(out)]) == 0
+    assert f"wrote {out}: LlamaForSequenceClassification" in capsys.readouterr().out
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    adapted, _ = load_model(str(run / "base_model"), "classification")
+    lorakit.load_adapter(adapted, run / "adapter")
+    assert torch.allclose(model_logits(merged), model_logits(adapted), atol=1e-5)
+    assert (out / "tokenizer.json").is_file() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [["merge"], ["export"], ["squeeze", "--r", "2"]])
+def test_output_folders_are_never_silently_overwritten(command, lifecycle_run, tmp_path, capsys):
+    run, _ = lifecycle_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    argv = [command[0], str(run / "adapter"), str(out), *command[1:]]
+    one_line_error(capsys, main(argv), f"output folder {out} exists and is not empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert main(argv + ["--overwrite"]) == 0
+    assert not (out / "mine.txt").exists() and (out / "config.json" if command == ["merge"] else
+                                                  out / "adapter_config.json").is_file()
+
+
+def test_train_refuses_a_non_empty_output_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = write_sentiment(tmp_path / "data.jsonl", n=40)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("x")
+    argv = ["train", "--model", "tiny-llama", "--data", data, "--max-steps", "1", "--disable-tqdm",
+            "--output-dir", "out"]
+    one_line_error(capsys, main(argv), "output folder out exists and is not empty", "--overwrite-output-dir")
+    assert main(argv + ["--overwrite-output-dir"]) == 0
+    assert not (tmp_path / "out" / "notes.txt").exists() and (tmp_path / "out" / "adapter").is_dir()
+    capsys.readouterr()
+    one_line_error(capsys, main(argv), "already holds a run", "--resume", "--overwrite-output-dir")
+
+
+def test_squeeze_takes_a_run_folder_and_r(lifecycle_run, tmp_path, capsys):
+    run, _ = lifecycle_run
+    assert main(["squeeze", str(run), str(tmp_path / "sq"), "--r", "2"]) == 0
+    assert "r   4 -> 2" in capsys.readouterr().out
+    config, _ = lorakit.read_adapter(tmp_path / "sq")
+    assert config.r == 2 and config.variant == "lora"
+    assert main(["squeeze", str(run), str(tmp_path / "old"), "--rank", "2"]) == 0  # the deprecated name
+    assert "--rank` is deprecated; use --r" in capsys.readouterr().err
+    assert lorakit.read_adapter(tmp_path / "old")[0].r == 2
+
+
+def test_base_model_must_be_known(tmp_path, capsys):
+    from contract import mlp
+
+    model = mlp()
+    lorakit.inject(model, lorakit.AdapterConfig(r=2, target_modules=["fc1"], use_dora=True))
+    lorakit.save_adapter(model, tmp_path / "dora")
+    one_line_error(capsys, main(["squeeze", str(tmp_path / "dora"), str(tmp_path / "sq"), "--r", "1"]),
+                   "names no base model", "--model")
+    assert not (tmp_path / "sq").exists()

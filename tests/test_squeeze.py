@@ -333,4 +333,88 @@ def test_cli_squeeze_writes_a_lower_rank_folder(tmp_path, capsys):
     config, tensors = lorakit.read_adapter(tmp_path / "dst")
     assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {3}
     assert main(["squeeze", str(tmp_path / "src"), str(tmp_path / "dst2")]) == 2
-    assert "exactly one of --rank" in capsys.readouterr().err
+    assert "exactly one of --r K" in capsys.readouterr().err
+
+
+# ---- folders that need their base model: squeeze (and export, merge) from the command line (issue 16) ------------
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A saved tiny Llama (causal LM) and tokenizer: the base the adapter folders below name."""
+    from lorakit.models import save_base
+
+    tokenizer = train_tokenizer(TEXTS)
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    save_base(tiny_llama(len(tokenizer), seed=0, pad_token_id=tokenizer.pad_token_id), tokenizer, str(folder))
+    return folder
+
+
+def adapter_on_base(base, variant, folder, r=4):
+    """The base with a perturbed `variant` adapter on q_proj/v_proj, saved to `folder`; returns the model."""
+    from lorakit.models import load_model
+
+    model, _ = load_model(str(base), "causal-lm")
+    config = lorakit.AdapterConfig(r=r, variant=variant, target_modules=["q_proj", "v_proj"],
+                                   init_lora_weights=False if variant in ("lora", "dora") else True,
+                                   base_model_name_or_path=str(base), task_type="CAUSAL_LM")
+    injected(config, model=model)
+    lorakit.save_adapter(model, folder)
+    return model
+
+
+def logits(model):
+    ids = torch.arange(4, 19).reshape(3, 5)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def on_base(base, folder):
+    from lorakit.models import load_model
+
+    model, _ = load_model(str(base), "causal-lm")
+    return lorakit.load_adapter(model, folder)
+
+
+@pytest.mark.parametrize("variant", ["dora", "pissa"])
+def test_cli_squeezes_any_variant_on_its_base(variant, tiny_base, tmp_path, capsys):
+    """DoRA (dense effective ΔW) and PiSSA (rank-2r factors) folders: squeezed on the base the folder names, equal
+    to `squeeze_adapter` on the model; the result is a plain LoRA."""
+    from lorakit.cli import main
+
+    model = adapter_on_base(tiny_base, variant, tmp_path / "src")
+    with pytest.raises(ConfigError, match="base model"):
+        squeeze_folder(tmp_path / "src", tmp_path / "x", target_rank=2)
+    assert main(["squeeze", str(tmp_path / "src"), str(tmp_path / "dst"), "--r", "2"]) == 0
+    assert "r   4 -> 2" in capsys.readouterr().out
+    report = squeeze_adapter(model, "default", target_rank=2)
+    assert {r["source"] for r in report.values()} == {"dense" if variant == "dora" else "factors"}
+    config, _ = lorakit.read_adapter(tmp_path / "dst")
+    assert (config.variant, config.use_dora, config.r) == ("lora", False, 2)
+    assert config.base_model_name_or_path == str(tiny_base)
+    assert close(logits(on_base(tiny_base, tmp_path / "dst")), logits(model))
+
+
+@pytest.mark.parametrize("variant, rank", [("pissa", 8), ("vera", 4)])
+def test_cli_export_writes_the_same_change_as_a_peft_lora(variant, rank, tiny_base, tmp_path, capsys):
+    from lorakit.cli import main
+    from lorakit.models import load_model
+
+    model = adapter_on_base(tiny_base, variant, tmp_path / "src")
+    assert main(["export", str(tmp_path / "src"), str(tmp_path / "plain")]) == 0
+    assert f"as a PEFT LoRA, rank {rank}" in capsys.readouterr().out
+    data = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert data["peft_type"] == "LORA" and data["r"] == rank
+    peft = PeftModel.from_pretrained(load_model(str(tiny_base), "causal-lm")[0], str(tmp_path / "plain")).eval()
+    assert close(logits(peft), logits(model))
+
+
+def test_cli_merge_folds_dora_into_a_transformers_model(tiny_base, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    model = adapter_on_base(tiny_base, "dora", tmp_path / "src")
+    assert main(["merge", str(tmp_path / "src"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert close(logits(merged), logits(model))
+    assert main(["export", str(tmp_path / "src"), str(tmp_path / "plain")]) == 2  # DoRA's ΔW is full rank
+    assert "`lorakit squeeze` writes its best low-rank plain LoRA" in capsys.readouterr().err

@@ -17,8 +17,9 @@ A' = V_kᵀ instead).
 
 Model level: `squeeze_adapter` replaces an adapter of any mergeable variant by a plain LoRA at the new ranks
 (via `factors()`; a variant without factors falls back to an SVD of its dense effective ΔW — reported per layer as
-`"dense"`), `squeeze_folder` does the same on a PEFT LoRA folder without a model, and `cont_squeeze` runs a few
-training steps at the new rank.
+`"dense"`), `squeeze_folder` does the same on a plain LoRA folder without a model (other variants: `squeeze_adapter` on
+`lorakit.from_pretrained(folder)`, as `lorakit squeeze` does), and `cont_squeeze` runs a few training steps at the new
+rank.
 """
 from __future__ import annotations
 
@@ -248,6 +249,11 @@ def squeeze_adapter(model: torch.nn.Module, name: str = "default", target_rank: 
     return report
 
 
+def is_plain_lora(config: AdapterConfig) -> bool:
+    """A PEFT LoRA without DoRA: its folder squeezes from the factors alone, without the base model."""
+    return config.variant == "lora" and not config.use_dora
+
+
 def squeeze_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, target_rank: Ranks = None,
                    energy: Optional[float] = None, method: str = "exact", oversample: int = 10,
                    power_iters: int = 2, split: str = "balanced",
@@ -256,13 +262,16 @@ def squeeze_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, targe
 
     Linear layers (lora_A (r, in), lora_B (out, r)), Conv (A (r, in, *k), B (out, r, 1…)) and Embedding layers
     (lora_embedding_A (r, num), lora_embedding_B (dim, r)) are handled; other tensors (modules_to_save) are copied.
-    Same options and report as `squeeze_adapter`; the output has alpha = rank per layer (scale 1)."""
+    Same options and report as `squeeze_adapter`; the output has alpha = rank per layer (scale 1).
+    Other variants squeeze on their base model: `squeeze_adapter(lorakit.from_pretrained(src_dir), ...)`, then
+    `save_adapter` (what `lorakit squeeze` does)."""
     from ..io.files import read_adapter, write_folder
 
     config, tensors = read_adapter(src_dir)
-    if config.variant != "lora" or config.use_dora:
+    if not is_plain_lora(config):
         raise ConfigError(f"squeeze_folder reads plain LoRA folders; {src_dir} holds variant {config.variant!r}"
-                          f"{' with DoRA' if config.use_dora else ''} (load it and use squeeze_adapter)")
+                          f"{' with DoRA' if config.use_dora else ''}, which squeezes on its base model: "
+                          f"squeeze_adapter(lorakit.from_pretrained(folder), ...) or `lorakit squeeze`")
     suffixes = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
     out, report = {}, {}
     for key, t in tensors.items():
@@ -318,5 +327,5 @@ def relative_error(delta: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 __all__ = ["squeeze", "factor_svd", "dense_svd", "split_factors", "energy_rank", "frobenius_sq",
-           "squeeze_adapter", "squeeze_folder", "cont_squeeze", "relative_error", "SVD", "METHODS"]
+           "squeeze_adapter", "squeeze_folder", "is_plain_lora", "cont_squeeze", "relative_error", "SVD", "METHODS"]
 

@@ -15,6 +15,9 @@ from ..config import AdapterConfig
 from ..errors import ConfigError
 
 SCHEDULES = ("linear", "cosine", "constant")
+REPORT_TO = ("none", "tensorboard", "wandb")
+# transformers' `optim` names for what lorakit's optimizers do (the run records lorakit's name)
+OPTIM_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"}
 # Settings a task changes when the run does not set them: instruction tuning an LLM wants all-linear adapters,
 # longer sequences and a step budget that fits a CPU (the acceptance run: under 15 minutes on 2 cores, fp32).
 TASK_DEFAULTS = {"instruct": dict(target_modules="all-linear", r=16, lora_alpha=32, learning_rate=1e-3,
@@ -39,12 +42,14 @@ class TrainingArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    optim: str = "adamw"                     # a `lorakit.optim` name (adamw, sgd, ...); or pass any optimizer to `Trainer`
+    optim: str = "adamw"                     # a `lorakit.optim` name (adamw, sgd, ...) or a transformers alias
+                                             # (adamw_torch, adamw_torch_fused, adamw_hf); or pass any optimizer
     optim_args: dict = field(default_factory=dict)  # the optimizer's own options (e.g. {loraplus_lr_ratio: 16})
     max_grad_norm: float = 1.0               # 0 disables clipping
     logging_steps: int = 1                   # metrics.jsonl gets a line every this many steps
     eval_steps: int = 0                      # 0: evaluate at the end of each epoch only
     save_steps: int = 50                     # checkpoint every this many steps (0: only at the end)
+    save_total_limit: int = 1                # checkpoints kept in output_dir/checkpoints, oldest deleted (0: all)
     early_stopping_patience: int = 0         # evaluations without improvement before stopping (0: never)
     metric_for_best_model: Optional[str] = None  # default: the task's main metric
     load_best_model_at_end: bool = True
@@ -53,6 +58,7 @@ class TrainingArguments:
     dataloader_drop_last: bool = False
     group_by_length: bool = False            # batches of similar length (less padding, faster); order stays seeded
     disable_tqdm: bool = False
+    report_to: str = "none"                  # none | tensorboard (<output_dir>/runs) | wandb (offline mode)
     bf16: bool = False                       # the base runs in bfloat16 (adapters and optimizer state stay fp32)
     fp16: bool = False                       # the base runs in float16 (same)
     device: str = "auto"                     # auto (CUDA when present) | cpu | cuda | cuda:N
@@ -64,9 +70,11 @@ class TrainingArguments:
     def __post_init__(self):
         _check_types(self)
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULES)
-        from ..optim import optimizer_names
+        self.optim = _optimizer_name(self.optim)
+        _check_choice("report_to", self.report_to, REPORT_TO)
+        from .reporting import check_installed
 
-        _check_choice("optim", self.optim, optimizer_names())
+        check_installed(self.report_to)
         if not isinstance(self.optim_args, dict):
             raise ConfigError(f"optim_args must be a mapping of option names to values, got {self.optim_args!r}")
         positive = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -75,7 +83,7 @@ class TrainingArguments:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_train_epochs", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps",
-                     "eval_steps", "save_steps", "early_stopping_patience"):
+                     "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -211,9 +219,23 @@ def _keys(cls) -> set[str]:
     return keys - _FILE_ONLY if cls is AdapterConfig else keys
 
 
-def _check_choice(name: str, value, choices) -> None:
+def _optimizer_name(name: str) -> str:
+    """lorakit's optimizer for `name`: a registered name, or a transformers alias of one."""
+    from ..optim import optimizer_names
+
+    name = OPTIM_ALIASES.get(name, name)
+    if name not in optimizer_names():
+        aliases = ", ".join(OPTIM_ALIASES)
+        _check_choice("optim", name, optimizer_names(), note=f" (transformers' {aliases} mean adamw)")
+    return name
+
+
+def _check_choice(name: str, value, choices, note: str = "") -> None:
+    """ConfigError naming the value, the nearest choice and every choice, unless `value` is one of them."""
     if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+        near = difflib.get_close_matches(str(value), list(map(str, choices)), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}{note}{hint}")
 
 
 def _check_types(obj) -> None:

@@ -71,9 +71,10 @@ def load_trainable_state(model, optimizer, state: dict[str, torch.Tensor]) -> No
 
 
 def save(directory: str | Path, trainable: dict[str, torch.Tensor], optimizer: dict, progress: dict,
-         best: dict | None = None) -> Path:
-    """Write `checkpoint-<step>` under `directory` atomically, then delete older checkpoints. `trainable` and
-    `optimizer`: as `trainable_state` and `optimizer_state` give them."""
+         best: dict | None = None, keep: int = 1) -> Path:
+    """Write `checkpoint-<step>` under `directory` atomically, then delete all but the newest `keep` checkpoints
+    (0: keep every one; transformers' `save_total_limit`). `trainable` and `optimizer`: as `trainable_state` and
+    `optimizer_state` give them."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{progress['step']}"
@@ -100,8 +101,9 @@ def save(directory: str | Path, trainable: dict[str, torch.Tensor], optimizer: d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoints(directory)[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        for old in checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

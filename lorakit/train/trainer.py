@@ -35,6 +35,7 @@ from . import checkpoint
 from .args import TrainingArguments
 from .devices import device_of, to_device
 from .distributed import Processes, full_tensor, is_sharded, lockstep_batches, shard_model
+from .reporting import Reporter
 from .tasks import Task, format_number
 
 
@@ -90,6 +91,7 @@ class Trainer:
         if _is_hook(self.optimizer):  # an optimizer that acts around each step (projector refresh, ...)
             self.hooks.append(self.optimizer)
         self.output_dir = Path(args.output_dir)
+        self.reporter = Reporter(args.report_to, self.output_dir)  # reporting hook (--report-to): reporting.py
         self.metric, self.greater_is_better = _best_model_metric(args.metric_for_best_model, task)
         self.step, self.best, self.best_state, self.evals_without_gain = 0, None, None, 0
         self.history: list[dict] = []
@@ -218,6 +220,7 @@ class Trainer:
             if stop or self.step == total or (args.save_steps and self.step % args.save_steps == 0):
                 self.save_checkpoint()
         bar.close()
+        self.reporter.close()  # reporting hook (--report-to)
         last_eval = self.history[-1] if self.history and "eval_" + self.metric in self.history[-1] else {}
         self.evaluated = {k: v for k, v in last_eval.items() if k.startswith("eval_")} \
             if last_eval.get("step") == self.step else {}
@@ -292,7 +295,8 @@ class Trainer:
         optimizer = checkpoint.optimizer_state(self.optimizer)
         if self.procs.is_main:
             progress = {"step": self.step, "best": self.best, "evals_without_gain": self.evals_without_gain}
-            checkpoint.save(self.output_dir / "checkpoints", trainable, optimizer, progress, self.best_state)
+            checkpoint.save(self.output_dir / "checkpoints", trainable, optimizer, progress, self.best_state,
+                            keep=self.args.save_total_limit)  # --save-total-limit
         self.procs.barrier()
 
     def _resume(self) -> None:
@@ -318,6 +322,7 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
             if self.args.disable_tqdm:
                 print(progress_line(record, self.total_steps), file=sys.stderr, flush=True)
+            self.reporter.log(record)  # reporting hook (--report-to)
 
     def _write_metrics(self, records: list[dict]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

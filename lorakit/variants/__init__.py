@@ -4,6 +4,7 @@ Adding a variant is one file here (discovered automatically) plus one test file.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 
@@ -21,7 +22,9 @@ def register_variant(cls: type[Variant]) -> type[Variant]:
 def get_variant(name: str) -> type[Variant]:
     _discover()
     if name not in _REGISTRY:
-        raise UnknownVariantError(f"unknown variant {name!r}; registered: {sorted(_REGISTRY)}")
+        near = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UnknownVariantError(f"unknown variant {name!r}{hint}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 
