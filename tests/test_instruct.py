@@ -272,8 +272,10 @@ def test_generation_stats_count_every_example(model_and_task, chats):
         metrics = evaluate(model, task, chats, batch_size=3)
     finally:
         task.generate = False
-    assert set(metrics) == {"eval_accuracy", "eval_majority_class_rate", "eval_generation_accuracy",
+    assert set(metrics) == {"eval_accuracy", "eval_f1", "eval_macro_f1", "eval_majority_class_rate",
+                            "eval_predicted_share_0", "eval_predicted_share_1", "eval_generation_accuracy",
                             "eval_unparseable"}
+    assert metrics["eval_predicted_share_0"] + metrics["eval_predicted_share_1"] == pytest.approx(1.0)
     assert 0 <= metrics["eval_generation_accuracy"] + metrics["eval_unparseable"] <= 1
     teacher_forced = evaluate(model, task, chats, batch_size=3)
     assert teacher_forced["eval_accuracy"] == metrics["eval_accuracy"]  # generate's first-step logits agree

@@ -161,9 +161,10 @@ def test_readme_example_smoke(smoke_runs, line, argv):
     assert code == 0, f"README.md line {line}: lorakit {shlex.join(argv)}\n{err}"
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_readme_examples_as_written(tmp_path):
-    """Each example exactly as the README gives it (the whole data and models)."""
+    """Each example exactly as the README gives it (the whole data and models): about an hour on 2 cores, so only
+    on request (`pytest -m full`), not in `make test-slow` / CI."""
     run_yaml = "model: minilm\ndata: vader:movies\noutput_dir: out/yaml\nr: 8\nmax_train_samples: 2000\n"
     results = run_all(tmp_path, run_yaml)
     failed = {line: err for line, (code, _, err) in results.items() if code != 0}

@@ -201,8 +201,9 @@ class Instruct(CausalLM):
     With `choices` (a closed label set such as negative/positive) every model is also scored two ways:
     label scoring (`accuracy`: the choice whose tokens have the highest total log-probability after the prompt)
     and, while `generate` is set, greedy generation (`generation_accuracy`: the first choice word in the reply,
-    case-insensitive; a reply with none counts as wrong and as `unparseable`). `majority_class_rate` is the share
-    of the most frequent gold label in the scored examples.
+    case-insensitive; a reply with none counts as wrong and as `unparseable`). Label scoring also reports what
+    classification does (`confusion_metrics`): `f1`, `macro_f1`, `majority_class_rate` (the share of the most
+    frequent gold label) and `predicted_share_<k>` per choice index.
     """
 
     name = "instruct"
@@ -218,8 +219,8 @@ class Instruct(CausalLM):
         self.generate = False  # set for a final evaluation: greedy replies too (slower)
         if self.choices:
             self.main_metric, self.greater_is_better = "accuracy", True
-            self.metric_names = ("loss", "perplexity", "accuracy", "majority_class_rate", "generation_accuracy",
-                                 "unparseable")
+            self.metric_names = ("loss", "perplexity", "accuracy", "f1", "macro_f1", "majority_class_rate",
+                                 "generation_accuracy", "unparseable")
             self.choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in self.choices]
             self._words = {c.lower(): i for i, c in enumerate(self.choices)}
 
@@ -412,9 +413,8 @@ class Instruct(CausalLM):
             return out
         k = len(self.choices)
         confusion = stats[2:2 + k * k].view(k, k)
-        n = confusion.sum().item()
-        if n:
-            out.update(accuracy=confusion.trace().item() / n, majority_class_rate=confusion.sum(1).max().item() / n)
+        if confusion.sum().item():  # label scoring: accuracy, F1s, majority rate, predicted shares
+            out.update(confusion_metrics(confusion))
         outcomes = stats[2 + k * k:].view(k, k + 1)
         g = outcomes.sum().item()
         if g:
