@@ -226,6 +226,16 @@ def run_make_model(args) -> None:
     print(f"{out}  {parameter_count(out):,} parameters")
 
 
+def _engine_default(flag: str) -> str:
+    """EngineConfig's default for a `serve` flag, as the help shows it."""
+    from .serve.config import GiB, EngineConfig
+
+    if flag == "--memory-gb":
+        return f"{EngineConfig.memory_bytes / GiB:g}"
+    value = getattr(EngineConfig, flag[2:].replace("-", "_"))
+    return "none, bounded by --memory-gb" if value is None else str(value)
+
+
 def run_serve(args) -> None:
     from .serve.config import GiB, EngineConfig
     from .serve.server import parse_lora_modules, serve
@@ -242,7 +252,8 @@ def run_serve(args) -> None:
     serve(args.model_dir, parse_lora_modules(args.lora_modules or []), engine_config=config,
           adapter_roots=args.adapter_root, served_name=args.served_model_name, host=args.host, port=args.port,
           shutdown_timeout=args.shutdown_timeout, classify_model=args.classify_model,
-          classify_modules=parse_lora_modules(args.classify_lora_modules or []), classify_labels=args.classify_labels)
+          classify_modules=parse_lora_modules(args.classify_lora_modules or []), classify_labels=args.classify_labels,
+          lenient=args.lenient)
 
 
 def run_merge(args) -> None:
@@ -271,6 +282,8 @@ def run_export(args) -> None:
     _check_output_dir(out, args.overwrite)
     variant = read_adapter(folder)[0].variant
     model = _adapted(folder, args.model)
+    if args.target == "vllm":
+        return _export_for_vllm(model, folder, out, variant)
     try:
         _write_output_dir(out, lambda tmp: export_lora(model, tmp))
     except MergeError as e:  # DoRA: its effective ΔW is full rank
@@ -279,6 +292,17 @@ def run_export(args) -> None:
     config = read_adapter(out)[0]
     ranks = sorted({config.r, *config.rank_pattern.values()})
     print(f"wrote {out}: {variant} adapter {folder} as a PEFT LoRA, rank {'/'.join(map(str, ranks))}")
+
+
+def _export_for_vllm(model, folder: Path, out: Path, variant: str) -> None:
+    """`export --for vllm`: the folder vLLM's LoRA loader accepts, and the `vllm serve` line that loads it."""
+    from .io import read_adapter
+    from .io.vllm import VLLM_RELEASE, export_vllm
+
+    result = _write_output_dir(out, lambda tmp: export_vllm(model, tmp))
+    base = read_adapter(out)[0].base_model_name_or_path or "<base model>"
+    print(f"wrote {out}: {variant} adapter {folder} as a LoRA for vLLM {VLLM_RELEASE}, max rank {result.max_rank}")
+    print(f"vllm serve {base} --enable-lora --lora-modules {out.name}={out} --max-lora-rank {result.max_lora_rank}")
 
 
 def run_squeeze(args) -> None:
@@ -461,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "compute in fp32 on fp32 copies of the weights (faster on CPU "
                                                       "for few rows); 0 = never, no copies")):
         srv.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                         help=f"{text} (default: EngineConfig's)")
+                         help=f"{text} (default: {_engine_default(flag)})")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights, activations and KV cache; adapters are cast to it. auto (default) = the "
                           "checkpoint's dtype (config.json dtype/torch_dtype): bf16 or fp16 checkpoints stay 16-bit, "
@@ -478,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--classify-lora-modules", nargs="+", metavar="NAME=PATH",
                      help="classifier adapters (each may carry its classification head)")
     srv.add_argument("--classify-labels", type=int, default=2, metavar="N", help="classes of the classifier head")
+    srv.add_argument("--lenient", action="store_true",
+                     help="ignore (with a logged warning) OpenAI/vLLM request options this server does not implement "
+                          "(top_k, min_p, repetition_penalty, use_beam_search, ...) instead of answering 400")
     srv.set_defaults(run=run_serve)
 
     mg = sub.add_parser("merge", help="fold an adapter into its base: a full transformers model folder")
@@ -490,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "load it)")
     ex.add_argument("adapter", help="a run's output_dir or an adapter folder")
     ex.add_argument("out_dir", help="where the LoRA folder goes")
+    ex.add_argument("--for", dest="target", default="peft", choices=["peft", "vllm"],
+                    help="vllm: also check the rules of vLLM's LoRA loader (refusing, with the rule, what it cannot "
+                         "load) and print the `vllm serve` line")
     _add_base_flags(ex)
     ex.set_defaults(run=run_export)
 
