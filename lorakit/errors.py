@@ -17,6 +17,10 @@ class UnsupportedFeatureError(ConfigError):
     """A PEFT feature lorakit does not implement (refused by name, never silently ignored)."""
 
 
+class VllmIncompatibleError(ConfigError):
+    """An adapter or folder breaks a rule of vLLM's LoRA loader; the message names the rule and its source."""
+
+
 class TargetError(LorakitError, ValueError):
     """Targets match nothing, or match a module that cannot be adapted."""
 

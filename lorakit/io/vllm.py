@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ConfigError
+from ..errors import VllmIncompatibleError
 from ..kinds import EmbeddingKind, LinearKind, QuantLinearKind
 from ..layers import AdaptedLayer, TrainedCopy
 from ..model import get_config, wrappers
@@ -66,10 +66,6 @@ REFUSED_FLAGS = {  # config key -> (what vLLM calls it, source)
 }
 LORA_SUFFIXES = {"lora_A.weight": True, "lora_B.weight": False, "lora_embedding_A": True, "lora_embedding_B": False}
 PREFIX = "base_model.model."
-
-
-class VllmIncompatibleError(ConfigError):
-    """An adapter or folder breaks a rule of vLLM's LoRA loader; the message names the rule and its source."""
 
 
 @dataclass(frozen=True)
