@@ -30,11 +30,17 @@ class RequestStream:
     """Async iterator over one request's RequestOutputs; ends after the finished one.
 
     Closing it (or cancelling the task iterating it) before the end aborts the request so its KV blocks are freed.
+    For logs and metrics it records `adapter`, `prompt_tokens`, `generated` (tokens so far), `created` and
+    `first_token_at` (time.monotonic(); None until a token came).
     """
 
-    def __init__(self, owner: "AsyncEngine", request_id: str, queue: asyncio.Queue):
+    def __init__(self, owner: "AsyncEngine", request_id: str, queue: asyncio.Queue, request: Request | None = None):
         self._owner, self.request_id, self._queue = owner, request_id, queue
         self.done = False
+        self.adapter = getattr(request, "adapter", None)
+        self.prompt_tokens = len(getattr(request, "prompt_ids", ()))
+        self.generated = 0
+        self.created, self.first_token_at = time.monotonic(), None
 
     def __aiter__(self):
         return self
@@ -47,9 +53,18 @@ class RequestStream:
         except BaseException:  # cancelled (client went away) or the loop is closing
             self._abort()
             raise
+        if out.new_token_ids:
+            self.generated += len(out.new_token_ids)
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
         if out.finished:
             self.done = True
         return out
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from the request's admission call to its first token (None before it)."""
+        return None if self.first_token_at is None else self.first_token_at - self.created
 
     async def aclose(self) -> None:
         self._abort()
@@ -103,13 +118,18 @@ class AsyncEngine:
             raise EngineStoppedError("the server is shutting down; not taking new requests")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream(self, request.request_id, queue, request)
         future = self._submit("add", request, (loop, queue))
         try:
             await asyncio.wrap_future(future)
         except asyncio.CancelledError:  # the caller left while the command was queued: undo the add
             self._abort_quietly(request.request_id)
+            stream.done = True
             raise
-        return RequestStream(self, request.request_id, queue)
+        except BaseException:
+            stream.done = True  # refused: nothing to abort
+            raise
+        return stream
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Register an adapter (validated by the engine; tensors are read lazily)."""

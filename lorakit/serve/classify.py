@@ -49,6 +49,7 @@ class Classifier:
                   if isinstance(n, int) and 0 < n < 1_000_000]
         self.max_length = min(limits) if limits else 512
         self._adapters: dict[str, str] = {}  # name -> path
+        self._labels: dict[str, list[str]] = {}  # name -> label names saved with the adapter
         self._lock = threading.Lock()
 
     def adapters(self) -> dict[str, str]:
@@ -56,14 +57,23 @@ class Classifier:
         return dict(self._adapters)
 
     def register_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Load a lorakit/PEFT adapter folder as `name` (AdapterNameError, AdapterFileError, ConfigError)."""
+        """Load a lorakit/PEFT adapter folder as `name` (AdapterNameError, AdapterFileError, ConfigError), with
+        the label names saved in its header (`lorakit.io.files.read_labels`), if any."""
         from ..io import load_adapter
+        from ..io.files import read_labels
 
         with self._lock:
             if name in self._adapters:  # lorakit.load_adapter would hot-swap; the API wants an explicit unload
                 raise AdapterNameError(f"adapter {name!r} is already registered (unload it first)")
+            saved = read_labels(path) or {}
             load_adapter(self.model, path, name)
             self._adapters[name] = str(path)
+            if saved:
+                self._labels[name] = [saved.get(i, default) for i, default in enumerate(self.labels)]
+
+    def labels_for(self, adapter: str | None) -> list[str]:
+        """The label names of `adapter`'s head: those saved with it, else the base model's (e.g. LABEL_0)."""
+        return self._labels.get(adapter, self.labels)
 
     def unregister_adapter(self, name: str) -> None:
         """Remove adapter `name` (UnknownAdapterError if it is not registered)."""
@@ -74,6 +84,7 @@ class Classifier:
                 raise UnknownAdapterError(f"unknown adapter {name!r}; registered: {sorted(self._adapters)}")
             delete_adapter(self.model, name)
             del self._adapters[name]
+            self._labels.pop(name, None)
 
     def validate(self, texts, adapters=None) -> tuple[list[str], list[str]]:
         """Checked copies of a request: (texts, one adapter name per text, "__base__" for None).
@@ -156,6 +167,9 @@ class AsyncClassifier:
 
     def adapters(self) -> dict[str, str]:
         return self.classifier.adapters()
+
+    def labels_for(self, adapter: str | None) -> list[str]:
+        return self.classifier.labels_for(adapter)
 
     async def classify(self, texts: list[str], adapters: list[str | None] | None = None) -> list[list[float]]:
         """Probabilities per text; raises RequestError / UnknownAdapterError / QueueFullError / EngineStoppedError."""

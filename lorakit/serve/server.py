@@ -5,7 +5,9 @@ POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, GET /health, GET /metr
 POST /v1/classify when a classifier is given. `model` in a request is an adapter name or the base model's name.
 
 Errors are OpenAI-style JSON `{"error": {"message", "type", "param", "code"}}`: 400 for bad JSON / fields /
-lengths (param names the field), 403 for adapter paths outside the adapter roots, 404 for an unknown model or
+lengths (param names the field; an unknown field names the nearest valid one; an OpenAI/vLLM option this
+server does not implement is refused as unsupported unless `lenient`, then ignored with a warning), 403 for
+adapter paths outside the adapter roots, 404 for an unknown model or
 adapter, 413 for a body over 4 MiB, 429 + Retry-After when the engine's queue is full, 503 while shutting down.
 Bad input never yields a 500.
 """
@@ -13,12 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
+import difflib
 import inspect
 import json
 import logging
 import math
 import os
 import re
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +34,7 @@ from starlette.requests import Request as HTTPRequest
 from ..errors import (AdapterFileError, AdapterNameError, CapacityError, ConfigError, EngineStoppedError,
                       LorakitError, QueueFullError, RequestError, UnknownAdapterError)
 from .request import Request, SamplingParams
+from ..io.files import read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,34 @@ UNSUPPORTED = {  # field -> the value that means "not used" (anything else is re
     "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
     "response_format": (None, {"type": "text"}),
 }
+EXTRAS = {  # OpenAI/vLLM options not implemented: field -> values that mean "not used" (others: 400, or lenient)
+    "top_k": (None, -1, 0), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "length_penalty": (None, 1, 1.0), "use_beam_search": (None, False), "early_stopping": (None, False),
+    "min_tokens": (None, 0), "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "include_stop_str_in_output": (None, False), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,), "structured_outputs": (None,), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "add_special_tokens": (None,), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "documents": (None,), "priority": (None, 0), "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False), "parallel_tool_calls": (None, True), "function_call": (None, "none"),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+                   "stream", "stream_options", "user", "store", "metadata", "service_tier", "request_id",
+                   "n", "logprobs", "top_logprobs", "echo"} | set(UNSUPPORTED) | set(EXTRAS)
+FIELDS = {  # endpoint -> the body fields it knows
+    "/v1/completions": SAMPLING_FIELDS | {"prompt"},
+    "/v1/chat/completions": SAMPLING_FIELDS | {"messages", "max_completion_tokens"},
+    "/v1/load_lora_adapter": {"lora_name", "lora_path", "load_inplace"},
+    "/v1/unload_lora_adapter": {"lora_name", "lora_int_id"},
+    "/v1/classify": {"model", "input", "user"},
+}
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+access_log = logging.getLogger("lorakit.serve.access")
+SHUTDOWN_EVENT = {"error": {"message": "the request was aborted: the server is shutting down",
+                            "type": "service_unavailable", "param": None, "code": "shutting_down"}}
 
 
 class HTTPError(Exception):
@@ -131,6 +166,54 @@ def _stop_strings(body: dict) -> list[str]:
     if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
         _bad("stop", f"stop strings must have 1 to {MAX_STOP_LENGTH} characters")
     return stops
+
+
+def _is_neutral(value, options) -> bool:
+    """Whether `value` is one of `options` (same type: True is not 1)."""
+    return any(value is x or value == x and type(value) is type(x) for x in options)
+
+
+def check_fields(body: dict, known: set[str], lenient: bool = False) -> None:
+    """400 for a field `known` lacks (naming the nearest known one) and for an EXTRAS option set to a value we
+    would have to act on; with `lenient` those options are dropped from `body` with a warning instead."""
+    for field in list(body):
+        if field not in known:
+            near = difflib.get_close_matches(field, sorted(known - set(EXTRAS)), n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            _bad(field, f"unrecognized request field{hint}")
+        if field in EXTRAS and not _is_neutral(body[field], EXTRAS[field]):
+            if not lenient:
+                _bad(field, "is unsupported by this server (run it with --lenient to ignore such options)")
+            log.warning("ignoring the unsupported option %s=%.100r (--lenient)", field, body[field])
+            del body[field]
+
+
+def surrogate_field(body) -> str | None:
+    """The path ("messages[0].content") of the first string (key or value) in a JSON value holding a lone UTF-16
+    surrogate (not encodable as UTF-8: tokenizers and responses would fail on it), or None."""
+    stack = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not _utf8(value):
+                return where or "body"
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                path = f"{where}.{key}" if where else key
+                if not _utf8(key):
+                    return where or "body"
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_unsupported(body: dict) -> None:
@@ -228,28 +311,126 @@ class StopMatcher:
 
 
 # ------------------------------------------------------------------ app
-class _StatusCounter:
-    """ASGI middleware counting /v1/ responses by status code (pure ASGI: streaming and disconnects untouched)."""
+class Histogram:
+    """A Prometheus histogram (cumulative `le` buckets, sum, count)."""
 
-    def __init__(self, app, counts: dict[str, int]):
-        self.app, self.counts = app, counts
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str, help: str) -> list[str]:
+        out = [f"# HELP {name} {help}", f"# TYPE {name} histogram"]
+        out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {_num(self.sum)}",
+                      f"{name}_count {self.count}"]
+
+
+@dataclasses.dataclass
+class HTTPStats:
+    """What the server counts per response: status codes (/v1/), latency histograms, requests per model."""
+
+    statuses: dict[str, int] = dataclasses.field(default_factory=dict)
+    ttft: Histogram = dataclasses.field(default_factory=Histogram)
+    latency: Histogram = dataclasses.field(default_factory=Histogram)
+    per_model: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Exchange:
+    """One HTTP request as the access log and metrics see it; `streams` are its engine requests."""
+
+    started: float
+    streams: list = dataclasses.field(default_factory=list)
+    status: int | None = None
+
+
+_exchange: contextvars.ContextVar[_Exchange | None] = contextvars.ContextVar("lorakit_exchange", default=None)
+
+
+def track_stream(stream) -> None:
+    """Attach an engine request's stream to the HTTP request being served (for its log line and metrics)."""
+    exchange = _exchange.get()
+    if exchange is not None:
+        exchange.streams.append(stream)
+
+
+class _Observer:
+    """Pure ASGI middleware (streaming and disconnects untouched) around every request: turns an exception that
+    escapes the app into a JSON 500 (or a cleanly ended body once the response started) so the connection stays
+    usable; counts /v1/ responses by status, latencies and requests per model; writes one access-log line."""
+
+    def __init__(self, app, stats: HTTPStats, base_name: str):
+        self.app, self.stats, self.base_name = app, stats, base_name
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        exchange = _Exchange(time.monotonic())
+        token = _exchange.set(exchange)
 
-        async def counting_send(message):
+        async def observed_send(message):
             if message["type"] == "http.response.start":
-                key = str(message["status"])
-                self.counts[key] = self.counts.get(key, 0) + 1
+                exchange.status = message["status"]
             await send(message)
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, observed_send)
+        except Exception as e:  # noqa: BLE001 — answered here, never a dropped connection
+            await self._fail(e, scope, exchange, send)
+        finally:
+            _exchange.reset(token)
+            self._record(scope, exchange)
+
+    @staticmethod
+    async def _fail(e: Exception, scope, exchange: _Exchange, send) -> None:
+        if exchange.status is None:
+            response = _error_response(to_http_error(e))
+            exchange.status = response.status_code
+            await response(scope, None, send)
+        else:
+            log.error("error after the response started: %r", e, exc_info=e)
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _record(self, scope, exchange: _Exchange) -> None:
+        elapsed = time.monotonic() - exchange.started
+        path = scope.get("path", "")
+        if path.startswith("/v1/") and exchange.status is not None:
+            key = str(exchange.status)
+            self.stats.statuses[key] = self.stats.statuses.get(key, 0) + 1
+        models = [s.adapter or self.base_name for s in exchange.streams]
+        for stream, model in zip(exchange.streams, models):
+            self.stats.per_model[model] = self.stats.per_model.get(model, 0) + 1
+            if stream.ttft is not None:
+                self.stats.ttft.observe(stream.ttft)
+        if exchange.streams:
+            self.stats.latency.observe(elapsed)
+        client = scope.get("client") or ("-", 0)
+        extra = ""
+        if exchange.streams:
+            ttfts = [s.ttft for s in exchange.streams if s.ttft is not None]
+            extra = (f" model={','.join(sorted(set(models)))} prompt_tokens="
+                     f"{sum(s.prompt_tokens for s in exchange.streams)} completion_tokens="
+                     f"{sum(s.generated for s in exchange.streams)}"
+                     + (f" ttft={min(ttfts):.3f}s" if ttfts else ""))
+        access_log.info('%s:%s "%s %s" %s%s latency=%.3fs', client[0], client[1], scope.get("method", "-"), path,
+                        exchange.status if exchange.status is not None else "-", extra, elapsed)
 
 
 def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None, served_name: str | None = None,
-              classifier=None, shutdown_timeout: float = 30.0):
+              classifier=None, shutdown_timeout: float = 30.0, lenient: bool = False):
     """The FastAPI app. `adapter_roots`: directories `/v1/load_lora_adapter` may load from (none: loading is
-    refused). `served_name`: the base model's name (default: the engine's). The lifespan shuts the engine down."""
+    refused). `served_name`: the base model's name (default: the engine's). `lenient`: ignore (with a warning)
+    OpenAI/vLLM options this server does not implement instead of refusing them.
+
+    `app.state.drain()` starts the engine's shutdown once (requests get `shutdown_timeout` s to finish, then 503 /
+    an error event) and returns its task; the lifespan's end awaits it. `serve()` calls it when SIGTERM arrives,
+    before the HTTP server's own grace period would cancel handlers."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -258,13 +439,20 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     base_name = served_name or async_engine.model_name
     roots = [os.path.realpath(r) for r in (adapter_roots or [])]
     created = int(time.time())
-    status_counts: dict[str, int] = {}
+    stats = HTTPStats()
     stop_ids_base = {async_engine.eos_token_id} if async_engine.eos_token_id is not None else set()
+
+    draining: list[asyncio.Task] = []
+
+    def drain() -> asyncio.Task:
+        if not draining:
+            draining.append(asyncio.ensure_future(async_engine.shutdown(shutdown_timeout)))
+        return draining[0]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await async_engine.shutdown(shutdown_timeout)
+        await drain()
         close = getattr(classifier, "close", None)
         if close is not None:
             result = close()
@@ -272,8 +460,8 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
                 await result
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
-
-    app.add_middleware(_StatusCounter, counts=status_counts)
+    app.state.drain = drain
+    app.add_middleware(_Observer, stats=stats, base_name=base_name)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request, e: Exception):  # a JSON 500, never a traceback page
@@ -300,6 +488,8 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         return _error_response(HTTPError(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None)))
 
     async def read_json(request: HTTPRequest) -> dict:
+        """The body: a JSON object within MAX_BODY_BYTES, every string valid Unicode, its fields known to the
+        endpoint (FIELDS; see check_fields)."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
@@ -314,6 +504,12 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
             raise HTTPError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")
+        bad = surrogate_field(body)
+        if bad is not None:
+            _bad(bad, "holds a lone UTF-16 surrogate (\\ud800-\\udfff not in a pair): not valid Unicode text")
+        known = FIELDS.get(request.url.path)
+        if known is not None:
+            check_fields(body, known, lenient)
         return body
 
     def resolve_model(body: dict) -> str | None:
@@ -328,10 +524,11 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
                                  f"{base_name!r} nor a loaded adapter)", param="model", code="model_not_found")
         return model
 
-    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, tokenized on a worker thread (a long prompt must not stall other streams)."""
         if tokenizer is None:
             _bad("prompt", "this server has no tokenizer: send token ids")
-        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return await asyncio.to_thread(lambda: list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]))
 
     def check_length(prompt_ids: list[int], params: SamplingParams, prompt_field: str, max_tokens_field: str):
         if not prompt_ids:
@@ -348,9 +545,11 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         request = Request(prompt_ids=list(prompt_ids), adapter=adapter, params=params,
                           request_id=f"req-{uuid.uuid4().hex}")
         try:
-            return await async_engine.generate(request)
+            stream = await async_engine.generate(request)
         except LorakitError as e:
             raise to_http_error(e) from None
+        track_stream(stream)
+        return stream
 
     async def texts(stream, prompt_ids, params: SamplingParams, stops: list[str], counter: list):
         """(delta, finish_reason, error) for one request; closes (aborts) its stream when cut short."""
@@ -432,6 +631,9 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
                                              "param": None, "code": "generation_error"}})
                         break
                     yield sse(chunk(delta, finish))
+                    if finish == "abort" and async_engine.stopping:
+                        yield sse(SHUTDOWN_EVENT)
+                        break
                 if final_usage:
                     yield sse(chunk(None, None, usage(len(prompt_ids), counter[0])))
                 yield "data: [DONE]\n\n"
@@ -456,7 +658,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         if isinstance(prompt, str):
             if len(prompt) > MAX_BODY_BYTES:
                 _bad("prompt", "too long")
-            prompt_ids = encode(prompt)
+            prompt_ids = await encode(prompt)
         elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
             prompt_ids = _token_ids("prompt", prompt)
         elif prompt is None:
@@ -500,7 +702,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         return envelope([{"index": 0, **part, "logprobs": None, "finish_reason": finish}], usage(len(prompt_ids), n))
 
-    def chat_prompt(body: dict) -> list[int]:
+    async def chat_prompt(body: dict) -> list[int]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise HTTPError(400, "this model has no chat template; use /v1/completions", param="messages",
                             code="no_chat_template")
@@ -525,11 +727,12 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
                 _bad(f"messages[{i}].content", "must be a string")
             clean.append({"role": role, "content": content})
         try:
-            text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            text = await asyncio.to_thread(tokenizer.apply_chat_template, clean, tokenize=False,
+                                           add_generation_prompt=True)
         except Exception as e:  # a template may raise on message order (jinja's raise_exception)
             raise HTTPError(400, f"messages: the chat template refused them: {str(e)[:300]}",
                             param="messages") from None
-        return encode(text, add_special_tokens=False)
+        return await encode(text, add_special_tokens=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -539,7 +742,10 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         params, stops, streaming = _sampling(body, field)
         include_usage = _include_usage(body)
-        prompt_ids = chat_prompt(body)
+        prompt_ids = await chat_prompt(body)
+        if body.get(field) is None:  # as OpenAI and vLLM: up to the end of the context
+            rest = async_engine.max_model_len - len(prompt_ids)
+            params = dataclasses.replace(params, max_tokens=max(rest, 1))
         check_length(prompt_ids, params, "messages", field)
         return await respond(request, True, prompt_ids, adapter, params, stops, streaming, include_usage)
 
@@ -566,15 +772,16 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
             _bad("lora_path", "is required (a string)")
         if "\x00" in path or len(path) > 4096:
             _bad("lora_path", "is not a valid path")
+        real = os.path.realpath(path)  # relative paths: from the working directory, as --lora-modules
+        where = f"lora_path {path[:300]!r} (resolved to {real!r})"
         if not roots:
-            raise HTTPError(403, "loading adapters at runtime is disabled (no --adapter-root)", param="lora_path",
-                            type="permission_error")
-        real = os.path.realpath(path if os.path.isabs(path) else os.path.join(roots[0], path))
+            raise HTTPError(403, f"{where}: loading adapters at runtime is disabled (no --adapter-root)",
+                            param="lora_path", type="permission_error")
         if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
-            raise HTTPError(403, "lora_path: not inside an allowed adapter root", param="lora_path",
-                            type="permission_error")
+            raise HTTPError(403, f"{where}: not inside an allowed adapter root ({', '.join(roots)})",
+                            param="lora_path", type="permission_error")
         if not os.path.isdir(real):
-            _bad("lora_path", "is not an adapter directory")
+            raise HTTPError(400, f"{where}: is not a directory", param="lora_path")
         return real
 
     @app.post("/v1/load_lora_adapter")
@@ -587,10 +794,12 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         if name in async_engine.adapters():
             _bad("lora_name", f"the adapter {name!r} is already loaded")
         try:
+            await asyncio.to_thread(read_adapter, path)  # every value checked (finite), not only the header
             await async_engine.load_adapter(name, path)
         except (AdapterNameError, AdapterFileError, ConfigError) as e:
             field = "lora_name" if isinstance(e, AdapterNameError) else "lora_path"
-            raise HTTPError(400, f"{field}: {e}", param=field) from None
+            raise HTTPError(400, f"{field}: adapter {name!r} at {path!r} cannot be loaded: {e}",
+                            param=field) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -613,7 +822,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus_text(async_engine.metrics(), status_counts),
+        return PlainTextResponse(prometheus_text(async_engine.metrics(), stats),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     if classifier is not None:
@@ -646,7 +855,8 @@ def _mount_classify(app, classifier, read_json, base_name: str) -> None:
             raise to_http_error(e) from None
         if hasattr(result, "tolist"):
             result = result.tolist()
-        labels = getattr(classifier, "labels", None)
+        labels_for = getattr(classifier, "labels_for", None)
+        labels = labels_for(adapter) if labels_for is not None else getattr(classifier, "labels", None)
         data = []
         for i, row in enumerate(result):
             if hasattr(row, "tolist"):
@@ -679,8 +889,8 @@ _METRIC_HELP = [  # (exposed name, engine key, type, help)
 ]
 
 
-def prometheus_text(m: dict, status_counts: dict[str, int]) -> str:
-    """Prometheus text exposition (0.0.4) of the engine metrics and the HTTP responses by status code."""
+def prometheus_text(m: dict, stats: HTTPStats) -> str:
+    """Prometheus text exposition (0.0.4) of the engine metrics and the server's HTTPStats."""
     lines = []
     for name, key, kind, text in _METRIC_HELP:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {_num(m.get(key, 0.0))}"]
@@ -694,9 +904,22 @@ def prometheus_text(m: dict, status_counts: dict[str, int]) -> str:
         lines.append(f'lorakit_request_rejected_total{{reason="{kind}"}} {_num(m.get(f"rejected_{kind}_total", 0))}')
     lines += ["# HELP lorakit_http_requests_total HTTP responses on /v1/ endpoints, by status code.",
               "# TYPE lorakit_http_requests_total counter"]
-    for code, count in sorted(dict(status_counts).items()):
+    for code, count in sorted(dict(stats.statuses).items()):
         lines.append(f'lorakit_http_requests_total{{status="{code}"}} {count}')
+    lines += ["# HELP lorakit_model_requests_total Generation requests, by model (adapter or base model).",
+              "# TYPE lorakit_model_requests_total counter"]
+    for model, count in sorted(dict(stats.per_model).items()):
+        lines.append(f'lorakit_model_requests_total{{model="{_label(model)}"}} {count}')
+    lines += stats.ttft.lines("lorakit_time_to_first_token_seconds",
+                              "Seconds from a request's admission to its first token.")
+    lines += stats.latency.lines("lorakit_e2e_request_latency_seconds",
+                                 "Seconds from receiving a generation request to the end of its response.")
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _num(v) -> str:
@@ -735,46 +958,133 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
           adapter_roots: list[str] | None = None, served_name: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info",
           classify_model: str | None = None, classify_modules: dict[str, str] | None = None,
-          classify_labels: int = 2) -> None:
-    """Load the model, register `lora_modules` (name -> path), and serve until SIGINT/SIGTERM.
+          classify_labels: int = 2, lenient: bool = False) -> None:
+    """Bind host:port (a busy port fails at once), load the model, register `lora_modules` (name -> path), and
+    serve until SIGINT/SIGTERM.
 
     `model_dir`: a local transformers directory or a model lorakit knows by name ("smollm2").
     `adapter_roots` default to the parent directories of the `lora_modules` paths. `classify_model` (an encoder
     directory or "minilm") adds POST /v1/classify, with `classify_modules` (name -> path) as per-request adapters.
+    On SIGTERM running requests get `shutdown_timeout` s; then they get a 503 (streams an error event).
     """
-    import uvicorn
-
     from .async_engine import AsyncEngine
     from .config import EngineConfig
     from .engine import Engine
     from .model_dir import load_tokenizer, resolve_model_dir
 
+    configure_logging(log_level)
     lora_modules = dict(lora_modules or {})
     if adapter_roots is None:
         adapter_roots = sorted({str(Path(p).absolute().parent) for p in lora_modules.values()})
     directory, _ = resolve_model_dir(model_dir)
-    engine = Engine.from_dir(model_dir, engine_config or EngineConfig())
+    sock = bind_socket(host, port)
     try:
-        for name, path in lora_modules.items():
-            engine.register_adapter(name, path)
-    except BaseException:
-        engine.close()
-        raise
-    try:
-        tokenizer = load_tokenizer(model_dir)
-    except LorakitError as e:
-        log.warning("%s; only token-id prompts will work", e)
-        tokenizer = None
-    classifier = None
-    if classify_model is not None:
-        from .classify import AsyncClassifier, Classifier
+        engine = Engine.from_dir(model_dir, engine_config or EngineConfig())
+        try:
+            for name, path in lora_modules.items():
+                engine.register_adapter(name, path)
+        except BaseException:
+            engine.close()
+            raise
+        try:
+            tokenizer = load_tokenizer(model_dir)
+        except LorakitError as e:
+            log.warning("%s; only token-id prompts will work", e)
+            tokenizer = None
+        classifier = None
+        if classify_model is not None:
+            from .classify import AsyncClassifier, Classifier
 
-        encoder = Classifier(classify_model, num_labels=classify_labels)
-        for name, path in (classify_modules or {}).items():
-            encoder.register_adapter(name, path)
-        classifier = AsyncClassifier(encoder)
-    async_engine = AsyncEngine(engine)
-    async_engine.model_dir = str(directory.absolute())  # the base model's `root` in /v1/models
-    app = build_app(async_engine, tokenizer, adapter_roots=adapter_roots, served_name=served_name,
-                    shutdown_timeout=shutdown_timeout, classifier=classifier)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(shutdown_timeout))
+            encoder = Classifier(classify_model, num_labels=classify_labels)
+            for name, path in (classify_modules or {}).items():
+                encoder.register_adapter(name, path)
+            classifier = AsyncClassifier(encoder)
+            log.info("classifier %s (labels %s), adapters: %s", encoder.model_name, encoder.labels,
+                     ", ".join(f"{n}={p}" for n, p in encoder.adapters().items()) or "none")
+        log_startup(engine, str(directory.absolute()), served_name, adapter_roots)
+        async_engine = AsyncEngine(engine)
+        async_engine.model_dir = str(directory.absolute())  # the base model's `root` in /v1/models
+        app = build_app(async_engine, tokenizer, adapter_roots=adapter_roots, served_name=served_name,
+                        shutdown_timeout=shutdown_timeout, classifier=classifier, lenient=lenient)
+        run_server(app, sock, host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (ConfigError naming them when the port is taken or the host unknown)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server on that port? choose "
+                          f"another with --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def configure_logging(level: str) -> None:
+    """Send lorakit's log records (startup, access lines) to stderr as uvicorn prints its own."""
+    logger = logging.getLogger("lorakit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record."""
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_startup(engine, directory: str, served_name: str | None, adapter_roots: list[str]) -> None:
+    """One line for the model and its KV cache, one per registered adapter, one for the adapter roots."""
+    m, cfg = engine.metrics(), engine.config
+    blocks = int(m.get("kv_blocks_total", 0))
+    log.info("model %s (%s): context %d tokens, KV cache %d blocks x %d tokens (%d tokens), memory budget %.2f GiB, "
+             "max_num_seqs %d, max_loras %d", served_name or engine.model_name, directory, engine.max_model_len,
+             blocks, cfg.block_size, blocks * cfg.block_size, cfg.memory_bytes / (1 << 30), cfg.max_num_seqs,
+             cfg.max_loras)
+    adapters = engine.adapters()
+    for name, path in sorted(adapters.items()):
+        log.info("adapter %s: %s", name, path)
+    log.info("%d adapter(s) registered; /v1/load_lora_adapter loads from: %s", len(adapters),
+             ", ".join(adapter_roots) or "nowhere (no --adapter-root)")
+
+
+def run_server(app, sock: socket.socket, **options) -> None:
+    """Serve `app` on the bound socket until SIGINT/SIGTERM (see http_server)."""
+    http_server(app, **options).run(sockets=[sock])
+
+
+def http_server(app, *, host: str, port: int, log_level: str, shutdown_timeout: float):
+    """A uvicorn Server for `app`. On SIGINT/SIGTERM the engine's drain starts at once, so requests still running
+    after `shutdown_timeout` get their 503 / error event before uvicorn's own (longer) grace period would cancel
+    them; lorakit writes the access log (adapter, tokens, latency), so uvicorn's is off."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.drain()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=int(shutdown_timeout) + 20)
+    return Server(config)

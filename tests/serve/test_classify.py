@@ -171,3 +171,26 @@ def test_async_splits_a_large_request_into_batches(clf):
     out, batches, model_name, labels = asyncio.run(asyncio.wait_for(run(), 60))
     assert batches == 3 and model_name == clf.model_name and labels == clf.labels == ["LABEL_0", "LABEL_1"]
     assert (torch.tensor(out) - torch.tensor(clf.classify(TEXTS, names))).abs().max() <= 1e-5
+
+
+def test_adapter_label_names_are_served_by_classify(adapter_dirs, tmp_path):
+    from fake_engine import FakeEngine, served
+
+    c = Classifier(minilm_dir(), seed=0)
+    model = copy.deepcopy(c.model)
+    model.config.id2label = {0: "negative", 1: "positive"}
+    lorakit.inject(model, lorakit.AdapterConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"), "named")
+    folder = lorakit.save_adapter(model, tmp_path / "named", "named")
+    c.register_adapter("named", folder)
+    c.register_adapter("a", adapter_dirs["a"])
+    assert c.labels_for("named") == ["negative", "positive"]
+    assert c.labels_for("a") == c.labels_for(None) == ["LABEL_0", "LABEL_1"]  # nothing saved: the fallback
+
+    async def main():
+        async with served(FakeEngine(), None, classifier=AsyncClassifier(c)) as client:
+            r = await client.post("/v1/classify", json={"model": "named", "input": ["good", "bad"]})
+            assert r.status_code == 200, r.text
+            assert {d["label"] for d in r.json()["data"]} <= {"negative", "positive"}
+            r = await client.post("/v1/classify", json={"input": "good"})
+            assert r.json()["data"][0]["label"] in ("LABEL_0", "LABEL_1")
+    asyncio.run(main())

@@ -134,15 +134,15 @@ def test_serve_accepts_the_name_smollm2(monkeypatch):
     """`lorakit serve smollm2 --dtype bfloat16` resolves the name through lorakit.models.smollm2_dir (here
     pointed at the tiny test model, so no download) and serves it under the name smollm2."""
     import httpx
-    import uvicorn
 
     import lorakit.models
     from lorakit.cli import main
+    from lorakit.serve import server
 
     monkeypatch.setattr(lorakit.models, "smollm2_dir", lambda: str(tiny_model_dir()))
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
-    assert main(["serve", "smollm2", "--dtype", "bfloat16", "--memory-gb", "0.05"]) == 0
+    monkeypatch.setattr(server, "run_server", lambda app, sock, **kwargs: apps.append(app))
+    assert main(["serve", "smollm2", "--dtype", "bfloat16", "--memory-gb", "0.05", "--port", "0"]) == 0
 
     async def ask(app):
         async with app.router.lifespan_context(app):  # shuts the engine thread down on exit

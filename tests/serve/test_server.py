@@ -247,7 +247,8 @@ def test_shutdown_finishes_aborts_then_refuses(tok, pool):
             assert (await short).status_code == 200  # finished within the grace period
             error_of(await long, 503)
             chunks = sse((await long_stream).text)
-            assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+            assert chunks[-2]["choices"][0]["finish_reason"] == "abort"
+            assert chunks[-1]["error"]["code"] == "shutting_down"
             assert not engine.running and not c.ae._thread.is_alive()
             error_of(await c.post("/v1/completions", json={"prompt": "a"}), 503)
             assert (await c.get("/health")).status_code == 503
@@ -320,7 +321,7 @@ def test_client_disconnect_aborts_the_request(tok, pool):
 
 
 # ---------------------------------------------------------------- models, adapters
-def test_models_and_load_unload(tok, pool, adapter_root, tmp_path):
+def test_models_and_load_unload(tok, pool, adapter_root, tmp_path, monkeypatch):
     outside = save_adapter(tiny_model_dir(), tmp_path / "outside", r=2)
     (adapter_root / "escape").symlink_to(outside, target_is_directory=True)
 
@@ -361,7 +362,8 @@ def test_models_and_load_unload(tok, pool, adapter_root, tmp_path):
             ]:
                 error_of(await c.post("/v1/load_lora_adapter", json=body), status, field)
             assert sorted(c.ae.adapters()) == ["a1"]
-            r = await c.post("/v1/load_lora_adapter", json={"lora_name": "rel", "lora_path": "a2"})  # relative: root
+            monkeypatch.chdir(adapter_root)  # a relative path is resolved from the working directory
+            r = await c.post("/v1/load_lora_adapter", json={"lora_name": "rel", "lora_path": "a2"})
             assert r.status_code == 200
         async with served(fake(tok, pool), tok) as c:  # no adapter roots: runtime loading is off
             error_of(await c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapter_root / "a2")}),
@@ -563,23 +565,22 @@ def test_cli_serve_refuses_bad_arguments_before_serving(tmp_path, capsys):
                         (["serve", str(tmp_path / "missing")], "missing"),
                         (["serve", model, "--lora-modules", f"a={tmp_path / 'nothing'}"], "nothing"),
                         (["serve", model, "--port", "x"], "--port")]:
-        assert main(argv) == 2, argv
+        assert main(argv[:2] + ["--port", "0"] + argv[2:]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error:") and words in err, (argv, err)
 
 
 def test_cli_serve_mounts_classify_for_an_encoder(tmp_path, monkeypatch, capsys):
-    import uvicorn
-
     from lorakit.cli import main
+    from lorakit.serve import server
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(server, "run_server", lambda app, sock, **kwargs: apps.append(app))
     model = str(tiny_model_dir())
-    assert main(["serve", model, "--classify-model", "minilm"]) == 0
+    assert main(["serve", model, "--classify-model", "minilm", "--port", "0"]) == 0
     assert "/v1/classify" in {route.path for route in apps[0].routes}
-    assert main(["serve", model]) == 0
+    assert main(["serve", model, "--port", "0"]) == 0
     assert "/v1/classify" not in {route.path for route in apps[1].routes}
-    assert main(["serve", model, "--classify-model", "minilm", "--classify-lora-modules",
+    assert main(["serve", model, "--port", "0", "--classify-model", "minilm", "--classify-lora-modules",
                  f"m={tmp_path / 'nothing'}"]) == 2
     assert "nothing" in capsys.readouterr().err
