@@ -5,13 +5,16 @@
     done = engine.generate([Request(prompt_ids=[1, 5, 9], adapter="sql", params=SamplingParams(max_tokens=32))])
 
 A step runs the prefills of newly admitted requests and one decode token of every running request as one batch
-over flattened tokens, rows grouped by adapter (see `lora.py`), with a paged KV cache. KV blocks and loaded
+over flattened tokens, rows grouped by adapter (see `lora.py`), with a paged KV cache. Log-probabilities
+(`SamplingParams.logprobs`, `prompt_logprobs`) are the raw log_softmax of the fp32 logits (see TokenLogprob); a
+prefill asking for prompt log-probs has the logits of all its rows computed. KV blocks and loaded
 adapters share one memory budget (`EngineConfig.memory_bytes`). The engine is not thread-safe: one thread calls
 everything (`AsyncEngine` in `async_engine.py` is that thread for the HTTP server).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -24,8 +27,8 @@ from .config import DTYPES, EngineConfig
 from .llama import LlamaRunner, SeqSlice, StepBatch
 from .lora import LoraStep, Segment, StackCache
 from .model_dir import resolve_model_dir
-from .request import Request, RequestOutput
-from .scheduler import Scheduler, Sequence, sample
+from .request import Request, RequestOutput, TokenLogprob
+from .scheduler import Scheduler, Sequence, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -171,29 +174,66 @@ class Engine:
             return outputs
         seqs = self._layout(plan.prefills, plan.decodes)
         try:
-            batch = self._batch(seqs)
+            batch, last = self._batch(seqs)
             logits = self.model.step(batch, self.cache)
-            tokens = sample(logits, seqs)
+            rows = logits if batch.logits_rows is None else logits.index_select(0, torch.tensor(last))
+            tokens = sample(rows, seqs)
+            prompts = {} if batch.logits_rows is None else self._prompt_logprobs(seqs, logits, last)
         except Exception as e:  # never leave the engine wedged: fail this step's requests, keep serving
             log.exception("engine step failed")
             self.counters["step_errors_total"] += 1
             return outputs + [self._finish(s, "error", f"internal error in the model step: {e}") for s in seqs]
         now = time.perf_counter()
         self.counters["steps_total"] += 1
-        for seq, token, row in zip(seqs, tokens, logits):
+        for i, (seq, token, row) in enumerate(zip(seqs, tokens, rows)):
             if seq.computed == 0:
                 self.counters["prompt_tokens_total"] += seq.length
             seq.computed = seq.length
             req = seq.request
             req.output_ids.append(token)
+            extra = self._record_logprobs(req, token, row, prompts.get(i))
             if req.params.record_logits:
                 req.logits.append(row.clone())
             if req.first_token_time is None:
                 req.first_token_time = now
             self.counters["generation_tokens_total"] += 1
             reason = self._stop_reason(seq, token)
-            outputs.append(self._finish(seq, reason) if reason else RequestOutput(req.request_id, (token,)))
+            out = self._finish(seq, reason) if reason else RequestOutput(req.request_id, (token,))
+            outputs.append(dataclasses.replace(out, **extra) if extra else out)
         return outputs
+
+    @staticmethod
+    def _wants_prompt_logprobs(seq: Sequence) -> bool:
+        req = seq.request
+        return seq.computed == 0 and req.params.prompt_logprobs is not None and req.prompt_logprobs is None
+
+    @staticmethod
+    def _prompt_logprobs(seqs: list[Sequence], logits: torch.Tensor, last: list[int]) -> dict[int, list]:
+        """{index in seqs: [None, TokenLogprob of prompt token 1, ...]} for the prefills asking for them; their
+        logits rows are all there, ending at `last[i]` (row j predicts token j + 1)."""
+        out = {}
+        for i, seq in enumerate(seqs):
+            if Engine._wants_prompt_logprobs(seq):
+                prompt = seq.request.prompt_ids
+                first = last[i] - (seq.length - 1)
+                rows = logits[first:first + len(prompt) - 1]
+                out[i] = [None] + token_logprobs(rows, prompt[1:], seq.request.params.prompt_logprobs)
+        return out
+
+    @staticmethod
+    def _record_logprobs(req: Request, token: int, row: torch.Tensor,
+                         prompt: list[TokenLogprob | None] | None) -> dict:
+        """Keep the new token's log-prob (and the prompt's, on its prefill) on `req`; returns them as
+        RequestOutput fields."""
+        extra = {}
+        if prompt is not None:
+            req.prompt_logprobs = prompt
+            extra["prompt_logprobs"] = tuple(prompt)
+        if req.params.logprobs is not None:
+            entry = token_logprobs(row[None], [token], req.params.logprobs)[0]
+            req.output_logprobs.append(entry)
+            extra["logprobs"] = (entry,)
+        return extra
 
     def _layout(self, prefills: list[Sequence], decodes: list[Sequence]) -> list[Sequence]:
         """Rows grouped by adapter: prefills, then decodes, each sorted by adapter (base rows last)."""
@@ -202,8 +242,10 @@ class Engine:
 
         return sorted(prefills, key=key) + sorted(decodes, key=key)
 
-    def _batch(self, seqs: list[Sequence]) -> StepBatch:
-        tokens, positions, slices, segments = [], [], [], []
+    def _batch(self, seqs: list[Sequence]) -> tuple[StepBatch, list[int]]:
+        """The step's batch, and for each sequence the index of its last row in the logits the step returns
+        (all rows of prefills asking for prompt log-probs are returned, the last row of the others)."""
+        tokens, positions, slices, segments, rows, last_rows = [], [], [], [], [], []
         pool = self.cache.pool
         for seq in seqs:
             ids = seq.request.all_ids
@@ -212,6 +254,8 @@ class Engine:
             tokens += new
             positions += range(seq.computed, len(ids))
             slices.append(SeqSlice(start, len(tokens), len(ids), pool.slots(seq.id, 0, len(ids))))
+            rows += range(start, len(tokens)) if self._wants_prompt_logprobs(seq) else [len(tokens) - 1]
+            last_rows.append(len(rows) - 1)
             if seq.adapter is not None:
                 decode = seq.computed > 0
                 last = segments[-1] if segments else None
@@ -220,7 +264,9 @@ class Engine:
                 else:
                     segments.append(Segment(seq.adapter, start, len(tokens), decode))
         lora = LoraStep(segments, self.stacks, self.config.lora_kernel, self.config.bmm_min_adapters) if segments else None
-        return StepBatch(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slices, lora)
+        logits_rows = torch.tensor(rows, dtype=torch.long) if len(rows) > len(seqs) else None
+        return StepBatch(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), slices, lora,
+                         logits_rows), last_rows
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.request.params

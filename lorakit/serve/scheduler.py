@@ -17,7 +17,7 @@ import torch
 
 from ..errors import AdapterFileError, UnknownAdapterError
 from .adapters import LoadedAdapter
-from .request import Request, SamplingParams
+from .request import Request, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -148,3 +148,16 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             probs = torch.zeros_like(probs).index_copy_(0, order[keep], sorted_probs[keep])
         out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
     return out
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """Row i: the log-probability of `token_ids[i]` under log_softmax(logits[i]) in fp32 — the model's raw
+    distribution, before temperature and top-p (as vLLM's default) — with the row's top `k` (id, logprob)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, dtype=torch.long)[:, None])[:, 0].tolist()
+    if k:
+        values, ids = logp.topk(k, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(token_ids)
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops)]

@@ -3,6 +3,10 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (when the tokenizer has a chat template), GET /v1/models,
 POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, GET /health, GET /metrics (Prometheus text), and
 POST /v1/classify when a classifier is given. `model` in a request is an adapter name or the base model's name.
+Completions take a list of prompts and `n` choices each, `echo` and `logprobs` (OpenAI's legacy format; echo +
+logprobs + max_tokens 0 scores a prompt, as vLLM); chat takes `n`, `logprobs` + `top_logprobs`. Log-probs are the
+model's raw log-softmax (before temperature / top-p, vLLM's default). Streaming serves one prompt, n=1, without
+echo or logprobs (400 otherwise).
 
 Errors are OpenAI-style JSON `{"error": {"message", "type", "param", "code"}}`: 400 for bad JSON / fields /
 lengths (param names the field; an unknown field names the nearest valid one; an OpenAI/vLLM option this
@@ -33,8 +37,8 @@ from starlette.requests import Request as HTTPRequest
 
 from ..errors import (AdapterFileError, AdapterNameError, CapacityError, ConfigError, EngineStoppedError,
                       LorakitError, QueueFullError, RequestError, UnknownAdapterError)
-from .request import Request, SamplingParams
 from ..io.files import read_adapter
+from .request import MAX_LOGPROBS, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ MAX_STOP_LENGTH = 256
 MAX_MESSAGES = 1024
 RETRY_AFTER_S = 1
 UNSUPPORTED = {  # field -> the value that means "not used" (anything else is refused by name, never ignored)
-    "echo": (False, None), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "best_of": (None, 1),
+    "best_of": (None, 1),
     "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
     "response_format": (None, {"type": "text"}),
@@ -217,9 +221,6 @@ def _utf8(text: str) -> bool:
 
 
 def _check_unsupported(body: dict) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        _bad("n", "only n=1 is supported")
     for field, neutral in UNSUPPORTED.items():
         if field in body:
             value = body[field]
@@ -252,6 +253,102 @@ def _include_usage(body: dict) -> bool:
     if not isinstance(options, dict):
         _bad("stream_options", "must be an object")
     return bool(_opt(options, "include_usage", "bool", False))
+
+
+# ------------------------------------------------------------------ n, echo, logprobs
+MAX_CHOICES = 256  # prompts x n in one request
+
+
+def _n(body: dict, prompts: int) -> int:
+    """`n`: choices per prompt (each choice j of a seeded request samples with seed + j)."""
+    n = _opt(body, "n", "int", 1, low=1, high=MAX_CHOICES)
+    if n * prompts > MAX_CHOICES:
+        _bad("n", f"prompts x n must be at most {MAX_CHOICES}, got {prompts} x {n}")
+    return n
+
+
+def _completion_logprobs(body: dict) -> int | None:
+    """/v1/completions `logprobs`: the number of top alternatives per token (null/false: none)."""
+    if body.get("logprobs") is False:
+        return None
+    if body.get("top_logprobs") not in (None, 0):
+        _bad("top_logprobs", "is a chat field; on /v1/completions use logprobs (an integer)")
+    return _opt(body, "logprobs", "int", None, low=0, high=MAX_LOGPROBS)
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """/v1/chat/completions `logprobs: true` + `top_logprobs: k` -> k (None: no log-probs)."""
+    if body.get("echo") not in (None, False):
+        _bad("echo", "is only for /v1/completions")
+    wanted = _opt(body, "logprobs", "bool", False)
+    k = _opt(body, "top_logprobs", "int", None, low=0, high=MAX_LOGPROBS)
+    if k and not wanted:
+        _bad("top_logprobs", "needs logprobs: true")
+    return (k or 0) if wanted else None
+
+
+def _refuse_multi_stream(streaming: bool, choices: int, echo: bool, top_k: int | None) -> None:
+    """Streaming serves one choice of generated text: refuse n > 1, several prompts, echo and logprobs."""
+    if streaming and (choices > 1 or echo or top_k is not None):
+        _bad("stream", "streaming supports one prompt, n=1, no echo and no logprobs; send stream: false")
+
+
+def _seeded(params: SamplingParams, j: int) -> SamplingParams:
+    """Choice j's sampling: seed + j, so the n choices of a seeded request differ and are reproducible."""
+    if j == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + j) % 2 ** 63)
+
+
+@dataclasses.dataclass
+class Generated:
+    """One choice's result: its token ids (the stop token included, as in usage) with their log-probs, the
+    prompt's log-probs (when asked for), the text (stop token / string left out) and the finish reason."""
+
+    token_ids: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    prompt_logprobs: tuple | None = None
+    text: str = ""
+    finish_reason: str | None = None
+
+    def add(self, out) -> None:
+        self.token_ids += out.new_token_ids
+        self.logprobs += getattr(out, "logprobs", ())
+        if getattr(out, "prompt_logprobs", None) is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    """A token as text (special tokens spelled out; `token_id:N` without a tokenizer, as vLLM's option)."""
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _legacy_logprobs(tokenizer, token_ids: list[int], entries: list) -> dict:
+    """OpenAI's completions format {tokens, token_logprobs, top_logprobs, text_offset}; an entry None (an echoed
+    prompt's first token) gives None. `top_logprobs` maps token text -> logprob for the top k plus the token
+    itself (as vLLM; tokens of the same text share a key); `text_offset` counts characters of the token texts from the choice's text start."""
+    tokens, values, tops, offsets, offset = [], [], [], [], 0
+    for token_id, entry in zip(token_ids, entries):
+        text = _token_text(tokenizer, token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        values.append(None if entry is None else entry.logprob)
+        tops.append(None if entry is None else {_token_text(tokenizer, t): lp  # the token last: its text wins
+                                                 for t, lp in (*entry.top, (token_id, entry.logprob))})
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprob_content(tokenizer, token_ids: list[int], entries: list) -> dict:
+    """OpenAI's chat format {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    def item(token_id: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(t, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+                        for t, e in zip(token_ids, entries)]}
 
 
 # ------------------------------------------------------------------ text out
@@ -551,15 +648,16 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         track_stream(stream)
         return stream
 
-    async def texts(stream, prompt_ids, params: SamplingParams, stops: list[str], counter: list):
-        """(delta, finish_reason, error) for one request; closes (aborts) its stream when cut short."""
+    async def texts(stream, prompt_ids, params: SamplingParams, stops: list[str], generated: Generated):
+        """(delta, finish_reason, error) for one request, its tokens and log-probs kept in `generated`; closes
+        (aborts) its stream when cut short."""
         detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         matcher = StopMatcher(stops) if stops else None
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else stop_ids_base)
         try:
             async for out in stream:
                 ids = list(out.new_token_ids)
-                counter[0] += len(ids)
+                generated.add(out)
                 if out.finish_reason == "stop" and ids and ids[-1] in stop_ids:
                     ids = ids[:-1]  # the stop token is not part of the text (as OpenAI leaves the stop string out)
                 delta = detok.add(ids, final=out.finished) if detok else ""
@@ -576,10 +674,10 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         finally:
             await stream.aclose()
 
-    async def collect(stream, prompt_ids, params, stops, adapter) -> tuple[str, str, int]:
-        counter = [0]
+    async def collect(stream, prompt_ids, params, stops, adapter) -> Generated:
+        generated = Generated()
         parts, finish, error = [], None, None
-        async for delta, finish, error in texts(stream, prompt_ids, params, stops, counter):
+        async for delta, finish, error in texts(stream, prompt_ids, params, stops, generated):
             parts.append(delta)
         if finish == "error":
             if adapter is not None and adapter not in async_engine.adapters():  # unloaded while it waited
@@ -589,7 +687,32 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         if finish == "abort":
             why = ": the server is shutting down" if async_engine.stopping else ""
             raise HTTPError(503, f"the request was aborted{why}", type="service_unavailable", code="aborted")
-        return "".join(parts), finish, counter[0]
+        generated.text, generated.finish_reason = "".join(parts), finish
+        return generated
+
+    async def generate_all(request: HTTPRequest, jobs: list, adapter, stops) -> list[Generated] | None:
+        """Run (prompt_ids, params) jobs side by side; their results in order, or None if the client left. One
+        failing (or the client leaving) aborts the others."""
+        streams = []
+        try:
+            for prompt_ids, params in jobs:
+                streams.append(await start(prompt_ids, adapter, params))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
+
+        async def run_all():
+            tasks = [asyncio.ensure_future(collect(stream, ids, params, stops, adapter))
+                     for stream, (ids, params) in zip(streams, jobs)]
+            try:
+                return await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for stream in streams:  # a task cancelled before it ran never closed its stream
+                    await stream.aclose()
+        return await unless_disconnected(request, run_all())
 
     async def until_disconnect(request: HTTPRequest):
         while True:
@@ -623,9 +746,9 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     def stream_response(stream, prompt_ids, params, stops, chunk, final_usage: bool):
         """SSE chunks `chunk(delta, finish_reason)` then `data: [DONE]`."""
         async def events():
-            counter = [0]
+            generated = Generated()
             try:
-                async for delta, finish, error in texts(stream, prompt_ids, params, stops, counter):
+                async for delta, finish, error in texts(stream, prompt_ids, params, stops, generated):
                     if finish == "error":
                         yield sse({"error": {"message": f"generation failed: {error}", "type": "server_error",
                                              "param": None, "code": "generation_error"}})
@@ -635,7 +758,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
                         yield sse(SHUTDOWN_EVENT)
                         break
                 if final_usage:
-                    yield sse(chunk(None, None, usage(len(prompt_ids), counter[0])))
+                    yield sse(chunk(None, None, usage(len(prompt_ids), len(generated.token_ids))))
                 yield "data: [DONE]\n\n"
             finally:
                 await stream.aclose()
@@ -645,62 +768,116 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     def model_label(adapter: str | None) -> str:
         return adapter or base_name
 
+    async def completion_prompts(body: dict) -> list[tuple[str | None, list[int]]]:
+        """`prompt` as (text or None, token ids) per prompt: a string, token ids, or a list of those."""
+        prompt = body.get("prompt")
+        if prompt is None:
+            _bad("prompt", "is required")
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and all(_is_int(t) for t in prompt))
+        if not single and not (isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt)):
+            _bad("prompt", "must be a string, a list of token ids, or a list of strings / token-id lists")
+        items = [prompt] if single else prompt
+        if len(items) > MAX_CHOICES:
+            _bad("prompt", f"at most {MAX_CHOICES} prompts per request")
+        out = []
+        for i, item in enumerate(items):
+            field = "prompt" if len(items) == 1 else f"prompt[{i}]"
+            if isinstance(item, str):
+                if len(item) > MAX_BODY_BYTES:
+                    _bad(field, "too long")
+                out.append((item, await encode(item)))
+            else:
+                out.append((None, _token_ids(field, item)))
+        return out
+
+    def decode(ids: list[int]) -> str:
+        if tokenizer is None:
+            return ""
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def check_logprobs(token_ids: list[int], entries: list) -> None:
+        if len(entries) != len(token_ids):
+            raise HTTPError(501, "this engine does not compute log-probabilities", type="server_error",
+                            param="logprobs")
+
+    def completion_choice(index: int, prompt: tuple, g: Generated, echo: bool, top_k: int | None,
+                          score_only: bool) -> dict:
+        """One /v1/completions choice; with `echo` the prompt's text (and log-probs, the first one None) come
+        first; `score_only` (echo with max_tokens 0) leaves the generated token out."""
+        prompt_text, prompt_ids = prompt
+        token_ids, entries, text = ([], [], "") if score_only else (g.token_ids, g.logprobs, g.text)
+        if echo:
+            text = (prompt_text if prompt_text is not None else decode(prompt_ids)) + text
+            if top_k is not None:
+                token_ids, entries = prompt_ids + token_ids, list(g.prompt_logprobs or ()) + entries
+        logprobs = None
+        if top_k is not None:
+            check_logprobs(token_ids, entries)
+            logprobs = _legacy_logprobs(tokenizer, token_ids, entries)
+        return {"index": index, "text": text, "logprobs": logprobs,
+                "finish_reason": "length" if score_only else g.finish_reason}
+
+    def chat_choice(index: int, g: Generated, top_k: int | None) -> dict:
+        logprobs = None
+        if top_k is not None:
+            check_logprobs(g.token_ids, g.logprobs)
+            logprobs = _chat_logprob_content(tokenizer, g.token_ids, g.logprobs)
+        return {"index": index, "message": {"role": "assistant", "content": g.text}, "logprobs": logprobs,
+                "finish_reason": g.finish_reason}
+
+    def response_body(chat: bool, adapter, choices: list, use: dict) -> dict:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_label(adapter), "choices": choices, "usage": use}
+
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
+        """Completions of one or more prompts, `n` choices each (choice index = prompt_i * n + j), with `echo`
+        and `logprobs` (OpenAI's legacy format; echo + logprobs + max_tokens 0 scores a prompt, as vLLM)."""
         body = await read_json(request)
         _check_unsupported(body)
         adapter = resolve_model(body)
-        params, stops, streaming = _sampling(body)
+        echo = _opt(body, "echo", "bool", False)
+        score_only = echo and _is_int(body.get("max_tokens")) and body["max_tokens"] == 0
+        params, stops, streaming = _sampling(dict(body, max_tokens=1) if score_only else body)
+        top_k = _completion_logprobs(body)
         include_usage = _include_usage(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one prompt
-        if isinstance(prompt, str):
-            if len(prompt) > MAX_BODY_BYTES:
-                _bad("prompt", "too long")
-            prompt_ids = await encode(prompt)
-        elif isinstance(prompt, list) and all(_is_int(t) for t in prompt):
-            prompt_ids = _token_ids("prompt", prompt)
-        elif prompt is None:
-            _bad("prompt", "is required")
-        elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt) and len(prompt) > 1:
-            _bad("prompt", "only one prompt per request is supported")
-        else:
-            _bad("prompt", "must be a string or a list of token ids")
-        check_length(prompt_ids, params, "prompt", "max_tokens")
-        return await respond(request, False, prompt_ids, adapter, params, stops, streaming, include_usage)
+        prompts = await completion_prompts(body)
+        n = _n(body, len(prompts))
+        _refuse_multi_stream(streaming, n * len(prompts), echo, top_k)
+        params = dataclasses.replace(params, logprobs=top_k, prompt_logprobs=top_k if echo else None)
+        for _, prompt_ids in prompts:
+            check_length(prompt_ids, params, "prompt", "max_tokens")
+        if streaming:
+            return await respond_streaming(False, prompts[0][1], adapter, params, stops, include_usage)
+        jobs = [(prompt_ids, _seeded(params, j)) for _, prompt_ids in prompts for j in range(n)]
+        results = await generate_all(request, jobs, adapter, stops)
+        if results is None:
+            return Response(status_code=499)
+        choices = [completion_choice(i, prompts[i // n], g, echo, top_k, score_only) for i, g in enumerate(results)]
+        generated = 0 if score_only else sum(len(g.token_ids) for g in results)
+        return response_body(False, adapter, choices, usage(sum(len(ids) for _, ids in prompts), generated))
 
-    async def respond(request, chat: bool, prompt_ids, adapter, params, stops, streaming: bool, include_usage: bool):
-        """The OpenAI response of a completion (`chat` False) or a chat completion: streamed chunks or one body."""
+    async def respond_streaming(chat: bool, prompt_ids, adapter, params, stops, include_usage: bool):
+        """The streamed (SSE) response of one completion (`chat` False) or chat completion."""
         stream = await start(prompt_ids, adapter, params)
         rid, name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_label(adapter)
+        first = [True]
 
-        def envelope(choices, use=None, chunk=False):
-            kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-            out = {"id": rid, "object": kind, "created": int(time.time()), "model": name, "choices": choices}
-            if use is not None:
-                out["usage"] = use
-            return out
-
-        if streaming:
-            first = [True]
-
-            def chunk(delta, finish, use=None):
-                if delta is None:
-                    return envelope([], use, chunk=True)
+        def chunk(delta, finish, use=None):
+            out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                   "created": int(time.time()), "model": name, "choices": []}
+            if delta is not None:
                 if chat:
                     part = {"delta": {"role": "assistant", "content": delta} if first[0] else {"content": delta}}
                     first[0] = False
                 else:
                     part = {"text": delta}
-                return envelope([{"index": 0, **part, "logprobs": None, "finish_reason": finish}], use, chunk=True)
-            return stream_response(stream, prompt_ids, params, stops, chunk, include_usage)
-        result = await unless_disconnected(request, collect(stream, prompt_ids, params, stops, adapter))
-        if result is None:
-            return Response(status_code=499)
-        text, finish, n = result
-        part = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        return envelope([{"index": 0, **part, "logprobs": None, "finish_reason": finish}], usage(len(prompt_ids), n))
+                out["choices"] = [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]
+            if use is not None:
+                out["usage"] = use
+            return out
+        return stream_response(stream, prompt_ids, params, stops, chunk, include_usage)
 
     async def chat_prompt(body: dict) -> list[int]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -742,12 +919,21 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         params, stops, streaming = _sampling(body, field)
         include_usage = _include_usage(body)
+        top_k, n = _chat_logprobs(body), _n(body, 1)
+        _refuse_multi_stream(streaming, n, False, top_k)
+        params = dataclasses.replace(params, logprobs=top_k)
         prompt_ids = await chat_prompt(body)
         if body.get(field) is None:  # as OpenAI and vLLM: up to the end of the context
             rest = async_engine.max_model_len - len(prompt_ids)
             params = dataclasses.replace(params, max_tokens=max(rest, 1))
         check_length(prompt_ids, params, "messages", field)
-        return await respond(request, True, prompt_ids, adapter, params, stops, streaming, include_usage)
+        if streaming:
+            return await respond_streaming(True, prompt_ids, adapter, params, stops, include_usage)
+        results = await generate_all(request, [(prompt_ids, _seeded(params, j)) for j in range(n)], adapter, stops)
+        if results is None:
+            return Response(status_code=499)
+        choices = [chat_choice(j, g, top_k) for j, g in enumerate(results)]
+        return response_body(True, adapter, choices, usage(len(prompt_ids), sum(len(g.token_ids) for g in results)))
 
     @app.get("/v1/models")
     async def models():

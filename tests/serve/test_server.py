@@ -192,13 +192,13 @@ def test_bad_requests_are_400_naming_the_field(tok, pool):
             error_of(await c.post("/v1/completions", json=[1, 2]), 400)
             cases = [({"prompt": "x", "max_tokens": "5"}, "max_tokens"), ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
                      ({"prompt": "x", "temperature": -1}, "temperature"), ({"prompt": "x", "top_p": 0}, "top_p"),
-                     ({"prompt": "x", "seed": -3}, "seed"), ({"prompt": "x", "n": 2}, "n"),
-                     ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "logprobs": 2}, "logprobs"),
+                     ({"prompt": "x", "seed": -3}, "seed"), ({"prompt": "x", "n": 0}, "n"),
+                     ({"prompt": "x", "echo": "yes"}, "echo"), ({"prompt": "x", "logprobs": 21}, "logprobs"),
                      ({"prompt": "x", "stop": [1]}, "stop"), ({"prompt": "x", "stop": ""}, "stop"),
                      ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
                      ({"prompt": "x", "stream": "yes"}, "stream"), ({"prompt": "x", "ignore_eos": 1}, "ignore_eos"),
                      ({}, "prompt"), ({"prompt": []}, "prompt"),
-                     ({"prompt": [1, "a"]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+                     ({"prompt": [1, "a"]}, "prompt"), ({"prompt": ["a", 3]}, "prompt"), ({"prompt": "x", "n": 2, "stream": True}, "stream"),
                      ({"prompt": [10 ** 6]}, "prompt"), ({"prompt": "word " * 80}, "prompt"),
                      ({"prompt": "x", "max_tokens": 63}, "max_tokens"), ({"prompt": "x", "model": 3}, "model"),
                      ({"prompt": "x", "stream_options": 3}, "stream_options")]
