@@ -64,13 +64,14 @@ def reference_replies(adapter_dir):
 
 def test_serve_smollm2_chat_equals_peft_generate(adapter_dir, monkeypatch):
     import httpx
-    import uvicorn
 
     from lorakit.cli import main
+    from lorakit.serve import server
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
-    assert main(["serve", "smollm2", "--lora-modules", f"movies={adapter_dir}", "--memory-gb", "0.5"]) == 0
+    monkeypatch.setattr(server, "run_server", lambda app, sock, **kwargs: apps.append(app))  # the app, not a socket
+    assert main(["serve", "smollm2", "--lora-modules", f"movies={adapter_dir}", "--memory-gb", "0.5",
+                 "--port", "0"]) == 0
 
     async def ask(app):
         async with app.router.lifespan_context(app):
