@@ -294,6 +294,20 @@ def run_export(args) -> None:
     print(f"wrote {out}: {variant} adapter {folder} as a PEFT LoRA, rank {'/'.join(map(str, ranks))}")
 
 
+def run_merge_adapters(args) -> None:
+    from .compose import merge_folders
+    from .train.tasks import format_number
+
+    out = Path(args.output_dir)
+    _check_output_dir(out, args.overwrite)
+    report = _write_output_dir(out, lambda tmp: merge_folders(args.sources, args.weights, tmp, method=args.method,
+                                                              target_rank=args.r, energy=args.energy))
+    width = max(map(len, report))
+    for path, row in report.items():
+        print(f"{path:<{width}}  rank {row['rank']:>4}  truncation error {format_number(row['error'])}")
+    print(f"wrote {out}: {args.method} of {len(args.sources)} adapters, a PEFT LoRA at scale 1")
+
+
 def _export_for_vllm(model, folder: Path, out: Path, variant: str) -> None:
     """`export --for vllm`: the folder vLLM's LoRA loader accepts, and the `vllm serve` line that loads it."""
     from .io import read_adapter
@@ -522,6 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "load) and print the `vllm serve` line")
     _add_base_flags(ex)
     ex.set_defaults(run=run_export)
+
+    mg = sub.add_parser("merge-adapters", help="combine PEFT LoRA folders into one: exact Σ wᵢ·ΔWᵢ (cat, or linear: "
+                                               "re-factored, optionally truncated to the best rank K)")
+    mg.add_argument("sources", nargs="+", metavar="SRC", help="PEFT LoRA folders (any ranks, rsLoRA, patterns)")
+    mg.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one weight per SRC "
+                    "(negative: task negation)")
+    mg.add_argument("--method", default="linear", choices=["cat", "linear"],
+                    help="cat: concatenated factors, rank Σrᵢ; linear (default): QR + SVD of the stacked factors, "
+                         "exact at its numerical rank or truncated by --r / --energy")
+    mg.add_argument("--r", type=int, default=None, metavar="K", help="linear: the optimal rank-K approximation")
+    mg.add_argument("--energy", type=float, default=None, metavar="E",
+                    help="linear: per layer, the smallest rank keeping this fraction of Σσ²")
+    mg.add_argument("--output-dir", required=True, help="the new PEFT LoRA folder")
+    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    mg.set_defaults(run=run_merge_adapters)
 
     sq = sub.add_parser("squeeze", help="compress an adapter to a lower rank as a plain PEFT LoRA (LoRA-Squeeze; "
                                         "plain LoRA needs no model, other variants load their base)")
