@@ -40,7 +40,7 @@ def merge_folders(sources: Sequence[str | os.PathLike], weights: Sequence[float]
     empty). Returns the per-layer report {path: {"rank", "error"}} (`error`: ‖ΔW − merged‖_F / ‖ΔW‖_F, 0 when
     exact)."""
     from ..io.files import read_adapter, write_folder
-    from ..rank.squeeze import _plain_config
+    from ..rank.squeeze import plain_config
 
     _check_options(sources, weights, method, target_rank, energy)
     out = Path(output_dir)
@@ -60,7 +60,7 @@ def merge_folders(sources: Sequence[str | os.PathLike], weights: Sequence[float]
         merged[f"{path}.{b_key}"] = b.reshape(shapes[1][0], k, *shapes[1][2:]).float().contiguous()
         report[path] = {"rank": k, "error": error}
     first = adapters[0][1]
-    write_folder(out, _plain_config({p: r["rank"] for p, r in report.items()}, first), merged)
+    write_folder(out, plain_config({p: r["rank"] for p, r in report.items()}, first), merged)
     return report
 
 

@@ -150,7 +150,7 @@ def _layer_target(target_rank: Ranks, path: str) -> Optional[int]:
     return None if key is None else target_rank[key]
 
 
-def _plain_config(ranks: dict[str, int], like: AdapterConfig) -> AdapterConfig:
+def plain_config(ranks: dict[str, int], like: AdapterConfig) -> AdapterConfig:
     """A plain LoRA config at scale 1 on every layer (alpha = rank); off-mode ranks in rank/alpha_pattern.
     Keeps `like`'s modules_to_save, task_type, lora_dropout (for cont-squeeze) and fan_in_fan_out."""
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -233,7 +233,7 @@ def squeeze_adapter(model: torch.nn.Module, name: str = "default", target_rank: 
         report[path] = {"from": variant.r, "to": k, "energy": kept, "source": source}
     copies = {p: {k: t.detach().clone() for k, t in w.copies[name].state_dict().items()}
               for p, w in wrappers(model) if isinstance(w, TrainedCopy) and name in w.copies}
-    plain = _plain_config({p: r["to"] for p, r in report.items()}, config)
+    plain = plain_config({p: r["to"] for p, r in report.items()}, config)
     active = list(_book(model).active)
     delete_adapter(model, name)
     prepared = prepare(model, plain, name, initialize=False)
@@ -301,7 +301,7 @@ def squeeze_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, targe
         report[path] = {"from": r, "to": k, "energy": kept, "source": "factors"}
     if not report:
         raise ConfigError(f"{src_dir} holds no LoRA factors to squeeze")
-    write_folder(dst_dir, _plain_config({p: r["to"] for p, r in report.items()}, config), out)
+    write_folder(dst_dir, plain_config({p: r["to"] for p, r in report.items()}, config), out)
     return report
 
 
