@@ -223,3 +223,8 @@ async def served(engine, tokenizer, **kw):
             yield client
         finally:
             await ae.shutdown(2)
+
+
+def fake(tok, pool, **kw):
+    """A FakeEngine over tokenizer `tok`'s vocabulary, drawing from the word tokens `pool`."""
+    return FakeEngine(vocab_size=len(tok), pool=pool, **kw)

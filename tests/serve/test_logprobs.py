@@ -9,7 +9,7 @@ import torch
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
 
-from fake_engine import FakeEngine, save_adapter, served, tiny_model_dir, tiny_tokenizer
+from fake_engine import FakeEngine, save_adapter, served, tiny_model_dir
 
 TOL = 1e-4
 MAX_DELTA = {}  # worst |engine - reference| log-prob seen, reported by test_scoring_* (pytest -s)
@@ -17,11 +17,6 @@ MAX_DELTA = {}  # worst |engine - reference| log-prob seen, reported by test_sco
 
 def run(coro):
     return asyncio.run(coro)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 
-from fake_engine import (FakeEngine, expected_tokens, save_adapter, served, tiny_model_dir, tiny_tokenizer,
-                         word_tokens)
+from fake_engine import expected_tokens, fake, save_adapter, served, tiny_model_dir, tiny_tokenizer
 from lorakit.errors import ConfigError, EngineStoppedError, QueueFullError
 from lorakit.serve.request import Request, SamplingParams
 from lorakit.serve.server import Detokenizer, StopMatcher, parse_lora_modules
@@ -20,25 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pool(tok):
-    return word_tokens(tok)
-
-
-@pytest.fixture(scope="module")
 def adapter_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     save_adapter(tiny_model_dir(), root / "a1", r=4, seed=1)
     save_adapter(tiny_model_dir(), root / "a2", r=8, seed=2, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     return root
-
-
-def fake(tok, pool, **kw):
-    return FakeEngine(vocab_size=len(tok), pool=pool, **kw)
 
 
 def run(coro):

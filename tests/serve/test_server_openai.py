@@ -12,7 +12,7 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
-from fake_engine import FakeEngine, save_adapter, served, tiny_model_dir, tiny_tokenizer, word_tokens
+from fake_engine import FakeEngine, fake, save_adapter, served, tiny_model_dir
 from lorakit.errors import ConfigError
 from lorakit.serve.server import bind_socket
 
@@ -20,24 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pool(tok):
-    return word_tokens(tok)
-
-
-@pytest.fixture(scope="module")
 def adapter_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     save_adapter(tiny_model_dir(), root / "a1", r=4, seed=1)
     return root
-
-
-def fake(tok, pool, **kw):
-    return FakeEngine(vocab_size=len(tok), pool=pool, **kw)
 
 
 def run(coro):
