@@ -347,11 +347,16 @@ def _data_file(folder: Path, stem: str):
 
 def load_data(spec: str, task: str = "classification", seed: int = 0,
               text_column="text", label_column="label") -> Splits:
-    """`vader:<domain>`, a .csv/.jsonl file, or a folder with train.* and optional validation.*/test.*."""
+    """`vader:<domain>`, `vader-task:<task>[@<domain>]` (instruct tasks on VADER sentences, see
+    `lorakit.data_tasks`), a .csv/.jsonl file, or a folder with train.* and optional validation.*/test.*."""
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     if spec.startswith("vader:"):
         return vader(spec.split(":", 1)[1], task, seed)
+    if spec.startswith("vader-task:"):  # four instruct tasks on VADER sentences (lorakit/data_tasks.py)
+        from .data_tasks import vader_task
+
+        return vader_task(spec, task, seed)
 
     def read(p, classes=None):
         if task == "causal-lm":
