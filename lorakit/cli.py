@@ -20,6 +20,7 @@ import sys
 import typing
 from pathlib import Path
 
+from .compose.merge import METHODS as MERGE_METHODS
 from .errors import ConfigError, LorakitError, MergeError
 from .train.args import TASK_DEFAULTS
 
@@ -300,12 +301,19 @@ def run_merge_adapters(args) -> None:
 
     out = Path(args.output_dir)
     _check_output_dir(out, args.overwrite)
+    options = {k: getattr(args, k) for k in MERGE_FLAGS if getattr(args, k) is not None}
     report = _write_output_dir(out, lambda tmp: merge_folders(args.sources, args.weights, tmp, method=args.method,
-                                                              target_rank=args.r, energy=args.energy))
+                                                              target_rank=args.r, energy=args.energy, **options))
     width = max(map(len, report))
     for path, row in report.items():
-        print(f"{path:<{width}}  rank {row['rank']:>4}  truncation error {format_number(row['error'])}")
-    print(f"wrote {out}: {args.method} of {len(args.sources)} adapters, a PEFT LoRA at scale 1")
+        kept = f"  kept {format_number(sum(row['kept']) / len(row['kept']))}" if "kept" in row else ""
+        print(f"{path:<{width}}  rank {row['rank']:>4}  truncation error {format_number(row['error'])}  "
+              f"from Σ wΔW {format_number(row['from_sum'])}{kept}")
+    print(f"wrote {out}: {args.method} of {len(args.sources)} adapters, a PEFT LoRA at scale 1 "
+          f"(choices and per-layer report in {out.name}/lorakit_merge.json)")
+
+
+MERGE_FLAGS = ("density", "seed", "sign", "sign_method", "divide", "epsilon", "gamma", "lam", "k", "knots_inner")
 
 
 def _export_for_vllm(model, folder: Path, out: Path, variant: str) -> None:
@@ -537,17 +545,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_flags(ex)
     ex.set_defaults(run=run_export)
 
-    mg = sub.add_parser("merge-adapters", help="combine PEFT LoRA folders into one: exact Σ wᵢ·ΔWᵢ (cat, or linear: "
-                                               "re-factored, optionally truncated to the best rank K)")
+    mg = sub.add_parser("merge-adapters", help="combine PEFT LoRA folders into one (exact Σ wᵢ·ΔWᵢ by default; "
+                                               "TIES, DARE, DELLA, Breadcrumbs, LoRA-LEGO, KnOTS, PEFT's modes)")
     mg.add_argument("sources", nargs="+", metavar="SRC", help="PEFT LoRA folders (any ranks, rsLoRA, patterns)")
     mg.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one weight per SRC "
                     "(negative: task negation)")
-    mg.add_argument("--method", default="linear", choices=["cat", "linear"],
-                    help="cat: concatenated factors, rank Σrᵢ; linear (default): QR + SVD of the stacked factors, "
-                         "exact at its numerical rank or truncated by --r / --energy")
-    mg.add_argument("--r", type=int, default=None, metavar="K", help="linear: the optimal rank-K approximation")
+    mg.add_argument("--method", default="linear", choices=list(MERGE_METHODS), metavar="NAME",
+                    help="cat: concatenated factors, rank Σrᵢ; linear (default): exact Σ wᵢΔWᵢ re-factored, or its "
+                         "optimal rank-K approximation with --r / --energy; ties, dare_linear, dare_ties, della, "
+                         "magnitude_prune, breadcrumbs: entry by entry on each layer's ΔW (need --density and "
+                         "--r or --energy); lego: LoRA-LEGO clusters of rank-1 units (--k); knots: a shared SVD "
+                         "basis, coefficients merged by --knots-inner; peft_linear, peft_ties, peft_dare_linear, "
+                         "peft_dare_ties, peft_magnitude_prune, peft_svd: PEFT 0.21.2's add_weighted_adapter")
+    mg.add_argument("--r", type=int, default=None, metavar="K", help="the rank of every merged layer (the optimal "
+                    "rank-K approximation of the method's result)")
     mg.add_argument("--energy", type=float, default=None, metavar="E",
-                    help="linear: per layer, the smallest rank keeping this fraction of Σσ²")
+                    help="instead of --r: per layer, the smallest rank keeping this fraction of Σσ²")
+    mg.add_argument("--density", type=float, default=None, metavar="D", help="the fraction of entries kept "
+                    "(ties, dare_*, della, magnitude_prune, breadcrumbs, peft_* pruning modes, knots)")
+    mg.add_argument("--seed", type=int, default=None, help="random draws (DARE, DELLA, LEGO's k-means); default 0")
+    mg.add_argument("--sign", choices=["weighted", "unweighted"], default=None,
+                    help="TIES-style sign vote on the weighted (default) or unweighted deltas")
+    mg.add_argument("--sign-method", choices=["total", "frequency"], default=None,
+                    help="the vote: sign of the sum (default) or of the count of signs")
+    mg.add_argument("--divide", choices=["count", "weight_sum", "none"], default=None,
+                    help="TIES-style mean over agreeing adapters: by their count (default), by Σ|w|, or a plain sum")
+    mg.add_argument("--epsilon", type=float, default=None, help="della: keep probabilities span density ± epsilon "
+                    "(default 0.1)")
+    mg.add_argument("--gamma", type=float, default=None, help="breadcrumbs: fraction of largest entries dropped "
+                    "(default 0.01)")
+    mg.add_argument("--lam", type=float, default=None, help="λ multiplying an element-wise result (default 1)")
+    mg.add_argument("--k", type=int, default=None, help="lego: number of clusters (default: the largest rank)")
+    mg.add_argument("--knots-inner", choices=["ta", "ties", "dare_ties", "dare_linear"], default=None,
+                    help="knots: how the per-task coefficients are merged (default ties)")
     mg.add_argument("--output-dir", required=True, help="the new PEFT LoRA folder")
     mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     mg.set_defaults(run=run_merge_adapters)
