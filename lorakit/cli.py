@@ -20,7 +20,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .compose.merge import METHODS as MERGE_METHODS
+from .compose.merge import METHODS as MERGE_METHODS, REPORT_NAME
 from .errors import ConfigError, LorakitError, MergeError
 from .train.args import TASK_DEFAULTS
 
@@ -297,20 +297,29 @@ def run_export(args) -> None:
 
 def run_merge_adapters(args) -> None:
     from .compose import merge_folders
+    from .compose.merge import merge_on_model
+    from .io import read_adapter
+    from .rank.squeeze import is_plain_lora
     from .train.tasks import format_number
 
     out = Path(args.output_dir)
     _check_output_dir(out, args.overwrite)
     options = {k: getattr(args, k) for k in MERGE_FLAGS if getattr(args, k) is not None}
-    report = _write_output_dir(out, lambda tmp: merge_folders(args.sources, args.weights, tmp, method=args.method,
-                                                              target_rank=args.r, energy=args.energy, **options))
+    options.update(method=args.method, target_rank=args.r, energy=args.energy)
+
+    def on_base(tmp: Path) -> dict:  # other variants: through the adapters on their base model
+        model = _adapted(Path(args.sources[0]), args.model)
+        return merge_on_model(model, args.sources, args.weights, tmp, **options)
+    plain = all(is_plain_lora(read_adapter(s)[0]) for s in args.sources)  # then no model is needed
+    report = _write_output_dir(out, (lambda tmp: merge_folders(args.sources, args.weights, tmp, **options))
+                               if plain else on_base)
     width = max(map(len, report))
     for path, row in report.items():
         kept = f"  kept {format_number(sum(row['kept']) / len(row['kept']))}" if "kept" in row else ""
         print(f"{path:<{width}}  rank {row['rank']:>4}  truncation error {format_number(row['error'])}  "
               f"from Σ wΔW {format_number(row['from_sum'])}{kept}")
     print(f"wrote {out}: {args.method} of {len(args.sources)} adapters, a PEFT LoRA at scale 1 "
-          f"(choices and per-layer report in {out.name}/lorakit_merge.json)")
+          f"(choices and per-layer report in {out.name}/{REPORT_NAME})")
 
 
 MERGE_FLAGS = ("density", "seed", "sign", "sign_method", "divide", "epsilon", "gamma", "lam", "k", "knots_inner")
@@ -547,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("merge-adapters", help="combine PEFT LoRA folders into one (exact Σ wᵢ·ΔWᵢ by default; "
                                                "TIES, DARE, DELLA, Breadcrumbs, LoRA-LEGO, KnOTS, PEFT's modes)")
-    mg.add_argument("sources", nargs="+", metavar="SRC", help="PEFT LoRA folders (any ranks, rsLoRA, patterns)")
+    mg.add_argument("sources", nargs="+", metavar="SRC", help="adapter folders: PEFT LoRA (any ranks, rsLoRA, "
+                    "patterns; merged from the files alone) or any lorakit variant with an additive ΔW (merged on "
+                    "the base model)")
     mg.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one weight per SRC "
                     "(negative: task negation)")
     mg.add_argument("--method", default="linear", choices=list(MERGE_METHODS), metavar="NAME",
@@ -579,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--knots-inner", choices=["ta", "ties", "dare_ties", "dare_linear"], default=None,
                     help="knots: how the per-task coefficients are merged (default ties)")
     mg.add_argument("--output-dir", required=True, help="the new PEFT LoRA folder")
-    mg.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    _add_base_flags(mg)  # --model: the base, for sources that are not plain LoRA (merged through the model)
     mg.set_defaults(run=run_merge_adapters)
 
     sq = sub.add_parser("squeeze", help="compress an adapter to a lower rank as a plain PEFT LoRA (LoRA-Squeeze; "

@@ -11,6 +11,7 @@ import pytest
 import torch
 from contract import mlp, perturb
 from models import llama
+from test_squeeze import adapter_on_base, logits, on_base, tiny_base  # noqa: F401 (tiny_base: a fixture)
 
 import lorakit
 from lorakit.cli import main
@@ -318,3 +319,22 @@ def test_cli_ties_records_every_choice(tmp_path, capsys):
     assert lorakit.read_adapter(tmp_path / "again")[1].keys() == tensors.keys()
     again = lorakit.read_adapter(tmp_path / "again")[1]
     assert all(torch.equal(again[k], tensors[k]) for k in tensors)  # the seed fixes the draws
+
+
+def test_cli_merges_other_variants_on_their_base(tiny_base, tmp_path, capsys):
+    """A VeRA and a PiSSA folder: merged through the base the first names; the output (a plain LoRA) on the base
+    gives the logits of both sources active together."""
+    base = tiny_base
+    adapter_on_base(base, "vera", tmp_path / "vera")
+    adapter_on_base(base, "pissa", tmp_path / "pissa", r=2)
+    assert main(["merge-adapters", str(tmp_path / "vera"), str(tmp_path / "pissa"), "--weights", "1", "1",
+                 "--method", "cat", "--output-dir", str(tmp_path / "out")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    config, _ = lorakit.read_adapter(tmp_path / "out")
+    assert (config.variant, config.r) == ("lora", 4 + 2 * 2)
+    both = on_base(base, tmp_path / "vera")
+    lorakit.load_adapter(both, tmp_path / "pissa", name="p")
+    lorakit.set_active(both, ["default", "p"])
+    assert torch.allclose(logits(on_base(base, tmp_path / "out")), logits(both), atol=1e-5)
+    record = json.loads((tmp_path / "out" / "lorakit_merge.json").read_text())
+    assert record["options"]["method"] == "cat" and len(record["sources"]) == 2

@@ -164,10 +164,33 @@ def merge_folders(sources: Sequence[str | os.PathLike], weights: Sequence[float]
     layers, configs = folder_layers(sources, weights)
     factors, report = merge_layers(layers, opts)
     write_folder_result(out, factors, layers, configs[0])
+    _write_provenance(out, sources, weights, opts, report)
+    return report
+
+
+def merge_on_model(model: torch.nn.Module, sources: Sequence[str | os.PathLike], weights: Sequence[float],
+                   output_dir: str | os.PathLike, method: str = "linear", **options) -> dict[str, dict]:
+    """`merge_folders` for adapters of any variant: `model` carries `sources[0]` (e.g. `lorakit.from_pretrained`);
+    the other folders are loaded next to it, merged on the model, and the result saved to `output_dir` with its
+    provenance file. The model keeps every adapter, the merged one (named "merged") active."""
+    from ..io import load_adapter, save_adapter
+    from ..model import adapter_names
+
+    opts = _options(method, options)
+    _check_inputs(sources, weights)
+    names = [adapter_names(model)[0]] + [f"source_{i}" for i in range(1, len(sources))]
+    for name, folder in zip(names[1:], sources[1:]):
+        load_adapter(model, folder, name=name)
+    report = merge_adapters(model, names, weights, "merged", **dataclasses.asdict(opts))
+    save_adapter(model, output_dir, name="merged")
+    _write_provenance(Path(output_dir), sources, weights, opts, report)
+    return report
+
+
+def _write_provenance(out: Path, sources, weights, opts: MergeOptions, report: dict) -> None:
     provenance = {"sources": [str(s) for s in sources], "weights": [float(w) for w in weights],
                   "options": opts.record(), "layers": report}
     (out / REPORT_NAME).write_text(json.dumps(provenance, indent=1) + "\n")
-    return report
 
 
 def merge_layers(layers: dict[str, Layer], opts: MergeOptions) -> tuple[dict[str, tuple], dict[str, dict]]:
