@@ -172,66 +172,74 @@ def _rescale(v: torch.Tensor, target: torch.Tensor) -> float:
     return float(target) / n if n > 0 else 1.0
 
 
-def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    d = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None, :]
-    return d.clamp_min(0)
-
-
 def _kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int,
             n_init: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Best of n_init seeded k-means runs: (labels (U,), centres (k, D), inertia, Lloyd iterations of the best)."""
+    """Best of n_init seeded k-means runs: (labels (U,), centres (k, D), inertia, Lloyd iterations of the best).
+    All distances come from the Gram matrix of the U units (centres are means of units), so a run costs U×U work,
+    not U×k×(out+in)."""
+    gram = (x @ x.T).cpu()
+    sq = gram.diagonal().clone()
+    pair = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)  # ‖xᵢ − xⱼ‖²
     best = None
     for _ in range(n_init):
-        centres = _kmeans_pp(x, k, generator)
-        labels, steps = None, 0
+        labels = pair[:, _kmeans_pp(pair, k, generator)].argmin(dim=1)
+        steps = 0
         for steps in range(1, iters + 1):
-            new, centres = _update(x, _sq_dist(x, centres).argmin(dim=1), centres, k)
-            if labels is not None and torch.equal(new, labels):
+            labels, dist = _assign(gram, sq, labels, k)
+            new = dist.argmin(dim=1)
+            if torch.equal(new, labels):
                 break
             labels = new
-        labels, centres = _update(x, _sq_dist(x, centres).argmin(dim=1), centres, k)
-        inertia = float((x - centres[labels]).pow(2).sum())
+        labels, dist = _assign(gram, sq, labels, k)
+        inertia = float(dist.gather(1, labels[:, None]).sum())
         if best is None or inertia < best[2]:
-            best = (labels, centres, inertia, steps)
-    return best
+            best = (labels, inertia, steps)
+    labels, inertia, steps = best
+    member = _membership(labels, k).to(device=x.device, dtype=x.dtype)
+    return labels.to(x.device), member @ x, inertia, steps
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def _kmeans_pp(pair: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
     """k-means++ seeding: the first centre uniform, each next one with probability ∝ squared distance to the
     nearest chosen centre (uniform over the points not yet chosen when every distance is zero)."""
-    n = x.shape[0]
+    n = pair.shape[0]
     chosen = [int(torch.randint(n, (1,), generator=generator))]
-    d2 = _sq_dist(x, x[chosen]).squeeze(1)
+    d2 = pair[chosen[0]].clone()
     for _ in range(1, k):
-        probs = d2.detach().cpu().clone()
+        probs = d2.clone()
         probs[chosen] = 0
         if float(probs.sum()) <= 0:
             probs = torch.ones(n, dtype=torch.float64)
             probs[chosen] = 0
         nxt = int(torch.multinomial(probs, 1, generator=generator))
         chosen.append(nxt)
-        d2 = torch.minimum(d2, _sq_dist(x, x[nxt:nxt + 1]).squeeze(1))
-    return x[chosen].clone()
+        d2 = torch.minimum(d2, pair[nxt])
+    return chosen
 
 
-def _update(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
+def _membership(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, U): row c holds 1/|c| at the members of cluster c, so row c times the units is its mean."""
+    m = torch.zeros(k, labels.shape[0], dtype=torch.float64)
+    m[labels, torch.arange(labels.shape[0])] = 1.0
+    return m / m.sum(1, keepdim=True).clamp_min(1)
+
+
+def _assign(gram: torch.Tensor, sq: torch.Tensor, labels: torch.Tensor,
             k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels, centres): centres as the means of their points; an empty cluster takes the point farthest from its own centre
-    (that point leaves its cluster, whose mean is recomputed), so every cluster keeps a member."""
+    """(labels, squared distances (U, k) to the cluster means). An empty cluster first takes the point farthest
+    from its own mean (from a cluster of two or more), so every cluster keeps a member."""
     labels = labels.clone()
     while True:
+        m = _membership(labels, k)
+        gm = gram @ m.T  # (U, k): ⟨xⱼ, μ_c⟩
+        dist = (sq[:, None] - 2 * gm + (m @ gm).diagonal()[None, :]).clamp_min(0)
         sizes = torch.bincount(labels, minlength=k)
         empty = (sizes == 0).nonzero().flatten()
         if len(empty) == 0:
-            break
-        sums = torch.zeros_like(centres).index_add_(0, labels, x)
-        means = sums / sizes.clamp_min(1)[:, None].to(x.dtype)
-        far = (x - means[labels]).pow(2).sum(1)
-        far[sizes[labels] <= 1] = -1  # never empty another cluster
-        labels[int(far.argmax())] = int(empty[0])
-    sizes = torch.bincount(labels, minlength=k)
-    sums = torch.zeros_like(centres).index_add_(0, labels, x)
-    return labels, sums / sizes[:, None].to(x.dtype)
+            return labels, dist
+        own = dist.gather(1, labels[:, None]).squeeze(1)
+        own[sizes[labels] <= 1] = -1  # never empty another cluster
+        labels[int(own.argmax())] = int(empty[0])
 
 
 # ---- KnOTS ----------------------------------------------------------------------------------------------------
