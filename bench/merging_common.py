@@ -1,0 +1,163 @@
+"""Shared pieces of the adapter-combination experiments on SmolLM2 (`bench/merging.py`, `bench/merging_learned.py`,
+`bench/merging_unlearn.py`): the four instruct tasks on VADER sentences, the trained adapters, and label-scoring
+evaluation of a model on a task.
+
+Typical use::
+
+    from merging_common import TASKS, load_base, ensure_adapter, evaluate
+    import lorakit
+    model, tokenizer = load_base()
+    for name in TASKS:
+        lorakit.load_adapter(model, ensure_adapter(name), name=name)
+    lorakit.set_active(model, "source")
+    print(evaluate(model, "source", n=200)["accuracy"])
+
+Data: `lorakit.data_tasks` (spec `vader-task:<task>[@<domain>]`, one global split of the sentences into
+train / validation / test pools, ≤ 2,000 / 300 / 600 class-balanced examples per task).
+Adapters: `runs/merging/adapters/<name>/` (a `lorakit train` run folder; the PEFT adapter in its `adapter/`),
+trained on first use by `lorakit train --model smollm2 --task instruct --data <spec> --bf16` (the instruct
+defaults: LoRA r 16 on all linear layers, α 32, lr 1e-3, 80 steps × 16 examples, seed 0) in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lorakit import data_tasks  # noqa: E402
+
+OUT = ROOT / "runs" / "merging"
+ADAPTERS_DIR = OUT / "adapters"
+EVAL_DIR = OUT / "eval"
+
+TASKS = data_tasks.TASK_NAMES  # ("polarity", "source", "intensity", "format")
+DOMAIN_ADAPTERS = tuple(f"polarity-{d}" for d in data_tasks.DOMAINS)  # the near-duplicate per-domain pool
+# adapter name → data spec it is trained on
+ADAPTERS = {**{t: f"vader-task:{t}" for t in TASKS}, "multi": "vader-task:all",
+            **{f"polarity-{d}": f"vader-task:polarity@{d}" for d in data_tasks.DOMAINS}}
+TRAIN_FLAGS = ["--bf16", "--max-eval-samples", "64", "--disable-tqdm", "--seed", "0"]  # recipe = instruct defaults
+EVAL_BATCH = 32
+NICE = 10  # training subprocesses run at this niceness (not more when the caller is already niced)
+MAX_LENGTH = 256
+
+_tokenizer = None
+
+
+def load_base(dtype: torch.dtype = torch.bfloat16):
+    """(model, tokenizer): SmolLM2-135M-Instruct as a causal LM on the CPU in `dtype` (bf16 by default, as the
+    adapters were trained; adapters loaded onto it stay fp32), in eval mode, no KV cache in plain forwards."""
+    global _tokenizer
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model("smollm2", "instruct")
+    model = model.to(dtype).eval()
+    model.config.use_cache = False
+    _tokenizer = tokenizer
+    return model, tokenizer
+
+
+def task_data(name: str, domain: str | None = None, seed: int = 0):
+    """`lorakit.data.Splits` (train / validation / test `ChatDataset`s, each with the task's `choices` and `labels`)
+    of one task: "polarity", "source", "intensity", "format", or a per-domain polarity pool given as
+    "polarity-movies" / "polarity@movies" (or `domain=`), or "multi" / "all" (the mix of the four, no `choices`)."""
+    if name in ("multi", data_tasks.MIX):
+        return data_tasks.vader_task(f"{data_tasks.PREFIX}{data_tasks.MIX}", seed=seed)
+    if name.startswith("polarity-"):
+        name, domain = "polarity", name.split("-", 1)[1]
+    if "@" in name:
+        name, domain = name.split("@", 1)
+    return data_tasks.task_splits(name, domain, seed)
+
+
+def test_set(task: str, n: int | None = None):
+    """The first `n` (default 600: all) test examples of a task, still class-balanced (a prefix of each class of the
+    full test set, so smaller sets are subsets of larger ones)."""
+    if task.startswith("polarity-"):
+        return data_tasks.task_split("polarity", "test", task.split("-", 1)[1], limit=n)
+    return data_tasks.task_split(task, "test", limit=n)
+
+
+def adapter_run(name: str) -> Path:
+    """The run folder of adapter `name` (may not exist yet)."""
+    return ADAPTERS_DIR / name
+
+
+def is_trained(name: str) -> bool:
+    return (adapter_run(name) / "results.json").is_file()
+
+
+def ensure_adapter(name: str, log=None, extra_flags=()) -> Path:
+    """The PEFT adapter folder of adapter `name` (a key of `ADAPTERS`), training it first when its run has not
+    finished (`lorakit train` in a subprocess at niceness `NICE` (10); an interrupted run resumes from its checkpoint).
+    `log`: a file object for the subprocess's output (default: inherited)."""
+    if name not in ADAPTERS:
+        raise KeyError(f"unknown adapter {name!r}; known: {', '.join(ADAPTERS)}")
+    run = adapter_run(name)
+    if not is_trained(name):
+        started = time.perf_counter()
+        has_checkpoint = any((run / "checkpoints").glob("*")) if (run / "checkpoints").is_dir() else False
+        restart = ["--resume"] if has_checkpoint else (["--overwrite-output-dir"] if run.exists() else [])
+        cmd = ["nice", "-n", str(max(0, NICE - os.nice(0))), sys.executable, "-m", "lorakit", "train", "--model", "smollm2", "--task",
+               "instruct", "--data", ADAPTERS[name], *TRAIN_FLAGS, *extra_flags, "--output-dir", str(run), *restart]
+        print(f"[train {name}] {' '.join(cmd[3:])}", file=log or sys.stderr, flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT if log else None)
+        print(f"[train {name}] done in {time.perf_counter() - started:.0f} s", file=log or sys.stderr, flush=True)
+    return run / "adapter"
+
+
+def train_results(name: str) -> dict:
+    """The `results.json` of a finished adapter run."""
+    return json.loads((adapter_run(name) / "results.json").read_text())
+
+
+def make_task(task: str):
+    """The lorakit `Instruct` task object (label scoring with the task's choices) for one of `TASKS`."""
+    from lorakit.train.tasks import make_task as make
+
+    if _tokenizer is None:
+        raise RuntimeError("call load_base() first (the task needs its tokenizer)")
+    choices = data_tasks.TASKS[task.split("-")[0].split("@")[0]].choices
+    return make("instruct", _tokenizer, MAX_LENGTH, len(choices), choices)
+
+
+@torch.no_grad()
+def evaluate(model, task: str, n: int | None = None, batch_size: int = EVAL_BATCH) -> dict:
+    """Label-scoring metrics of `model` (as it is: whatever adapters are active) on the test pool of `task`
+    ("polarity", "source", "intensity", "format", or "polarity-<domain>"): the first `n` class-balanced test
+    examples (default all, ≤ 600). Label scoring = the choice whose tokens get the highest total log-probability
+    after the prompt (chat template, SmolLM2's default system prompt). Returns {"accuracy", "macro_f1",
+    "majority_class_rate", "predicted_share_<k>" per choice index, "loss" (reply NLL per token), "n", "seconds"}."""
+    from lorakit.train.trainer import evaluate as run_eval
+
+    data = test_set(task, n)
+    started = time.perf_counter()
+    metrics = run_eval(model, make_task(task), data, batch_size=batch_size, prefix="m")
+    out = {k.removeprefix("m_"): v for k, v in metrics.items()}
+    out.update(n=len(data), seconds=round(time.perf_counter() - started, 1))
+    return out
+
+
+def cached_row(row: str, compute, tasks=TASKS, n: int | None = None, folder: Path = EVAL_DIR) -> dict:
+    """{task: metrics} of one table row, read from `<folder>/<row>.json` when it holds every task at this `n`, else
+    computed with `compute(task) -> metrics` for the missing tasks and saved (one file per row)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{row}.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    results = {t: saved[t] for t in tasks if t in saved and saved[t].get("n_requested") == n}
+    for t in tasks:
+        if t not in results:
+            results[t] = {**compute(t), "n_requested": n}
+            saved[t] = results[t]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved, indent=1))
+            os.replace(tmp, path)
+    return results
