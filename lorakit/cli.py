@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 0.01)")
     mg.add_argument("--lam", type=float, default=None, help="λ multiplying an element-wise result (default 1)")
     mg.add_argument("--k", type=int, default=None, help="lego: number of clusters (default: the largest rank)")
-    mg.add_argument("--knots-inner", choices=["ta", "ties", "dare_ties", "dare_linear"], default=None,
+    mg.add_argument("--knots-inner", choices=["ta", "ties", "dare_linear", "dare_ties", "magnitude_prune"],
+                    default=None,
                     help="knots: how the per-task coefficients are merged (default ties)")
     mg.add_argument("--output-dir", required=True, help="the new PEFT LoRA folder")
     _add_base_flags(mg)  # --model: the base, for sources that are not plain LoRA (merged through the model)

@@ -252,6 +252,21 @@ def test_element_wise_merges_are_truncated_to_the_optimal_rank_of_the_dense_resu
     assert info["error"] == pytest.approx(float(s[5:].norm() / s.norm()), rel=1e-9)
 
 
+def test_aligned_methods_through_the_merge_api():
+    """knots with task arithmetic inside is lossless (Σ wᵢΔWᵢ); lego gives k units; both come back as adapters."""
+    model = mixed_pool()
+    weights = {"a": 0.6, "b": -1.1, "c": 0.8}
+    want = {p: sum(w * effective_delta(model, p, n) for n, w in weights.items()
+                   if n in model.get_submodule(p).adapters) for p in paths(model)}
+    report = merge_adapters(model, list(weights), list(weights.values()), "kn", method="knots", knots_inner="ta")
+    assert all(rel(effective_delta(model, p, "kn"), want[p]) <= 1e-6 for p in want)
+    assert all(row["inner"] == "ta" for row in report.values())
+    report = merge_adapters(model, list(weights), list(weights.values()), "lego", method="lego", k=3)
+    assert all(row["rank"] == 3 and row["from_sum"] > 0 for row in report.values())
+    report = merge_adapters(model, list(weights), list(weights.values()), "kt", method="knots", density=0.5)
+    assert all(0 < row["from_sum"] < 1 for row in report.values())
+
+
 # ---- PEFT 0.21.2's own numbers -------------------------------------------------------------------------
 
 def peft_pair(tmp_path, r=4, use_rslora=False):

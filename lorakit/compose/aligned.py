@@ -63,9 +63,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .sparsify import DIVIDES, SIGN_METHODS, SIGNS, merge_dense
 
 INNER = ("ta", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-SIGNS, SIGN_METHODS, DIVIDES = ("weighted", "unweighted"), ("total", "frequency"), ("count", "weight_sum", "none")
 RTOL = 1e-12  # singular values at or below this fraction of the largest are numerical zeros
 
 
@@ -316,43 +316,11 @@ def shared_basis(parts: Sequence, rtol: float = RTOL) -> tuple[torch.Tensor, tor
 def merge_coefficients(inner: str, coeffs: torch.Tensor, weights: torch.Tensor, density: Optional[float],
                        generator: Optional[torch.Generator], sign: str = "weighted", sign_method: str = "total",
                        divide: str = "count") -> tuple[torch.Tensor, dict]:
-    """Element-wise merge of stacked coefficient blocks (N, K, in) with weights (N,): (merged (K, in), what was kept)."""
-    wx = weights.reshape(-1, 1, 1).to(coeffs.dtype)
+    """Element-wise merge of stacked coefficient blocks (N, K, in) with weights (N,): (merged (K, in), what was kept),
+    by the same rules as the ΔW-level merges (`sparsify.merge_dense`)."""
     if inner == "ta":
-        return (coeffs * wx).sum(0), {}
-    if inner in ("ties", "magnitude_prune"):
-        trimmed = torch.stack([_top_fraction(c, density) for c in coeffs])
-    else:
-        trimmed = torch.stack([_drop_random(c, density, generator) for c in coeffs])
-    kept = {"kept": [round(float((t != 0).double().mean()), 6) for t in trimmed]}
-    if inner in ("magnitude_prune", "dare_linear"):
-        return (trimmed * wx).sum(0), kept
-    voters = trimmed * wx if sign == "weighted" else trimmed
-    mass = voters.sum(0) if sign_method == "total" else voters.sign().sum(0)
-    elected = torch.where(mass >= 0, 1.0, -1.0).to(coeffs.dtype)
-    agree = voters.sign() == elected  # a zero (trimmed) entry has sign 0 and never agrees
-    kept["kept_after_vote"] = [round(float(g.double().mean()), 6) for g in agree]
-    total = (trimmed * wx * agree).sum(0)
-    if divide == "none":
-        return total, kept
-    per = torch.ones_like(wx) if divide == "count" else wx.abs()
-    norm = (agree * per).sum(0)
-    return torch.where(norm > 0, total / norm.clamp_min(1e-300), torch.zeros_like(total)), kept
-
-
-def _top_fraction(c: torch.Tensor, density: float) -> torch.Tensor:
-    n = int(density * c.numel())
-    mask = torch.zeros(c.numel(), dtype=torch.bool, device=c.device)
-    if n > 0:
-        mask[c.abs().flatten().topk(n).indices] = True
-    return c * mask.view(c.shape)
-
-
-def _drop_random(c: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    if density >= 1:
-        return c.clone()
-    keep = torch.rand(c.shape, generator=generator, dtype=torch.float64).to(c.device) < density
-    return c * keep / density
+        return (coeffs * weights.reshape(-1, 1, 1).to(coeffs.dtype)).sum(0), {}
+    return merge_dense(inner, list(coeffs), weights.tolist(), density, generator, sign, sign_method, divide)
 
 
 def _balanced(u: torch.Tensor, merged: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:

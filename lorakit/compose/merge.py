@@ -125,7 +125,8 @@ class MergeOptions:
         elif m == "lego":
             keep |= {"k", "seed"}
         elif m == "knots":
-            keep |= {"knots_inner", "density", "seed", "sign", "sign_method", "divide"}
+            keep |= {"knots_inner", "lam"} | (set() if self.knots_inner == "ta" else
+                                              {"density", "seed", "sign", "sign_method", "divide"})
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
@@ -231,7 +232,7 @@ def merge_layer(parts: list[Part], opts: MergeOptions, path: str = "") -> tuple:
         a, b, info = aligned.lego(parts, k, generator=generator)
     else:
         a, b, info = aligned.knots(parts, inner=opts.knots_inner, density=opts.density, generator=generator,
-                                   sign=opts.sign, sign_method=opts.sign_method, divide=opts.divide)
+                                   sign=opts.sign, sign_method=opts.sign_method, divide=opts.divide, lam=opts.lam)
     if opts.target_rank is not None or opts.energy is not None:
         a, b, trunc = refactor(a, b, opts.target_rank, opts.energy)
         info = {**info, **trunc}
