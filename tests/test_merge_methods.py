@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from contract import mlp, perturb
-from models import llama
+from models import build, forward, llama
 from test_squeeze import adapter_on_base, logits, on_base, tiny_base  # noqa: F401 (tiny_base: a fixture)
 
 import lorakit
@@ -104,6 +104,25 @@ def test_exact_modes_on_a_model_equal_the_weighted_sum_and_truncation_is_optimal
         assert rel(effective_delta(model, p, "k3"), best) <= 1e-6
         assert report[p]["error"] == pytest.approx(float(s[3:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()),
                                                    rel=1e-6)
+
+
+@pytest.mark.parametrize("arch,targets", [("convnet", ["emb", "conv", "conv2d"]), ("gpt2", ["c_attn", "c_proj"])])
+def test_conv_embedding_and_conv1d_layers_merge_exactly(tmp_path, arch, targets):
+    """Conv1d / Conv2d / Embedding / transformers Conv1D (fan_in_fan_out): the merged adapter's output equals both
+    sources active at once (their deltas add), on the model and through the folders."""
+    model, batch = build(arch)
+    model = model.double()
+    for name, seed, r in (("a", 1, 4), ("b", 2, 2)):
+        adapted(model, "lora", name, seed, r=r, target_modules=targets)
+        lorakit.save_adapter(model, tmp_path / name, name=name)
+    lorakit.set_active(model, ["a", "b"])
+    want = forward(model, batch)
+    merge_adapters(model, ["a", "b"], [1.0, 1.0], "m", method="linear")
+    assert torch.allclose(forward(model, batch), want, atol=1e-9)
+    merge_folders([tmp_path / "a", tmp_path / "b"], [1.0, 1.0], tmp_path / "m", method="cat")
+    fresh = build(arch)[0].double()
+    lorakit.load_adapter(fresh, tmp_path / "m")
+    assert torch.allclose(forward(fresh, batch), want.to(forward(fresh, batch)), atol=1e-5)
 
 
 def test_the_merge_is_safe_sources_untouched_collisions_raise_and_the_result_is_a_plain_lora():
