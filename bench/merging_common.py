@@ -130,20 +130,70 @@ def make_task(task: str):
 
 
 @torch.no_grad()
-def evaluate(model, task: str, n: int | None = None, batch_size: int = EVAL_BATCH) -> dict:
+def evaluate(model, task: str, n: int | None = None, batch_size: int = EVAL_BATCH, reference: bool = False) -> dict:
     """Label-scoring metrics of `model` (as it is: whatever adapters are active) on the test pool of `task`
     ("polarity", "source", "intensity", "format", or "polarity-<domain>"): the first `n` class-balanced test
     examples (default all, ≤ 600). Label scoring = the choice whose tokens get the highest total log-probability
-    after the prompt (chat template, SmolLM2's default system prompt). Returns {"accuracy", "macro_f1",
-    "majority_class_rate", "predicted_share_<k>" per choice index, "loss" (reply NLL per token), "n", "seconds"}."""
-    from lorakit.train.trainer import evaluate as run_eval
+    after the prompt (chat template, SmolLM2's default system prompt), as `lorakit.train.tasks.Instruct` scores.
+    Returns {"accuracy", "f1", "macro_f1", "majority_class_rate", "predicted_share_<k>" per choice index, "n",
+    "seconds"}.
 
+    The prompt runs once and each choice's later tokens continue from its KV cache (`score_choices`), so
+    multi-token choices (mild, positif, négatif) cost little; `reference=True` uses lorakit's own evaluation
+    (`lorakit.train.trainer.evaluate`: also the reply loss, and one whole forward per multi-token choice)."""
     data = test_set(task, n)
     started = time.perf_counter()
-    metrics = run_eval(model, make_task(task), data, batch_size=batch_size, prefix="m")
-    out = {k.removeprefix("m_"): v for k, v in metrics.items()}
+    if reference:
+        from lorakit.train.trainer import evaluate as run_eval
+
+        metrics = run_eval(model, make_task(task), data, batch_size=batch_size, prefix="m")
+        out = {k.removeprefix("m_"): v for k, v in metrics.items()}
+    else:
+        out = score_choices(model, make_task(task), data, batch_size)
     out.update(n=len(data), seconds=round(time.perf_counter() - started, 1))
     return out
+
+
+@torch.no_grad()
+def score_choices(model, task, data, batch_size: int = EVAL_BATCH) -> dict:
+    """Label-scoring metrics (`confusion_metrics`) of `model` on a `ChatDataset` with choices: per batch one forward
+    over the prompts (left-padded; their shared prefix once, `Instruct._forward`) keeping the KV cache, then per
+    multi-token choice one short forward of its tokens after each prompt (the cache cropped back after each)."""
+    from lorakit.train.devices import device_of
+    from lorakit.train.tasks import _cache_keyword, _left_pad, confusion_metrics
+
+    was_training = model.training
+    model.eval()
+    k, device, keyword = len(task.choices), device_of(model), _cache_keyword(model)
+    confusion = torch.zeros(k * k, dtype=torch.float64)
+    order = task.eval_order(data, list(range(len(data))))
+    for start in range(0, len(order), batch_size):
+        rows = [data[j] for j in order[start:start + batch_size]]
+        padded = _left_pad([task.prompt_ids(r["messages"])[-MAX_LENGTH:] for r in rows], task.tokenizer.pad_token_id)
+        ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+        logits, cache, cached_mask = task._forward(model, ids, mask, keep=1, use_cache=True)
+        first = logits[:, -1].float().log_softmax(-1)
+        prompt_len, lengths, b = cache.get_seq_length(), mask.sum(-1), len(rows)
+        columns = []
+        for choice in task.choice_ids:
+            score = first[:, choice[0]]
+            if len(choice) > 1:
+                steps = len(choice) - 1
+                feed = torch.tensor(choice[:-1], device=device).expand(b, steps)
+                out = model(input_ids=feed, attention_mask=torch.cat([cached_mask, cached_mask.new_ones(b, steps)], 1),
+                            position_ids=lengths[:, None] + torch.arange(steps, device=device), use_cache=True,
+                            **{keyword: cache})
+                logp = out.logits.float().log_softmax(-1)
+                target = torch.tensor(choice[1:], device=device).expand(b, steps)
+                score = score + logp.gather(-1, target[..., None]).squeeze(-1).sum(1)
+                cache.crop(-steps)  # (transformers 5: a negative count of tokens to drop)
+                assert cache.get_seq_length() == prompt_len
+            columns.append(score)
+        pred = torch.stack(columns, 1).argmax(1).cpu()
+        gold = torch.tensor([r["label"] for r in rows])
+        confusion += torch.bincount(gold * k + pred, minlength=k * k).double()
+    model.train(was_training)
+    return confusion_metrics(confusion.view(k, k))
 
 
 def cached_row(row: str, compute, tasks=TASKS, n: int | None = None, folder: Path = EVAL_DIR) -> dict:
