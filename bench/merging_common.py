@@ -4,11 +4,10 @@ evaluation of a model on a task.
 
 Typical use::
 
-    from merging_common import TASKS, load_base, ensure_adapter, evaluate
+    from merging_common import TASKS, load_base, load_adapters, evaluate
     import lorakit
     model, tokenizer = load_base()
-    for name in TASKS:
-        lorakit.load_adapter(model, ensure_adapter(name), name=name)
+    load_adapters(model, TASKS)          # = lorakit.load_adapter(model, ensure_adapter(name), name=name) each
     lorakit.set_active(model, "source")
     print(evaluate(model, "source", n=200)["accuracy"])
 
@@ -112,6 +111,20 @@ def ensure_adapter(name: str, log=None, extra_flags=()) -> Path:
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT if log else None)
         print(f"[train {name}] done in {time.perf_counter() - started:.0f} s", file=log or sys.stderr, flush=True)
     return run / "adapter"
+
+
+def load_adapters(model, names=TASKS, train: bool = True):
+    """Load the adapters `names` (keys of `ADAPTERS`) onto `model`, each under its own name (already loaded ones are
+    left alone), training missing ones first when `train` (else a missing one raises FileNotFoundError)."""
+    import lorakit
+
+    for name in names:
+        if name in lorakit.adapter_names(model):
+            continue
+        if not train and not is_trained(name):
+            raise FileNotFoundError(f"adapter {name!r} is not trained yet ({adapter_run(name)})")
+        lorakit.load_adapter(model, ensure_adapter(name), name=name)
+    return model
 
 
 def train_results(name: str) -> dict:
