@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, MergeError
+from ..errors import ConfigError
 
 IGNORE = -100
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values", "inputs_embeds")
