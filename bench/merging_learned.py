@@ -63,6 +63,8 @@ def run_row(row, model, pool, batches, loss_fn, target: str, n):
     """Build the row's adapter on `model` (or none), evaluate it on the target task; returns (metrics, extra)."""
     import lorakit
     from lorakit.compose import learn
+    from lorakit.compose.fit import mean_loss
+    from lorakit.compose.unlearn import fit_adapter
 
     new, extra = f"learned_{row}", {}
     began = time.perf_counter()
@@ -79,7 +81,7 @@ def run_row(row, model, pool, batches, loss_fn, target: str, n):
                      trace=r.trace[::len(batches)])
     elif row == "uniform":
         learn.uniform_average(model, pool, new)
-        extra = dict(few_shot_loss=learn.few_shot_loss(model, batches, loss_fn))
+        extra = dict(few_shot_loss=mean_loss(model, batches, loss_fn))
     elif row == "best_single":
         best, losses = learn.best_single(model, pool, batches, loss_fn)
         learn.mix(model, [best], [1.0], new)
@@ -92,9 +94,9 @@ def run_row(row, model, pool, batches, loss_fn, target: str, n):
         extra = dict(weights=r.weights, objective=r.objective, few_shot_loss=r.loss, trace=r.trace)
     elif row == "fresh":
         config = lorakit.get_config(model, pool[0])
-        trace = learn.train_fresh(model, config, new, batches, loss_fn, steps=EPOCHS * len(batches), lr=1e-3,
-                                  seed=SEED)
-        extra = dict(trace=trace[::len(batches)], few_shot_loss=learn.few_shot_loss(model, batches, loss_fn))
+        trace = fit_adapter(model, new, config, batches, steps=EPOCHS * len(batches), lr=1e-3, loss_fn=loss_fn,
+                            seed=SEED)["loss"]
+        extra = dict(trace=trace[::len(batches)], few_shot_loss=mean_loss(model, batches, loss_fn))
     extra["build_seconds"] = round(time.perf_counter() - began, 1)
     print(f"[{row}] built in {extra['build_seconds']} s: "
           f"{ {k: v for k, v in extra.items() if k not in ('trace',)} }", file=sys.stderr, flush=True)

@@ -13,8 +13,10 @@ from contract import close, perturb
 from models import llama
 
 import lorakit
-from lorakit.compose.learn import (Mixture, best_single, causal_lm_loss, es_minimize, few_shot_loss, learn_scalars,
-                                   learn_weights, mix, random_pool, train_fresh, uniform_average)
+from lorakit.compose.fit import lm_loss, mean_loss
+from lorakit.compose.learn import (Mixture, best_single, es_minimize, learn_scalars, learn_weights, mix, random_pool,
+                                   uniform_average)
+from lorakit.compose.unlearn import fit_adapter
 from lorakit.errors import AdapterNameError, ConfigError, DataError, MergeError
 
 IDS = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -174,7 +176,7 @@ def test_l1_term_is_in_the_objective_and_the_search_adds_the_best_mix():
     model2 = pool_model()
     res = learn_weights(model2, ["a", "c"], batches, "found", mse_loss, budget=40, l1=0.0, seed=0)
     assert len(res.trace) == 40 and lorakit.active_adapters(model2) == ["found"]
-    assert res.loss == pytest.approx(few_shot_loss(model2, batches, mse_loss), rel=1e-6)  # the added adapter is w*
+    assert res.loss == pytest.approx(mean_loss(model2, batches, mse_loss), rel=1e-6)  # the added adapter is w*
     assert res.loss < 0.2 * res.trace[0]  # (40 evaluations get near (1, −0.5), not onto it: the exact optimum is
     # asserted on the quadratic above and, for the LLM, by the gradient-scalar test)
     with pytest.raises(AdapterNameError):
@@ -197,7 +199,7 @@ def test_gradient_scalars_train_only_lambda_and_recover_a_planted_mix():
         assert abs(lam["a"] - 0.8) < 0.02 and abs(lam["c"] + 0.5) < 0.02, (path, lam)
     assert res.loss_after < 0.01 * res.loss_before
     # the written adapter is the per-layer mix
-    assert res.loss_after == pytest.approx(few_shot_loss(model, batches, mse_loss), rel=1e-5)
+    assert res.loss_after == pytest.approx(mean_loss(model, batches, mse_loss), rel=1e-5)
     assert lorakit.active_adapters(model) == ["soup"]
     assert all(not t.requires_grad for t in lorakit.adapter_parameters(model, "soup").values())
 
@@ -243,7 +245,7 @@ def test_uniform_average_best_single_and_fresh_lora():
     best, losses = best_single(model, ["a", "b", "c"], batches, mse_loss)
     assert best == "b" and losses["b"] < 1e-8 < losses["a"] and lorakit.active_adapters(model) == ["c"]
     config = lorakit.AdapterConfig(r=2, lora_alpha=4, target_modules=["v_proj"])
-    trace = train_fresh(model, config, "fresh", batches, mse_loss, steps=30, lr=1e-2)
+    trace = fit_adapter(model, "fresh", config, batches, steps=30, lr=1e-2, loss_fn=mse_loss, seed=0)["loss"]
     assert len(trace) == 30 and trace[-1] < trace[0]
     assert lorakit.active_adapters(model) == ["fresh"]
     # the default loss: cross-entropy over labels that are not −100
@@ -251,7 +253,7 @@ def test_uniform_average_best_single_and_fresh_lora():
     labels[:, :4] = -100
     out = model(input_ids=IDS).logits
     want = F.cross_entropy(out[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert float(causal_lm_loss(model, {"input_ids": IDS, "labels": labels})) == pytest.approx(float(want))
+    assert float(lm_loss(model, {"input_ids": IDS, "labels": labels})) == pytest.approx(float(want))
 
 
 # ---- refusals ---------------------------------------------------------------------------------------------

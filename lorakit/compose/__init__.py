@@ -1,5 +1,19 @@
-"""Combining adapters: merging (exact delta-space, element-wise TIES/DARE/DELLA/..., aligned LoRA-LEGO/KnOTS, PEFT's
-own semantics) on a model (`merge_adapters`) or on PEFT LoRA folders (`merge_folders`)."""
-from .merge import METHODS, MergeOptions, merge_adapters, merge_folders
+"""Combining adapters (the folder DESIGN.md reserves for merge, compose, unlearn, transfer).
 
-__all__ = ["METHODS", "MergeOptions", "merge_adapters", "merge_folders"]
+- merging (`merge`): exact delta-space `cat` / `linear`, element-wise TIES / DARE / DELLA / magnitude pruning /
+  Breadcrumbs on ΔW (`sparsify`), aligned LoRA-LEGO / KnOTS (`aligned`), PEFT's own semantics (`peft_compat`); on a
+  model (`merge_adapters`) or on PEFT LoRA folders (`merge_folders`);
+- learned combination weights (`learn`): LoraHub-style search, per-layer gradient scalars, and the controls;
+- unlearning (`unlearn`): MAAT's projected ascent, SVD direction pruning, negation and repair, with baselines.
+"""
+from .aligned import knots, lego
+from .fit import lm_loss, mean_loss
+from .learn import best_single, learn_scalars, learn_weights, random_pool, uniform_average
+from .merge import METHODS, MergeOptions, merge_adapters, merge_folders, merge_on_model
+from .unlearn import (fit_adapter, gradient_ascent, maat, negate, project_out, projected_ascent, repair,
+                      svd_prune)
+
+__all__ = ["METHODS", "MergeOptions", "best_single", "fit_adapter", "gradient_ascent", "knots", "learn_scalars",
+           "learn_weights", "lego", "lm_loss", "maat", "mean_loss", "merge_adapters", "merge_folders",
+           "merge_on_model", "negate", "project_out", "projected_ascent", "random_pool", "repair", "svd_prune",
+           "uniform_average"]

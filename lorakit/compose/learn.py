@@ -13,7 +13,8 @@ item 4):
   ΔW_l = Σᵢ λ_{l,i}·ΔW_{l,i}, the λ trained by AdamW on the few-shot loss, sources and base frozen.
 - Controls ("The Appeal and Reality of Recycling LoRAs", Liu et al. 2026 — adaptive merging barely beats a fresh
   LoRA, and a pool of random LoRAs does about as well): `random_pool` (random LoRAs shaped like the pool, searched
-  the same way), `uniform_average`, `best_single`, `train_fresh` (a new LoRA on the same examples and budget).
+  the same way), `uniform_average`, `best_single`; the "fresh LoRA" (a new LoRA on the same examples and budget) is
+  `unlearn.fit_adapter` with a seed.
 
 Each objective evaluation is cheap: the sources are laid side by side once, as one working LoRA whose rank blocks
 are theirs (own scale folded into B: the "cat" adapter, exact Σ wᵢΔWᵢ at rank Σrᵢ), and a new w only rewrites B's
@@ -33,40 +34,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AdapterNameError, ConfigError, DataError, MergeError, TrainingError
+from ..errors import AdapterNameError, ConfigError, DataError, MergeError
+from .fit import LossFn, descend, lm_loss, mean_loss
 from .layers import attach_result, model_layers
 
 SPACES = ("delta", "lorahub")
-IGNORE = -100
-
-LossFn = Callable[[nn.Module, dict], torch.Tensor]
-
-
-# ---- the loss ------------------------------------------------------------------------------------
-
-def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy over the `labels` that are not −100 (logits at t predict labels at t+1).
-
-    Passes only input_ids / attention_mask / position_ids to the model. For the library's instruct batches
-    (left-padded, extra keys) pass `task.loss` of `lorakit.train.tasks.Instruct` instead."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs).logits
-    labels = batch["labels"].to(logits.device)
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-
-
-def few_shot_loss(model: nn.Module, batches: Sequence[dict], loss_fn: Optional[LossFn] = None) -> float:
-    """The mean of `loss_fn` over `batches` (each batch counts once), no gradients; raises on a non-finite loss."""
-    loss_fn = loss_fn or causal_lm_loss
-    with torch.no_grad():
-        values = [float(loss_fn(model, b)) for b in batches]
-    value = sum(values) / len(values)
-    if not math.isfinite(value):
-        raise TrainingError(f"the few-shot loss is {value} (per batch: {values})")
-    return value
 
 
 # ---- the working adapter ---------------------------------------------------------------------------
@@ -197,7 +171,7 @@ def learn_weights(model: nn.Module, names: Sequence[str], batches: Sequence[dict
     """LoraHub-style search: the w ∈ [lo, hi]^N minimising mean loss over `batches` + l1·mean|wᵢ|, by `es_minimize`
     in `budget` evaluations (one evaluation = one no-grad pass over every batch). Adds the mix at the best w as
     adapter `new_name` (plain LoRA, active alone): rank Σrᵢ in "delta" space, r in "lorahub" space."""
-    loss_fn = loss_fn or causal_lm_loss
+    loss_fn = loss_fn or lm_loss
     names = _check_pool(model, names)
     _check_batches(batches)
     _check_box(lo, hi)
@@ -215,7 +189,7 @@ def learn_weights(model: nn.Module, names: Sequence[str], batches: Sequence[dict
 
         def objective(w: torch.Tensor) -> float:
             working.set(w)
-            loss = few_shot_loss(model, batches, loss_fn)
+            loss = mean_loss(model, batches, loss_fn)
             losses.append(loss)
             return loss + l1 * float(w.abs().mean())
 
@@ -262,7 +236,7 @@ def learn_scalars(model: nn.Module, names: Sequence[str], batches: Sequence[dict
     and the base stay frozen). Adds the mix as the plain LoRA `new_name` (rank Σrᵢ, active alone)."""
     from torch.nn.utils import parametrize
 
-    loss_fn = loss_fn or causal_lm_loss
+    loss_fn = loss_fn or lm_loss
     names = _check_pool(model, names)
     _check_batches(batches)
     init = torch.full((len(names),), 1.0 / len(names), dtype=torch.float64) if init is None \
@@ -279,9 +253,9 @@ def learn_scalars(model: nn.Module, names: Sequence[str], batches: Sequence[dict
             parametrize.register_parametrization(block.variant, "lora_B", scales[path])
         try:
             params = [s.lam for s in scales.values()]
-            before = few_shot_loss(model, batches, loss_fn)
-            trace = _descend(model, params, batches, loss_fn, steps, lr, weight_decay)
-            after = few_shot_loss(model, batches, loss_fn)
+            before = mean_loss(model, batches, loss_fn)
+            trace = descend(model, params, batches, loss_fn, steps, lr, weight_decay)
+            after = mean_loss(model, batches, loss_fn)
         finally:
             for block in working.blocks.values():
                 parametrize.remove_parametrizations(block.variant, "lora_B", leave_parametrized=True)
@@ -289,23 +263,6 @@ def learn_scalars(model: nn.Module, names: Sequence[str], batches: Sequence[dict
         weights = {p: {names[i]: float(s.lam[j].detach()) for j, i in enumerate(working.blocks[p].sources)}
                    for p, s in scales.items()}
     return ScalarResult(new_name, weights, trace, before, after)
-
-
-def _descend(model, params, batches, loss_fn, steps, lr, weight_decay) -> list[float]:
-    """AdamW on `params` only (everything else frozen for the duration), eval mode; the loss at every step."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    with _only_trainable(model, params):
-        trace = []
-        for t in range(steps):
-            loss = loss_fn(model, batches[t % len(batches)])
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite few-shot loss {float(loss)} at step {t}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            trace.append(float(loss.detach()))
-        optimizer.zero_grad(set_to_none=True)
-    return trace
 
 
 # ---- controls -------------------------------------------------------------------------------------------
@@ -341,7 +298,7 @@ def best_single(model: nn.Module, names: Sequence[str], batches: Sequence[dict],
         model.eval()
         for n in names:
             set_active(model, [n])
-            losses[n] = few_shot_loss(model, batches, loss_fn)
+            losses[n] = mean_loss(model, batches, loss_fn)
     finally:
         set_active(model, active)
         model.train(training)
@@ -391,32 +348,6 @@ def random_pool(model: nn.Module, like_names: Sequence[str], n: Optional[int] = 
         attach(model, p, trainable=False)
     set_active(model, active)
     return new
-
-
-def train_fresh(model: nn.Module, config, new_name: str, batches: Sequence[dict], loss_fn: Optional[LossFn] = None,
-                *, steps: int = 100, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> list[float]:
-    """The control "fresh LoRA": inject `config` as `new_name` (torch seeded with `seed` for its init), train only
-    its tensors with the same loop as `learn_scalars` (AdamW, batch t % len at step t, eval mode), leave it active
-    alone and frozen. Returns the loss at each step."""
-    from ..model import adapter_parameters, attach, delete_adapter, prepare, set_active
-
-    loss_fn = loss_fn or causal_lm_loss
-    _check_batches(batches)
-    _check_steps(steps, lr, weight_decay)
-    with _kept(model, [new_name]):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            prepared = prepare(model, config, new_name)
-        attach(model, prepared, trainable=False)
-        set_active(model, [new_name])
-        params = [t for t in adapter_parameters(model, new_name).values()
-                  if isinstance(t, nn.Parameter) and t.is_floating_point()]
-        try:
-            trace = _descend(model, params, batches, loss_fn, steps, lr, weight_decay)
-        except BaseException:
-            delete_adapter(model, new_name)
-            raise
-    return trace
 
 
 # ---- checks and state -------------------------------------------------------------------------------
@@ -500,16 +431,3 @@ def _kept(model, new: list[str]):
         model.train(training)
 
 
-@contextlib.contextmanager
-def _only_trainable(model, params):
-    """Freeze every parameter of `model` for the duration (flags restored after); `params` require grad."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)

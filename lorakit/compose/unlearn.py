@@ -51,49 +51,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-
-IGNORE = -100
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "pixel_values", "inputs_embeds")
-Batches = Union[dict, Sequence[dict]]
-LossFn = Callable[[nn.Module, dict], torch.Tensor]
-
-
-# ---- losses and small helpers ------------------------------------------------------------------------------------
-def model_inputs(batch: dict) -> dict:
-    """The entries of `batch` a transformers model's forward takes (labels, prompts, choices left out)."""
-    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
-
-
-def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model(**inputs).logits` against `batch["labels"]` (−100 ignored)."""
-    out = model(**model_inputs(batch))
-    logits = out.logits if hasattr(out, "logits") else out
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE)
-
-
-def mean_loss(model: nn.Module, batches: Batches, loss_fn: LossFn = lm_loss,
-              adapter: Optional[Union[str, Sequence[str]]] = None) -> float:
-    """Mean of `loss_fn` over `batches` under no_grad, with `adapter` (name or names) active when given."""
-    from ..model import active_adapters, set_active
-
-    batches = _batches(batches, "batches")
-    before = active_adapters(model)
-    if adapter is not None:
-        set_active(model, adapter)
-    try:
-        with torch.no_grad():
-            return sum(float(loss_fn(model, b)) for b in batches) / len(batches)
-    finally:
-        if adapter is not None:
-            set_active(model, before)
+from .fit import Batches, LossFn, descend, lm_loss, mean_loss, model_inputs, only_trainable
 
 
 def project_out(g: torch.Tensor, g_ref: torch.Tensor, only_conflicts: bool = False) -> torch.Tensor:
@@ -158,24 +122,6 @@ def trainable_tensors(model: nn.Module, name: str) -> list[nn.Parameter]:
     if not out:
         raise ConfigError(f"adapter {name!r} has no floating-point parameters to train")
     return out
-
-
-@contextlib.contextmanager
-def _only_grad(model: nn.Module, params: Iterable[nn.Parameter]):
-    """Inside: eval mode, and only `params` require grad. Restores both after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    model.eval()
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
 
 
 @contextlib.contextmanager
@@ -268,7 +214,7 @@ def projected_ascent(model: nn.Module, name: str, new_name: str, forget: Batches
     set_active(model, [work])
     params = trainable_tensors(model, work)
     report = {"forget_loss": [], "retain_loss": [], "cosine": [], "steps": 0}
-    with _only_grad(model, params):
+    with only_trainable(model, params):
         for step in range(steps):
             loss_f = loss_fn(model, forget[step % len(forget)])
             _loss_value(loss_f, "forget")
@@ -487,37 +433,39 @@ def _merge(model, names, weights, new_name, method, target_rank, energy) -> dict
 
 
 def fit_adapter(model: nn.Module, new_name: str, config, data: Batches, steps: int = 50, lr: float = 1e-3,
-                loss_fn: LossFn = lm_loss, under: Sequence[str] = ()) -> dict:
-    """Inject a fresh adapter `new_name` (`config`, an AdapterConfig) and train it on `data` with AdamW for `steps`
-    (batches cycle), with the adapters `under` active beneath it and frozen (default: on the base model alone — the
-    ΔW_forget of task-vector negation). Made active alone afterwards. Returns {"loss": [per step]}."""
+                loss_fn: LossFn = lm_loss, under: Sequence[str] = (), weight_decay: float = 0.0,
+                seed: Optional[int] = None) -> dict:
+    """Inject a fresh adapter `new_name` (`config`, an AdapterConfig; its init drawn with torch seeded by `seed` when
+    given) and train it on `data` with AdamW for `steps` (batches cycle), with the adapters `under` active beneath
+    it and frozen (default: on the base model alone — the ΔW_forget of task-vector negation, or the "fresh LoRA"
+    control of learned merging). Made active alone afterwards; removed again if training fails. Returns
+    {"loss": [per step]}."""
     from ..config import AdapterConfig
-    from ..model import attach, check_name, prepare, set_active
+    from ..model import active_adapters, attach, check_name, delete_adapter, prepare, set_active
 
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"config must be a lorakit.AdapterConfig, got {type(config).__name__}")
     data = _batches(data, "data")
     _positive_int(steps, "steps", zero=True)
     _finite(lr, "lr", positive=True)
+    _finite(weight_decay, "weight_decay")
     under = [under] if isinstance(under, str) else list(under)
     for n in under:
         _check_new(model, n, n)
     check_name(new_name)
-    attach(model, prepare(model, config, new_name), trainable=True)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        prepared = prepare(model, config, new_name)
+    before = active_adapters(model)
+    attach(model, prepared, trainable=True)
     set_active(model, [*under, new_name])
-    params = trainable_tensors(model, new_name)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    with _only_grad(model, params):
-        for step in range(steps):
-            loss = loss_fn(model, data[step % len(data)])
-            _loss_value(loss, "training")
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+    try:
+        losses = descend(model, trainable_tensors(model, new_name), data, loss_fn, steps, lr, weight_decay)
+    except BaseException:
+        delete_adapter(model, new_name)
+        set_active(model, before)
+        raise
     set_active(model, [new_name])
     return {"loss": losses}
 
@@ -581,7 +529,7 @@ def repair(model: nn.Module, name: str, new_name: str, reference: Optional[str],
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     hidden = hidden_weight != 0
     report = {"kl": [], "hidden": [], "loss": []}
-    with _only_grad(model, params):
+    with only_trainable(model, params):
         for step in range(steps):
             batch = retain[step % len(retain)]
             with torch.no_grad():
@@ -673,8 +621,8 @@ def maat(model: nn.Module, name: str, new_name: str, forget: Batches, retain: Ba
     before_active = active_adapters(model)
     report: dict = {}
     if evaluate:
-        report["forget_loss"] = {"before": mean_loss(model, forget, loss_fn, name)}
-        report["retain_loss"] = {"before": mean_loss(model, retain, loss_fn, name)}
+        report["forget_loss"] = {"before": mean_loss(model, _batches(forget, 'forget'), loss_fn, name)}
+        report["retain_loss"] = {"before": mean_loss(model, _batches(retain, 'retain'), loss_fn, name)}
     fitted = None
     clone_adapter(model, name, new_name)
     try:
@@ -706,8 +654,8 @@ def maat(model: nn.Module, name: str, new_name: str, forget: Batches, retain: Ba
         raise
     set_active(model, [new_name])
     if evaluate:
-        report["forget_loss"]["after"] = mean_loss(model, forget, loss_fn, new_name)
-        report["retain_loss"]["after"] = mean_loss(model, retain, loss_fn, new_name)
+        report["forget_loss"]["after"] = mean_loss(model, _batches(forget, 'forget'), loss_fn, new_name)
+        report["retain_loss"]["after"] = mean_loss(model, _batches(retain, 'retain'), loss_fn, new_name)
     return report
 
 
