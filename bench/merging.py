@@ -173,7 +173,16 @@ class Evaluator:
 
 
 def _summary(report):
-    """Something JSON-able from a merge report (its dict, a summary method, or its text)."""
+    """Something JSON-able from a merge report: for lorakit's per-layer dict {layer: {rank, error, from_sum, ...}},
+    the layer count and the mean / max of each numeric field; else its dict, a summary method, or its text."""
+    if isinstance(report, dict) and report and all(isinstance(v, dict) for v in report.values()):
+        fields = {}
+        for layer in report.values():
+            for key, value in layer.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    fields.setdefault(key, []).append(float(value))
+        return {"layers": len(report), **{f"{k}_mean": sum(v) / len(v) for k, v in fields.items()},
+                **{f"{k}_max": max(v) for k, v in fields.items()}}
     for attr in ("summary", "to_dict", "as_dict"):
         f = getattr(report, attr, None)
         if callable(f):
