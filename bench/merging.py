@@ -208,6 +208,11 @@ def _summary(report):
     return str(report)[:4000]
 
 
+def one_class(metrics: dict, share: float = 0.95) -> bool:
+    """Whether a row predicts (nearly) one label for every test example of a task (≥ `share` of them)."""
+    return max(v for k, v in metrics.items() if k.startswith("predicted_share_")) >= share
+
+
 def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -227,7 +232,8 @@ def table(rows, results: dict, skipped: dict) -> str:
         if row.name in results:
             r = results[row.name]
             accs = [r[t]["accuracy"] for t in TASKS]
-            lines.append(f"| {row.name} | " + " | ".join(pct(a) for a in accs) + f" | {pct(sum(accs) / len(accs))} | "
+            cells = [pct(r[t]["accuracy"]) + (" †" if one_class(r[t]) else "") for t in TASKS]
+            lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {pct(sum(accs) / len(accs))} | "
                          f"{row.note} |")
         elif row.name in skipped:
             lines.append(f"| {row.name} | " + " | ".join("–" for _ in TASKS) + f" | – | not run: {skipped[row.name]} |")
@@ -250,6 +256,8 @@ def write_doc(rows, results, skipped, args, seconds):
     train_lines = "\n".join(
         f"| {a} | `{C.ADAPTERS[a]}` | {r['steps']} | {r['train_seconds'] / 60:.1f} | {r['wall_seconds'] / 60:.1f} |"
         for a, r in train.items())
+    partial = (f"\n**Partial table:** {len(skipped)} of {len(rows)} rows are not run yet (reasons in the table); the "
+               f"same command fills them in.\n" if skipped else "")
     command = "`.venv/bin/python bench/merging.py" + (f" --n {args.n}" if args.n != N_DEFAULT else "") + \
         (f" --rows {args.rows}" if args.rows else "") + "`"
     doc = f"""# Merging LoRA adapters of four distinct instruct tasks (SmolLM2-135M-Instruct, VADER text)
@@ -295,10 +303,11 @@ else '–'} examples; class-balanced): the choice whose tokens get the highest t
 prompt. *mean* is the plain mean of the four. Merged rows: `lorakit.compose.merge_adapters(model, names, weights,
 new_name, method=..., ...)` on the four task adapters loaded on one model (arguments in the *what* column and in
 `runs/merging/eval/<row>.json`), the merged adapter alone active. Chance is the majority-class row (balanced test
-sets: 50 / 25 / 50 / 50).
+sets: 50 / 25 / 50 / 50). † marks a task on which the row answers one label for ≥ 95 % of the examples (a
+near-constant predictor: its accuracy is about that label's share).
 
 {table(rows, results, skipped)}
-
+{partial}
 Evaluation time per row (s, all four tasks): {', '.join(f'{k} {v:.0f}' for k, v in eval_times.items())}.
 """
     path = C.ROOT / "docs" / "merging.md"
