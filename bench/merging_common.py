@@ -14,8 +14,9 @@ Typical use::
 Data: `lorakit.data_tasks` (spec `vader-task:<task>[@<domain>]`, one global split of the sentences into
 train / validation / test pools, ≤ 2,000 / 300 / 600 class-balanced examples per task).
 Adapters: `runs/merging/adapters/<name>/` (a `lorakit train` run folder; the PEFT adapter in its `adapter/`),
-trained on first use by `lorakit train --model smollm2 --task instruct --data <spec> --bf16` (the instruct
-defaults: LoRA r 16 on all linear layers, α 32, lr 1e-3, 80 steps × 16 examples, seed 0) in a subprocess.
+trained on first use by `lorakit train --model smollm2 --task instruct --data <spec> --bf16 --group-by-length false`
+(the instruct defaults otherwise: LoRA r 16 on all linear layers, α 32, lr 1e-3, 80 steps × 16 examples, seed 0)
+in a subprocess.
 """
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ DOMAIN_ADAPTERS = tuple(f"polarity-{d}" for d in data_tasks.DOMAINS)  # the near
 # adapter name → data spec it is trained on
 ADAPTERS = {**{t: f"vader-task:{t}" for t in TASKS}, "multi": "vader-task:all",
             **{f"polarity-{d}": f"vader-task:polarity@{d}" for d in data_tasks.DOMAINS}}
-TRAIN_FLAGS = ["--bf16", "--max-eval-samples", "64", "--disable-tqdm", "--seed", "0"]  # recipe = instruct defaults
+# the instruct defaults, except group_by_length: the default length-grouped batches are nearly one class each when
+# length tells the label (source: tweets are short, editorials long), and the source adapter then collapsed to
+# one answer (runs/merging/grouped-by-length/)
+TRAIN_FLAGS = ["--bf16", "--group-by-length", "false", "--max-eval-samples", "64", "--disable-tqdm", "--seed", "0"]
 EVAL_BATCH = 32
 NICE = 10  # training subprocesses run at this niceness (not more when the caller is already niced)
 MAX_LENGTH = 256
