@@ -289,10 +289,12 @@ same pools, balanced where the domain allows (test sizes: movies 600, tweets 506
 `lorakit train --model smollm2 --task instruct --data <spec> --bf16 --group-by-length false --max-eval-samples 64
 --seed 0` (the instruct defaults otherwise: LoRA r 16, α 32 on all linear layers, lr 1e-3, 80 steps × 16 examples,
 warmup 0.1; bf16 base, fp32 adapter), one run folder each in `runs/merging/adapters/<name>/`. Batches are drawn
-without length grouping: with the default `group_by_length` each batch held sentences of similar length, which for
-the source task means nearly one domain per batch (tweets are short, editorials long); the training loss then fell
-to ~0 and jumped to 5–9 at each change of batch class, and the source adapter ended answering `movie` for every
-sentence (25.0 % on source, like the base; first attempt kept in `runs/merging/grouped-by-length/`). The multi-task adapter has the same budget
+without length grouping: the instruct default `group_by_length` measures a chat example by its reply alone (the
+Trainer sums the lengths of an example's string fields; the messages are a list), so it sorts each run of 50
+batches by the reply word — by class for source (product > movie = tweet > news) and intensity (strong > mild). With
+it the source adapter's training loss fell to ~0 and jumped to 5–9 at each change of batch class, and the adapter
+ended answering `movie` for every sentence (25.0 % on source, like the base; first attempt kept in `runs/merging/grouped-by-length/`). The polarity
+adapter (negative / positive: equal lengths, no reordering) came out bit-identical either way. The multi-task adapter has the same budget
 (80 × 16 examples from the 8,000-example mix, ≈ 320 per task), so it sees a quarter of each task's examples a
 single-task adapter sees.
 
