@@ -25,7 +25,8 @@ from .errors import ConfigError, LorakitError, MergeError
 from .train.args import TASK_DEFAULTS
 
 HELP = {"model": "smollm2 | minilm | tiny-llama | a local transformers model directory",
-        "data": "vader:<movies|tweets|amazon|nyt> | a .csv/.jsonl file | a directory with train/validation/test",
+        "data": "vader:<movies|tweets|amazon|nyt> | vader-task:<polarity|source|intensity|format|all>[@<domain>] "
+                "(instruct tasks on VADER sentences) | a .csv/.jsonl file | a directory with train/validation/test",
         "task": "classification | regression | causal-lm | instruct (chat replies; unless set, instruct uses "
                 + ", ".join(f"{k} {v}" for k, v in TASK_DEFAULTS["instruct"].items()) + ")",
         "bf16": "run the base in bfloat16 (adapters and optimizer state stay fp32)",

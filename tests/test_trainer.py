@@ -584,6 +584,24 @@ def test_group_by_length_sorts_within_megabatches_and_keeps_every_example(tmp_pa
     assert grouped.epoch_order(0) != grouped.epoch_order(1)
 
 
+def test_group_by_length_measures_a_chat_by_its_messages_not_its_reply(tmp_path):
+    """Instruct rows: the length is the whole conversation; by the reply alone, batches sorted by answer (class)."""
+    from lorakit.data import ChatDataset
+    from lorakit.train.trainer import text_length
+
+    rng = random.Random(0)
+    texts = [("word " * rng.randint(1, 40)).strip() for _ in range(200)]
+    chats = ChatDataset.from_texts(texts, [i % 2 for i in range(200)], ("no", "absolutely"))
+    grouped = trainer_for(tmp_path, train=chats, per_device_train_batch_size=2, group_by_length=True)
+    order = grouped.epoch_order(0)
+    assert sorted(order) == list(range(200))
+    whole = [text_length(chats[i]) for i in order[:100]]
+    assert whole == sorted(whole, reverse=True)
+    assert text_length(chats[0]) > len(texts[0]) + len(chats[0]["response"])  # instruction + sentence + reply
+    labels = [chats.labels[i] for i in order[:100]]
+    assert 0 < sum(labels) < 100 and labels != sorted(labels, reverse=True)  # not grouped by answer
+
+
 @pytest.mark.parametrize("quiet", [True, False])
 def test_without_a_progress_bar_each_logged_step_prints_a_line(tmp_path, capsys, quiet):
     """`disable_tqdm`: one stderr line per logged step (step, loss, lr; the evaluation's metrics when it made one)."""

@@ -69,6 +69,18 @@ def default_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.
     return make_optimizer(args.optim, model, args, **args.optim_args)
 
 
+def text_length(row) -> int:
+    """Characters of every string in an example, nested ones included (a chat's messages, not only its reply:
+    measuring the reply alone sorted instruct batches by answer, i.e. by class)."""
+    if isinstance(row, str):
+        return len(row)
+    if isinstance(row, dict):
+        return sum(text_length(v) for v in row.values())
+    if isinstance(row, (list, tuple)):
+        return sum(text_length(v) for v in row)
+    return 0
+
+
 class Trainer:
     """Trains the trainable parameters of `model` (adapters, saved heads) on `train_data` for a `task`.
 
@@ -137,8 +149,7 @@ class Trainer:
         order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(
             self.args.seed * 100_003 + epoch)).tolist()
         if self.args.group_by_length:
-            lengths = [sum(len(v) for v in self.train_data[i].values() if isinstance(v, str))
-                       for i in range(len(self.train_data))]
+            lengths = [text_length(self.train_data[i]) for i in range(len(self.train_data))]
             mega = 50 * self.micro_batch
             order = [i for start in range(0, len(order), mega)
                      for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])]
