@@ -248,6 +248,23 @@ def machine() -> str:
             f"threads {torch.get_num_threads()}, CPU, bf16 base")
 
 
+FINDINGS = "<!-- findings: written by hand, kept when the tables above are regenerated -->"
+EXTRA = (("Learned combination weights", "learned/format/table.md",
+          "`.venv/bin/python bench/merging_learned.py --target format --n 300 --no-train`"),
+         ("Unlearning", "unlearn/table.md", "`.venv/bin/python bench/merging_unlearn.py --n-eval 300`"))
+
+
+def extra_tables() -> str:
+    """The learned-weights and unlearning tables (made by their own commands), where they exist."""
+    parts = []
+    for title, rel, command in EXTRA:
+        path = C.OUT / rel
+        if path.is_file():
+            parts.append(f"\n## {title}\n\nMade by {command} (cached per row under `{(C.OUT / rel).parent}`).\n\n"
+                         f"{path.read_text().strip()}\n")
+    return "".join(parts)
+
+
 def write_doc(rows, results, skipped, args, seconds):
     first = next((r for r in results.values()), None)
     n_used = {t: first[t]["n"] for t in TASKS} if first else {}
@@ -289,12 +306,14 @@ same pools, balanced where the domain allows (test sizes: movies 600, tweets 506
 `lorakit train --model smollm2 --task instruct --data <spec> --bf16 --group-by-length false --max-eval-samples 64
 --seed 0` (the instruct defaults otherwise: LoRA r 16, α 32 on all linear layers, lr 1e-3, 80 steps × 16 examples,
 warmup 0.1; bf16 base, fp32 adapter), one run folder each in `runs/merging/adapters/<name>/`. Batches are drawn
-without length grouping: the instruct default `group_by_length` measures a chat example by its reply alone (the
-Trainer sums the lengths of an example's string fields; the messages are a list), so it sorts each run of 50
-batches by the reply word — by class for source (product > movie = tweet > news) and intensity (strong > mild). With
-it the source adapter's training loss fell to ~0 and jumped to 5–9 at each change of batch class, and the adapter
-ended answering `movie` for every sentence (25.0 % on source, like the base; first attempt kept in `runs/merging/grouped-by-length/`). The polarity
-adapter (negative / positive: equal lengths, no reordering) came out bit-identical either way. The multi-task adapter has the same budget
+without length grouping. Until commit 6761dea the instruct default `group_by_length` measured a chat example by its
+reply alone (the Trainer summed the lengths of an example's string fields; the messages are a list), so it sorted each
+run of 50 batches by the reply word — by class for source (product > movie = tweet > news) and intensity (strong >
+mild). With it the source adapter's training loss fell to ~0 and jumped to 5–9 at each change of batch class, and the
+adapter ended answering `movie` for every sentence (25.0 % on source, like the base; first attempt kept in
+`runs/merging/grouped-by-length/`). The Trainer now measures the whole conversation; these adapters keep
+`--group-by-length false` so the table does not change. The polarity adapter (negative / positive: equal lengths, no
+reordering) came out bit-identical either way. The multi-task adapter has the same budget
 (80 × 16 examples from the 8,000-example mix, ≈ 320 per task), so it sees a quarter of each task's examples a
 single-task adapter sees.
 
@@ -315,9 +334,10 @@ near-constant predictor: its accuracy is about that label's share).
 {table(rows, results, skipped)}
 {partial}
 Evaluation time per row (s, all four tasks): {', '.join(f'{k} {v:.0f}' for k, v in eval_times.items())}.
-"""
+{extra_tables()}"""
     path = C.ROOT / "docs" / "merging.md"
-    path.write_text(doc)
+    kept = path.read_text().split(FINDINGS, 1)[1] if path.is_file() and FINDINGS in path.read_text() else "\n"
+    path.write_text(doc + "\n" + FINDINGS + kept)
     print(f"wrote {path}", file=sys.stderr)
 
 
