@@ -249,20 +249,20 @@ def machine() -> str:
 
 
 FINDINGS = "<!-- findings: written by hand, kept when the tables above are regenerated -->"
-EXTRA = (("Learned combination weights", "learned/format/table.md",
-          "`.venv/bin/python bench/merging_learned.py --target format --n 300 --no-train`"),
-         ("Unlearning", "unlearn/table.md", "`.venv/bin/python bench/merging_unlearn.py --n-eval 300`"))
+UNLEARN_COMMAND = "`.venv/bin/python bench/merging_unlearn.py --n-eval 300`"
 
 
 def extra_tables() -> str:
-    """The learned-weights and unlearning tables (made by their own commands), where they exist."""
+    """The learned-weights tables (one per target task) and the unlearning table, made by their own commands, where
+    they exist."""
     parts = []
-    for title, rel, command in EXTRA:
-        path = C.OUT / rel
-        if path.is_file():
-            parts.append(f"\n## {title}\n\nMade by {command} (cached per row under `{(C.OUT / rel).parent}`).\n\n"
-                         f"{path.read_text().strip()}\n")
-    return "".join(parts)
+    for path in sorted((C.OUT / "learned").glob("*/table.md")):
+        command = f"`.venv/bin/python bench/merging_learned.py --target {path.parent.name} --n 300 --no-train`"
+        parts.append(("Learned combination weights: target " + path.parent.name, path, command))
+    if (C.OUT / "unlearn" / "table.md").is_file():
+        parts.append(("Unlearning", C.OUT / "unlearn" / "table.md", UNLEARN_COMMAND))
+    return "".join(f"\n## {title}\n\nMade by {command} (cached per row under `{path.parent.relative_to(C.ROOT)}`)."
+                   f"\n\n{path.read_text().strip()}\n" for title, path, command in parts)
 
 
 def write_doc(rows, results, skipped, args, seconds):
