@@ -59,7 +59,7 @@ ROWS = [
     merged("dare_ties", "dare_ties", density=0.5, target_rank=RANK, note="DARE (p = 0.5) then TIES, rank 64"),
     merged("della", "della", density=0.5, target_rank=RANK, note="DELLA, density 0.5, rank 64"),
     merged("magnitude_prune", "magnitude_prune", density=0.5, target_rank=RANK,
-           note="top-50 % |ΔW| entries per adapter then Σ, rank 64"),
+           note="top-50 % entries of each ΔWᵢ by magnitude, then Σ, rank 64"),
     merged("breadcrumbs", "breadcrumbs", density=0.5, target_rank=RANK, note="Breadcrumbs, density 0.5, rank 64"),
     merged("lego", "lego", note="LoRA-LEGO (rank-1 units clustered)"),
     merged("knots", "knots", density=0.5, target_rank=RANK, note="KnOTS (shared SVD basis, TIES on coefficients)"),
