@@ -46,6 +46,13 @@ def check_name(name: str) -> None:
                                f"or surrounding spaces, other than {BASE!r}")
 
 
+def check_free_name(model: nn.Module, name: str) -> None:
+    """`name` is a valid adapter name that `model` does not have yet (else `AdapterNameError`)."""
+    check_name(name)
+    if name in _book(model).configs:
+        raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(_book(model).configs)
 
@@ -222,9 +229,7 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def prepare(model: nn.Module, config: AdapterConfig, name: str, initialize: bool = True) -> PreparedAdapter:
     """Build an adapter for `model` without touching it (validates name, targets, modules_to_save)."""
-    check_name(name)
-    if name in _book(model).configs:
-        raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+    check_free_name(model, name)
     cls = get_variant(config.variant)
     config = copy.deepcopy(config)  # the adapter's own copy: build_shared may record derived options (a checksum)
     if config.target_modules is None or config.target_modules == "all-linear":
@@ -374,6 +379,23 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     set_active(model, [n for n in book.active if n != name])
     if not book.configs:
         unbind_save_pretrained(model)
+
+
+def clone_adapter(model: nn.Module, name: str, new_name: str, trainable: bool = True) -> None:
+    """Add `new_name`: an exact copy of adapter `name` (same variant and config, every tensor and buffer copied);
+    the active set is unchanged."""
+    _known(model, name)
+    prepared = prepare(model, get_config(model, name), new_name, initialize=False)
+    with torch.no_grad():
+        for path, w in wrappers(model):
+            if isinstance(w, AdaptedLayer) and name in w.adapters:
+                prepared.variants[path].load_state_dict(w.adapters[name].state_dict())
+            elif isinstance(w, TrainedCopy) and name in w.copies:
+                prepared.copies[path].load_state_dict(w.copies[name].state_dict())
+        shared = shared_state(model, name)
+        if shared is not None:
+            prepared.shared.load_state_dict(shared.state_dict())
+    attach(model, prepared, trainable=trainable)
 
 
 # ---- merging -----------------------------------------------------------------------------------

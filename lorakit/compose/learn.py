@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from ..errors import AdapterNameError, ConfigError, DataError, MergeError
+from ..model import (active_adapters, adapter_names, attach, check_free_name, delete_adapter, get_config, prepare,
+                    set_active)
 from .fit import LossFn, descend, lm_loss, mean_loss
 from .layers import attach_result, model_layers
 
@@ -64,8 +66,6 @@ class Mixture:
     raises first) and makes it the only active one; `remove()` deletes it."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], name: str, space: str = "delta"):
-        from ..model import get_config
-
         names = _check_pool(model, names)
         if space not in SPACES:
             raise ConfigError(f"space must be one of {list(SPACES)}, got {space!r}")
@@ -107,8 +107,6 @@ class Mixture:
             v.lora_B.copy_(v.kind.up_layout(b.to(v.lora_B)))
 
     def remove(self) -> None:
-        from ..model import delete_adapter
-
         delete_adapter(self.model, self.name)
 
 
@@ -288,8 +286,6 @@ def best_single(model: nn.Module, names: Sequence[str], batches: Sequence[dict],
                 loss_fn: Optional[LossFn] = None) -> tuple[str, dict[str, float]]:
     """The control "best single adapter": (the adapter of `names` with the lowest few-shot loss, {name: loss}).
     Each runs alone; the active adapters are restored afterwards."""
-    from ..model import active_adapters, set_active
-
     names = _check_pool(model, names)
     _check_batches(batches)
     active, training = active_adapters(model), model.training
@@ -312,14 +308,12 @@ def random_pool(model: nn.Module, like_names: Sequence[str], n: Optional[int] = 
     (seeded), then A and B each multiplied by √(t/‖s·B·A‖_F), so every layer's ‖ΔW‖_F = s·‖B·A‖_F equals t, the
     mean ‖ΔWᵢ‖_F of the real pool at that layer (a random LoRA with B = 0 would be a no-op). Frozen, not
     activated. Returns their names."""
-    from ..model import active_adapters, attach, get_config, prepare, set_active
-
     like_names = _check_pool(model, like_names)
     n = len(like_names) if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be a positive int, got {n!r}")
     new = [f"{prefix}{i}" for i in range(n)]
-    taken = [x for x in new if x in _names(model)]
+    taken = [x for x in new if x in adapter_names(model)]
     if taken:
         raise AdapterNameError(f"adapters {taken} already exist; pick another prefix than {prefix!r}")
     for name in like_names:
@@ -352,15 +346,7 @@ def random_pool(model: nn.Module, like_names: Sequence[str], n: Optional[int] = 
 
 # ---- checks and state -------------------------------------------------------------------------------
 
-def _names(model) -> list[str]:
-    from ..model import adapter_names
-
-    return adapter_names(model)
-
-
 def _check_pool(model, names) -> list[str]:
-    from ..model import get_config
-
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ConfigError(f"names must be a list of adapter names, got {names!r}")
     names = list(names)
@@ -411,19 +397,15 @@ def _fro(a: torch.Tensor, b: torch.Tensor) -> float:
 def _kept(model, new: list[str]):
     """Check that the names in `new` are free; on an error inside, delete what of them was added and restore the
     active adapters; always restore the train/eval mode (the body runs in eval mode)."""
-    from ..model import active_adapters, check_name, delete_adapter, set_active
-
     for name in new:
-        check_name(name)
-        if name in _names(model):
-            raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        check_free_name(model, name)
     active, training = active_adapters(model), model.training
     model.eval()
     try:
         yield
     except BaseException:
         for name in new:
-            if name in _names(model):
+            if name in adapter_names(model):
                 delete_adapter(model, name)
         set_active(model, active)
         raise

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import AdapterNameError, ConfigError
+from ..errors import ConfigError
 from .layers import Layer, Part, attach_result, folder_layers, model_layers, write_folder_result
 from .peft_compat import FACTOR_METHODS, factor_level, svd_level
 from .sparsify import DIVIDES, SIGN_METHODS, SIGNS, TRIMS, merge_dense
@@ -138,16 +138,13 @@ def merge_adapters(model: torch.nn.Module, names: Sequence[str], weights: Sequen
     with the reason) into a new plain LoRA `new_name`, which comes back loaded and active (only it). The sources are
     not changed. `options`: `MergeOptions` fields (target_rank, energy, density, seed, ...). Returns the per-layer
     report."""
-    from ..model import _book, check_name
+    from ..model import check_free_name, get_config
 
     opts = _options(method, options)
     _check_inputs(names, weights)
-    check_name(new_name)
-    if new_name in _book(model).configs:
-        raise AdapterNameError(f"an adapter named {new_name!r} already exists; pick another name or delete it first")
+    check_free_name(model, new_name)
     layers = model_layers(model, names, weights)
     factors, report = merge_layers(layers, opts)
-    from ..model import get_config
     attach_result(model, new_name, factors, get_config(model, names[0]), trainable=trainable)
     return report
 

@@ -57,6 +57,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model import (active_adapters, adapter_names, adapter_parameters, attach, check_free_name, check_name,
+                    clone_adapter, delete_adapter, disabled, get_config, _known, prepare, set_active)
 from .fit import Batches, LossFn, descend, lm_loss, mean_loss, model_inputs, only_trainable
 
 
@@ -99,21 +101,13 @@ def _finite(value, what: str, positive: bool = False) -> float:
 
 def _check_new(model: nn.Module, name: str, new_name: str) -> None:
     """`name` exists; `new_name` is valid and free, or equals `name` (in place)."""
-    from ..model import _known, adapter_names, check_name
-    from ..errors import AdapterNameError
-
     _known(model, name)
     if new_name != name:
-        check_name(new_name)
-        if new_name in adapter_names(model):
-            raise AdapterNameError(f"an adapter named {new_name!r} already exists; pick another new_name "
-                                   f"(or new_name={name!r} to edit {name!r} in place)")
+        check_free_name(model, new_name)
 
 
 def trainable_tensors(model: nn.Module, name: str) -> list[nn.Parameter]:
     """Adapter `name`'s floating-point parameters (its factors, shared state, trained module copies), once each."""
-    from ..model import adapter_parameters
-
     seen, out = set(), []
     for t in adapter_parameters(model, name).values():
         if isinstance(t, nn.Parameter) and t.is_floating_point() and id(t) not in seen:
@@ -126,48 +120,16 @@ def trainable_tensors(model: nn.Module, name: str) -> list[nn.Parameter]:
 
 @contextlib.contextmanager
 def _active(model: nn.Module, names):
-    from ..model import active_adapters, set_active
-
     before = active_adapters(model)
     set_active(model, names)
     try:
         yield
     finally:
-        set_active(model, [n for n in before if n in _names(model)])
-
-
-def _names(model):
-    from ..model import adapter_names
-
-    return adapter_names(model)
-
-
-def clone_adapter(model: nn.Module, name: str, new_name: str) -> None:
-    """Add `new_name`: an exact copy of adapter `name` (same variant and config, every tensor and buffer copied),
-    trainable; the active set is unchanged."""
-    from ..layers import AdaptedLayer, TrainedCopy
-    from ..model import attach, get_config, prepare, shared_state, wrappers
-
-    _check_new(model, name, new_name)
-    if new_name == name:
-        raise ConfigError("clone_adapter needs a new name")
-    prepared = prepare(model, get_config(model, name), new_name, initialize=False)
-    with torch.no_grad():
-        for path, w in wrappers(model):
-            if isinstance(w, AdaptedLayer) and name in w.adapters:
-                prepared.variants[path].load_state_dict(w.adapters[name].state_dict())
-            elif isinstance(w, TrainedCopy) and name in w.copies:
-                prepared.copies[path].load_state_dict(w.copies[name].state_dict())
-        shared = shared_state(model, name)
-        if shared is not None:
-            prepared.shared.load_state_dict(shared.state_dict())
-    attach(model, prepared, trainable=True)
+        set_active(model, [n for n in before if n in adapter_names(model)])
 
 
 def _rename(model: nn.Module, old: str, new: str) -> None:
     """Adapter `old` becomes `new` (which must be free), keeping its place in the active set."""
-    from ..model import active_adapters, delete_adapter, set_active
-
     active = active_adapters(model)
     clone_adapter(model, old, new)
     delete_adapter(model, old)
@@ -198,8 +160,6 @@ def projected_ascent(model: nn.Module, name: str, new_name: str, forget: Batches
     loss reaches it. The result is adapter `new_name` (a copy of `name`; `new_name == name` edits it in place), made
     active. Returns {"forget_loss": [per step, before the step], "retain_loss": [...], "cosine": [cos(g_f, g_r)],
     "steps": steps taken}."""
-    from ..model import set_active
-
     forget = _batches(forget, "forget")
     retain = _batches(retain, "retain") if (project or retain is not None) else None
     _positive_int(steps, "steps", zero=True)
@@ -348,7 +308,6 @@ def svd_prune(model: nn.Module, name: str, new_name: str, forget: Batches, retai
     given, else `threshold_mask(threshold)`. The result is adapter `new_name` (`new_name == name` replaces `name`),
     made active. Adapters with trained module copies (modules_to_save) and DoRA are refused (MergeError).
     Returns {path: {"rank": k, "kept": kept rank, "masked": [direction indices], "ratio": [per direction]}}."""
-    from ..model import delete_adapter, get_config
     from ..rank.squeeze import SVD, factor_svd, split_factors
     from .layers import attach_result, model_layers
 
@@ -401,8 +360,6 @@ def negate(model: nn.Module, name: str, forget_name: str, new_name: str, lam: fl
     (`lorakit.compose.merge_adapters(model, [name, forget_name], [1, −λ], ...)`: "cat" is exact at rank r + r_f;
     "linear" re-factors, optionally truncated). `new_name == name` replaces `name`. Made active. Returns the merge's
     per-layer report."""
-    from ..model import _known, delete_adapter
-
     lam = _finite(lam, "lam")
     _known(model, forget_name)
     if forget_name == name:
@@ -418,7 +375,7 @@ def negate(model: nn.Module, name: str, forget_name: str, new_name: str, lam: fl
 
 
 def _free_name(model: nn.Module, stem: str) -> str:
-    names, i, out = set(_names(model)), 0, stem
+    names, i, out = set(adapter_names(model)), 0, stem
     while out in names:
         i += 1
         out = f"{stem}{i}"
@@ -441,8 +398,6 @@ def fit_adapter(model: nn.Module, new_name: str, config, data: Batches, steps: i
     control of learned merging). Made active alone afterwards; removed again if training fails. Returns
     {"loss": [per step]}."""
     from ..config import AdapterConfig
-    from ..model import active_adapters, attach, check_name, delete_adapter, prepare, set_active
-
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"config must be a lorakit.AdapterConfig, got {type(config).__name__}")
     data = _batches(data, "data")
@@ -511,8 +466,6 @@ def repair(model: nn.Module, name: str, new_name: str, reference: Optional[str],
     the model with adapter `reference` active (None: the base model) in a no-grad forward each step. The result is
     `new_name` (`new_name == name` edits `name` in place), made active. Returns {"kl": [per step], "hidden": [...],
     "loss": [...]} (values before each step)."""
-    from ..model import _known, disabled, set_active
-
     retain = _batches(retain, "retain")
     _positive_int(steps, "steps", zero=True)
     _finite(lr, "lr", positive=True)
@@ -559,8 +512,6 @@ def repair(model: nn.Module, name: str, new_name: str, reference: Optional[str],
 def repair_divergence(model: nn.Module, name: str, reference: Optional[str], retain: Batches,
                       hidden_layers: Optional[Sequence[int]] = None) -> dict:
     """Mean KL(p_ref ‖ p_name) and hidden-state error over `retain` (no grad), as `repair` measures them."""
-    from ..model import disabled
-
     retain = _batches(retain, "retain")
     kls, hids = [], []
     with torch.no_grad(), _active(model, [name]):
@@ -599,8 +550,6 @@ def maat(model: nn.Module, name: str, new_name: str, forget: Batches, retain: Ba
     3. `repair_options`: `repair` options (steps, lr, kl_weight, hidden_weight, hidden_layers), reference `name`.
     Returns {"forget_loss": {"before", "after"}, "retain_loss": {...} (when `evaluate`), one entry per phase run
     (its report), "ranks": {path: kept rank} and "pruned": {path: number of directions masked} when pruned}."""
-    from ..model import active_adapters, delete_adapter, set_active
-
     forget, retain = _batches(forget, "forget"), _batches(retain, "retain")
     chosen = {"ascent": ascent, "prune": prune, "negate": negation, "repair": repair_options}
     for phase, options in chosen.items():
@@ -648,9 +597,9 @@ def maat(model: nn.Module, name: str, new_name: str, forget: Batches, retain: Ba
             report["repair"] = repair(model, new_name, new_name, name, retain, **repair_options)
     except BaseException:
         for n in (new_name, fitted):
-            if n is not None and n in _names(model):
+            if n is not None and n in adapter_names(model):
                 delete_adapter(model, n)
-        set_active(model, [n for n in before_active if n in _names(model)])
+        set_active(model, [n for n in before_active if n in adapter_names(model)])
         raise
     set_active(model, [new_name])
     if evaluate:
