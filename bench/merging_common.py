@@ -44,10 +44,9 @@ DOMAIN_ADAPTERS = tuple(f"polarity-{d}" for d in data_tasks.DOMAINS)  # the near
 # adapter name → data spec it is trained on
 ADAPTERS = {**{t: f"vader-task:{t}" for t in TASKS}, "multi": "vader-task:all",
             **{f"polarity-{d}": f"vader-task:polarity@{d}" for d in data_tasks.DOMAINS}}
-# the instruct defaults, except group_by_length: lorakit's Trainer measures an example's length as the sum of its
-# string fields, which for chat data is the reply alone, so "grouping by length" sorts each run of 50 batches by the
-# reply word, i.e. by class (source: product > movie = tweet > news); the source adapter trained so collapsed to
-# one answer (runs/merging/grouped-by-length/); polarity (negative/positive, equal lengths) came out bit-identical
+# the instruct defaults, except group_by_length: before commit 6761dea the Trainer measured a chat example by its reply
+# alone, so "grouping by length" sorted batches by class and the source adapter collapsed to one answer
+# (runs/merging/grouped-by-length/); the Trainer is fixed, and these adapters keep random order so the tables stay as made
 TRAIN_FLAGS = ["--bf16", "--group-by-length", "false", "--max-eval-samples", "64", "--disable-tqdm", "--seed", "0"]
 EVAL_BATCH = 32
 NICE = 10  # training subprocesses run at this niceness (not more when the caller is already niced)
