@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import MergeError, RoutingError
 from . import stacked
-from .kinds import kind_for
+from .kinds import ConvKind, kind_for
 
 
 class AdaptedLayer(nn.Module):
@@ -47,6 +47,8 @@ class AdaptedLayer(nn.Module):
             return out
         if self.routing is not None and self.routing.per_row:
             return self._routed(x, out)
+        if self.routing is not None and self.routing.mix is not None:
+            return self._mixed(x, out)
         variants = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
         for v in variants:
             _bind(v, self.routing)
@@ -79,6 +81,40 @@ class AdaptedLayer(nn.Module):
             return out
         with _compute_in(out.dtype, out.device):
             return self._routed_deltas(x, out, plan, segments)
+
+    def _mixed(self, x, out):
+        """out + Σᵢ wᵢ(token)·deltaᵢ, each adapter on the tokens it weights only (see `lorakit.route(weights=)`)."""
+        mix = self.routing.mix
+        present = [(i, self.adapters[n]) for i, n in enumerate(mix.names) if n in self.adapters]
+        if not present:
+            return out
+        if self.merged:
+            raise RoutingError("routing needs unmerged layers; call lorakit.unmerge(model) first")
+        if isinstance(self.kind, ConvKind):
+            raise RoutingError("per-token mixing needs layers whose output has features last (linear, embedding); "
+                               f"this layer is a {type(self.base_layer).__name__}")
+        tokens = out.shape[:-1].numel()
+        xt = x.reshape(tokens, *x.shape[out.dim() - 1:])
+        ot = out.reshape(tokens, out.shape[-1])
+        plan = mix.plan(self, xt, tokens, torch.float32 if out.dtype in HALF else out.dtype)
+        grad = torch.is_grad_enabled()
+        reads_base = any(v.uses_base_out for _, v in present)
+        base_t = ot.clone() if reads_base and not grad else ot  # in place below: keep the base output apart
+        with _compute_in(out.dtype, out.device):
+            for i, v in present:
+                index = plan.index[i]
+                if index is not None and not len(index):
+                    continue
+                xs = xt if index is None else xt.index_select(0, index)
+                base = None if not v.uses_base_out else base_t if index is None else base_t.index_select(0, index)
+                if getattr(v, "reads_routing", False):
+                    v.bind_routing(self.routing, index, tokens if index is not None else None)
+                d = (v.delta(_cast(xs, v, out.dtype), base) * plan.columns[i]).to(out.dtype)
+                if index is None:
+                    ot = ot + d if grad else ot.add_(d)
+                else:
+                    ot = ot.index_add(0, index, d) if grad else ot.index_add_(0, index, d)
+        return ot.view(out.shape)
 
     def _routed_deltas(self, x, out, plan, segments):
         xs = plan.gather(x)

@@ -79,8 +79,9 @@ class Routing:
     weights. `adapter_names=None`: no per-row routing (the active adapters run on every row)."""
 
     def __init__(self, adapter_names: list[str] | None, ranks: dict[str, int] | None = None,
-                 token_masks: dict[str, torch.Tensor] | None = None):
+                 token_masks: dict[str, torch.Tensor] | None = None, mix: Mix | None = None):
         self.names = None if adapter_names is None else list(adapter_names)
+        self.mix = mix
         self.distinct = list(dict.fromkeys(n for n in self.names or () if n != BASE))
         self.ranks = ranks or {}  # when rows must be gathered anyway, same-rank adapters go side by side
         self.token_masks = {k: _check_mask(k, m) for k, m in (token_masks or {}).items()}
@@ -119,6 +120,8 @@ class Routing:
         for plan in self._plans.values():
             plan.release()
         self._weights.clear()
+        if self.mix is not None:
+            self.mix._plans.clear()
 
     def plan(self, rows: int, device: torch.device) -> Plan:
         key = (rows, device)
@@ -162,6 +165,100 @@ def _check_mask(key: str, mask) -> torch.Tensor:
     return mask
 
 
+@dataclass
+class MixPlan:
+    """Static mixing weights mapped onto a layer's `tokens` flattened tokens: per adapter, the tokens it weights
+    (None: all of them, no gather) and their weights as a column."""
+
+    index: list[torch.Tensor | None]
+    columns: list[torch.Tensor]  # (tokens it weights, 1) each, float
+
+
+class Mix:
+    """Weights over adapters on the flattened token axis: `weights` (R, n) for the adapters `names`, row i covering
+    tokens [i·k, (i+1)·k) of a layer input with R·k tokens (R = tokens: per token; R = batch: per sequence, also in
+    generation; R = 1: everywhere), or a `gate` computing them per layer (`gate(path, x) -> (tokens, n)`)."""
+
+    def __init__(self, names: list[str], weights: torch.Tensor | None = None, gate: Callable | None = None,
+                 paths: dict[int, str] | None = None):
+        self.names, self.weights, self.gate, self.paths = names, weights, gate, paths or {}
+        self._plans: dict[tuple, MixPlan] = {}
+
+    def plan(self, layer: nn.Module, x_tokens: torch.Tensor, tokens: int, dtype: torch.dtype) -> MixPlan:
+        """The weights for one layer call (`x_tokens`: its input as (tokens, ...))."""
+        if self.gate is not None:
+            w = self.gate(self.paths.get(id(layer), ""), x_tokens)
+            if not isinstance(w, torch.Tensor) or w.shape != (tokens, len(self.names)):
+                raise RoutingError(f"the gate must return a ({tokens}, {len(self.names)}) tensor of weights for "
+                                   f"{self.paths.get(id(layer), 'a layer')}, got "
+                                   f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+            w = w.to(dtype)
+            return MixPlan([None] * len(self.names), [w[:, i:i + 1] for i in range(len(self.names))])
+        if self.weights.requires_grad:  # trained weights: a fresh graph every call
+            return self._static_plan(tokens, x_tokens.device, dtype)
+        key = (tokens, x_tokens.device, dtype)
+        if key not in self._plans:
+            self._plans[key] = self._static_plan(tokens, x_tokens.device, dtype)
+        return self._plans[key]
+
+    def _static_plan(self, tokens: int, device: torch.device, dtype: torch.dtype) -> MixPlan:
+        rows = self.weights.shape[0]
+        if tokens % rows:
+            raise RoutingError(f"mixing weights have {rows} rows but a layer input has {tokens} tokens; rows map to "
+                               f"the flattened token axis (batch × seq), so the token count must be a multiple")
+        w = self.weights.to(device, dtype)
+        if rows != tokens:
+            w = w.repeat_interleave(tokens // rows, dim=0)
+        index, columns = [], []
+        for i in range(len(self.names)):
+            col = w[:, i]
+            if self.weights.requires_grad or bool((col != 0).all()):
+                index.append(None)
+                columns.append(col[:, None])
+            else:
+                idx = col.nonzero().flatten()
+                index.append(idx)
+                columns.append(col.index_select(0, idx)[:, None])
+        return MixPlan(index, columns)
+
+
+def _check_weights(weights, adapters) -> tuple[list[str], torch.Tensor | None, Callable | None]:
+    """(names, (R, n) weights or None, gate or None) from `route(..., weights=, adapters=)`."""
+    if callable(weights) and not isinstance(weights, torch.Tensor):
+        if not adapters:
+            raise RoutingError("a gate needs adapters=[...]: the names its weight columns refer to")
+        return list(adapters), None, weights
+    if isinstance(weights, dict):
+        if adapters is not None:
+            raise RoutingError("give adapters=[...] with a weight tensor, not with a dict of per-adapter weights")
+        if not weights:
+            raise RoutingError("weights={} names no adapter")
+        names = list(weights)
+        cols = [_as_float(f"weights[{n!r}]", w).reshape(-1) for n, w in weights.items()]
+        if len({c.numel() for c in cols}) != 1:
+            raise RoutingError(f"per-adapter weights must have the same number of tokens, got "
+                               f"{ {n: c.numel() for n, c in zip(names, cols)} }")
+        return names, torch.stack(cols, dim=1), None
+    w = _as_float("weights", weights)
+    if adapters is None or isinstance(adapters, str):
+        raise RoutingError("a weight tensor needs adapters=[...] naming its last dimension's columns")
+    names = list(adapters)
+    if w.dim() == 0 or w.shape[-1] != len(names):
+        raise RoutingError(f"weights must be shaped (..., {len(names)}) for adapters {names}, got {tuple(w.shape)}")
+    return names, w.reshape(-1, len(names)), None
+
+
+def _as_float(what: str, w) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):
+        raise RoutingError(f"{what} must be a tensor, got {type(w).__name__}")
+    w = w.float() if w.dtype == torch.bool else w
+    if not w.is_floating_point():
+        raise RoutingError(f"{what} must be bool or floating point, got {w.dtype}")
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise RoutingError(f"{what} has non-finite values")
+    return w
+
+
 def routed_modules(model: nn.Module) -> list[nn.Module]:
     from .layers import AdaptedLayer, TrainedCopy
 
@@ -170,28 +267,47 @@ def routed_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def route(model: nn.Module, adapter_names: list[str] | None = None, *,
-          token_masks: dict[str, torch.Tensor] | None = None):
-    """Run each row of the batch with its own adapter ("__base__" = none) inside this context, and/or give
-    adapters that read them per-token masks (`token_masks`, e.g. {"image": mask} for MM-LoRA; each mask has
-    one bool or [0, 1] weight per token of the flattened batch × seq axis).
+          token_masks: dict[str, torch.Tensor] | None = None, weights=None, adapters: list[str] | None = None):
+    """Route adapters inside this context, one of two ways:
 
-    Works for forward, `generate()` and backward (training on a mixed batch sends each adapter the
-    gradient of its own rows only), also a backward after the context closes that recomputes checkpointed
-    blocks (see the module docstring). Per-row routing is refused while any layer is merged.
+    - `adapter_names`: one adapter per row of the batch ("__base__" = none). Works for forward, `generate()` and
+      backward (training on a mixed batch sends each adapter the gradient of its own rows only), also a backward
+      after the context closes that recomputes checkpointed blocks (see the module docstring).
+    - `weights`: per-token weights over adapters, output = base + Σᵢ wᵢ(token)·ΔWᵢ x. A dict {name: weights with one
+      value per token} (masks as bool), a tensor (..., n) with `adapters=[n names]`, or a gate: a callable
+      `gate(path, x) -> (tokens, n)` with `adapters=`, called by every adapted layer with its path and its input
+      as (tokens, features). Rows of a weight tensor map to the flattened token axis (batch × seq) the way
+      `adapter_names` do: (tokens, n) per token, (batch, n) per sequence (also in `generate()`), (1, n) everywhere.
+      Each adapter runs only on the tokens it weights (a token with weight 0 for every adapter gets the base output
+      exactly). The active set does not matter inside; layers a named adapter does not adapt skip it.
+
+    `token_masks` give adapters that read them (e.g. MM-LoRA's modality masks, {"image": mask}) per-token masks,
+    one bool or [0, 1] value per token of the flattened batch × seq axis; alone or with either routing.
+    Routing is refused while any layer is merged.
     """
     from .layers import AdaptedLayer
     from .model import adapter_names as known_names, get_config
 
-    if adapter_names is None and token_masks is None:
-        raise RoutingError("route() needs adapter_names (one per row) and/or token_masks")
+    if adapters is not None and weights is None:
+        raise RoutingError("adapters= names the columns of weights=; pass weights too")
+    if adapter_names is None and token_masks is None and weights is None:
+        raise RoutingError("route() needs adapter_names (one per row), weights (per token) and/or token_masks")
+    if adapter_names is not None and weights is not None:
+        raise RoutingError("route() takes adapter_names (one adapter per row) or weights (per-token mixing), not both")
+    mix = None
+    if weights is not None:
+        names, w, gate = _check_weights(weights, adapters)
+        if len(set(names)) != len(names) or BASE in names:
+            raise RoutingError(f"mixing needs distinct adapter names (not {BASE!r}), got {names}")
+        mix = Mix(names, w, gate, {id(m): p for p, m in model.named_modules()} if gate is not None else None)
     known = set(known_names(model))
-    unknown = sorted({n for n in adapter_names or () if n != BASE} - known)
+    unknown = sorted({n for n in (*(adapter_names or ()), *(mix.names if mix else ())) if n != BASE} - known)
     if unknown:
         raise RoutingError(f"unknown adapter name(s) {unknown}; this model has {sorted(known)} and {BASE!r}")
     modules = routed_modules(model)
-    if adapter_names is not None and any(getattr(m, "merged", None) for m in modules):
-        raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
-    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks)
+    if (adapter_names is not None or mix is not None) and any(getattr(m, "merged", None) for m in modules):
+        raise RoutingError("routing needs unmerged layers; call lorakit.unmerge(model) first")
+    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks, mix)
     if adapter_names is None:  # per-token weights only: module copies keep their normal forward
         modules = [m for m in modules if isinstance(m, AdaptedLayer)]
     previous = [m.routing for m in modules]
