@@ -43,6 +43,12 @@ def compare(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int 
     spend `min_seconds` in total, so that millisecond-scale calls get enough samples. Callers choose
     grad mode (wrap inference in `torch.no_grad()`).
     """
+    return {k: statistics.median(v) for k, v in timed_rounds(fns, warmup, repeats, min_seconds).items()}
+
+
+def timed_rounds(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7,
+                 min_seconds: float = 0.0) -> dict[str, list[float]]:
+    """Every timed round's wall time (s) of each function (see `compare`); round i of each list ran together."""
     times = {k: [] for k in fns}
 
     def one_round(record: bool) -> float:
@@ -62,7 +68,13 @@ def compare(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int 
     rounds = repeats if not min_seconds or not last else max(repeats, min(500, int(min_seconds / last) + 1))
     for _ in range(rounds):
         one_round(True)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def ratio_spread(num: list[float], den: list[float]) -> str:
+    """Median and min–max of the per-round ratios num[i] / den[i] (paired rounds), as "1.23 (1.10–1.40)"."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
 
 
 # ---- memory ----------------------------------------------------------------------------------

@@ -105,11 +105,12 @@ class AdaptedLayer(nn.Module):
                 index = plan.index[i]
                 if index is not None and not len(index):
                     continue
-                xs = xt if index is None else xt.index_select(0, index)
+                xs = plan.gather(i, x, xt)
                 base = None if not v.uses_base_out else base_t if index is None else base_t.index_select(0, index)
                 if getattr(v, "reads_routing", False):
                     v.bind_routing(self.routing, index, tokens if index is not None else None)
-                d = (v.delta(_cast(xs, v, out.dtype), base) * plan.columns[i]).to(out.dtype)
+                d = v.delta(_cast(xs, v, out.dtype), base)
+                d = (d if plan.columns[i] is None else d * plan.columns[i]).to(out.dtype)
                 if index is None:
                     ot = ot + d if grad else ot.add_(d)
                 else:

@@ -121,7 +121,8 @@ class Routing:
             plan.release()
         self._weights.clear()
         if self.mix is not None:
-            self.mix._plans.clear()
+            for plan in self.mix._plans.values():
+                plan._last.clear()
 
     def plan(self, rows: int, device: torch.device) -> Plan:
         key = (rows, device)
@@ -171,7 +172,23 @@ class MixPlan:
     (None: all of them, no gather) and their weights as a column."""
 
     index: list[torch.Tensor | None]
-    columns: list[torch.Tensor]  # (tokens it weights, 1) each, float
+    columns: list[torch.Tensor | None]  # (tokens it weights, 1) each, float; None where every weight is 1
+    _last: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)  # adapter → (x, version, rows)
+
+    def gather(self, i: int, x: torch.Tensor, x_tokens: torch.Tensor) -> torch.Tensor:
+        """Adapter i's tokens of `x_tokens` (a view of layer input `x`); layers fed the same input (q/k/v) share
+        one gather, as `Plan.gather` does for rows."""
+        index = self.index[i]
+        if index is None:
+            return x_tokens
+        if x.is_inference():
+            return x_tokens.index_select(0, index)
+        last = self._last.get(i)
+        if last is not None and last[0] is x and last[1] == x._version:
+            return last[2]
+        rows = x_tokens.index_select(0, index)
+        self._last[i] = (x, x._version, rows)
+        return rows
 
 
 class Mix:
@@ -214,11 +231,11 @@ class Mix:
             col = w[:, i]
             if self.weights.requires_grad or bool((col != 0).all()):
                 index.append(None)
-                columns.append(col[:, None])
             else:
-                idx = col.nonzero().flatten()
-                index.append(idx)
-                columns.append(col.index_select(0, idx)[:, None])
+                index.append(col.nonzero().flatten())
+                col = col.index_select(0, index[-1])
+            ones = not self.weights.requires_grad and bool((col == 1).all())
+            columns.append(None if ones else col[:, None])
         return MixPlan(index, columns)
 
 
