@@ -96,6 +96,8 @@ class AdaptedLayer(nn.Module):
         tokens = out.shape[:-1].numel()
         xt = x.reshape(tokens, *x.shape[out.dim() - 1:])
         ot = out.reshape(tokens, out.shape[-1])
+        if getattr(mix.gate, "fuses", False):
+            return self._fused(mix, present, xt, ot).view(out.shape)
         plan = mix.plan(self, xt, tokens, torch.float32 if out.dtype in HALF else out.dtype)
         grad = torch.is_grad_enabled()
         reads_base = any(v.uses_base_out for _, v in present)
@@ -116,6 +118,21 @@ class AdaptedLayer(nn.Module):
                 else:
                     ot = ot.index_add(0, index, d) if grad else ot.index_add_(0, index, d)
         return ot.view(out.shape)
+
+    def _fused(self, mix, present, xt, ot):
+        """A fusing gate's output `gate(path, h, deltas)` from the base output h and every adapter's delta on every
+        token (None for adapters this layer lacks)."""
+        deltas = [None] * len(mix.names)
+        with _compute_in(ot.dtype, ot.device):
+            for i, v in present:
+                if getattr(v, "reads_routing", False):
+                    v.bind_routing(self.routing, None, None)
+                deltas[i] = v.delta(_cast(xt, v, ot.dtype), ot if v.uses_base_out else None)
+            fused = mix.gate(mix.paths.get(id(self), ""), ot, deltas)
+        if not isinstance(fused, torch.Tensor) or fused.shape != ot.shape:
+            raise RoutingError(f"a fusing gate must return the layer output shaped {tuple(ot.shape)}, got "
+                               f"{tuple(fused.shape) if isinstance(fused, torch.Tensor) else type(fused).__name__}")
+        return fused.to(ot.dtype)
 
     def _routed_deltas(self, x, out, plan, segments):
         xs = plan.gather(x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.compose import ArrowGate, LayerGate, gated
+from lorakit.compose import ArrowGate, FusionGate, LayerGate, gated
 from lorakit.compose.gates import top_right_singular_vector, transformer_blocks
 from lorakit.errors import ConfigError, RoutingError
 from lorakit.models import tiny_llama
@@ -173,3 +173,44 @@ def test_gate_errors():
         with pytest.raises(ConfigError, match="already has"):
             with gated(model, ArrowGate(model, NAMES)):
                 pass
+
+
+def test_fusion_gate_open_equals_every_adapter_on_and_closed_equals_the_base():
+    model = pool()
+    ids = torch.randint(1, 100, (2, 6))
+    lorakit.set_active(model, NAMES)
+    with torch.no_grad():
+        all_on = model(ids).logits
+        with lorakit.disabled(model):
+            base = model(ids).logits
+    gate = FusionGate(model, NAMES, timesteps=3)
+    for bias, want in ((60.0, all_on), (-60.0, base)):
+        with torch.no_grad():
+            for w in gate.weights:
+                w[:2] = 0.0  # no dependence on the activations: g = σ(b)
+                w[2], w[3] = bias, 1.0
+        with torch.no_grad(), gated(model, gate):
+            torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    gate.set_timestep(1)
+    with torch.no_grad():
+        for w in gate.weights:
+            w[4 + 1] = 120.0  # bucket 1 opens the gate again
+        with gated(model, gate):
+            torch.testing.assert_close(model(ids).logits, all_on, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError):
+        gate.set_timestep(3)
+
+
+def test_fusion_gate_is_per_channel_and_trains_alone():
+    model = pool()
+    gate = FusionGate(model, NAMES[:3])
+    path = next(iter(gate.index))
+    w = gate.weights[gate.index[path]]
+    h, d0, d1 = (torch.randn(5, w.shape[1]) for _ in range(3))
+    ln = lambda t: torch.nn.functional.layer_norm(t, t.shape[-1:])  # noqa: E731
+    want = h + sum(w[3] * torch.sigmoid(w[0] * ln(d) + w[1] * ln(h) * ln(d) + w[2]) * d for d in (d0, d1))
+    torch.testing.assert_close(gate(path, h, [d0, None, d1]), want)  # None: an adapter the layer lacks
+    with gated(model, gate):
+        model(torch.randint(1, 100, (2, 6))).logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.weights)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".adapters." in n)

@@ -5,19 +5,19 @@
   model (`merge_adapters`) or on PEFT LoRA folders (`merge_folders`);
 - learned combination weights (`learn`): LoraHub-style search, per-layer gradient scalars, and the controls;
 - unlearning (`unlearn`): MAAT's projected ascent, SVD direction pruning, negation and repair, with baselines;
-- run-time composition (`gates`, with `lorakit.route(model, weights=...)`): Arrow and LoRA-Flow gates.
+- run-time composition (`gates`, with `lorakit.route(model, weights=...)`): Arrow, LoRA-Flow and AutoLoRA gates.
 """
 from .aligned import knots, lego
 from .fit import lm_loss, mean_loss
-from .gates import ArrowGate, LayerGate, gated
+from .gates import ArrowGate, FusionGate, LayerGate, gated
 from .learn import best_single, learn_scalars, learn_weights, random_pool, uniform_average
 from .merge import METHODS, MergeOptions, merge_adapters, merge_folders, merge_on_model
 from .unlearn import (fit_adapter, gradient_ascent, maat, negate, project_out, projected_ascent, repair,
                       svd_prune)
 
 __all__ = [
-    "ArrowGate", "LayerGate", "METHODS", "MergeOptions", "gated", "best_single", "fit_adapter", "gradient_ascent",
-    "knots", "learn_scalars", "learn_weights", "lego", "lm_loss", "maat", "mean_loss", "merge_adapters",
-    "merge_folders", "merge_on_model", "negate", "project_out", "projected_ascent", "random_pool", "repair",
-    "svd_prune", "uniform_average",
+    "ArrowGate", "FusionGate", "LayerGate", "METHODS", "MergeOptions", "gated", "best_single", "fit_adapter",
+    "gradient_ascent", "knots", "learn_scalars", "learn_weights", "lego", "lm_loss", "maat", "mean_loss",
+    "merge_adapters", "merge_folders", "merge_on_model", "negate", "project_out", "projected_ascent", "random_pool",
+    "repair", "svd_prune", "uniform_average",
 ]

@@ -10,6 +10,12 @@ and returns (tokens, n) weights over its `names`; the layer adds Σᵢ wᵢ·ΔW
   the hidden state h entering the block, shared by every adapted layer in it. W_l and b_l start at 0, so training
   starts from the uniform mixture (the card's b init for two adapters is [−0.5, 0.5]; we start unbiased for any n).
   Adapted layers outside the blocks get the uniform mixture.
+- `FusionGate` (AutoLoRA, Li et al. 2025): trainable, per channel. In each adapted layer, from the base output h and
+  each adapter's output Δhᵢ: gᵢ = σ(w_lora⊙LN(Δhᵢ) + w_cross⊙(LN(h)⊙LN(Δhᵢ)) + b [+ b_t]), output h + Σᵢ w_out⊙gᵢ⊙Δhᵢ,
+  with w_lora, w_cross, b, w_out ∈ R^{d_out} per layer (shared by the adapters; w_out starts at 0.512, the others
+  from randn, as the authors' code). [U] choices: LN is a plain (affine-free) layer norm over channels for both terms
+  (the code's second LN is not released); Δhᵢ includes the adapter's scale; timesteps enter, when `timesteps=K`, as
+  a learned per-layer bias b_t for the bucket set by `set_timestep(k)` (the t-aware merger is unreleased).
 
 `with gated(model, gate):` routes the model through the gate and makes the gate the model's only trainable part
 (registered as `model.lorakit_gate`, so `lorakit.train.Trainer` and `model.parameters()` see it); everything is
@@ -174,6 +180,54 @@ class LayerGate(nn.Module):
         if w.shape[0] != x.shape[0]:
             raise RoutingError(f"block {self.block_paths[i]!r} had {w.shape[0]} tokens but {path} got {x.shape[0]}")
         return w
+
+
+class FusionGate(nn.Module):
+    """AutoLoRA's gated fusion over the adapters `names` (see the module docstring); `fuses = True` tells the adapted
+    layers to hand it every adapter's output instead of asking for weights."""
+
+    fuses = True
+
+    def __init__(self, model: nn.Module, names: Sequence[str], timesteps: int = 0, cross: bool = True, seed: int = 0):
+        super().__init__()
+        self.names = _check_names(model, names)
+        if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 0:
+            raise ConfigError(f"timesteps must be an int ≥ 0 (0: no timestep bias), got {timesteps!r}")
+        gen = torch.Generator().manual_seed(seed)
+        self.index: dict[str, int] = {}
+        self.weights = nn.ParameterList()
+        for path, layer in wrappers(model):
+            if isinstance(layer, AdaptedLayer) and any(n in layer.adapters for n in self.names):
+                d = layer.kind.out_features
+                w = torch.randn(4 + timesteps, d, generator=gen)
+                w[3] = 0.512  # rows: w_lora, w_cross, b, w_out, then one bias per timestep bucket
+                w[4:] = 0.0
+                self.index[path] = len(self.weights)
+                self.weights.append(nn.Parameter(w))
+        self.cross, self.timesteps, self.step = cross, timesteps, None
+
+    def set_timestep(self, bucket: Optional[int]) -> None:
+        """The timestep bucket (0 … timesteps − 1) whose bias the next forwards use; None: no timestep bias."""
+        if bucket is not None and not (isinstance(bucket, int) and 0 <= bucket < self.timesteps):
+            raise ConfigError(f"timestep bucket must be in [0, {self.timesteps}), got {bucket!r}")
+        self.step = bucket
+
+    def forward(self, path: str, h: torch.Tensor, deltas: list) -> torch.Tensor:
+        if path not in self.index:
+            raise RoutingError(f"FusionGate has no weights for layer {path!r}; build the gate on this model")
+        w = self.weights[self.index[path]]
+        w_lora, w_cross, bias, w_out = w[0], w[1], w[2], w[3]
+        if self.step is not None:
+            bias = bias + w[4 + self.step]
+        norm = lambda t: nn.functional.layer_norm(t.float(), t.shape[-1:])  # noqa: E731
+        h_norm, out = norm(h), h.float()
+        for d in deltas:
+            if d is None:
+                continue
+            d_norm = norm(d)
+            logit = w_lora * d_norm + bias + (w_cross * h_norm * d_norm if self.cross else 0.0)
+            out = out + w_out * torch.sigmoid(logit) * d.float()
+        return out
 
 
 @contextlib.contextmanager
