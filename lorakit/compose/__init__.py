@@ -5,7 +5,8 @@
   model (`merge_adapters`) or on PEFT LoRA folders (`merge_folders`);
 - learned combination weights (`learn`): LoraHub-style search, per-layer gradient scalars, and the controls;
 - unlearning (`unlearn`): MAAT's projected ascent, SVD direction pruning, negation and repair, with baselines;
-- run-time composition (`gates`, with `lorakit.route(model, weights=...)`): Arrow, LoRA-Flow and AutoLoRA gates.
+- run-time composition (`gates`, with `lorakit.route(model, weights=...)`): Arrow, LoRA-Flow and AutoLoRA gates;
+  step schedules for diffusion sampling (`diffusion`: switch, composite, CMLoRA, per-step weights).
 """
 from .aligned import knots, lego
 from .fit import lm_loss, mean_loss
