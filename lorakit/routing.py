@@ -16,6 +16,12 @@ with that many tokens. Variants that read it declare `reads_routing = True`; the
 `bind_routing(routing, rows, total_rows)` before each call (`rows`: which rows of the layer input the call
 covers, None for all of them in order) and they ask `routing.token_weights(key, x, rows, total_rows)`.
 
+`with lorakit.route(model, conditions={"user": u}):` adds named per-row condition vectors (e.g. RecLoRA's user
+representation), u float (R, d), alone or with the above. Row i covers tokens [i·k, (i+1)·k) of a layer input with
+R·k flattened tokens (R = batch: per sequence, also in `generate()`; R = tokens: per token; R = 1: everywhere).
+Variants read them with `routing.condition(key, x, rows, total_rows)`; masks and conditions map rows onto tokens
+through one helper (`_on_tokens`).
+
 Gradient checkpointing. A checkpointed block is run again in the backward pass, which may come after the
 `route(...)` context has closed, or after another forward with another routing. So the adapter state of the
 adapted layers in a block — routing, active adapters, disabled flag — is captured when the block runs and
@@ -79,14 +85,16 @@ class Routing:
     weights. `adapter_names=None`: no per-row routing (the active adapters run on every row)."""
 
     def __init__(self, adapter_names: list[str] | None, ranks: dict[str, int] | None = None,
-                 token_masks: dict[str, torch.Tensor] | None = None, mix: Mix | None = None):
+                 token_masks: dict[str, torch.Tensor] | None = None, mix: Mix | None = None,
+                 conditions: dict[str, torch.Tensor] | None = None):
         self.names = None if adapter_names is None else list(adapter_names)
         self.mix = mix
         self.distinct = list(dict.fromkeys(n for n in self.names or () if n != BASE))
         self.ranks = ranks or {}  # when rows must be gathered anyway, same-rank adapters go side by side
         self.token_masks = {k: _check_mask(k, m) for k, m in (token_masks or {}).items()}
+        self.conditions = {k: _check_condition(k, c) for k, c in (conditions or {}).items()}
         self._plans: dict[tuple[int, torch.device], Plan] = {}
-        self._weights: dict[tuple, torch.Tensor] = {}  # flattened masks per (key, device, dtype)
+        self._weights: dict[tuple, torch.Tensor] = {}  # flattened masks and conditions per (key, device, dtype)
 
     @property
     def per_row(self) -> bool:
@@ -104,16 +112,38 @@ class Routing:
         flat = self._weights.get(cache)
         if flat is None:
             flat = self._weights[cache] = self.token_masks[key].reshape(-1).to(x.device, x.dtype)
-        total_rows = x.shape[0] if rows is None else total_rows
-        tokens = total_rows * x.shape[1:-1].numel()
+        total = x.shape[0] if rows is None else total_rows
+        tokens = total * x.shape[1:-1].numel()
         if flat.numel() != tokens:
             raise RoutingError(f"token mask {key!r} has {flat.numel()} tokens but a layer input of shape "
-                               f"{tuple(x.shape)} (of {total_rows} rows) has {tokens}; masks are defined on "
+                               f"{tuple(x.shape)} (of {total} rows) has {tokens}; masks are defined on "
                                f"the flattened token axis (batch × seq)")
-        per_row = flat.view(total_rows, -1)
-        if rows is not None:
-            per_row = per_row.index_select(0, rows.to(x.device))
-        return per_row.view(*x.shape[:-1], 1)
+        return _on_tokens(flat[:, None], x, rows, total_rows)
+
+    def condition(self, key: str, x: torch.Tensor, rows: torch.Tensor | None = None, total_rows: int | None = None,
+                  fn: Callable | None = None) -> torch.Tensor:
+        """Condition `key` (R, d) for a layer input `x` (rows, ..., features), shaped x.shape[:-1] + (d,) in x's
+        dtype: row i of the condition covers tokens [i·k, (i+1)·k) of the R·k flattened tokens of the whole input.
+
+        `rows`/`total_rows` as in `token_weights`. `fn` (optional) maps the (R, d) rows to (R, d') before they are
+        spread over the tokens (e.g. a gate: computed once per row instead of once per token); the result is then
+        shaped x.shape[:-1] + (d',). Broadcast views where a row covers whole rows of `x` (no per-token copy)."""
+        if key not in self.conditions:
+            raise RoutingError(f"this routing has no condition {key!r} (it has {sorted(self.conditions)}); "
+                               f"pass lorakit.route(model, conditions={{{key!r}: tensor (rows, d)}})")
+        cache = ("condition", key, x.device, x.dtype)
+        c = self._weights.get(cache)
+        if c is None:
+            c = self._weights[cache] = self.conditions[key].to(x.device, x.dtype)
+        total = x.shape[0] if rows is None else total_rows
+        tokens = total * x.shape[1:-1].numel()
+        if tokens % c.shape[0]:
+            raise RoutingError(f"condition {key!r} has {c.shape[0]} rows but a layer input of shape {tuple(x.shape)} "
+                               f"(of {total} rows) has {tokens} tokens; rows map to the flattened token axis "
+                               f"(batch × seq), so the token count must be a multiple of the rows")
+        if fn is not None:
+            c = fn(c)
+        return _on_tokens(c, x, rows, total_rows)
 
     def release(self) -> None:
         """Drop the tensors plans keep for sharing gathers (the plans themselves stay valid)."""
@@ -152,6 +182,42 @@ class Routing:
             segments.append((name, len(order), len(order) + len(rows_of)))
             order += rows_of
         return Plan(torch.tensor(order, dtype=torch.long, device=device), segments, identity)
+
+
+def _on_tokens(t: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, total_rows: int | None) -> torch.Tensor:
+    """Spread the R rows of `t` (R, c) over the flattened tokens of a layer input whose rows `rows` (None: all, in
+    order) of `total_rows` are `x` (rows, ..., features): shaped x.shape[:-1] + (c,); row i of `t` covers tokens
+    [i·k, (i+1)·k), k = tokens / R (the caller has checked that R divides the token count)."""
+    total = x.shape[0] if rows is None else total_rows
+    inner = x.shape[1:-1]
+    c, r = t.shape[-1], t.shape[0]
+    if total % r == 0:  # each row of the input lies within one row of `t`: pick rows, broadcast over the rest
+        per_input_row = total // r
+        if rows is not None:
+            index = rows.to(t.device)
+            t = t.index_select(0, index // per_input_row if per_input_row > 1 else index)
+        elif per_input_row > 1:
+            t = t.repeat_interleave(per_input_row, dim=0)
+        return t.view(t.shape[0], *(1,) * len(inner), c).expand(*x.shape[:-1], c)
+    tokens_per_row = total * inner.numel() // r  # several rows of `t` in one row of the input (per token)
+    per_token = t if tokens_per_row == 1 else t.repeat_interleave(tokens_per_row, dim=0)
+    per_input_row = per_token.view(total, -1, c)
+    if rows is not None:
+        per_input_row = per_input_row.index_select(0, rows.to(t.device))
+    return per_input_row.view(*x.shape[:-1], c)
+
+
+def _check_condition(key: str, c) -> torch.Tensor:
+    if not isinstance(key, str) or not isinstance(c, torch.Tensor):
+        raise RoutingError(f"conditions maps names to tensors, got {key!r}: {type(c).__name__}")
+    if not c.is_floating_point():
+        raise RoutingError(f"condition {key!r} must be floating point, got {c.dtype}")
+    if c.dim() != 2 or c.shape[0] == 0 or c.shape[1] == 0:
+        raise RoutingError(f"condition {key!r} must be shaped (rows, d) with rows = batch, tokens or 1, got "
+                           f"{tuple(c.shape)}")
+    if not bool(torch.isfinite(c).all()):
+        raise RoutingError(f"condition {key!r} has non-finite values")
+    return c
 
 
 def _check_mask(key: str, mask) -> torch.Tensor:
@@ -284,7 +350,8 @@ def routed_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def route(model: nn.Module, adapter_names: list[str] | None = None, *,
-          token_masks: dict[str, torch.Tensor] | None = None, weights=None, adapters: list[str] | None = None):
+          token_masks: dict[str, torch.Tensor] | None = None, weights=None, adapters: list[str] | None = None,
+          conditions: dict[str, torch.Tensor] | None = None):
     """Route adapters inside this context, one of two ways:
 
     - `adapter_names`: one adapter per row of the batch ("__base__" = none). Works for forward, `generate()` and
@@ -295,11 +362,16 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
       `gate(path, x) -> (tokens, n)` with `adapters=`, called by every adapted layer with its path and its input
       as (tokens, features). Rows of a weight tensor map to the flattened token axis (batch × seq) the way
       `adapter_names` do: (tokens, n) per token, (batch, n) per sequence (also in `generate()`), (1, n) everywhere.
+      A gate with `fuses = True` combines instead: `gate(path, h, deltas) -> output`, from the base output h
+      (tokens, out) and each adapter's delta on every token (e.g. AutoLoRA's per-channel gated fusion).
       Each adapter runs only on the tokens it weights (a token with weight 0 for every adapter gets the base output
       exactly). The active set does not matter inside; layers a named adapter does not adapt skip it.
 
     `token_masks` give adapters that read them (e.g. MM-LoRA's modality masks, {"image": mask}) per-token masks,
     one bool or [0, 1] value per token of the flattened batch × seq axis; alone or with either routing.
+    `conditions` give adapters that read them (e.g. RecLoRA's user representation, {"user": u}) named per-row
+    float vectors u (R, d), rows mapped to the flattened token axis as weight rows are: (batch, d) per sequence
+    (also in `generate()`), (tokens, d) per token, (1, d) everywhere; alone or with any of the above.
     Routing is refused while any layer is merged.
     """
     from .layers import AdaptedLayer
@@ -307,8 +379,9 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
 
     if adapters is not None and weights is None:
         raise RoutingError("adapters= names the columns of weights=; pass weights too")
-    if adapter_names is None and token_masks is None and weights is None:
-        raise RoutingError("route() needs adapter_names (one per row), weights (per token) and/or token_masks")
+    if adapter_names is None and token_masks is None and weights is None and conditions is None:
+        raise RoutingError("route() needs adapter_names (one per row), weights (per token), token_masks and/or "
+                           "conditions")
     if adapter_names is not None and weights is not None:
         raise RoutingError("route() takes adapter_names (one adapter per row) or weights (per-token mixing), not both")
     mix = None
@@ -324,8 +397,10 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
     modules = routed_modules(model)
     if (adapter_names is not None or mix is not None) and any(getattr(m, "merged", None) for m in modules):
         raise RoutingError("routing needs unmerged layers; call lorakit.unmerge(model) first")
-    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks, mix)
-    if adapter_names is None:  # per-token weights only: module copies keep their normal forward
+    if conditions is not None and not isinstance(conditions, dict):
+        raise RoutingError(f"conditions must be a dict of names to (rows, d) tensors, got {type(conditions).__name__}")
+    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks, mix, conditions)
+    if adapter_names is None:  # per-token weights, masks or conditions only: module copies keep their normal forward
         modules = [m for m in modules if isinstance(m, AdaptedLayer)]
     previous = [m.routing for m in modules]
     for m in modules:

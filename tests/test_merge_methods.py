@@ -23,8 +23,8 @@ from lorakit.errors import AdapterNameError, ConfigError, MergeError
 from lorakit.layers import AdaptedLayer
 from lorakit.variants import variant_names
 
-NOT_ADDITIVE = {"dora": "renormalises each row", "mm_lora": "token-dependent"}
-OPTIONS = {"vblora": {"vector_length": 16}}
+NOT_ADDITIVE = {"dora": "renormalises each row", "mm_lora": "token-dependent", "reclora": "token-dependent"}
+OPTIONS = {"vblora": {"vector_length": 16}, "reclora": {"user_dim": 16}}
 
 
 def effective_delta(model, path, name):

@@ -110,6 +110,16 @@ def check_mm_lora():  # both branches LoRA's init (card [U])
     zero(v.lora_B_text)
 
 
+def check_reclora():  # RecLoRA card: every A_k as LoRA's A → U(±1/√in), every B_k = 0; gate: nn.Linear defaults
+    v = adapter("reclora", user_dim=16)[1]
+    a, _ = v.bank()
+    for k in range(a.shape[0]):
+        uniform(a[k], 1 / math.sqrt(IN))
+    zero(v.reclora_B)
+    uniform(v.reclora_gate.fc1.weight, 1 / math.sqrt(16))
+    uniform(v.reclora_gate.fc2.weight, 1 / math.sqrt(60))
+
+
 def check_block_lora():  # CLIP-LoRA's init on the shared head A₀ (r, n/k): U(±1/√(n/k)); arms B = 0
     v = adapter("block_lora")[1]
     uniform(v.block_lora_A, 1 / math.sqrt(IN // 8))
