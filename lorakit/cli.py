@@ -240,7 +240,7 @@ def _engine_default(flag: str) -> str:
 
 def run_serve(args) -> None:
     from .serve.config import GiB, EngineConfig
-    from .serve.server import parse_lora_modules, serve
+    from .serve.server import parse_lora_descriptions, parse_lora_modules, serve
 
     given = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras,
              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -255,7 +255,8 @@ def run_serve(args) -> None:
           adapter_roots=args.adapter_root, served_name=args.served_model_name, host=args.host, port=args.port,
           shutdown_timeout=args.shutdown_timeout, classify_model=args.classify_model,
           classify_modules=parse_lora_modules(args.classify_lora_modules or []), classify_labels=args.classify_labels,
-          lenient=args.lenient)
+          lenient=args.lenient, adapter_descriptions=parse_lora_descriptions(args.lora_description or []),
+          max_merged_adapters=args.max_merged_adapters)
 
 
 def run_merge(args) -> None:
@@ -502,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "smollm2 (SmolLM2-135M-Instruct, fetched and cached on first use)")
     srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                      help='adapters to register at start: name=path or JSON {"name": ..., "path": ...}')
+    srv.add_argument("--lora-description", action="append", default=None, metavar="NAME=TEXT",
+                     help="what an adapter of --lora-modules is for (repeatable): requests with "
+                          "\"retrieve\": {\"k\": 1} go to the adapter whose description is nearest to their text "
+                          "(MiniLM embeddings, loaded at the first such request)")
+    srv.add_argument("--max-merged-adapters", type=int, default=8, metavar="INT",
+                     help="merged adapters built for \"merged_adapters\" requests that are kept (LRU; default: 8)")
     srv.add_argument("--adapter-root", action="append", default=None, metavar="DIR",
                      help="a directory /v1/load_lora_adapter may load from (repeatable; default: the parent "
                           "directories of the --lora-modules paths)")

@@ -3,6 +3,12 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (when the tokenizer has a chat template), GET /v1/models,
 POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, GET /health, GET /metrics (Prometheus text), and
 POST /v1/classify when a classifier is given. `model` in a request is an adapter name or the base model's name.
+Two extra body fields choose the adapter instead: `merged_adapters` {ids, weights, merge_strategy "linear"} (LoRAX's
+field) serves the exact weighted sum of registered adapters as one merged adapter named `merge:a=0.7,b=0.3`, built
+once and cached (merged.py); `retrieve` {k, temperature} picks the k adapters whose descriptions are nearest to the
+request's text (retrieval.py), one adapter for k = 1, else their softmax-weighted merge, and the response's extra
+`lorakit.retrieved` field lists them with their scores and weights. Descriptions come from `build_app`/`serve`
+(`adapter_descriptions`) or `description` in /v1/load_lora_adapter.
 Completions take a list of prompts and `n` choices each, `echo` and `logprobs` (OpenAI's legacy format; echo +
 logprobs + max_tokens 0 scores a prompt, as vLLM); chat takes `n`, `logprobs` + `top_logprobs`. Log-probs are the
 model's raw log-softmax (before temperature / top-p, vLLM's default). Streaming serves one prompt, n=1, without
@@ -36,9 +42,11 @@ from pathlib import Path
 from starlette.requests import Request as HTTPRequest
 
 from ..errors import (AdapterFileError, AdapterNameError, CapacityError, ConfigError, EngineStoppedError,
-                      LorakitError, QueueFullError, RequestError, UnknownAdapterError)
+                      LorakitError, ModelError, QueueFullError, RequestError, UnknownAdapterError)
 from ..io.files import read_adapter
+from .merged import MAX_SOURCES, STRATEGIES, MergeCache, derived_name, parse_derived
 from .request import MAX_LOGPROBS, Request, SamplingParams
+from .retrieval import Retriever, pick
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +78,19 @@ EXTRAS = {  # OpenAI/vLLM options not implemented: field -> values that mean "no
 }
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos",
                    "stream", "stream_options", "user", "store", "metadata", "service_tier", "request_id",
-                   "n", "logprobs", "top_logprobs", "echo"} | set(UNSUPPORTED) | set(EXTRAS)
+                   "n", "logprobs", "top_logprobs", "echo", "merged_adapters", "retrieve"} | set(UNSUPPORTED) | \
+    set(EXTRAS)
 FIELDS = {  # endpoint -> the body fields it knows
     "/v1/completions": SAMPLING_FIELDS | {"prompt"},
     "/v1/chat/completions": SAMPLING_FIELDS | {"messages", "max_completion_tokens"},
-    "/v1/load_lora_adapter": {"lora_name", "lora_path", "load_inplace"},
+    "/v1/load_lora_adapter": {"lora_name", "lora_path", "load_inplace", "description"},
     "/v1/unload_lora_adapter": {"lora_name", "lora_int_id"},
     "/v1/classify": {"model", "input", "user"},
 }
+MERGE_FIELDS = ("ids", "weights", "merge_strategy", "density", "majority_sign_method")  # LoRAX's MergedAdapters
+RETRIEVE_FIELDS = ("k", "temperature")
+RETRIEVE_TEMPERATURE = 0.05  # softmax temperature over cosine similarities when `retrieve` gives none
+MAX_DESCRIPTION_CHARS = 4096
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 access_log = logging.getLogger("lorakit.serve.access")
 SHUTDOWN_EVENT = {"error": {"message": "the request was aborted: the server is shutting down",
@@ -253,6 +266,86 @@ def _include_usage(body: dict) -> bool:
     if not isinstance(options, dict):
         _bad("stream_options", "must be an object")
     return bool(_opt(options, "include_usage", "bool", False))
+
+
+# ------------------------------------------------------------------ merged_adapters, retrieve
+def _sub_opt(spec: dict, parent: str, key: str, kind: str, default=None, **bounds):
+    """`_opt` for a key of a nested object: the error names `parent.key`."""
+    field = f"{parent}.{key}"
+    return _opt({field: spec.get(key)}, field, kind, default, **bounds)
+
+
+def _check_keys(spec, parent: str, known: tuple, what: str) -> dict:
+    if not isinstance(spec, dict):
+        _bad(parent, f"must be an object {what}")
+    for key in spec:
+        if key not in known:
+            _bad(f"{parent}.{key}", f"unrecognized field; known: {', '.join(known)}")
+    return spec
+
+
+def merged_spec(body: dict) -> tuple[tuple[str, float], ...] | None:
+    """`merged_adapters` as (id, weight) pairs in the request's order (None when absent); 400 naming the field for
+    a malformed one. Ids are not looked up here."""
+    parent = "merged_adapters"
+    spec = body.get(parent)
+    if spec is None:
+        return None
+    _check_keys(spec, parent, MERGE_FIELDS, "{ids, weights, merge_strategy}")
+    strategy = spec.get("merge_strategy")
+    if strategy is not None and strategy not in STRATEGIES:
+        _bad(f"{parent}.merge_strategy", f"{str(strategy)[:50]!r} is not supported; supported: "
+                                         f"{', '.join(STRATEGIES)} (the exact weighted sum of the adapters)")
+    if not _is_neutral(spec.get("density"), (None, 1, 1.0)):
+        _bad(f"{parent}.density", "is for the ties / dare strategies, which this server does not support")
+    if not _is_neutral(spec.get("majority_sign_method"), (None, "total")):
+        _bad(f"{parent}.majority_sign_method", "is for the ties / dare strategies, which this server does not "
+                                               "support")
+    ids, weights = spec.get("ids"), spec.get("weights")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        _bad(f"{parent}.ids", "must be a non-empty list of adapter names")
+    if len(ids) > MAX_SOURCES:
+        _bad(f"{parent}.ids", f"at most {MAX_SOURCES} adapters, got {len(ids)}")
+    twice = next((i for n, i in enumerate(ids) if i in ids[:n]), None)
+    if twice is not None:
+        _bad(f"{parent}.ids", f"{twice[:200]!r} is listed twice; give each adapter once, with its total weight")
+    if not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                for w in weights):
+        _bad(f"{parent}.weights", "must be a list of numbers, one per id")
+    if len(weights) != len(ids):
+        _bad(f"{parent}.weights", f"{len(ids)} ids need {len(ids)} weights, got {len(weights)}")
+    if not all(math.isfinite(w) for w in weights):
+        _bad(f"{parent}.weights", f"must be finite numbers, got {weights}")
+    return tuple(zip(ids, (float(w) for w in weights)))
+
+
+def retrieve_spec(body: dict) -> tuple[int, float] | None:
+    """`retrieve` as (k, temperature) (None when absent); 400 naming the field for a malformed one."""
+    spec = body.get("retrieve")
+    if spec is None:
+        return None
+    if body.get("merged_adapters") is not None:
+        _bad("retrieve", "give merged_adapters or retrieve, not both")
+    _check_keys(spec, "retrieve", RETRIEVE_FIELDS, "{k, temperature}")
+    k = _sub_opt(spec, "retrieve", "k", "int", 1, low=1)
+    temperature = _sub_opt(spec, "retrieve", "temperature", "number", RETRIEVE_TEMPERATURE, low=0)
+    if temperature == 0:
+        _bad("retrieve.temperature", "must be > 0")
+    return k, float(temperature)
+
+
+@dataclasses.dataclass
+class AdapterChoice:
+    """The adapter a request runs with (None: the base model), the lease on it when it is a merged one (held until
+    the response ends), and the response's extra `lorakit` field (retrieval results)."""
+
+    adapter: str | None
+    lease: object | None = None
+    extra: dict | None = None
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
 
 
 # ------------------------------------------------------------------ n, echo, logprobs
@@ -520,10 +613,14 @@ class _Observer:
 
 
 def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None, served_name: str | None = None,
-              classifier=None, shutdown_timeout: float = 30.0, lenient: bool = False):
+              classifier=None, shutdown_timeout: float = 30.0, lenient: bool = False,
+              adapter_descriptions: dict[str, str] | None = None, max_merged_adapters: int = 8, retriever=None):
     """The FastAPI app. `adapter_roots`: directories `/v1/load_lora_adapter` may load from (none: loading is
     refused). `served_name`: the base model's name (default: the engine's). `lenient`: ignore (with a warning)
-    OpenAI/vLLM options this server does not implement instead of refusing them.
+    OpenAI/vLLM options this server does not implement instead of refusing them. `adapter_descriptions`: adapter
+    name -> text, for `retrieve` requests. `max_merged_adapters`: merged adapters kept (LRU; `app.state.merges`).
+    `retriever`: a `Retriever` (default: one on the descriptions, loading MiniLM at the first retrieval;
+    `app.state.retriever`).
 
     `app.state.drain()` starts the engine's shutdown once (requests get `shutdown_timeout` s to finish, then 503 /
     an error event) and returns its task; the lifespan's end awaits it. `serve()` calls it when SIGTERM arrives,
@@ -538,6 +635,13 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     created = int(time.time())
     stats = HTTPStats()
     stop_ids_base = {async_engine.eos_token_id} if async_engine.eos_token_id is not None else set()
+    config = getattr(getattr(async_engine, "engine", None), "config", None)
+    merges = MergeCache(async_engine, max_merged_adapters, getattr(config, "max_lora_rank", None))
+    retriever = retriever if retriever is not None else Retriever()
+    for name, text in (adapter_descriptions or {}).items():
+        if name not in async_engine.adapters():
+            raise ConfigError(f"a description is given for adapter {name!r}, which is not registered")
+        retriever.describe(name, text)
 
     draining: list[asyncio.Task] = []
 
@@ -550,6 +654,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     async def lifespan(app):
         yield
         await drain()
+        merges.close()
         close = getattr(classifier, "close", None)
         if close is not None:
             result = close()
@@ -558,6 +663,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.drain = drain
+    app.state.merges, app.state.retriever = merges, retriever
     app.add_middleware(_Observer, stats=stats, base_name=base_name)
 
     @app.exception_handler(Exception)
@@ -620,6 +726,72 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
             raise HTTPError(404, f"the model {model[:200]!r} does not exist (not the base model "
                                  f"{base_name!r} nor a loaded adapter)", param="model", code="model_not_found")
         return model
+
+    def check_model(body: dict, derived: str | None, field: str) -> None:
+        """`model` beside `merged_adapters` / `retrieve`: absent, the base model's name, or the derived name."""
+        model = body.get("model")
+        if model in (None, "", base_name, async_engine.model_name) or (derived is not None and model == derived):
+            return
+        shown = f"left out, the base model's name {base_name!r}" + (f" or {derived!r}" if derived else "")
+        _bad("model", f"must be {shown} when the request gives {field}, got {str(model)[:200]!r}")
+
+    def check_sources(sources, field: str) -> None:
+        """Every id of a merge is a registered adapter (404 otherwise), not itself a merged one (400)."""
+        loaded = async_engine.adapters()
+        for ident, _ in sources:
+            if parse_derived(ident) is not None:
+                _bad(field, f"{ident[:200]!r} is a merged adapter; list the adapters it merges instead")
+            if ident not in loaded:
+                raise HTTPError(404, f"{field}: the adapter {ident[:200]!r} is not loaded", param=field,
+                                code="model_not_found")
+
+    def adapter_plan(body: dict) -> tuple:
+        """Which adapter a request wants, checked before any work: ("adapter", name or None), ("merge", sources,
+        field) or ("retrieve", k, temperature, described adapters)."""
+        merged, retrieve = merged_spec(body), retrieve_spec(body)
+        if merged is not None:
+            check_sources(merged, "merged_adapters.ids")
+            check_model(body, derived_name(merged), "merged_adapters")
+            return ("merge", merged, "merged_adapters")
+        if retrieve is not None:
+            check_model(body, None, "retrieve")
+            loaded = async_engine.adapters()
+            described = sorted(n for n in retriever.descriptions if n in loaded)
+            if not described:
+                _bad("retrieve", "no loaded adapter has a description (serve(adapter_descriptions=...), "
+                                 "--lora-description NAME=TEXT, or `description` in /v1/load_lora_adapter)")
+            if retrieve[0] > len(described):
+                _bad("retrieve.k", f"must be at most {len(described)}, the number of described adapters, "
+                                   f"got {retrieve[0]}")
+            return ("retrieve", *retrieve, described)
+        sources = parse_derived(body.get("model"))
+        if sources is not None:  # a merged adapter by its derived name: built again if it was evicted
+            check_sources(sources, "model")
+            return ("merge", sources, "model")
+        return ("adapter", resolve_model(body))
+
+    async def choose_adapter(plan: tuple, query_text) -> AdapterChoice:
+        """The plan's adapter; builds (or reuses) a merged one, runs retrieval on `query_text()`."""
+        if plan[0] == "adapter":
+            return AdapterChoice(plan[1])
+        if plan[0] == "merge":
+            lease = await merges.acquire(plan[1], plan[2])
+            return AdapterChoice(lease.name, lease)
+        _, k, temperature, described = plan
+        text = query_text()
+        try:
+            scored = await retriever.rank(text, described)
+        except ModelError as e:
+            raise HTTPError(500, f"retrieval is unavailable: {e}", type="server_error",
+                            code="retrieval_unavailable") from None
+        if len(scored) < k:  # adapters were unloaded while the request waited
+            _bad("retrieve.k", f"must be at most {len(scored)}, the number of described adapters, got {k}")
+        picked = pick(scored, k, temperature)
+        extra = {"retrieved": picked}
+        if k == 1:
+            return AdapterChoice(picked[0]["id"], extra=extra)
+        lease = await merges.acquire([(p["id"], p["weight"]) for p in picked], "retrieve")
+        return AdapterChoice(lease.name, lease, extra)
 
     async def encode(text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, tokenized on a worker thread (a long prompt must not stall other streams)."""
@@ -743,8 +915,8 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     def sse(payload) -> str:  # ASCII only: clients built on httpx split lines at U+2028, U+0085 and the like
         return f"data: {json.dumps(payload)}\n\n"
 
-    def stream_response(stream, prompt_ids, params, stops, chunk, final_usage: bool):
-        """SSE chunks `chunk(delta, finish_reason)` then `data: [DONE]`."""
+    def stream_response(stream, prompt_ids, params, stops, chunk, final_usage: bool, choice: AdapterChoice):
+        """SSE chunks `chunk(delta, finish_reason)` then `data: [DONE]`; `choice` is released at the end."""
         async def events():
             generated = Generated()
             try:
@@ -761,6 +933,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
                     yield sse(chunk(None, None, usage(len(prompt_ids), len(generated.token_ids))))
                 yield "data: [DONE]\n\n"
             finally:
+                choice.release()
                 await stream.aclose()
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -825,10 +998,24 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         return {"index": index, "message": {"role": "assistant", "content": g.text}, "logprobs": logprobs,
                 "finish_reason": g.finish_reason}
 
-    def response_body(chat: bool, adapter, choices: list, use: dict) -> dict:
+    def response_body(chat: bool, choice: AdapterChoice, choices: list, use: dict) -> dict:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_label(adapter), "choices": choices, "usage": use}
+        out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+               "model": model_label(choice.adapter), "choices": choices, "usage": use}
+        if choice.extra is not None:
+            out["lorakit"] = choice.extra
+        return out
+
+    def prompt_text(prompts: list) -> str:
+        """The text `retrieve` compares with the adapters' descriptions: the (single) prompt."""
+        if len(prompts) != 1:
+            _bad("prompt", "retrieve takes a single prompt (one adapter choice per request)")
+        text, ids = prompts[0]
+        if text is None:
+            if tokenizer is None:
+                _bad("prompt", "retrieve needs a text prompt on a server without a tokenizer")
+            text = decode(ids)
+        return text
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -836,7 +1023,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         and `logprobs` (OpenAI's legacy format; echo + logprobs + max_tokens 0 scores a prompt, as vLLM)."""
         body = await read_json(request)
         _check_unsupported(body)
-        adapter = resolve_model(body)
+        plan = adapter_plan(body)
         echo = _opt(body, "echo", "bool", False)
         score_only = echo and _is_int(body.get("max_tokens")) and body["max_tokens"] == 0
         params, stops, streaming = _sampling(dict(body, max_tokens=1) if score_only else body)
@@ -848,20 +1035,28 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         params = dataclasses.replace(params, logprobs=top_k, prompt_logprobs=top_k if echo else None)
         for _, prompt_ids in prompts:
             check_length(prompt_ids, params, "prompt", "max_tokens")
+        choice = await choose_adapter(plan, lambda: prompt_text(prompts))
         if streaming:
-            return await respond_streaming(False, prompts[0][1], adapter, params, stops, include_usage)
-        jobs = [(prompt_ids, _seeded(params, j)) for _, prompt_ids in prompts for j in range(n)]
-        results = await generate_all(request, jobs, adapter, stops)
+            return await respond_streaming(False, prompts[0][1], choice, params, stops, include_usage)
+        try:
+            jobs = [(prompt_ids, _seeded(params, j)) for _, prompt_ids in prompts for j in range(n)]
+            results = await generate_all(request, jobs, choice.adapter, stops)
+        finally:
+            choice.release()
         if results is None:
             return Response(status_code=499)
         choices = [completion_choice(i, prompts[i // n], g, echo, top_k, score_only) for i, g in enumerate(results)]
         generated = 0 if score_only else sum(len(g.token_ids) for g in results)
-        return response_body(False, adapter, choices, usage(sum(len(ids) for _, ids in prompts), generated))
+        return response_body(False, choice, choices, usage(sum(len(ids) for _, ids in prompts), generated))
 
-    async def respond_streaming(chat: bool, prompt_ids, adapter, params, stops, include_usage: bool):
+    async def respond_streaming(chat: bool, prompt_ids, choice: AdapterChoice, params, stops, include_usage: bool):
         """The streamed (SSE) response of one completion (`chat` False) or chat completion."""
-        stream = await start(prompt_ids, adapter, params)
-        rid, name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_label(adapter)
+        try:
+            stream = await start(prompt_ids, choice.adapter, params)
+        except BaseException:
+            choice.release()
+            raise
+        rid, name = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", model_label(choice.adapter)
         first = [True]
 
         def chunk(delta, finish, use=None):
@@ -876,10 +1071,12 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
                 out["choices"] = [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]
             if use is not None:
                 out["usage"] = use
+            if choice.extra is not None:
+                out["lorakit"] = choice.extra
             return out
-        return stream_response(stream, prompt_ids, params, stops, chunk, include_usage)
+        return stream_response(stream, prompt_ids, params, stops, chunk, include_usage, choice)
 
-    async def chat_prompt(body: dict) -> list[int]:
+    async def chat_prompt(body: dict) -> tuple[list[int], list[dict]]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise HTTPError(400, "this model has no chat template; use /v1/completions", param="messages",
                             code="no_chat_template")
@@ -909,31 +1106,43 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         except Exception as e:  # a template may raise on message order (jinja's raise_exception)
             raise HTTPError(400, f"messages: the chat template refused them: {str(e)[:300]}",
                             param="messages") from None
-        return await encode(text, add_special_tokens=False)
+        return await encode(text, add_special_tokens=False), clean
+
+    def last_user_message(messages: list[dict]) -> str:
+        """The text `retrieve` compares with the adapters' descriptions: the chat's last user message."""
+        text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        if not text:
+            _bad("messages", "retrieve needs a non-empty user message to compare with the adapters' descriptions")
+        return text
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         body = await read_json(request)
         _check_unsupported(body)
-        adapter = resolve_model(body)
+        plan = adapter_plan(body)
         field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         params, stops, streaming = _sampling(body, field)
         include_usage = _include_usage(body)
         top_k, n = _chat_logprobs(body), _n(body, 1)
         _refuse_multi_stream(streaming, n, False, top_k)
         params = dataclasses.replace(params, logprobs=top_k)
-        prompt_ids = await chat_prompt(body)
+        prompt_ids, messages = await chat_prompt(body)
         if body.get(field) is None:  # as OpenAI and vLLM: up to the end of the context
             rest = async_engine.max_model_len - len(prompt_ids)
             params = dataclasses.replace(params, max_tokens=max(rest, 1))
         check_length(prompt_ids, params, "messages", field)
+        choice = await choose_adapter(plan, lambda: last_user_message(messages))
         if streaming:
-            return await respond_streaming(True, prompt_ids, adapter, params, stops, include_usage)
-        results = await generate_all(request, [(prompt_ids, _seeded(params, j)) for j in range(n)], adapter, stops)
+            return await respond_streaming(True, prompt_ids, choice, params, stops, include_usage)
+        try:
+            jobs = [(prompt_ids, _seeded(params, j)) for j in range(n)]
+            results = await generate_all(request, jobs, choice.adapter, stops)
+        finally:
+            choice.release()
         if results is None:
             return Response(status_code=499)
         choices = [chat_choice(j, g, top_k) for j, g in enumerate(results)]
-        return response_body(True, adapter, choices, usage(len(prompt_ids), sum(len(g.token_ids) for g in results)))
+        return response_body(True, choice, choices, usage(len(prompt_ids), sum(len(g.token_ids) for g in results)))
 
     @app.get("/v1/models")
     async def models():
@@ -974,6 +1183,10 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     async def load_lora_adapter(request: HTTPRequest):
         body = await read_json(request)
         name = adapter_name(body)
+        description = body.get("description")
+        if description is not None and (not isinstance(description, str) or not description.strip()
+                                        or len(description) > MAX_DESCRIPTION_CHARS):
+            _bad("description", f"must be a non-empty string of at most {MAX_DESCRIPTION_CHARS} characters")
         path = adapter_path(body)
         if name in (base_name, async_engine.model_name):
             _bad("lora_name", "is the base model's name")
@@ -986,11 +1199,15 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
             field = "lora_name" if isinstance(e, AdapterNameError) else "lora_path"
             raise HTTPError(400, f"{field}: adapter {name!r} at {path!r} cannot be loaded: {e}",
                             param=field) from None
+        if description is not None:
+            retriever.describe(name, description)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: HTTPRequest):
         body = await read_json(request)
+        if parse_derived(body.get("lora_name")) is not None:
+            _bad("lora_name", "is a merged adapter: the server keeps those in a bounded cache and unloads them itself")
         name = adapter_name(body)
         if name not in async_engine.adapters():
             raise HTTPError(404, f"the adapter {name!r} is not loaded", param="lora_name", code="model_not_found")
@@ -998,6 +1215,8 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
             await async_engine.unload_adapter(name)
         except UnknownAdapterError as e:
             raise HTTPError(404, str(e), param="lora_name", code="model_not_found") from None
+        retriever.forget(name)
+        await merges.forget_source(name)  # merges of it would otherwise outlive it under its name
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.get("/health")
@@ -1140,11 +1359,30 @@ def parse_lora_modules(values: list[str]) -> dict[str, str]:
     return modules
 
 
+def parse_lora_descriptions(values: list[str]) -> dict[str, str]:
+    """`name=text` items (--lora-description) -> {name: text}."""
+    descriptions: dict[str, str] = {}
+    for item in values or []:
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name or not text:
+            raise ConfigError(f"--lora-description {item[:100]!r}: expected NAME=TEXT")
+        if not ADAPTER_NAME.match(name):
+            raise AdapterNameError(f"--lora-description: adapter name {name!r} must match {ADAPTER_NAME.pattern}")
+        if name in descriptions:
+            raise ConfigError(f"--lora-description: adapter {name!r} is described twice")
+        if len(text) > MAX_DESCRIPTION_CHARS:
+            raise ConfigError(f"--lora-description {name}: at most {MAX_DESCRIPTION_CHARS} characters")
+        descriptions[name] = text
+    return descriptions
+
+
 def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_config=None,
           adapter_roots: list[str] | None = None, served_name: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info",
           classify_model: str | None = None, classify_modules: dict[str, str] | None = None,
-          classify_labels: int = 2, lenient: bool = False) -> None:
+          classify_labels: int = 2, lenient: bool = False, adapter_descriptions: dict[str, str] | None = None,
+          max_merged_adapters: int = 8) -> None:
     """Bind host:port (a busy port fails at once), load the model, register `lora_modules` (name -> path), and
     serve until SIGINT/SIGTERM.
 
@@ -1152,6 +1390,8 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
     `adapter_roots` default to the parent directories of the `lora_modules` paths. `classify_model` (an encoder
     directory or "minilm") adds POST /v1/classify, with `classify_modules` (name -> path) as per-request adapters.
     On SIGTERM running requests get `shutdown_timeout` s; then they get a 503 (streams an error event).
+    `adapter_descriptions` (name -> text, names among `lora_modules`) serve `retrieve` requests (MiniLM is loaded
+    at the first one); `max_merged_adapters` bounds the merged adapters `merged_adapters` requests build (LRU).
     """
     from .async_engine import AsyncEngine
     from .config import EngineConfig
@@ -1160,6 +1400,11 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
 
     configure_logging(log_level)
     lora_modules = dict(lora_modules or {})
+    unknown = sorted(set(adapter_descriptions or {}) - set(lora_modules))
+    if unknown:
+        raise ConfigError(f"--lora-description {unknown[0]}: no such adapter in --lora-modules")
+    if isinstance(max_merged_adapters, bool) or not isinstance(max_merged_adapters, int) or max_merged_adapters < 1:
+        raise ConfigError(f"--max-merged-adapters must be an integer >= 1, got {max_merged_adapters!r}")
     if adapter_roots is None:
         adapter_roots = sorted({str(Path(p).absolute().parent) for p in lora_modules.values()})
     directory, _ = resolve_model_dir(model_dir)
@@ -1191,7 +1436,8 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
         async_engine = AsyncEngine(engine)
         async_engine.model_dir = str(directory.absolute())  # the base model's `root` in /v1/models
         app = build_app(async_engine, tokenizer, adapter_roots=adapter_roots, served_name=served_name,
-                        shutdown_timeout=shutdown_timeout, classifier=classifier, lenient=lenient)
+                        shutdown_timeout=shutdown_timeout, classifier=classifier, lenient=lenient,
+                        adapter_descriptions=adapter_descriptions, max_merged_adapters=max_merged_adapters)
         run_server(app, sock, host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)
     finally:
         sock.close()
