@@ -275,8 +275,7 @@ class Mix:
                 raise RoutingError(f"the gate must return a ({tokens}, {len(self.names)}) tensor of weights for "
                                    f"{self.paths.get(id(layer), 'a layer')}, got "
                                    f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-            w = w.to(dtype)
-            return MixPlan([None] * len(self.names), [w[:, i:i + 1] for i in range(len(self.names))])
+            return _plan_of(w.to(dtype))
         if self.weights.requires_grad:  # trained weights: a fresh graph every call
             return self._static_plan(tokens, x_tokens.device, dtype)
         key = (tokens, x_tokens.device, dtype)
@@ -292,17 +291,23 @@ class Mix:
         w = self.weights.to(device, dtype)
         if rows != tokens:
             w = w.repeat_interleave(tokens // rows, dim=0)
-        index, columns = [], []
-        for i in range(len(self.names)):
-            col = w[:, i]
-            if self.weights.requires_grad or bool((col != 0).all()):
-                index.append(None)
-            else:
-                index.append(col.nonzero().flatten())
-                col = col.index_select(0, index[-1])
-            ones = not self.weights.requires_grad and bool((col == 1).all())
-            columns.append(None if ones else col[:, None])
-        return MixPlan(index, columns)
+        return _plan_of(w)
+
+
+def _plan_of(w: torch.Tensor) -> MixPlan:
+    """Per adapter (column of the (tokens, n) weights `w`): the tokens it weights and their weights. Weights that
+    require grad keep every token (a token at weight 0 still has a gradient for its weight)."""
+    index, columns = [], []
+    for i in range(w.shape[1]):
+        col = w[:, i]
+        if w.requires_grad or bool((col != 0).all()):
+            index.append(None)
+        else:
+            index.append(col.nonzero().flatten())
+            col = col.index_select(0, index[-1])
+        ones = not w.requires_grad and bool((col == 1).all())
+        columns.append(None if ones else col[:, None])
+    return MixPlan(index, columns)
 
 
 def _check_weights(weights, adapters) -> tuple[list[str], torch.Tensor | None, Callable | None]:

@@ -182,3 +182,22 @@ def test_conv_layers_refuse_per_token_mixing():
     with pytest.raises(RoutingError, match="features last"):
         with lorakit.route(model, weights={"a": torch.ones(1)}):
             model(torch.randn(1, 3, 6, 6))
+
+
+@pytest.mark.parametrize("as_gate", [False, True])
+def test_each_adapter_runs_only_on_the_tokens_it_weights(monkeypatch, as_gate):
+    model = layer_with(("lora", 4), ("lora", 2))
+    seen = {}
+    for name in "ab":
+        variant = model.proj.adapters[name]
+
+        def counting(x, base, n=name, original=variant.delta):
+            seen[n] = x.shape[0]
+            return original(x, base)
+        monkeypatch.setattr(variant, "delta", counting)
+    w = torch.zeros(10, 2, dtype=torch.float64)
+    w[:3, 0], w[3:4, 1] = 1.0, 0.5
+    weights = (lambda path, x: w) if as_gate else w
+    with torch.no_grad(), lorakit.route(model, weights=weights, adapters=["a", "b"]):
+        model(torch.randn(10, 12, dtype=torch.float64))
+    assert seen == {"a": 3, "b": 1}

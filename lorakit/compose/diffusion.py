@@ -107,6 +107,7 @@ def sample(unet: nn.Module, scheduler, latents: torch.Tensor, cond: torch.Tensor
     active = active_adapters(unet)
     try:
         for i, t in enumerate(scheduler.timesteps):
+            latents = schedule.update(unet, scheduler, latents, t, emb, i)
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             eps_u, eps_c = schedule.predict(unet, x, t, emb, i).chunk(2)
             latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents, return_dict=False)[0]
@@ -146,6 +147,12 @@ class Schedule:
         """Check the adapter names against `unet` and reset the pass count (before the first step)."""
         _check_known(unet, self.names)
         self.passes = 0
+
+    def update(self, unet: nn.Module, scheduler, latents: torch.Tensor, t, emb: torch.Tensor, i: int) -> torch.Tensor:
+        """The latents step `i` denoises, from those it was given (called before `predict`; checks that need the
+        run's shapes go here at i = 0). Default: unchanged; schedules that move the latents override it (latent
+        re-initialisation, test-time latent updates: `lorakit.compose.regional`)."""
+        return latents
 
     def predict(self, unet: nn.Module, x: torch.Tensor, t, emb: torch.Tensor, i: int) -> torch.Tensor:
         """The noise prediction for the CFG batch `x` (unconditional rows first) at step `i`, timestep `t`."""
