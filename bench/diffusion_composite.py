@@ -6,7 +6,7 @@ Times whole `sample()` runs of `--steps` DDIM steps (CFG, batch 1 → 2 UNet row
 interleaved round by round (the order alternates between rounds); reports ms per step, median and min–max over the
 rounds, and batched / separate (ratio of the medians, and the min–max of the per-round ratios). Prints a Markdown
 table and replaces the `diffusion_composite` section of BENCHMARKS.md (not with `--smoke` / `--no-write`).
-`--smoke`: one round of one step on the tiny test UNet, to check that the script runs.
+Two UNet configs: the tests' fixed one and a larger one. `--smoke`: one round of one step on the test UNet only.
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, machine_info, markdown_table, write_section  # noqa: E402
 from lorakit.compose.diffusion import Composite, add_random_loras, sample, tiny_unet  # noqa: E402
 
-FULL = dict(sample_size=32, block_out_channels=(64, 128), cross_attention_dim=64)  # one CFG forward ≥ 20 ms on CPU
-SMOKE = dict(sample_size=8, block_out_channels=(32, 64), cross_attention_dim=32)
+CONFIGS = {  # the tests' fixed UNet (per-call overhead dominates) and a larger one (compute dominates)
+    "test": dict(sample_size=8, block_out_channels=(32, 64), cross_attention_dim=32),
+    "medium": dict(sample_size=32, block_out_channels=(64, 128), cross_attention_dim=64),  # one CFG pass ≈ 100 ms
+}
 COUNTS = (2, 3, 4)
 TOKENS, GUIDANCE = 16, 7.5
 
@@ -88,17 +90,22 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    config, rounds, steps, warmup = (SMOKE, 1, 1, 0) if opts.smoke else (FULL, opts.rounds, opts.steps, 1)
+    rounds, steps, warmup = (1, 1, 0) if opts.smoke else (opts.rounds, opts.steps, 1)
     load = load_average()
-    with torch.no_grad():
-        times = measure(setup(config), rounds, steps, warmup)
+    tables = []
+    for label, config in CONFIGS.items():
+        if opts.smoke and label != "test":
+            continue
+        with torch.no_grad():
+            times = measure(setup(config), rounds, steps, warmup)
+        tables.append(f"### {label} UNet: {config}\n\n{table(times)}")
     body = "\n".join([
         *machine_info(),
-        f"- diffusers {version('diffusers')}; UNet2DConditionModel {config}, 4 latent channels, layers_per_block 1; "
+        f"- diffusers {version('diffusers')}; UNet2DConditionModel, 4 latent channels, layers_per_block 1; "
         f"LoRAs r=4 on to_q/to_k/to_v/to_out.0; DDIM, CFG {GUIDANCE}, batch 1 (2 UNet rows per LoRA), float32",
         f"- {rounds} rounds of {steps}-step sample() runs, interleaved ({warmup} warm-up round dropped); "
         f"median (min–max) over the rounds; target (composition issue): batched / separate ≤ 0.9",
-        f"- Load average (1/5/15 min) at start: {load}, at end: {load_average()}", "", table(times)])
+        f"- Load average (1/5/15 min) at start: {load}, at end: {load_average()}", "", "\n\n".join(tables)])
     print(body)
     if not (opts.smoke or opts.no_write):
         write_section("diffusion_composite", "LoRA Composite: N separate UNet passes vs one batched pass "
