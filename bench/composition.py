@@ -25,6 +25,7 @@ import merging_common as C  # noqa: E402
 import lorakit  # noqa: E402
 from lorakit import data_tasks  # noqa: E402
 from lorakit.compose import ArrowGate, LayerGate, gated  # noqa: E402
+from lorakit.compose.retrieve import DescriptionIndex  # noqa: E402
 
 TASKS = C.TASKS
 OUT = C.ROOT / "runs" / "composition"
@@ -80,16 +81,6 @@ def train_lora_flow(model) -> LayerGate:
     return gate
 
 
-def embed(texts: list[str]) -> torch.Tensor:
-    from transformers import AutoModel, AutoTokenizer
-
-    from lorakit.models import minilm_dir
-    from lorakit.train.baseline import mean_pooled
-
-    encoder, tokenizer = AutoModel.from_pretrained(minilm_dir()).eval(), AutoTokenizer.from_pretrained(minilm_dir())
-    return torch.nn.functional.normalize(torch.as_tensor(mean_pooled(encoder, tokenizer, texts)), dim=-1)
-
-
 def request_text(row) -> str:
     return next(m["content"] for m in row["messages"] if m["role"] == "user")
 
@@ -98,8 +89,8 @@ def retrieval_row(model, task: str, n: int) -> dict:
     """Each request goes to the adapter whose description is nearest (MiniLM cosine) to the request's text; accuracy
     over the whole test set, and how often the request's own task adapter was picked."""
     data = C.test_set(task, n)
-    scores = embed([request_text(data[i]) for i in range(len(data))]) @ embed(list(DESCRIPTIONS.values())).T
-    picks = scores.argmax(1).tolist()
+    index = DescriptionIndex(list(DESCRIPTIONS), list(DESCRIPTIONS.values()))
+    picks = index.retrieve([request_text(data[i]) for i in range(len(data))], 1)[0][:, 0].tolist()
     correct, started = 0.0, time.perf_counter()
     for j, name in enumerate(TASKS):
         group = [i for i, p in enumerate(picks) if p == j]

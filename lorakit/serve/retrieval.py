@@ -11,7 +11,8 @@ import asyncio
 import math
 import threading
 
-from ..errors import ModelError
+from ..models import load_minilm
+from ..train.baseline import mean_pooled
 
 MAX_LENGTH = 256  # tokens of a text the encoder sees (all-MiniLM-L6-v2 was trained on up to 256)
 WEIGHT_DECIMALS = 4  # softmax weights are rounded so that near-equal retrievals share one merged adapter
@@ -38,7 +39,7 @@ class Retriever:
 
     def __init__(self, descriptions: dict[str, str] | None = None, load=None):
         self.descriptions: dict[str, str] = dict(descriptions or {})
-        self._load = load or _load_minilm
+        self._load = load or load_minilm
         self.encoder = self.tokenizer = None
         self.loads = 0
         self._loading: asyncio.Task | None = None
@@ -87,27 +88,5 @@ class Retriever:
     def _embed(self, texts: list[str]):
         import torch
 
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-        with torch.no_grad():
-            hidden = self.encoder(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def _load_minilm():
-    from transformers import AutoModel, AutoTokenizer
-
-    from ..models import _quiet, minilm_dir
-
-    try:
-        directory = minilm_dir()
-        with _quiet():  # no load report or progress bar in the server's log
-            encoder = AutoModel.from_pretrained(directory).eval()
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-    except ModelError:
-        raise
-    except Exception as e:  # noqa: BLE001 — a broken install is reported, not a traceback
-        raise ModelError(f"the retrieval encoder (all-MiniLM-L6-v2) cannot be loaded: {e}") from None
-    encoder.requires_grad_(False)
-    return encoder, tokenizer
+        pooled = mean_pooled(self.encoder, self.tokenizer, texts, max_length=MAX_LENGTH, progress=False)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)

@@ -12,12 +12,12 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def mean_pooled(encoder, tokenizer, texts: list[str], batch_size: int = 128, max_length: int = 128,
-                desc: str = "embedding") -> torch.Tensor:
-    """(N, hidden) average of the last hidden states over real (non-padding) tokens."""
+                desc: str = "embedding", progress: bool = True) -> torch.Tensor:
+    """(N, hidden) average of the last hidden states over real (non-padding) tokens (`progress`: a tqdm bar)."""
     encoder.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
     out = torch.empty(0)
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         rows = order[start:start + batch_size]
         batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt")
