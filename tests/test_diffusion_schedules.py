@@ -7,9 +7,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import lorakit
-from lorakit.compose.diffusion import (Composite, Dominant, Merge, Scheduled, Switch, add_random_loras, embed,
-                                       piecewise, sample, tiny_text_encoder, tiny_unet)
+from lorakit.compose.diffusion import (Composite, Dominant, Merge, Scheduled, Switch, add_random_loras, piecewise,
+                                       sample, tiny_unet)
 from lorakit.errors import ConfigError, RoutingError
+from unets import prompt_batch, unet_with
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 NAMES = ["a", "b", "c"]
@@ -18,18 +19,13 @@ GUIDANCE = 5.0
 
 @pytest.fixture(scope="module")
 def unet():
-    return add_random_loras(tiny_unet().double(), NAMES)
+    return unet_with(NAMES)
 
 
 @pytest.fixture(scope="module")
 def prompts():
     """(latents, cond, uncond) for a batch of 2, float64."""
-    encoder = tiny_text_encoder()
-    ids = torch.randint(1, 98, (2, 16), generator=torch.Generator().manual_seed(1))
-    empty = torch.zeros(2, 16, dtype=torch.long)
-    empty[:, 0], empty[:, 1] = 98, 99  # bos, eos, then padding
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    return latents, embed(encoder, ids).double(), embed(encoder, empty).double()
+    return prompt_batch()
 
 
 def run(unet, prompts, steps, schedule=None):

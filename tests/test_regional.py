@@ -14,6 +14,7 @@ from lorakit.compose.regional import (CLoRA, PLAIN, LoRAComposer, Region, Region
                                       nt_xent, reinitialise)
 from lorakit.errors import ConfigError, RoutingError
 from lorakit.layers import AdaptedLayer
+from unets import prompt_batch, unet_with
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 NAMES = ["a", "b"]
@@ -22,18 +23,13 @@ GUIDANCE = 5.0
 
 @pytest.fixture(scope="module")
 def unet():
-    return add_random_loras(tiny_unet().double(), NAMES)
+    return unet_with(NAMES)
 
 
 @pytest.fixture(scope="module")
 def prompts():
     """(latents, cond, uncond) for a batch of 2, float64."""
-    encoder = tiny_text_encoder()
-    ids = torch.randint(1, 98, (2, 16), generator=torch.Generator().manual_seed(1))
-    empty = torch.zeros(2, 16, dtype=torch.long)
-    empty[:, 0], empty[:, 1] = 98, 99
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    return latents, embed(encoder, ids).double(), embed(encoder, empty).double()
+    return prompt_batch()
 
 
 def randn(*shape, seed=0):

@@ -130,7 +130,7 @@ def test_merge_built_once_and_bounded_lru(tok, root):
             assert [r.status_code for r in rs] == [200] * 4 and merges.builds == 1 and len(calls) == 1
             merges._merge = None  # merge_folders again
             first = output(rs[0].json())
-            assert all(same(output(r.json()), first, 0) for r in rs)
+            assert all(same(output(r.json()), first) for r in rs)  # batched together: log-probs to float rounding
             x, y, z = "merge:a=0.5,b=0.5", "merge:a=0.25,b=0.75", "merge:a=0.75,b=0.25"
             x_folder = merges.entries()[x]["path"]
             await complete(c, **merged(["a", "b"], [0.25, 0.75]))
