@@ -159,6 +159,9 @@ under ~5 points are noise). Rows in bold are computed here; the others come from
 {chr(10).join(lines)}
 
 {picked}"""
+    extra = OUT / "weight_retrieval.md"  # bench/weight_retrieval.py's table, when it has run
+    if extra.is_file():
+        doc += "\n" + extra.read_text()
     path = C.ROOT / "docs" / "composition.md"
     marker = "<!-- findings: written by hand, kept when the tables above are regenerated -->"
     kept = path.read_text().split(marker, 1)[1] if path.is_file() and marker in path.read_text() else "\n"
