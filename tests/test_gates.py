@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.compose import ArrowGate, FusionGate, LayerGate, gated
+from lorakit.compose import ArrowGate, FusionGate, LayerGate, MoleGate, gated
 from lorakit.compose.gates import top_right_singular_vector, transformer_blocks
 from lorakit.errors import ConfigError, RoutingError
 from lorakit.models import tiny_llama
@@ -214,3 +214,31 @@ def test_fusion_gate_is_per_channel_and_trains_alone():
         model(torch.randint(1, 100, (2, 6))).logits.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.weights)
     assert all(p.grad is None for n, p in model.named_parameters() if ".adapters." in n)
+
+
+def test_mole_gate_starts_uniform_follows_its_formula_and_trains_alone():
+    model = pool()
+    ids = torch.randint(1, 100, (2, 6))
+    gate = MoleGate(model, NAMES, record_balance=True)
+    with torch.no_grad():
+        with lorakit.route(model, weights=torch.full((1, 4), 0.25), adapters=NAMES):
+            uniform = model(ids).logits
+        with gated(model, gate):
+            torch.testing.assert_close(model(ids).logits, uniform, rtol=1e-5, atol=1e-5)  # e = 0: weights 1/4
+    path = next(iter(gate.index))
+    e = gate.e[gate.index[path]]
+    with torch.no_grad():
+        e.normal_()
+        gate.log_tau.fill_(-0.5)
+    h, d0, d1 = (torch.randn(5, e.numel()) for _ in range(3))
+    ln = lambda t: torch.nn.functional.layer_norm(t, t.shape[-1:])  # noqa: E731
+    w = torch.softmax(torch.stack([ln(d0) @ e, ln(d1) @ e], -1) / torch.exp(torch.tensor(-0.5)), -1)
+    torch.testing.assert_close(gate(path, h, [d0, None, d1, None]), h + w[:, :1] * d0 + w[:, 1:] * d1)
+    gate._mass.clear()
+    with gated(model, gate):
+        loss = model(ids).logits.pow(2).mean() + gate.balance_loss()
+        loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.e) and gate.log_tau.grad is not None
+    assert all(p.grad is None for n, p in model.named_parameters() if ".adapters." in n)
+    with pytest.raises(RoutingError, match="record_balance"):
+        gate.balance_loss()

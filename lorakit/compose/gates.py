@@ -16,6 +16,12 @@ and returns (tokens, n) weights over its `names`; the layer adds Σᵢ wᵢ·ΔW
   from randn, as the authors' code). [U] choices: LN is a plain (affine-free) layer norm over channels for both terms
   (the code's second LN is not released); Δhᵢ includes the adapter's scale; timesteps enter, when `timesteps=K`, as
   a learned per-layer bias b_t for the bucket set by `set_timestep(k)` (the t-aware merger is unreleased).
+- `MoleGate` (MoLE, Wu et al. 2024, at layer granularity): trainable. Per adapted layer, from each adapter's output
+  Δhᵢ: εᵢ = LN(Δhᵢ)·e, weights softmax(ε/τ) over the adapters per token, output h + Σᵢ wᵢ·Δhᵢ; e ∈ R^{d_out} starts
+  at 0 (the uniform mixture), τ is learned (through log τ, starting at 1). [U] the paper gates whole blocks' outputs
+  and adds a load-balancing loss; here layers are the unit (the routing's) and `balance_loss()` gives −Σᵢ log q̄ᵢ
+  over the mean gate mass q̄ of the forwards since the last call (with `record_balance=True`), to add to a loss by
+  hand (the Trainer's loss has no hook for it).
 
 `with gated(model, gate):` routes the model through the gate and makes the gate the model's only trainable part
 (registered as `model.lorakit_gate`, so `lorakit.train.Trainer` and `model.parameters()` see it); everything is
@@ -228,6 +234,47 @@ class FusionGate(nn.Module):
             logit = w_lora * d_norm + bias + (w_cross * h_norm * d_norm if self.cross else 0.0)
             out = out + w_out * torch.sigmoid(logit) * d.float()
         return out
+
+
+class MoleGate(nn.Module):
+    """MoLE's gate over the adapters `names` at layer granularity (see the module docstring); a fusing gate."""
+
+    fuses = True
+
+    def __init__(self, model: nn.Module, names: Sequence[str], record_balance: bool = False):
+        super().__init__()
+        self.names = _check_names(model, names)
+        self.record_balance = bool(record_balance)  # keep each layer's gate mass (with its graph) for balance_loss
+        self.index: dict[str, int] = {}
+        self.e = nn.ParameterList()
+        for path, layer in wrappers(model):
+            if isinstance(layer, AdaptedLayer) and any(n in layer.adapters for n in self.names):
+                self.index[path] = len(self.e)
+                self.e.append(nn.Parameter(torch.zeros(layer.kind.out_features)))
+        self.log_tau = nn.Parameter(torch.zeros(()))
+        self._mass: list[torch.Tensor] = []
+
+    def forward(self, path: str, h: torch.Tensor, deltas: list) -> torch.Tensor:
+        if path not in self.index:
+            raise RoutingError(f"MoleGate has no weights for layer {path!r}; build the gate on this model")
+        e = self.e[self.index[path]]
+        present = [d.float() for d in deltas if d is not None]
+        scores = torch.stack([nn.functional.layer_norm(d, d.shape[-1:]) @ e for d in present], dim=-1)
+        w = torch.softmax(scores / self.log_tau.exp(), dim=-1)
+        if self.record_balance:
+            self._mass.append(w.mean(0))
+        return h.float() + sum(w[:, i:i + 1] * d for i, d in enumerate(present))
+
+    def balance_loss(self) -> torch.Tensor:
+        """−Σᵢ log q̄ᵢ, q̄ = the gate mass of each adapter averaged over the layers of the last forward (MoLE's
+        balancing term; layers lacking some adapter are left out); resets the record."""
+        n = len(self.names)
+        mass = [m for m in self._mass if m.numel() == n]
+        self._mass = []
+        if not mass:
+            raise RoutingError("no gate mass recorded: build the gate with record_balance=True and run a forward "
+                               "before each balance_loss()")
+        return -torch.log(torch.stack(mass).mean(0).clamp(min=1e-12)).sum()
 
 
 @contextlib.contextmanager
