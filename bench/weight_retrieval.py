@@ -80,6 +80,18 @@ def requests(family: str, spec: str, n: int) -> list[str]:
     return [next(m["content"] for m in data[i]["messages"] if m["role"] == "user") for i in range(len(data))]
 
 
+class _Fixed:
+    """A retriever over given unit embeddings (the mean-caption baseline)."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.embeddings = embeddings
+
+    def retrieve(self, queries, k: int):
+        from lorakit.compose.retrieve import retrieve
+
+        return retrieve(queries, self.embeddings, k)
+
+
 def evaluate(fams: dict, n_requests: int, steps: int) -> str:
     from lorakit.compose.retrieve import (DescriptionIndex, WeightEncoder, WeightIndex, adapter_layers, layout_of,
                                           text_embeddings, train_encoder)
@@ -92,9 +104,11 @@ def evaluate(fams: dict, n_requests: int, steps: int) -> str:
     started = time.perf_counter()
     losses = train_encoder(encoder, train_adapters, [fams[f][1] for f in names], steps=steps, batch=len(names))
     seconds = time.perf_counter() - started
+    captions = torch.stack([text_embeddings(fams[f][1]).mean(0) for f in names])
     indexes = {"weights, before training": before,
                "weights (AutoLoRA encoder)": WeightIndex(names, test_adapters, encoder),
-               "description (MiniLM)": DescriptionIndex(names, [fams[f][1][1] for f in names])}
+               "description (MiniLM, the medium caption)": DescriptionIndex(names, [fams[f][1][1] for f in names]),
+               "description (MiniLM, mean of the 3 captions)": _Fixed(torch.nn.functional.normalize(captions, dim=-1))}
     queries, gold = [], []
     for j, f in enumerate(names):
         texts = requests(f, fams[f][0], n_requests)
