@@ -148,8 +148,10 @@ def write_doc(results: dict, refs: dict, n: int, seconds: float) -> None:
         f"{t} {retrieval[t]['retrieved_own']:.1%}" for t in TASKS) + " of the requests.\n"
     doc = f"""# Composing adapters at run time (SmolLM2-135M-Instruct, four VADER instruct tasks)
 
-Regenerate: `.venv/bin/python bench/composition.py` (resumable; {datetime.date.today()}, {seconds / 60:.0f} min
-for the rows computed in the last run on 2 CPU cores).
+Regenerate: `.venv/bin/python bench/composition.py` ({datetime.date.today()}; this run took {seconds / 60:.0f} min on 2
+CPU cores: rows cached in `runs/composition/eval/` are reused, not recomputed — all five from scratch took 11 min,
+with the LoRA-Flow gate's training). The retrieval-by-weights table comes from `bench/weight_retrieval.py` (26 small
+adapters trained in ~24 min, then 20 s).
 
 The four single-task LoRA adapters of `docs/merging.md` (polarity, source, intensity, format; r 16 on all linear
 layers, SmolLM2 in bf16) kept apart and mixed while the model runs. Accuracy (%) by label scoring on {n} class-balanced
