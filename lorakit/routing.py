@@ -60,24 +60,28 @@ class Plan:
     order: torch.Tensor  # long, rows that use some adapter, grouped by adapter
     segments: list[tuple[str, int, int]]
     identity: bool  # order == arange(len(order)): slices of the input are views, no gather needed
-    _last: tuple | None = field(default=None, repr=False, compare=False)  # (input, version, gathered)
+    _last: dict = field(default_factory=dict, repr=False, compare=False)  # shared gathers (`shared_gather`)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The routed rows of `x` in `order`. Layers fed the same tensor (q/k/v projections) share one gather
-        (not for inference-mode tensors: they have no version counter to detect in-place changes)."""
-        if self.identity:
-            return x
-        if x.is_inference():
-            return x.index_select(0, self.order)
-        last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:
-            return last[2]
-        gathered = x.index_select(0, self.order)
-        self._last = (x, x._version, gathered)
-        return gathered
+        """The routed rows of `x` in `order`. Layers fed the same tensor (q/k/v projections) share one gather."""
+        return x if self.identity else shared_gather(self._last, None, x, x, self.order)
 
     def release(self) -> None:
-        self._last = None
+        self._last.clear()
+
+
+def shared_gather(cache: dict, key, x: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`source.index_select(0, index)` (`source`: layer input `x` or a view of it), kept in `cache[key]` while `x` is
+    the same unchanged tensor, so that layers fed the same input (q/k/v projections) gather once (not for
+    inference-mode tensors: they have no version counter to detect in-place changes)."""
+    if x.is_inference():
+        return source.index_select(0, index)
+    last = cache.get(key)
+    if last is not None and last[0] is x and last[1] == x._version:
+        return last[2]
+    gathered = source.index_select(0, index)
+    cache[key] = (x, x._version, gathered)
+    return gathered
 
 
 class Routing:
@@ -242,19 +246,9 @@ class MixPlan:
     _last: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)  # adapter → (x, version, rows)
 
     def gather(self, i: int, x: torch.Tensor, x_tokens: torch.Tensor) -> torch.Tensor:
-        """Adapter i's tokens of `x_tokens` (a view of layer input `x`); layers fed the same input (q/k/v) share
-        one gather, as `Plan.gather` does for rows."""
+        """Adapter i's tokens of `x_tokens` (a view of layer input `x`), shared by layers fed the same input."""
         index = self.index[i]
-        if index is None:
-            return x_tokens
-        if x.is_inference():
-            return x_tokens.index_select(0, index)
-        last = self._last.get(i)
-        if last is not None and last[0] is x and last[1] == x._version:
-            return last[2]
-        rows = x_tokens.index_select(0, index)
-        self._last[i] = (x, x._version, rows)
-        return rows
+        return x_tokens if index is None else shared_gather(self._last, i, x, x_tokens, index)
 
 
 class Mix:

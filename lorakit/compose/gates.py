@@ -55,6 +55,12 @@ def _check_names(model: nn.Module, names: Sequence[str]) -> list[str]:
     return names
 
 
+def _layers_holding(model: nn.Module, names: Sequence[str]):
+    """(path, adapted layer) for every layer of `model` holding at least one of the adapters `names`."""
+    return [(path, layer) for path, layer in wrappers(model)
+            if isinstance(layer, AdaptedLayer) and any(n in layer.adapters for n in names)]
+
+
 def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor, iterations: Optional[int] = 15,
                               seed: int = 0) -> torch.Tensor:
     """The top right singular vector of B·A (in fp32, unit norm, sign arbitrary) without forming B·A: `iterations`
@@ -89,9 +95,7 @@ class ArrowGate(nn.Module):
             raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.top_k, self.temperature = top_k, float(temperature)
         self.prototypes: dict[str, torch.Tensor] = {}  # path → (n, in); rows of adapters a layer lacks are NaN
-        for path, layer in wrappers(model):
-            if not isinstance(layer, AdaptedLayer) or not any(n in layer.adapters for n in self.names):
-                continue
+        for path, layer in _layers_holding(model, self.names):
             if isinstance(layer.kind, (ConvKind, EmbeddingKind)):
                 raise ConfigError(f"Arrow routes linear layers only; {path} is a {type(layer.base_layer).__name__} "
                                   "(leave it out of the adapters' target_modules)")
@@ -202,14 +206,12 @@ class FusionGate(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         self.index: dict[str, int] = {}
         self.weights = nn.ParameterList()
-        for path, layer in wrappers(model):
-            if isinstance(layer, AdaptedLayer) and any(n in layer.adapters for n in self.names):
-                d = layer.kind.out_features
-                w = torch.randn(4 + timesteps, d, generator=gen)
-                w[3] = 0.512  # rows: w_lora, w_cross, b, w_out, then one bias per timestep bucket
-                w[4:] = 0.0
-                self.index[path] = len(self.weights)
-                self.weights.append(nn.Parameter(w))
+        for path, layer in _layers_holding(model, self.names):
+            w = torch.randn(4 + timesteps, layer.kind.out_features, generator=gen)
+            w[3] = 0.512  # rows: w_lora, w_cross, b, w_out, then one bias per timestep bucket
+            w[4:] = 0.0
+            self.index[path] = len(self.weights)
+            self.weights.append(nn.Parameter(w))
         self.cross, self.timesteps, self.step = cross, timesteps, None
 
     def set_timestep(self, bucket: Optional[int]) -> None:
@@ -247,10 +249,9 @@ class MoleGate(nn.Module):
         self.record_balance = bool(record_balance)  # keep each layer's gate mass (with its graph) for balance_loss
         self.index: dict[str, int] = {}
         self.e = nn.ParameterList()
-        for path, layer in wrappers(model):
-            if isinstance(layer, AdaptedLayer) and any(n in layer.adapters for n in self.names):
-                self.index[path] = len(self.e)
-                self.e.append(nn.Parameter(torch.zeros(layer.kind.out_features)))
+        for path, layer in _layers_holding(model, self.names):
+            self.index[path] = len(self.e)
+            self.e.append(nn.Parameter(torch.zeros(layer.kind.out_features)))
         self.log_tau = nn.Parameter(torch.zeros(()))
         self._mass: list[torch.Tensor] = []
 
