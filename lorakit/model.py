@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,20 @@ def check_name(name: str) -> None:
     if bad or name != name.strip():
         raise AdapterNameError(f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' "
                                f"or surrounding spaces, other than {BASE!r}")
+
+
+def check_names(names, what: str = "names") -> list[str]:
+    """`names` as a list: a non-empty sequence of distinct strings (ConfigError naming `what` otherwise)."""
+    from .errors import ConfigError
+
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise ConfigError(f"{what} takes a list of adapter names, got {names!r:.80}")
+    if not names:
+        raise ConfigError(f"{what} needs at least one adapter name, got an empty list")
+    names = list(names)
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"{what} needs distinct adapter names (strings), got {names!r:.80}")
+    return names
 
 
 def check_free_name(model: nn.Module, name: str) -> None:

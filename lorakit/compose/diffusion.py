@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, RoutingError
 from ..kinds import ConvKind
-from ..model import active_adapters, adapter_names, disabled, inject, set_active, wrappers
+from ..model import active_adapters, adapter_names, check_names, disabled, inject, set_active, wrappers
 from ..routing import route
 
 __all__ = ["ATTENTION", "Composite", "Dominant", "Merge", "Schedule", "Scheduled", "Switch", "add_random_loras",
@@ -140,7 +140,7 @@ class Schedule:
     """How the adapters enter each step's noise prediction. Subclasses implement `predict`."""
 
     def __init__(self, names: Optional[Sequence[str]] = None):
-        self.names = [] if names is None else _check_names(names)
+        self.names = [] if names is None else check_names(names, "the schedule")
         self.passes = 0
 
     def start(self, unet: nn.Module, timesteps: list) -> None:
@@ -242,7 +242,7 @@ class Dominant(Schedule):
 
     def __init__(self, high: Sequence[str], low: Sequence[str] = (), shift_at: float = 120 / 220, cache: bool = True,
                  refresh: str = "all"):
-        high, low = _check_names(high, "high"), list(low)
+        high, low = check_names(high, "high"), list(low)
         super().__init__(high + low)
         self.high = high
         if refresh not in ("all", "dominant"):
@@ -357,7 +357,7 @@ def piecewise(first: str, second: str, tau: float, steps: int) -> Callable[[int,
         raise ConfigError(f"piecewise needs the run's step count, a positive integer, got {steps!r}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1:
         raise ConfigError(f"piecewise τ is the fraction of the steps given to {first!r}, in [0, 1], got {tau!r}")
-    _check_names([first, second], "piecewise")
+    check_names([first, second], "piecewise")
     switch = round(tau * steps)
 
     def weights(i: int, t=None) -> dict[str, float]:
@@ -368,18 +368,6 @@ def piecewise(first: str, second: str, tau: float, steps: int) -> Callable[[int,
 
 
 # ---- checks ------------------------------------------------------------------------------------
-def _check_names(names: Sequence[str], what: str = "the schedule") -> list[str]:
-    if isinstance(names, str):
-        raise ConfigError(f"{what} takes a list of adapter names, got the string {names!r}")
-    names = list(names)
-    if not names:
-        raise ConfigError(f"{what} needs at least one adapter name, got an empty list")
-    bad = [n for n in names if not isinstance(n, str)]
-    if bad or len(set(names)) != len(names):
-        raise ConfigError(f"{what} needs distinct adapter names (strings), got {names}")
-    return names
-
-
 def _check_known(unet: nn.Module, names: Sequence[str]) -> None:
     known = set(adapter_names(unet))
     unknown = [n for n in dict.fromkeys(names) if n not in known]

@@ -39,18 +39,16 @@ from torch import nn
 from ..errors import ConfigError, RoutingError
 from ..kinds import ConvKind, EmbeddingKind
 from ..layers import AdaptedLayer
-from ..model import adapter_names, wrappers
+from ..model import adapter_names, check_names, wrappers
 from ..routing import route
 
 GATE_ATTR = "lorakit_gate"
 
 
 def _check_names(model: nn.Module, names: Sequence[str]) -> list[str]:
-    if isinstance(names, str) or not names:
-        raise ConfigError(f"a gate needs a non-empty list of adapter names, got {names!r}")
-    names, known = list(names), adapter_names(model)
+    names, known = check_names(names, "a gate"), adapter_names(model)
     unknown = [n for n in names if n not in known]
-    if unknown or len(set(names)) != len(names):
+    if unknown:
         raise ConfigError(f"gate adapters must be distinct names this model has ({known}), got {names}")
     return names
 

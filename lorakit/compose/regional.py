@@ -63,9 +63,9 @@ from torch import nn
 
 from ..errors import ConfigError, RoutingError
 from ..layers import AdaptedLayer
-from ..model import disabled
+from ..model import check_names, disabled
 from ..routing import BASE, route as _route
-from .diffusion import Schedule, _activate, _check_known, _check_linear, _check_names
+from .diffusion import Schedule, _activate, _check_known, _check_linear
 
 __all__ = ["CLoRA", "ConceptInjection", "ConceptIsolation", "LoRAComposer", "PLAIN", "Region", "RegionGate",
            "box_cells", "clora_masks", "fuse", "nt_xent", "reinitialise"]
@@ -222,7 +222,7 @@ class RegionGate:
     """
 
     def __init__(self, names: Sequence[str], masks):
-        self.names = _check_names(names, "RegionGate")
+        self.names = check_names(names, "RegionGate")
         if isinstance(masks, Mapping):
             if set(masks) != set(self.names):
                 raise ConfigError(f"RegionGate masks are keyed by {sorted(masks)}, not by the names {self.names}")

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..model import check_names
 
 LOGIT_SCALE = 10.0  # logits = LOGIT_SCALE · cos (fixed), the card's "logit scale 1, ×10"
 TEMPERATURE = 0.05  # mixture_weights' default, as the server's retrieve
@@ -367,7 +368,7 @@ class DescriptionIndex:
 
     def __init__(self, names: Sequence[str], descriptions: Sequence[str],
                  embed: Callable[[list[str]], torch.Tensor] = text_embeddings):
-        self.names = _check_names(names)
+        self.names = check_names(names)
         if isinstance(descriptions, str) or not isinstance(descriptions, Sequence) \
                 or len(descriptions) != len(self.names) or not all(isinstance(d, str) for d in descriptions):
             raise ConfigError(f"give one description string per adapter ({len(self.names)})")
@@ -384,7 +385,7 @@ class WeightIndex:
 
     def __init__(self, names: Sequence[str], adapters: Sequence[Mapping], encoder: WeightEncoder,
                  embed: Callable[[list[str]], torch.Tensor] = text_embeddings):
-        self.names = _check_names(names)
+        self.names = check_names(names)
         if not isinstance(adapters, Sequence) or len(adapters) != len(self.names):
             raise ConfigError(f"give one adapter per name ({len(self.names)})")
         self.embed = embed
@@ -393,13 +394,6 @@ class WeightIndex:
     def retrieve(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices into `names`, cosine scores), both (Q, k), best first."""
         return retrieve(queries, self.embeddings, k, self.embed)
-
-
-def _check_names(names) -> list[str]:
-    if isinstance(names, str) or not isinstance(names, Sequence) or not names \
-            or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise ConfigError(f"names must be a non-empty list of distinct adapter names, got {names!r:.80}")
-    return list(names)
 
 
 def mixture_weights(scores: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
