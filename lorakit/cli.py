@@ -240,6 +240,7 @@ def _engine_default(flag: str) -> str:
 
 def run_serve(args) -> None:
     from .serve.config import GiB, EngineConfig
+    from .serve.personal import parse_banks
     from .serve.server import parse_lora_descriptions, parse_lora_modules, serve
 
     given = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras,
@@ -256,7 +257,7 @@ def run_serve(args) -> None:
           shutdown_timeout=args.shutdown_timeout, classify_model=args.classify_model,
           classify_modules=parse_lora_modules(args.classify_lora_modules or []), classify_labels=args.classify_labels,
           lenient=args.lenient, adapter_descriptions=parse_lora_descriptions(args.lora_description or []),
-          max_merged_adapters=args.max_merged_adapters)
+          max_merged_adapters=args.max_merged_adapters, reclora_banks=parse_banks(args.reclora_bank or []))
 
 
 def run_merge(args) -> None:
@@ -509,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(MiniLM embeddings, loaded at the first such request)")
     srv.add_argument("--max-merged-adapters", type=int, default=8, metavar="INT",
                      help="merged adapters built for \"merged_adapters\" requests that are kept (LRU; default: 8)")
+    srv.add_argument("--reclora-bank", action="append", default=None, metavar="NAME=FOLDER",
+                     help="a saved RecLoRA adapter (repeatable): requests with \"reclora\": {\"bank\": NAME, "
+                          "\"user\": [...]} run with that user's adapter, built once and cached with the merges")
     srv.add_argument("--adapter-root", action="append", default=None, metavar="DIR",
                      help="a directory /v1/load_lora_adapter may load from (repeatable; default: the parent "
                           "directories of the --lora-modules paths)")

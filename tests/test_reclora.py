@@ -1,4 +1,5 @@
 """RecLoRA: a bank of meta-LoRAs per layer mixed per user by a gate reading the routing's condition vectors."""
+import dataclasses
 import json
 import math
 
@@ -183,6 +184,37 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     lorakit.save_adapter(fresh, tmp_path / "second")
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "first" / f).read_bytes() == (tmp_path / "second" / f).read_bytes()
+
+
+def test_personal_lora_folder_is_that_users_adapter(tmp_path):
+    """A user's plain LoRA folder, written from the saved bank (different ranks per layer, rsLoRA, temperature),
+    loaded on a fresh base and run without any routing, equals the bank routed with that user; PEFT reads it too."""
+    from peft import PeftModel
+
+    from lorakit.variants.reclora import personal_lora
+
+    config = dataclasses.replace(rec(r=4, bank_size=3, temperature=0.5), rank_pattern={"fc2": 2}, use_rslora=True)
+    model = injected(config)
+    assert model.fc2.adapters["default"].reclora_B.abs().min() > 0
+    lorakit.save_adapter(model, tmp_path / "bank")
+    for i in range(2):
+        folder = personal_lora(tmp_path / "bank", U[i].tolist(), tmp_path / f"user{i}")
+        plain = json.loads((folder / "adapter_config.json").read_text())
+        assert plain["peft_type"] == "LORA" and plain["rank_pattern"] == {"fc2": 2}
+        fresh = mlp()
+        lorakit.load_adapter(fresh, folder)
+        with torch.no_grad():
+            assert close(fresh(X[i:i + 1]), routed(model, X[i:i + 1], U[i:i + 1]))
+            assert close(PeftModel.from_pretrained(mlp(), str(folder))(X[i:i + 1]), fresh(X[i:i + 1]))
+    users = [lorakit.read_adapter(tmp_path / f"user{i}")[1]["fc1.lora_A.weight"] for i in range(2)]
+    assert not torch.allclose(*users)
+    with pytest.raises(ConfigError, match="16 finite numbers, got 3"):
+        personal_lora(tmp_path / "bank", [1.0, 2.0, 3.0], tmp_path / "bad")
+    with pytest.raises(ConfigError, match="NaN"):
+        personal_lora(tmp_path / "bank", [float("nan")] * D_U, tmp_path / "bad")
+    with pytest.raises(ConfigError, match="not a RecLoRA bank"):
+        personal_lora(tmp_path / "user0", U[0], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_not_mergeable():

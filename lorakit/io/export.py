@@ -39,10 +39,15 @@ def export_lora(model: torch.nn.Module, directory: str | os.PathLike, name: str 
         ranks[path] = a.shape[0]
         tensors[f"{path}.{w.kind.key_a}"] = w.kind.down_layout(a).float().clone()
         tensors[f"{path}.{w.kind.key_b}"] = w.kind.up_layout(b * s).float().clone()
+    return write_folder(directory, plain_config(ranks, config), tensors)
+
+
+def plain_config(ranks: dict[str, int], like: AdapterConfig) -> AdapterConfig:
+    """The config of a plain LoRA with these per-layer ranks and the scale folded into B (lora_alpha = rank): the
+    most common rank as `r`, the others in `rank_pattern` / `alpha_pattern` by full path; `modules_to_save`,
+    `task_type` and the base's name from `like`."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     other = {p: k for p, k in ranks.items() if k != r}
-    plain = AdapterConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=other,
-                          alpha_pattern={p: float(k) for p, k in other.items()},
-                          modules_to_save=config.modules_to_save, task_type=config.task_type,
-                          base_model_name_or_path=config.base_model_name_or_path)
-    return write_folder(directory, plain, tensors)
+    return AdapterConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=other,
+                         alpha_pattern={p: float(k) for p, k in other.items()}, modules_to_save=like.modules_to_save,
+                         task_type=like.task_type, base_model_name_or_path=like.base_model_name_or_path)

@@ -25,6 +25,7 @@ from ..errors import AdapterFileError, AdapterNameError, ConfigError, CorruptFil
     UnknownAdapterError
 from .llama import Dims
 from .merged import MERGED_NAME_RE  # merge:a=0.7,b=0.3, the name the server gives a weighted merge of adapters
+from .personal import PERSONAL_NAME_RE  # user:<bank>:<hash>, the name of a RecLoRA bank's adapter for one user
 
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
@@ -90,8 +91,9 @@ def module_path(layer: int, module: str) -> str:
 
 
 def check_name(name) -> str:
-    """`name` if it is a valid adapter name (or a derived merged-adapter name, MERGED_NAME_RE)."""
-    if not isinstance(name, str) or not (NAME_RE.match(name) or MERGED_NAME_RE.match(name)):
+    """`name` if it is a valid adapter name (or a derived merged-adapter / per-user name)."""
+    if not isinstance(name, str) or not (NAME_RE.match(name) or MERGED_NAME_RE.match(name)
+                                         or PERSONAL_NAME_RE.match(name)):
         raise AdapterNameError(f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
                                f"starting with a letter or digit")
     return name

@@ -125,9 +125,17 @@ class MergeCache:
     async def acquire(self, sources, field: str = "merged_adapters") -> Lease:
         """A lease on the merged adapter of `sources` ((id, weight) pairs of registered adapters), built (once)
         if it is not cached. `field` names the request field in a rank-limit error."""
-        self._loop = asyncio.get_running_loop()
         sources = canonical(sources)
-        name = derived_name(sources)
+        return await self._lease(derived_name(sources), sources, field, None)
+
+    async def acquire_built(self, name: str, write) -> Lease:
+        """A lease on adapter `name`, built once by `write(folder)` (run on a worker thread; it writes a plain LoRA
+        folder that depends on no registered adapter: e.g. one user's adapter from a RecLoRA bank) when it is not
+        cached. Cached, leased and evicted as merges are."""
+        return await self._lease(name, (), "model", write)
+
+    async def _lease(self, name: str, sources, field: str, write) -> Lease:
+        self._loop = asyncio.get_running_loop()
         self._users[name] += 1
         try:
             while True:
@@ -140,7 +148,7 @@ class MergeCache:
                     self._delete(entry)
                 task = self._building.get(name)
                 if task is None:
-                    task = asyncio.ensure_future(self._build(name, sources, field))
+                    task = asyncio.ensure_future(self._build(name, sources, field, write))
                     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # waiters may all have left
                     self._building[name] = task
                 await asyncio.shield(task)  # a client leaving does not cancel a build others may wait for
@@ -175,7 +183,7 @@ class MergeCache:
             self._root = None
 
     # ---- building and eviction ------------------------------------------------------------------------------
-    async def _build(self, name: str, sources, field: str) -> None:
+    async def _build(self, name: str, sources, field: str, write) -> None:
         try:
             paths = self.engine.adapters()
             missing = [i for i, _ in sources if i not in paths]
@@ -185,8 +193,11 @@ class MergeCache:
                 self._root = Path(tempfile.mkdtemp(prefix="lorakit-merged-"))
                 weakref.finalize(self, shutil.rmtree, self._root, True)  # also without close(): at exit or GC
             folder = self._root / f"merge-{next(self._ids)}"
-            folders = [paths[i] for i, _ in sources]
-            await asyncio.to_thread(self._write, folders, [w for _, w in sources], folder, field)
+            if write is None:
+                folders = [paths[i] for i, _ in sources]
+                await asyncio.to_thread(self._write, folders, [w for _, w in sources], folder, field)
+            else:
+                await asyncio.to_thread(self._write_with, write, folder)
             try:
                 await self.engine.load_adapter(name, str(folder))
             except BaseException:
@@ -214,8 +225,12 @@ class MergeCache:
         merge = self._merge
         if merge is None:
             from ..compose.merge import merge_folders as merge
+        self._write_with(lambda out: merge(folders, weights, out, method="cat"), folder)
+
+    @staticmethod
+    def _write_with(write, folder: Path) -> None:
         try:
-            merge(folders, weights, folder, method="cat")
+            write(folder)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -8,7 +8,9 @@ field) serves the exact weighted sum of registered adapters as one merged adapte
 once and cached (merged.py); `retrieve` {k, temperature} picks the k adapters whose descriptions are nearest to the
 request's text (retrieval.py), one adapter for k = 1, else their softmax-weighted merge, and the response's extra
 `lorakit.retrieved` field lists them with their scores and weights. Descriptions come from `build_app`/`serve`
-(`adapter_descriptions`) or `description` in /v1/load_lora_adapter.
+(`adapter_descriptions`) or `description` in /v1/load_lora_adapter. `reclora` {bank, user} serves a RecLoRA bank
+(`reclora_banks`, --reclora-bank) for one user vector: the user's own plain LoRA, built once and cached as merges are
+(personal.py).
 Completions take a list of prompts and `n` choices each, `echo` and `logprobs` (OpenAI's legacy format; echo +
 logprobs + max_tokens 0 scores a prompt, as vLLM); chat takes `n`, `logprobs` + `top_logprobs`. Log-probs are the
 model's raw log-softmax (before temperature / top-p, vLLM's default). Streaming serves one prompt, n=1, without
@@ -28,6 +30,7 @@ import contextlib
 import contextvars
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import logging
@@ -44,7 +47,9 @@ from starlette.requests import Request as HTTPRequest
 from ..errors import (AdapterFileError, AdapterNameError, CapacityError, ConfigError, EngineStoppedError,
                       LorakitError, ModelError, QueueFullError, RequestError, UnknownAdapterError)
 from ..io.files import read_adapter
+from ..variants.reclora import personal_lora
 from .merged import MAX_SOURCES, STRATEGIES, MergeCache, derived_name, parse_derived
+from .personal import PERSONAL_NAME_RE, open_bank, personal_name
 from .request import MAX_LOGPROBS, Request, SamplingParams
 from .retrieval import Retriever, pick
 
@@ -78,8 +83,8 @@ EXTRAS = {  # OpenAI/vLLM options not implemented: field -> values that mean "no
 }
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "ignore_eos",
                    "stream", "stream_options", "user", "store", "metadata", "service_tier", "request_id",
-                   "n", "logprobs", "top_logprobs", "echo", "merged_adapters", "retrieve"} | set(UNSUPPORTED) | \
-    set(EXTRAS)
+                   "n", "logprobs", "top_logprobs", "echo", "merged_adapters", "retrieve", "reclora"} | \
+    set(UNSUPPORTED) | set(EXTRAS)
 FIELDS = {  # endpoint -> the body fields it knows
     "/v1/completions": SAMPLING_FIELDS | {"prompt"},
     "/v1/chat/completions": SAMPLING_FIELDS | {"messages", "max_completion_tokens"},
@@ -89,6 +94,7 @@ FIELDS = {  # endpoint -> the body fields it knows
 }
 MERGE_FIELDS = ("ids", "weights", "merge_strategy", "density", "majority_sign_method")  # LoRAX's MergedAdapters
 RETRIEVE_FIELDS = ("k", "temperature")
+RECLORA_FIELDS = ("bank", "user")
 RETRIEVE_TEMPERATURE = 0.05  # softmax temperature over cosine similarities when `retrieve` gives none
 MAX_DESCRIPTION_CHARS = 4096
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -332,6 +338,26 @@ def retrieve_spec(body: dict) -> tuple[int, float] | None:
     if temperature == 0:
         _bad("retrieve.temperature", "must be > 0")
     return k, float(temperature)
+
+
+def reclora_spec(body: dict) -> tuple[str, list[float]] | None:
+    """`reclora` as (bank, user vector) (None when absent); 400 naming the field for a malformed one. The bank is
+    not looked up here."""
+    spec = body.get("reclora")
+    if spec is None:
+        return None
+    other = next((f for f in ("merged_adapters", "retrieve") if body.get(f) is not None), None)
+    if other:
+        _bad("reclora", f"give {other} or reclora, not both")
+    _check_keys(spec, "reclora", RECLORA_FIELDS, "{bank, user}")
+    bank, user = spec.get("bank"), spec.get("user")
+    if not isinstance(bank, str) or not bank:
+        _bad("reclora.bank", "must be the name of a RecLoRA bank (a string)")
+    if not isinstance(user, list) or not user or not all(_is_number(x) for x in user):
+        _bad("reclora.user", "must be a non-empty list of numbers (the user's vector)")
+    if not all(math.isfinite(x) for x in user):
+        _bad("reclora.user", "must be finite numbers")
+    return bank, [float(x) for x in user]
 
 
 @dataclasses.dataclass
@@ -614,13 +640,15 @@ class _Observer:
 
 def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None, served_name: str | None = None,
               classifier=None, shutdown_timeout: float = 30.0, lenient: bool = False,
-              adapter_descriptions: dict[str, str] | None = None, max_merged_adapters: int = 8, retriever=None):
+              adapter_descriptions: dict[str, str] | None = None, max_merged_adapters: int = 8, retriever=None,
+              reclora_banks: dict[str, str] | None = None):
     """The FastAPI app. `adapter_roots`: directories `/v1/load_lora_adapter` may load from (none: loading is
     refused). `served_name`: the base model's name (default: the engine's). `lenient`: ignore (with a warning)
     OpenAI/vLLM options this server does not implement instead of refusing them. `adapter_descriptions`: adapter
     name -> text, for `retrieve` requests. `max_merged_adapters`: merged adapters kept (LRU; `app.state.merges`).
     `retriever`: a `Retriever` (default: one on the descriptions, loading MiniLM at the first retrieval;
-    `app.state.retriever`).
+    `app.state.retriever`). `reclora_banks`: bank name -> folder of a saved RecLoRA adapter, for `reclora` requests
+    (each user's adapter shares the merged adapters' cache; `app.state.banks`).
 
     `app.state.drain()` starts the engine's shutdown once (requests get `shutdown_timeout` s to finish, then 503 /
     an error event) and returns its task; the lifespan's end awaits it. `serve()` calls it when SIGTERM arrives,
@@ -642,6 +670,17 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
         if name not in async_engine.adapters():
             raise ConfigError(f"a description is given for adapter {name!r}, which is not registered")
         retriever.describe(name, text)
+    banks = {}
+    for name, folder in (reclora_banks or {}).items():
+        if not ADAPTER_NAME.match(name) or name in async_engine.adapters() or name in (base_name,
+                                                                                        async_engine.model_name):
+            raise ConfigError(f"--reclora-bank {name!r}: a bank name must match {ADAPTER_NAME.pattern} and differ "
+                              f"from the base model's and every adapter's name")
+        banks[name] = open_bank(name, folder)
+        limit = getattr(config, "max_lora_rank", None)
+        if limit is not None and banks[name].rank > limit:
+            raise ConfigError(f"--reclora-bank {name}: its users' adapters have rank {banks[name].rank}, more than "
+                              f"this server's max LoRA rank {limit} (--max-lora-rank)")
 
     draining: list[asyncio.Task] = []
 
@@ -663,7 +702,7 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
 
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.drain = drain
-    app.state.merges, app.state.retriever = merges, retriever
+    app.state.merges, app.state.retriever, app.state.banks = merges, retriever, banks
     app.add_middleware(_Observer, stats=stats, base_name=base_name)
 
     @app.exception_handler(Exception)
@@ -747,8 +786,19 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
 
     def adapter_plan(body: dict) -> tuple:
         """Which adapter a request wants, checked before any work: ("adapter", name or None), ("merge", sources,
-        field) or ("retrieve", k, temperature, described adapters)."""
-        merged, retrieve = merged_spec(body), retrieve_spec(body)
+        field), ("retrieve", k, temperature, described adapters) or ("personal", bank, user vector)."""
+        merged, retrieve, personal = merged_spec(body), retrieve_spec(body), reclora_spec(body)
+        if personal is not None:
+            bank, user = banks.get(personal[0]), personal[1]
+            if bank is None:
+                raise HTTPError(404, f"reclora.bank: no RecLoRA bank {personal[0][:200]!r} (banks: "
+                                     f"{', '.join(sorted(banks)) or 'none; --reclora-bank NAME=FOLDER'})",
+                                param="reclora.bank", code="model_not_found")
+            if len(user) != bank.user_dim:
+                _bad("reclora.user", f"bank {bank.name!r} reads user vectors of {bank.user_dim} numbers, "
+                                     f"got {len(user)}")
+            check_model(body, personal_name(bank.name, user), "reclora")
+            return ("personal", bank, user)
         if merged is not None:
             check_sources(merged, "merged_adapters.ids")
             check_model(body, derived_name(merged), "merged_adapters")
@@ -776,6 +826,11 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
             return AdapterChoice(plan[1])
         if plan[0] == "merge":
             lease = await merges.acquire(plan[1], plan[2])
+            return AdapterChoice(lease.name, lease)
+        if plan[0] == "personal":
+            _, bank, user = plan
+            lease = await merges.acquire_built(personal_name(bank.name, user),
+                                               functools.partial(personal_lora, bank.folder, user))
             return AdapterChoice(lease.name, lease)
         _, k, temperature, described = plan
         text = query_text()
@@ -1206,8 +1261,10 @@ def build_app(async_engine, tokenizer, *, adapter_roots: list[str] | None = None
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: HTTPRequest):
         body = await read_json(request)
-        if parse_derived(body.get("lora_name")) is not None:
-            _bad("lora_name", "is a merged adapter: the server keeps those in a bounded cache and unloads them itself")
+        lora_name = body.get("lora_name")
+        if parse_derived(lora_name) is not None or isinstance(lora_name, str) and PERSONAL_NAME_RE.match(lora_name):
+            _bad("lora_name", "is a merged or per-user adapter: the server keeps those in a bounded cache and "
+                              "unloads them itself")
         name = adapter_name(body)
         if name not in async_engine.adapters():
             raise HTTPError(404, f"the adapter {name!r} is not loaded", param="lora_name", code="model_not_found")
@@ -1382,7 +1439,7 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
           port: int = 8000, shutdown_timeout: float = 30.0, log_level: str = "info",
           classify_model: str | None = None, classify_modules: dict[str, str] | None = None,
           classify_labels: int = 2, lenient: bool = False, adapter_descriptions: dict[str, str] | None = None,
-          max_merged_adapters: int = 8) -> None:
+          max_merged_adapters: int = 8, reclora_banks: dict[str, str] | None = None) -> None:
     """Bind host:port (a busy port fails at once), load the model, register `lora_modules` (name -> path), and
     serve until SIGINT/SIGTERM.
 
@@ -1392,6 +1449,7 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
     On SIGTERM running requests get `shutdown_timeout` s; then they get a 503 (streams an error event).
     `adapter_descriptions` (name -> text, names among `lora_modules`) serve `retrieve` requests (MiniLM is loaded
     at the first one); `max_merged_adapters` bounds the merged adapters `merged_adapters` requests build (LRU).
+    `reclora_banks` (name -> folder of a saved RecLoRA adapter) serve `reclora` requests {bank, user}.
     """
     from .async_engine import AsyncEngine
     from .config import EngineConfig
@@ -1437,7 +1495,8 @@ def serve(model_dir: str, lora_modules: dict[str, str] | None = None, *, engine_
         async_engine.model_dir = str(directory.absolute())  # the base model's `root` in /v1/models
         app = build_app(async_engine, tokenizer, adapter_roots=adapter_roots, served_name=served_name,
                         shutdown_timeout=shutdown_timeout, classifier=classifier, lenient=lenient,
-                        adapter_descriptions=adapter_descriptions, max_merged_adapters=max_merged_adapters)
+                        adapter_descriptions=adapter_descriptions, max_merged_adapters=max_merged_adapters,
+                        reclora_banks=reclora_banks)
         run_server(app, sock, host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)
     finally:
         sock.close()

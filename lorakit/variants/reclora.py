@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, RoutingError, TargetError
+from ..errors import ConfigError, RoutingError, StateDictError, TargetError
 from ..kinds import LinearKind
 from . import register_variant
 from .base import Variant
@@ -184,3 +185,49 @@ class RecLoRA(Variant):
         o = self.opts
         return (f"r={self.r}, bank_size={o.bank_size}, user_dim={o.user_dim}, gate_hidden={o.gate_hidden}, "
                 f"scale={self.scale:g}")
+
+
+@torch.no_grad()
+def personal_lora(bank, user, directory) -> Path:
+    """Write one user's adapter from a saved RecLoRA bank (folder `bank`) as a plain PEFT LoRA folder `directory`.
+
+    Per layer: w = gate(u) (eval: no dropout), A_p = Σ_k w_k A_k, B_p = Σ_k w_k B_k, written as lora_A = A_p and
+    lora_B = s·B_p with lora_alpha = r (the scale folded in, as `export_lora`), so the folder's ΔW = s·B_p·A_p is
+    what the bank computes for u, exactly up to float32 rounding; `modules_to_save` tensors are copied. `user`: d_u
+    numbers (one user). This is how a server serves per-request weights over the bank with its plain LoRA kernels.
+    Raises ConfigError for a folder that is not a RecLoRA bank or a user vector of the wrong width / non-finite.
+    """
+    from ..io.export import plain_config
+    from ..io.files import read_adapter, write_folder
+
+    config, tensors = read_adapter(bank)
+    if config.variant != RecLoRA.name:
+        raise ConfigError(f"{bank} holds a {config.variant!r} adapter, not a RecLoRA bank")
+    o = RecLoRA.parse_options(config.options)
+    u = torch.as_tensor(user, dtype=torch.float32).reshape(-1)
+    if u.numel() != o.user_dim or not torch.isfinite(u).all():
+        raise ConfigError(f"the bank in {bank} reads user vectors of {o.user_dim} finite numbers, got "
+                          f"{u.numel()} numbers" + ("" if torch.isfinite(u).all() else " with NaN or Inf"))
+    out, ranks = {}, {}
+    for key in tensors:
+        if not key.endswith(".reclora_A"):
+            continue
+        path = key[:-len(".reclora_A")]
+        gate = Gate(o.user_dim, o.gate_hidden, o.bank_size, o.gate_dropout, o.temperature, o.softmax).eval()
+        try:
+            a, b = tensors[key].float(), tensors[f"{path}.reclora_B"].float()
+            r = a.shape[0] // o.bank_size
+            gate.load_state_dict({k[len(f"{path}.reclora_gate."):]: t.float() for k, t in tensors.items()
+                                  if k.startswith(f"{path}.reclora_gate.")})
+            if a.shape[0] != r * o.bank_size or b.shape[1] != a.shape[0]:
+                raise ValueError(f"reclora_A {tuple(a.shape)} and reclora_B {tuple(b.shape)} are not a bank of "
+                                 f"{o.bank_size}")
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise StateDictError(f"{bank}: the bank on {path} is incomplete or malformed: {e}") from None
+        w = gate(u[None])[0]  # (N,)
+        out[f"{path}.lora_A.weight"] = torch.einsum("k,kri->ri", w, a.view(o.bank_size, r, -1))
+        b_p = torch.einsum("k,okr->or", w, b.view(b.shape[0], o.bank_size, r))
+        out[f"{path}.lora_B.weight"] = b_p * config.scale_for(path)
+        ranks[path] = r
+    out.update({k: t for k, t in tensors.items() if ".reclora_" not in k})  # modules_to_save
+    return Path(write_folder(directory, plain_config(ranks, config), out))
