@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import AttnProcessor
 import lorakit
 from lorakit.compose.diffusion import Composite, add_random_loras, embed, sample, tiny_text_encoder, tiny_unet
 from lorakit.compose.regional import (CLoRA, PLAIN, LoRAComposer, Region, RegionGate, box_cells, clora_masks, fuse,
-                                      nt_xent, reinitialise)
+                                      morph, nt_xent, reinitialise)
 from lorakit.errors import ConfigError, RoutingError
 from lorakit.layers import AdaptedLayer
 from unets import prompt_batch, unet_with
@@ -352,6 +352,35 @@ def test_fuse_with_identical_masks_is_the_mean_and_a_clora_without_masks_is_lora
     got, _ = run(unet, prompts, 3, CLoRA(NAMES, plain=False, downscale=2))
     want, _ = run(unet, prompts, 3, Composite(NAMES))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_mask_morphology_matches_3x3_neighbourhoods_with_opencv_borders():
+    """erode = min over the in-grid 3×3 neighbours, dilate = max (outside the grid counts as neither); open = erode
+    then dilate, close = dilate then erode; clora_masks applies it at the maps' resolution before upsampling."""
+    g = torch.Generator().manual_seed(3)
+    m = (torch.rand(2, 6, 7, generator=g) > 0.45).float()
+
+    def by_hand(x, pick):
+        out = torch.empty_like(x)
+        for b in range(x.shape[0]):
+            for i in range(x.shape[1]):
+                for j in range(x.shape[2]):
+                    out[b, i, j] = pick(x[b, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2])
+        return out
+    erode, dilate = by_hand(m, torch.min), by_hand(m, torch.max)
+    assert torch.equal(morph(m, "erode"), erode) and torch.equal(morph(m, "dilate"), dilate)
+    assert torch.equal(morph(m, "open"), by_hand(erode, torch.max))
+    assert torch.equal(morph(m, "close"), by_hand(dilate, torch.min))
+    assert torch.equal(morph(m, None), m) and not torch.equal(erode, m) and not torch.equal(dilate, m)
+    assert torch.equal(morph(torch.ones(1, 3, 3), "erode"), torch.ones(1, 3, 3))  # the border is not eaten
+    maps = [torch.rand(2, 6, 7, 4, generator=g) for _ in range(2)]
+    plain, opened = clora_masks(maps, [[], [1]], (12, 14)), clora_masks(maps, [[], [1]], (12, 14), morphology="open")
+    want = morph(plain[1, :, ::2, ::2], "open")
+    assert torch.equal(opened[1, :, ::2, ::2], want) and torch.equal(opened[0], 1 - opened[1])
+    with pytest.raises(ConfigError, match="morphology"):
+        morph(m, "blur")
+    with pytest.raises(ConfigError, match="morphology"):
+        CLoRA(["a"], morphology="blur")
 
 
 def test_clora_masks_partition_the_latent_and_fuse_each_prompts_prediction(unet, prompts):

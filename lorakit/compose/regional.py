@@ -68,7 +68,7 @@ from ..routing import BASE, route as _route
 from .diffusion import Schedule, _activate, _check_known, _check_linear
 
 __all__ = ["CLoRA", "ConceptInjection", "ConceptIsolation", "LoRAComposer", "PLAIN", "Region", "RegionGate",
-           "box_cells", "clora_masks", "fuse", "nt_xent", "reinitialise"]
+           "box_cells", "clora_masks", "fuse", "morph", "nt_xent", "reinitialise"]
 
 PLAIN = BASE  # the key of CLoRA's plain prompt (no LoRA) in `mask_tokens` and `contrast`
 PENALTY = 1e6  # LoRA-Composer's additive self-attention mask between boxes [code]
@@ -665,11 +665,32 @@ def reinitialise(latents: torch.Tensor, maps: Sequence[torch.Tensor], boxes: Seq
 
 
 # ---- CLoRA -------------------------------------------------------------------------------------
+MORPHOLOGY = ("erode", "dilate", "open", "close")
+
+
+def morph(masks: torch.Tensor, op: Optional[str]) -> torch.Tensor:
+    """A 3×3 binary erosion / dilation / opening / closing of 0/1 masks (..., h, w), as OpenCV's defaults: outside
+    the grid counts as neither (erosion does not eat the border, dilation does not grow from it); None: unchanged."""
+    if op is None:
+        return masks
+    if op not in MORPHOLOGY:
+        raise ConfigError(f"morphology must be one of {MORPHOLOGY} or None, got {op!r}")
+    flat = masks.reshape(-1, 1, *masks.shape[-2:])
+    dilate = lambda m: F.max_pool2d(m, 3, stride=1, padding=1)  # noqa: E731 (pads with -inf)
+    erode = lambda m: -F.max_pool2d(-m, 3, stride=1, padding=1)  # noqa: E731
+    steps = {"erode": (erode,), "dilate": (dilate,), "open": (erode, dilate), "close": (dilate, erode)}[op]
+    for step in steps:
+        flat = step(flat)
+    return flat.reshape(masks.shape)
+
+
 def clora_masks(maps: Sequence[torch.Tensor], tokens: Sequence[Sequence[int]], size: tuple[int, int],
-                alpha: float = 0.3, plain: bool = True) -> torch.Tensor:
+                alpha: float = 0.3, plain: bool = True, morphology: Optional[str] = None) -> torch.Tensor:
     """CLoRA's masks (P, batch, H, W) from the prompts' maps (each (batch, h, w, T)): Mₚ = ∪_tok 1[A[..., tok] >
-    α·max A[..., tok]] (max per sample and token), empty without tokens; where no mask is 1, prompt 0 (the plain
-    prompt) gets 1 (`plain=True`), or every prompt does (`plain=False` [U]); nearest-upsampled to `size`."""
+    α·max A[..., tok]] (max per sample and token), empty without tokens, then the optional 3×3 `morphology`
+    ("erode", "dilate", "open", "close"; `morph`) on each mask at the maps' resolution; where no mask is 1, prompt 0
+    (the plain prompt) gets 1 (`plain=True`), or every prompt does (`plain=False` [U]); nearest-upsampled to
+    `size`."""
     if len(maps) != len(tokens) or not maps:
         raise ConfigError(f"clora_masks needs one token list per map, got {len(maps)} maps, {len(tokens)} lists")
     masks = []
@@ -679,7 +700,7 @@ def clora_masks(maps: Sequence[torch.Tensor], tokens: Sequence[Sequence[int]], s
             amap = a[..., tok]
             m |= amap > alpha * amap.amax(dim=(1, 2), keepdim=True)
         masks.append(m)
-    masks = torch.stack(masks).to(maps[0].dtype)  # (P, batch, h, w)
+    masks = morph(torch.stack(masks).to(maps[0].dtype), morphology)  # (P, batch, h, w)
     uncovered = masks.sum(0) == 0
     if plain:
         masks[0] = torch.where(uncovered, torch.ones_like(masks[0]), masks[0])
@@ -729,7 +750,8 @@ class CLoRA(Schedule):
     tokens, dim; default the plain prompt) with only LoRA j active. Cross-attention probabilities at grid
     latent/`downscale` (default 4) are recorded from each pass (the UNet's output unchanged) and averaged over
     layers, heads and both CFG halves → maps; `clora_masks` turns the maps of each prompt's `mask_tokens` (key
-    `PLAIN` for the plain prompt) into masks with threshold `alpha` (0.3), and `fuse` combines the predictions
+    `PLAIN` for the plain prompt) into masks with threshold `alpha` (0.3) and optional 3×3 `morphology`, and `fuse`
+    combines the predictions
     (from step `apply_mask_after` on; before, their uniform mean). The last masks stay in `self.masks` (P, batch,
     H, W), prompts ordered [plain, *names].
 
@@ -743,8 +765,11 @@ class CLoRA(Schedule):
                  mask_tokens: Optional[Mapping[str, Sequence[int]]] = None, alpha: float = 0.3, downscale: int = 4,
                  plain: bool = True, apply_mask_after: int = 0, contrast: Optional[Sequence[Mapping]] = None,
                  step_size: float = 20.0, max_iter: int = 30, iterative_steps: Sequence[int] = (),
-                 repeats: int = 20, temperature: float = 0.5):
+                 repeats: int = 20, temperature: float = 0.5, morphology: Optional[str] = None):
         super().__init__(names)
+        if morphology is not None and morphology not in MORPHOLOGY:
+            raise ConfigError(f"morphology must be one of {MORPHOLOGY} or None, got {morphology!r}")
+        self.morphology = morphology
         self.plain = bool(plain)
         self.keys = ([PLAIN] if self.plain else []) + self.names
         prompts = dict(prompts or {})
@@ -856,5 +881,5 @@ class CLoRA(Schedule):
             self.masks = None
             return fuse(eps, None)
         self.masks = clora_masks(maps, [self.mask_tokens[k] for k in self.keys], x.shape[-2:], self.alpha,
-                                 self.plain)
+                                 self.plain, self.morphology)
         return fuse(eps, self.masks)
