@@ -11,6 +11,9 @@ over a diffusers UNet and scheduler; the schedule decides, per step, how the ada
   per-LoRA caching of predictions on a non-uniform refresh schedule.
 - `Scheduled(weights_fn)`: per-step weights over the LoRAs (DimensionX-style), one pass per step; `piecewise`
   gives the S-then-T director switch.
+- `Gated(gate)`: a gate of `lorakit.compose.gates` (AutoLoRA's `FusionGate`, `MoleGate`, `ArrowGate`) routes every
+  step, one pass per step; a FusionGate with timestep buckets gets each step's bucket. `fit_gate` trains one with
+  AutoLoRA's objective on (latents, prompt) examples of each LoRA's concept.
 
 A "pass" is one UNet forward on the CFG batch (unconditional and conditional rows together); every schedule
 counts its passes in `passes` (reset when a run starts). Schedules check their arguments when built and the
@@ -27,6 +30,7 @@ import math
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, RoutingError
@@ -34,8 +38,9 @@ from ..kinds import ConvKind
 from ..model import active_adapters, adapter_names, check_names, disabled, inject, set_active, wrappers
 from ..routing import route
 
-__all__ = ["ATTENTION", "Composite", "Dominant", "Merge", "Schedule", "Scheduled", "Switch", "add_random_loras",
-           "embed", "piecewise", "sample", "tiny_text_encoder", "tiny_unet"]
+__all__ = ["ATTENTION", "Composite", "Dominant", "Gated", "Merge", "Schedule", "Scheduled", "Switch",
+           "add_random_loras", "embed", "fit_gate", "gate_loss", "piecewise", "sample", "timestep_bucket",
+           "tiny_text_encoder", "tiny_unet"]
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections of a diffusers UNet (linear layers)
 
@@ -348,6 +353,103 @@ class Scheduled(Schedule):
         weights = {n: torch.tensor([v], dtype=torch.float64) for n, v in w.items()}
         with route(unet, weights=weights):
             return self._pass(unet, x, t, emb)
+
+
+def timestep_bucket(t, buckets: int, num_train_timesteps: int = 1000) -> int:
+    """The bucket (0 … buckets − 1) of diffusion timestep t: ⌊t·buckets / T⌋ over T training timesteps."""
+    return min(buckets - 1, max(0, int(t) * buckets // num_train_timesteps))
+
+
+def _set_bucket(gate: nn.Module, t, num_train_timesteps: int) -> None:
+    if getattr(gate, "timesteps", 0):
+        gate.set_timestep(timestep_bucket(t, gate.timesteps, num_train_timesteps))
+
+
+class Gated(Schedule):
+    """A gate over `gate.names` (`FusionGate`, `MoleGate`, `ArrowGate`, any `route` gate) at every step, one pass
+    per step; a gate with timestep buckets (`FusionGate(timesteps=K)`) gets the bucket of each step's timestep
+    (`timestep_bucket`, over `num_train_timesteps`, the scheduler's T: 1000 in diffusers)."""
+
+    def __init__(self, gate: nn.Module, num_train_timesteps: int = 1000):
+        super().__init__(getattr(gate, "names", None))
+        if not callable(gate) or not self.names:
+            raise ConfigError("Gated needs a gate with `names` (lorakit.compose.gates: FusionGate, MoleGate, ...)")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
+                or num_train_timesteps < 1:
+            raise ConfigError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
+        self.gate, self.num_train_timesteps = gate, num_train_timesteps
+
+    def predict(self, unet, x, t, emb, i):
+        _set_bucket(self.gate, t, self.num_train_timesteps)
+        with route(unet, weights=self.gate, adapters=self.names):
+            return self._pass(unet, x, t, emb)
+
+
+def gate_loss(unet: nn.Module, gate: nn.Module, scheduler, latents: torch.Tensor, own: torch.Tensor,
+              other: torch.Tensor, t: int, noise: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """AutoLoRA's gate objective on one batch (compose.md §4, ε-prediction in place of the flow target):
+    MSE(ε̂(x_t, t | own prompt), ε) + max(0, margin − MSE(ε̂(x_t, t | another LoRA's prompt), ε)), with x_t the
+    scheduler's noising of `latents` by `noise` at timestep t; the gate routes `unet` (bucket of t set)."""
+    x_t = scheduler.add_noise(latents, noise, torch.full((latents.shape[0],), int(t), dtype=torch.long))
+    _set_bucket(gate, t, scheduler.config.num_train_timesteps)
+    with route(unet, weights=gate, adapters=gate.names):
+        fit = F.mse_loss(unet(x_t, t, encoder_hidden_states=own, return_dict=False)[0], noise)
+        wrong = F.mse_loss(unet(x_t, t, encoder_hidden_states=other, return_dict=False)[0], noise)
+    return fit + F.relu(margin - wrong)
+
+
+def fit_gate(unet: nn.Module, gate: nn.Module, scheduler, examples: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+             steps: int = 100, batch: int = 4, lr: float = 1e-3, margin: float = 0.5, drop_prompt: float = 0.3,
+             uncond: Optional[torch.Tensor] = None, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train `gate` (its parameters only; the UNet and LoRAs stay frozen) with AutoLoRA's recipe (compose.md §4):
+    each step draws two LoRAs i ≠ j of `examples` ({name: (latents (n, C, H, W), prompts (n, L, D))}, each LoRA's
+    concept), `batch` examples of i, one timestep t uniform over the scheduler's T and noise ε, and minimises
+    `gate_loss` with i's prompts (each replaced by `uncond` with probability `drop_prompt`) against j's prompts;
+    AdamW at `lr`, cosine decay. Returns the loss of every step. The card's timestep-aware gate is [U] upstream:
+    a FusionGate with `timesteps=K` learns one bias per bucket of t."""
+    from tqdm.auto import tqdm
+
+    from .gates import gated
+
+    names = list(examples)
+    if len(names) < 2 or set(names) - set(gate.names):
+        raise ConfigError(f"fit_gate needs examples for at least two of the gate's adapters {gate.names}, got "
+                          f"{names}")
+    for name, (x0, c) in examples.items():
+        if x0.dim() != 4 or c.dim() != 3 or x0.shape[0] != c.shape[0] or x0.shape[0] < 1:
+            raise ConfigError(f"examples[{name!r}] must be (latents (n, C, H, W), prompts (n, L, D)) with the same "
+                              f"n ≥ 1, got {tuple(x0.shape)} and {tuple(c.shape)}")
+    if not 0 <= drop_prompt < 1 or (drop_prompt > 0 and uncond is None):
+        raise ConfigError("drop_prompt must be in [0, 1), and needs `uncond` (the empty prompt's embedding) when > 0")
+    for what, v in (("steps", steps), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{what} must be a positive integer, got {v!r}")
+    gen = torch.Generator().manual_seed(seed)
+    total_t = scheduler.config.num_train_timesteps
+    losses = []
+    with gated(unet, gate):
+        params = [p for p in gate.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        for _ in tqdm(range(steps), desc="gate", unit="step", leave=False, disable=not progress):
+            i, j = torch.randperm(len(names), generator=gen)[:2].tolist()
+            x0, own = examples[names[i]]
+            rows = torch.randint(0, x0.shape[0], (batch,), generator=gen)
+            x0, own = x0[rows], own[rows]
+            other = examples[names[j]][1]
+            other = other[torch.randint(0, other.shape[0], (batch,), generator=gen)]
+            if drop_prompt > 0:
+                dropped = (torch.rand(batch, generator=gen) < drop_prompt).to(own.device)
+                own = torch.where(dropped[:, None, None], uncond.to(own).expand_as(own), own)
+            t = int(torch.randint(0, total_t, (), generator=gen))
+            noise = torch.randn(x0.shape, generator=gen).to(x0)
+            loss = gate_loss(unet, gate, scheduler, x0, own, other, t, noise, margin)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            decay.step()
+            losses.append(loss.item())
+    return losses
 
 
 def piecewise(first: str, second: str, tau: float, steps: int) -> Callable[[int, object], dict[str, float]]:
