@@ -24,7 +24,7 @@ import merging_common as C  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import data_tasks  # noqa: E402
-from lorakit.compose import ArrowGate, LayerGate, gated  # noqa: E402
+from lorakit.compose import ArrowGate, FusionGate, LayerGate, MoleGate, gated  # noqa: E402
 from lorakit.compose.retrieve import DescriptionIndex  # noqa: E402
 
 TASKS = C.TASKS
@@ -33,7 +33,8 @@ EVAL = OUT / "eval"
 MERGED_ROWS = {"base": "zero-shot base, no adapter", "multi": "one adapter trained on the mix of the four tasks",
                "linear-mean": "merge: exact mean of the four ΔW", "cat": "merge: exact sum (task arithmetic)",
                "knots": "merge: KnOTS (best merge of docs/merging.md)"}
-GATE_TRAIN = dict(per_task=64, steps=32, batch=8, lr=5e-3)  # LoRA-Flow: 256 labelled examples, one epoch
+GATE_TRAIN = dict(per_task=64, steps=32, batch=8, lr=5e-3)  # every trained gate: 256 labelled examples, one epoch
+GATES = {"lora-flow": LayerGate, "autolora-fusion": FusionGate, "mole": MoleGate}  # slug: gate class
 DESCRIPTIONS = {  # what a user would write next to each adapter in a registry
     "polarity": "Classify the sentiment of a text as positive or negative.",
     "source": "Tell where a text comes from: a movie review, a tweet, a product review or a news editorial.",
@@ -53,23 +54,24 @@ def gate_row(model, make_gate, task: str, n: int) -> dict:
         return C.evaluate(model, task, n)
 
 
-def train_lora_flow(model) -> LayerGate:
-    """LoRA-Flow's gate over the four frozen adapters, trained with lorakit's Trainer on GATE_TRAIN examples (saved;
-    reloaded on a rerun)."""
+def train_gate(model, slug: str):
+    """The gate GATES[slug] over the four frozen adapters, trained with lorakit's Trainer on GATE_TRAIN examples of
+    the four tasks mixed (saved; reloaded on a rerun). MoLE's balancing loss is left out (the Trainer's loss has no
+    hook for it)."""
     from safetensors.torch import load_file, save_file
 
     from lorakit.data import ChatDataset
     from lorakit.train.args import TrainingArguments
     from lorakit.train.trainer import Trainer
 
-    gate = LayerGate(model, TASKS)
-    path = OUT / "gates" / "lora-flow.safetensors"
+    gate = GATES[slug](model, TASKS)
+    path = OUT / "gates" / f"{slug}.safetensors"
     if path.is_file():
         gate.load_state_dict(load_file(path))
         return gate
     rows = [r for t in TASKS for r in data_tasks.task_split(t, "train", limit=GATE_TRAIN["per_task"])]
     data = ChatDataset([r["messages"] for r in rows], [r["response"] for r in rows])  # the four tasks mixed
-    args = TrainingArguments(output_dir=str(OUT / "gates" / "run"), disable_tqdm=True, save_steps=0, bf16=True,
+    args = TrainingArguments(output_dir=str(OUT / "gates" / f"run-{slug}"), disable_tqdm=True, save_steps=0, bf16=True,
                              max_steps=GATE_TRAIN["steps"], per_device_train_batch_size=GATE_TRAIN["batch"],
                              learning_rate=GATE_TRAIN["lr"], seed=0)
     started = time.perf_counter()
@@ -111,7 +113,12 @@ ROWS = {  # slug: (label, what, compute(model, task, n))
                    lambda m, t, n: gate_row(m, lambda: ArrowGate(m, TASKS, top_k=2), t, n)),
     "lora-flow": ("LoRA-Flow gate", f"a gate per block, trained on {4 * GATE_TRAIN['per_task']} labelled examples "
                   f"({GATE_TRAIN['steps']} steps × {GATE_TRAIN['batch']}, lr {GATE_TRAIN['lr']})",
-                  lambda m, t, n: gate_row(m, lambda: train_lora_flow(m), t, n)),
+                  lambda m, t, n: gate_row(m, lambda: train_gate(m, "lora-flow"), t, n)),
+    "autolora-fusion": ("AutoLoRA fusion gate", "sigmoid gates per layer and channel on each adapter's output, "
+                        "trained as the LoRA-Flow gate",
+                        lambda m, t, n: gate_row(m, lambda: train_gate(m, "autolora-fusion"), t, n)),
+    "mole": ("MoLE gate", "softmax over the adapters' outputs per layer and token, trained as the LoRA-Flow gate "
+             "(no balancing loss)", lambda m, t, n: gate_row(m, lambda: train_gate(m, "mole"), t, n)),
     "retrieval-minilm": ("retrieval (MiniLM)", "each request to the adapter whose description is nearest (MiniLM "
                          "cosine), then that adapter alone", retrieval_row),
 }
@@ -149,9 +156,10 @@ def write_doc(results: dict, refs: dict, n: int, seconds: float) -> None:
     doc = f"""# Composing adapters at run time (SmolLM2-135M-Instruct, four VADER instruct tasks)
 
 Regenerate: `.venv/bin/python bench/composition.py` ({datetime.date.today()}; this run took {seconds / 60:.0f} min on 2
-CPU cores: rows cached in `runs/composition/eval/` are reused, not recomputed — all five from scratch took 11 min,
-with the LoRA-Flow gate's training). The retrieval-by-weights table comes from `bench/weight_retrieval.py` (26 small
-adapters trained in ~24 min, then 20 s).
+CPU cores: rows cached in `runs/composition/eval/` are reused, not recomputed — from scratch the first five rows took
+11 min with the LoRA-Flow gate's training, the AutoLoRA and MoLE gates 4 + 3 min of training and 3 min of evaluation
+each: ~24 min in all). The retrieval-by-weights table comes from `bench/weight_retrieval.py` (26 small adapters
+trained in ~24 min, then ~1.5 min with the 4 leave-one-task-out encoders).
 
 The four single-task LoRA adapters of `docs/merging.md` (polarity, source, intensity, format; r 16 on all linear
 layers, SmolLM2 in bf16) kept apart and mixed while the model runs. Accuracy (%) by label scoring on {n} class-balanced

@@ -12,6 +12,8 @@ family has three captions (short, medium, long). The encoder (`lorakit.compose.r
 side) is trained on the seed-0 adapters' (adapter, caption) pairs and tested on the seed-1 adapters, which it never
 saw: for each family, its test requests (the user message of 20 test examples) are embedded with MiniLM and matched
 against (a) the seed-1 adapters' weight embeddings, (b) the families' descriptions (the baseline), (c) chance.
+Unseen tasks: the encoder is trained again once per task with every family of that task left out (4 folds), and
+only that task's requests are scored, against all 13 test adapters.
 """
 from __future__ import annotations
 
@@ -92,6 +94,22 @@ class _Fixed:
         return retrieve(queries, self.embeddings, k)
 
 
+def unseen_task_picks(fams, names, train_adapters, test_adapters, task_of, q, gold, steps) -> torch.Tensor:
+    """Top-1 picks (over all test adapters) for every request, each made by an encoder trained without any adapter
+    of the request's task."""
+    from lorakit.compose.retrieve import WeightEncoder, WeightIndex, layout_of, train_encoder
+
+    picks = torch.full_like(gold, -1)
+    for task in task_of.unique().tolist():
+        seen = [j for j in range(len(names)) if task_of[j] != task]
+        encoder = WeightEncoder(layout_of(train_adapters + test_adapters))
+        train_encoder(encoder, [train_adapters[j] for j in seen], [fams[names[j]][1] for j in seen], steps=steps,
+                      batch=len(seen))
+        asked = task_of[gold] == task
+        picks[asked] = WeightIndex(names, test_adapters, encoder).retrieve(q[asked], 1)[0][:, 0]
+    return picks
+
+
 def evaluate(fams: dict, n_requests: int, steps: int) -> str:
     from lorakit.compose.retrieve import (DescriptionIndex, WeightEncoder, WeightIndex, adapter_layers, layout_of,
                                           text_embeddings, train_encoder)
@@ -124,6 +142,9 @@ def evaluate(fams: dict, n_requests: int, steps: int) -> str:
                     f"{(task_of[picks] == task_of[gold]).float().mean():.1%} |")
     chance_task = sum((task_of == t).sum().item() ** 2 for t in range(4)) / len(names) ** 2
     rows.append(f"| chance | {1 / len(names):.1%} | {chance_task:.1%} |")
+    unseen = unseen_task_picks(fams, names, train_adapters, test_adapters, task_of, q, gold, steps)
+    rows.insert(2, f"| weights, the request's task unseen in training (4 folds) | "
+                   f"{(unseen == gold).float().mean():.1%} | {(task_of[unseen] == task_of[gold]).float().mean():.1%} |")
     return f"""## Retrieval by weights vs by description (`bench/weight_retrieval.py`)
 
 {len(names)} adapter families × 2 seeds (LoRA r 4 on q_proj / v_proj of layers 26–29, 60 steps × 8 examples); the
@@ -131,7 +152,8 @@ weight encoder (AutoLoRA: a probe per layer through the factors, 2 transformer l
 caption embeddings) trained on the seed-0 adapters with 3 captions per family ({steps} steps, {seconds:.0f} s, loss
 {losses[0]:.2f} → {sum(losses[-10:]) / 10:.2f}), tested on the seed-1 adapters it never saw. Requests: the user message
 of {n_requests} test examples per family, embedded with MiniLM; *family* = the request's own family's adapter picked
-(top-1 of {len(names)}); *task* = an adapter of the same task picked (any domain).
+(top-1 of {len(names)}); *task* = an adapter of the same task picked (any domain). The "unseen" row trains the
+encoder 4 more times, each time without the adapters of one task, and scores that task's requests.
 
 | retriever | family top-1 | task top-1 |
 |---|---|---|
