@@ -44,6 +44,8 @@ def check_name(name: str) -> None:
     if bad or name != name.strip():
         raise AdapterNameError(f"invalid adapter name {name!r}: use a non-empty name without '/', '\\\\', '.' "
                                f"or surrounding spaces, other than {BASE!r}")
+    if hasattr(nn.ModuleDict(), name):  # adapters live in ModuleDicts: "training", "forward", "to", ... clash
+        raise AdapterNameError(f"invalid adapter name {name!r}: it is an attribute of torch.nn.Module; pick another")
 
 
 def check_names(names, what: str = "names") -> list[str]:

@@ -585,6 +585,8 @@ INJECT_CASES = [
     (dict(target_modules=["lin"]), "a/b", E.AdapterNameError, "a/b"),
     (dict(target_modules=["lin"]), "", E.AdapterNameError, ""),
     (dict(target_modules=["lin"]), "__base__", E.AdapterNameError, "__base__"),
+    (dict(target_modules=["lin"]), "training", E.AdapterNameError, "torch.nn.Module"),  # a ModuleDict attribute
+    (dict(target_modules=["lin"]), "forward", E.AdapterNameError, "torch.nn.Module"),
     (dict(target_modules=None), "default", E.TargetError, "target_modules"),
 ]
 
