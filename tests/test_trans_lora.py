@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.compose.transfer import (DISCRIMINATOR_CHOICES, DISCRIMINATOR_INSTRUCTION, clean_reply,
+from lorakit.compose.transfer import (DISCRIMINATOR_CHOICES, DISCRIMINATOR_INSTRUCTION, list_items,
                                       discriminator_data, keep_real, realness, synthesis_prompt, synthesize,
                                       teacher_labels)
 from lorakit.errors import ConfigError
@@ -38,29 +38,36 @@ def tok():
     return tiny_tokenizer()
 
 
-def test_clean_reply_and_prompt():
-    assert clean_reply('\n\n  1. "A sunny day at the beach."\nmore') == "A sunny day at the beach."
-    assert clean_reply("- 'quoted'") == "quoted" and clean_reply("   \n ") == ""
-    assert clean_reply("3) plain text") == "plain text"
+def test_list_items_and_prompt():
+    reply = '1. "A sunny day at the beach."\nSome chatter\n2) second one\n  3.   \'quoted\'  \n- not numbered'
+    assert list_items(reply) == ["A sunny day at the beach.", "second one", "quoted"]
+    assert list_items("no list here") == []
     a = synthesis_prompt(SEEDS, random.Random(0))[0]["content"]
     b = synthesis_prompt(SEEDS, random.Random(1))[0]["content"]
-    assert all(s in a and s in b for s in SEEDS) and a != b and "5 examples" in a
+    assert all(s in a and s in b for s in SEEDS) and a != b and "5 examples" in a and "5 new texts" in a
 
 
-def test_synthesize_is_seeded_distinct_and_bounded(model, tok):
-    calls, side = [], tok.padding_side
-    generate = model.generate
-    model.generate = lambda **kw: (calls.append(len(kw["input_ids"])), generate(**kw))[1]
+def test_synthesize_collects_complete_new_list_items(model, tok):
+    """The model's replies (scripted here) are read as numbered lists after the "1." the reply starts with: seeds,
+    repeats and an item cut off by the token limit are dropped; at most `max_requests` generations."""
+    scripts = [" alpha one\n2. beta two\n3. the food was great\n4. cut off", " alpha one\n2. gamma three\n"]
+    prompts, side = [], tok.padding_side
+
+    def scripted(input_ids, attention_mask, **kw):
+        prompts.append(tok.decode(input_ids[0]))
+        reply = tok(scripts[len(prompts) - 1], add_special_tokens=False)["input_ids"]
+        if len(prompts) == 2:
+            reply = reply + [tok.eos_token_id]
+        return torch.cat([input_ids, torch.tensor([reply] * len(input_ids))], 1)
+    generate, model.generate = model.generate, scripted
     try:
-        out = synthesize(model, tok, SEEDS, n=6, max_new_tokens=12, batch_size=4, seed=3, progress=False)
-        again = synthesize(model, tok, SEEDS, n=6, max_new_tokens=12, batch_size=4, seed=3, progress=False)
+        out = synthesize(model, tok, SEEDS, n=5, batch_size=1, max_requests=2, progress=False)
     finally:
         model.generate = generate
-    assert out == again and 3 <= len(out) <= 6 and len(set(out)) == len(out)
-    assert all(t and t not in SEEDS and "\n" not in t for t in out)
-    assert sum(calls) <= 2 * 24 and tok.padding_side == side  # at most 4·n requests per run; padding restored
-    few = synthesize(model, tok, SEEDS, n=6, max_new_tokens=4, batch_size=4, max_requests=3, progress=False)
-    assert len(few) <= 3
+    assert out == ["alpha one", "beta two", "gamma three"] and len(prompts) == 2
+    assert all(p.endswith("1.") and "numbered list" in p for p in prompts) and tok.padding_side == side
+    real = synthesize(model, tok, SEEDS, n=3, max_new_tokens=8, batch_size=2, progress=False)  # the real generate
+    assert real == synthesize(model, tok, SEEDS, n=3, max_new_tokens=8, batch_size=2, progress=False)
     with pytest.raises(ConfigError):
         synthesize(model, tok, [], n=2)
 
