@@ -47,7 +47,7 @@ SPARSITY = 0.2
 N_SEEDS, N_DISC, N_CAND = 5, 128, 256
 STUDENT = dict(r=16, alpha=32, steps=40, batch=8, lr=1e-3)  # every LoRA trained on the target
 DISCRIMINATOR = dict(r=8, alpha=16, steps=40, batch=8, lr=1e-3)
-HELD_OUT = ("intensity-nyt", "format-tweets")
+HELD_OUT = ("intensity-amazon", "format-tweets")  # class-balanced test sets (intensity-nyt: 94 % mild)
 CVAE_STEPS, SAMPLES, BETAS = 400, 3, (0.005, 1.0)
 SHOTS, TASK_PROMPTS = 3, 8
 
@@ -266,8 +266,9 @@ def train_cvae(kind: str, beta: float, z: torch.Tensor, conds: torch.Tensor):
 
     started = time.perf_counter()
     losses = fit_cvae(model, z, conds, steps=CVAE_STEPS, batch=8)
-    info = {"seconds": round(time.perf_counter() - started), "first": sum(losses[:20]) / 20,
-            "last": sum(losses[-20:]) / 20}
+    head, tail = losses[:20], losses[-20:]
+    info = {"seconds": round(time.perf_counter() - started), "first": sum(head) / len(head),
+            "last": sum(tail) / len(tail)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps(info))
     log(f"[cvae] {kind} β={beta:g}: {info}")
