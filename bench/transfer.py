@@ -132,23 +132,16 @@ def pruned_target(base):
     return target, record
 
 
-def slice_onto(record, folder: Path, out: Path) -> Path:
-    """The source adapter restricted to the target's kept channels (A's kept input columns, B's kept output rows)."""
-    from lorakit.io.files import read_adapter, write_folder
+def slice_onto(base, record, folder: Path, out: Path) -> Path:
+    """The source adapter restricted to the target's kept channels (A's kept input columns, B's kept output rows):
+    loaded on a copy of the source base, which is then pruned by the target's record (`pruned_copy`)."""
+    from lorakit.rank.loram import pruned_copy
 
     if (out / "adapter_config.json").is_file():
         return out
-    config, tensors = read_adapter(folder)
-    sliced = {}
-    for key, t in tensors.items():
-        path, _, suffix = key.partition(".lora_")
-        entry = record.modules.get(path, {})
-        if suffix == "A.weight" and entry.get("in") is not None:
-            t = t[:, entry["in"]]
-        elif suffix == "B.weight" and entry.get("out") is not None:
-            t = t[entry["out"]]
-        sliced[key] = t.contiguous()
-    return Path(write_folder(out, config, sliced))
+    full = copy.deepcopy(base)
+    lorakit.load_adapter(full, folder)
+    return Path(lorakit.save_adapter(pruned_copy(full, record), out))
 
 
 def trans_lora(base, tok, target, record, task: str, n: int) -> dict:
@@ -205,7 +198,7 @@ def trans_lora(base, tok, target, record, task: str, n: int) -> dict:
         "unfiltered": train_lora(target, chats(candidates, f["labels"]), student, root / "student-unfiltered", STUDENT),
         "real": train_lora(target, real, student, root / "student-real", STUDENT),
     }
-    sliced = slice_onto(record, C.ensure_adapter(task), root / "source-sliced")
+    sliced = slice_onto(base, record, C.ensure_adapter(task), root / "source-sliced")
     test = C.test_set(task, n)
     ev = root / "eval"
     rows = {"source": evaluate(base, C.ensure_adapter(task), task, test, ev / "source.json"),
