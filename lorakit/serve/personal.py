@@ -38,13 +38,12 @@ def personal_name(bank: str, user: list[float]) -> str:
 
 def open_bank(name: str, folder) -> Bank:
     """Check a RecLoRA bank folder (read in full) and describe it; ConfigError when it is not one."""
-    from ..io.files import read_adapter
-    from ..variants.reclora import RecLoRA
+    from ..variants.reclora import read_bank
 
-    config, tensors = read_adapter(folder)
-    if config.variant != RecLoRA.name:
-        raise ConfigError(f"--reclora-bank {name}: {folder} holds a {config.variant!r} adapter, not a RecLoRA bank")
-    options = RecLoRA.parse_options(config.options)
+    try:
+        _, options, tensors = read_bank(folder)
+    except ConfigError as e:
+        raise ConfigError(f"--reclora-bank {name}: {e}") from None
     ranks = [t.shape[0] // options.bank_size for k, t in tensors.items() if k.endswith(".reclora_A")]
     if not ranks:
         raise ConfigError(f"--reclora-bank {name}: {folder} adapts no layer")

@@ -143,8 +143,7 @@ class RecLoRA(Variant):
 
     def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The meta-LoRAs as (N, r, in) and (N, out, r) views: A_k = bank()[0][k], B_k = bank()[1][k]."""
-        n, r = self.bank_size, self.r
-        return self.reclora_A.view(n, r, -1), self.reclora_B.view(-1, n, r).permute(1, 0, 2)
+        return split_bank(self.reclora_A, self.reclora_B, self.bank_size)
 
     # ---- routing ---------------------------------------------------------------------------------
     def bind_routing(self, routing, rows=None, total_rows=None) -> None:
@@ -187,6 +186,25 @@ class RecLoRA(Variant):
                 f"scale={self.scale:g}")
 
 
+def split_bank(a: torch.Tensor, b: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked `reclora_A` (N·r, in) and `reclora_B` (out, N·r) as the N meta-LoRAs: (N, r, in) and (N, out, r)
+    views; ValueError when the shapes are not a bank of n."""
+    r = a.shape[0] // n
+    if r < 1 or a.shape[0] != r * n or b.shape[1] != a.shape[0]:
+        raise ValueError(f"reclora_A {tuple(a.shape)} and reclora_B {tuple(b.shape)} are not a bank of {n}")
+    return a.view(n, r, -1), b.view(-1, n, r).permute(1, 0, 2)
+
+
+def read_bank(folder) -> tuple:
+    """(config, options, tensors) of a saved RecLoRA adapter; ConfigError when the folder holds another variant."""
+    from ..io.files import read_adapter
+
+    config, tensors = read_adapter(folder)
+    if config.variant != RecLoRA.name:
+        raise ConfigError(f"{folder} holds a {config.variant!r} adapter, not a RecLoRA bank")
+    return config, RecLoRA.parse_options(config.options), tensors
+
+
 @torch.no_grad()
 def personal_lora(bank, user, directory) -> Path:
     """Write one user's adapter from a saved RecLoRA bank (folder `bank`) as a plain PEFT LoRA folder `directory`.
@@ -198,12 +216,9 @@ def personal_lora(bank, user, directory) -> Path:
     Raises ConfigError for a folder that is not a RecLoRA bank or a user vector of the wrong width / non-finite.
     """
     from ..io.export import plain_config
-    from ..io.files import read_adapter, write_folder
+    from ..io.files import write_folder
 
-    config, tensors = read_adapter(bank)
-    if config.variant != RecLoRA.name:
-        raise ConfigError(f"{bank} holds a {config.variant!r} adapter, not a RecLoRA bank")
-    o = RecLoRA.parse_options(config.options)
+    config, o, tensors = read_bank(bank)
     u = torch.as_tensor(user, dtype=torch.float32).reshape(-1)
     if u.numel() != o.user_dim or not torch.isfinite(u).all():
         raise ConfigError(f"the bank in {bank} reads user vectors of {o.user_dim} finite numbers, got "
@@ -215,19 +230,14 @@ def personal_lora(bank, user, directory) -> Path:
         path = key[:-len(".reclora_A")]
         gate = Gate(o.user_dim, o.gate_hidden, o.bank_size, o.gate_dropout, o.temperature, o.softmax).eval()
         try:
-            a, b = tensors[key].float(), tensors[f"{path}.reclora_B"].float()
-            r = a.shape[0] // o.bank_size
+            a, b = split_bank(tensors[key].float(), tensors[f"{path}.reclora_B"].float(), o.bank_size)
             gate.load_state_dict({k[len(f"{path}.reclora_gate."):]: t.float() for k, t in tensors.items()
                                   if k.startswith(f"{path}.reclora_gate.")})
-            if a.shape[0] != r * o.bank_size or b.shape[1] != a.shape[0]:
-                raise ValueError(f"reclora_A {tuple(a.shape)} and reclora_B {tuple(b.shape)} are not a bank of "
-                                 f"{o.bank_size}")
         except (KeyError, RuntimeError, ValueError) as e:
             raise StateDictError(f"{bank}: the bank on {path} is incomplete or malformed: {e}") from None
         w = gate(u[None])[0]  # (N,)
-        out[f"{path}.lora_A.weight"] = torch.einsum("k,kri->ri", w, a.view(o.bank_size, r, -1))
-        b_p = torch.einsum("k,okr->or", w, b.view(b.shape[0], o.bank_size, r))
-        out[f"{path}.lora_B.weight"] = b_p * config.scale_for(path)
-        ranks[path] = r
+        out[f"{path}.lora_A.weight"] = torch.einsum("k,kri->ri", w, a)
+        out[f"{path}.lora_B.weight"] = torch.einsum("k,kor->or", w, b) * config.scale_for(path)
+        ranks[path] = a.shape[1]
     out.update({k: t for k, t in tensors.items() if ".reclora_" not in k})  # modules_to_save
     return Path(write_folder(directory, plain_config(ranks, config), out))
