@@ -121,9 +121,15 @@ def discriminator_data(real: Sequence[str], synthetic: Sequence[str], seed: int 
 
 
 @torch.no_grad()
-def choice_logprobs(model: nn.Module, task, data: ChatDataset, batch_size: int = 32) -> torch.Tensor:
-    """(rows, choices): the total log-probability of each of the instruct `task`'s choices after each prompt of
-    `data`, with `model` as it is (its active adapters apply)."""
+def choice_logprobs(model: nn.Module, tokenizer, texts: Sequence[str], instruction: str, choices: Sequence[str],
+                    batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
+    """(texts, choices): the total log-probability of each choice's tokens after each text's chat prompt
+    (`instruction` with `{text}`), with `model` as it is (its active adapters apply); label scoring as lorakit's
+    instruct task scores."""
+    from ..train.tasks import make_task
+
+    task = make_task("instruct", tokenizer, max_length, len(choices), tuple(choices))
+    data = ChatDataset.from_texts(list(texts), [0] * len(texts), tuple(choices), instruction)
     was_training = model.training
     model.eval()
     try:
@@ -134,18 +140,12 @@ def choice_logprobs(model: nn.Module, task, data: ChatDataset, batch_size: int =
     return torch.cat(out).cpu()
 
 
-def _instruct(tokenizer, choices, max_length: int):
-    from ..train.tasks import make_task
-
-    return make_task("instruct", tokenizer, max_length, len(choices), tuple(choices))
-
-
 def realness(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 32,
              max_length: int = 256) -> torch.Tensor:
     """P(real) of each text under the discriminator (`model` with its discriminator adapter active): the softmax
     of the two choices' log-probabilities."""
-    data = ChatDataset.from_texts(list(texts), [0] * len(texts), DISCRIMINATOR_CHOICES, DISCRIMINATOR_INSTRUCTION)
-    scores = choice_logprobs(model, _instruct(tokenizer, DISCRIMINATOR_CHOICES, max_length), data, batch_size)
+    scores = choice_logprobs(model, tokenizer, texts, DISCRIMINATOR_INSTRUCTION, DISCRIMINATOR_CHOICES, batch_size,
+                             max_length)
     return scores.softmax(-1)[:, 0]
 
 
@@ -167,5 +167,4 @@ def teacher_labels(model: nn.Module, tokenizer, texts: Sequence[str], instructio
                    batch_size: int = 32, max_length: int = 256) -> list[int]:
     """The teacher's (`model` with the source adapter active) label for each input: its highest-scoring choice
     after `instruction` (with `{text}`)."""
-    data = ChatDataset.from_texts(list(texts), [0] * len(texts), tuple(choices), instruction)
-    return choice_logprobs(model, _instruct(tokenizer, choices, max_length), data, batch_size).argmax(-1).tolist()
+    return choice_logprobs(model, tokenizer, texts, instruction, choices, batch_size, max_length).argmax(-1).tolist()
