@@ -1,19 +1,22 @@
 """Transferring and generating adapters without task data (issue 20), on SmolLM2 and the VADER instruct tasks.
 
-Part 1, Trans-LoRA: the source is SmolLM2 with a task adapter of `docs/merging.md` (r 16 on all linear layers); the
-target is SmolLM2 with 20 % of the MLP channels of layers 3–28 removed at random (`lorakit.rank.loram`;
-magnitude scores break SmolLM2: see docs/transfer.md). From 5 seed examples, SmolLM2 writes 384 inputs of the task's
-kind (`compose.transfer.synthesize`); a discriminator LoRA on the source learns the seeds vs 128 of them and keeps the
-real-like share of the other 256; the source + adapter labels the kept inputs; a LoRA on the target learns them.
-Compared with the target alone, the source adapter sliced onto the target, a LoRA on the 5 seeds, the same
-distillation without the filter, and a LoRA on as many real examples (the upper bound).
+Part 1, Trans-LoRA: the source is SmolLM2 with a task adapter of `docs/merging.md` (r 16 on all linear layers). Two
+targets: SmolLM2 with 20 % of the MLP channels of layers 3–28 removed at random (`lorakit.rank.loram`; magnitude
+scores break SmolLM2: see docs/transfer.md), and SmolLM2 with every decoder weight rounded to 4 bits (symmetric, one
+absmax scale per 32 weights: llama.cpp's Q4_0 grid, stored dequantized). From 5 seed examples, SmolLM2 writes 288
+inputs of the task's kind (`compose.transfer.synthesize`); a discriminator LoRA on the source learns the seeds vs 96
+of them and keeps the real-like share of the other 192; the source + adapter labels the kept inputs; a LoRA on each
+target learns them. Compared with the target alone, the source adapter carried over (sliced to the kept channels;
+used as is on the 4-bit copy), a LoRA on the 5 seeds, and on the pruned target also the same distillation without
+the filter and a LoRA on as many real examples (the upper bound).
 
 Part 2, generators: the 13-family pool of `bench/transfer_pool.py` (r 4 on q / v of the last 4 layers, 30,720
 values) with two families held out; ICM-LoRA (condition: the base model's task vector on 3-shot prompts) and
 SG-LoRA (condition: the fused MiniLM embedding of the top-4 experts' descriptions) generate adapters for them, from
 CVAEs trained on the other 11 families' trajectories (steps 30–60, 6 points each), at the authors' β = 0.005 and at
 β = 1. Compared with the base, the nearest expert by description, the mixture of the top-4 experts (SG-LoRA's
-weights), a LoRA on 32 examples, and the family's own adapter (480 real examples).
+weights), a LoRA on 32 examples (the students' recipe of part 1), and the family's own adapter (480 real
+examples).
 
 Usage: `.venv/bin/python bench/transfer.py [--parts trans,generate] [--n 300] [--no-write]`. Resumable: every
 trained adapter, generated text set and evaluation is cached under `runs/transfer/`; writes `docs/transfer.md`.
@@ -25,7 +28,6 @@ import contextlib
 import copy
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merging_common as C  # noqa: E402
 import transfer_pool as P  # noqa: E402
-from weight_retrieval import TRAIN as POOL_TRAIN, families  # noqa: E402
+from weight_retrieval import families  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import data_tasks  # noqa: E402
@@ -44,11 +46,12 @@ from lorakit.data import ChatDataset  # noqa: E402
 OUT = C.ROOT / "runs" / "transfer"
 TRANS_TASKS = ("intensity", "source")
 SPARSITY = 0.2
-N_SEEDS, N_DISC, N_CAND = 5, 128, 256
+N_SEEDS, N_DISC, N_CAND = 5, 96, 192
+QUANT_BITS, QUANT_GROUP = 4, 32
 STUDENT = dict(r=16, alpha=32, steps=40, batch=8, lr=1e-3)  # every LoRA trained on the target
 DISCRIMINATOR = dict(r=8, alpha=16, steps=40, batch=8, lr=1e-3)
 HELD_OUT = ("intensity-amazon", "format-tweets")  # class-balanced test sets (intensity-nyt: 94 % mild)
-CVAE_STEPS, SAMPLES, BETAS = 400, 3, (0.005, 1.0)
+CVAE_STEPS, SAMPLES, BETAS = 250, 2, (0.005, 1.0)
 SHOTS, TASK_PROMPTS = 3, 8
 
 
@@ -144,7 +147,24 @@ def slice_onto(base, record, folder: Path, out: Path) -> Path:
     return Path(lorakit.save_adapter(pruned_copy(full, record), out))
 
 
-def trans_lora(base, tok, target, record, task: str, n: int) -> dict:
+def quantized_target(base):
+    """A copy of `base` with every decoder-layer linear weight rounded to QUANT_BITS-bit integers with one absmax
+    scale per QUANT_GROUP consecutive weights of a row (symmetric round-to-nearest, Q4_0's grid), kept dequantized."""
+    target = copy.deepcopy(base)
+    top = 2 ** (QUANT_BITS - 1) - 1
+    with torch.no_grad():
+        for name, module in target.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in f".{name}":
+                w = module.weight.float().reshape(-1, QUANT_GROUP)
+                step = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / top
+                grid = (w / step).round().clamp(-top - 1, top) * step
+                module.weight.copy_(grid.reshape(module.weight.shape))
+    return target
+
+
+def transfer_data(base, tok, task: str) -> dict:
+    """Trans-LoRA's data for `task`, shared by every target: the seeds, the synthetic inputs, the discriminator's
+    P(real) and kept inputs, and the teacher's labels (cached)."""
     from lorakit.compose.transfer import (DISCRIMINATOR_CHOICES, discriminator_data, keep_real, realness,
                                           synthesize, teacher_labels)
     from lorakit.train.tasks import make_task
@@ -186,31 +206,52 @@ def trans_lora(base, tok, target, record, task: str, n: int) -> dict:
         by_text = dict(zip(candidates, labels))
         return {"p_real": p.tolist(), "kept": kept, "labels": labels, "kept_labels": [by_text[t] for t in kept]}
     f = cached(root / "filtered.json", filtered)
+    return {"seeds": seeds, "seed_texts": seed_texts, "texts": texts, "candidates": candidates,
+            "seconds": synthetic["seconds"], **f}
+
+
+def trans_lora(base, target, task: str, data: dict, carried: Path, n: int, name: str, students: tuple) -> dict:
+    """Rows of one target for `task`: the source (on the source base), the target alone, the source adapter
+    `carried` over, and a LoRA on the target for each of `students` (seeds, trans-lora, unfiltered, real)."""
+    spec = data_tasks.TASKS[task]
+    root = OUT / "trans" / task / name
 
     def chats(texts_, labels_):
         return ChatDataset.from_texts(list(texts_), list(labels_), spec.choices, spec.instruction)
-    real = data_tasks.task_split(task, "train", limit=len(f["kept"]))
+    sources = {"seeds": lambda: data["seeds"], "trans-lora": lambda: chats(data["kept"], data["kept_labels"]),
+               "unfiltered": lambda: chats(data["candidates"], data["labels"]),
+               "real": lambda: data_tasks.task_split(task, "train", limit=len(data["kept"]))}
     student = C.make_task(task)
-    students = {
-        "seeds": train_lora(target, seeds, student, root / "student-seeds", STUDENT),
-        "trans-lora": train_lora(target, chats(f["kept"], f["kept_labels"]), student, root / "student-trans-lora",
-                                 STUDENT),
-        "unfiltered": train_lora(target, chats(candidates, f["labels"]), student, root / "student-unfiltered", STUDENT),
-        "real": train_lora(target, real, student, root / "student-real", STUDENT),
-    }
-    sliced = slice_onto(base, record, C.ensure_adapter(task), root / "source-sliced")
+    folders = {k: train_lora(target, sources[k](), student, root / f"student-{k}", STUDENT) for k in students}
     test = C.test_set(task, n)
-    ev = root / "eval"
+    ev = OUT / "trans" / task / "eval"
     rows = {"source": evaluate(base, C.ensure_adapter(task), task, test, ev / "source.json"),
             "source-base": evaluate(base, None, task, test, ev / "source-base.json"),
-            "target": evaluate(target, None, task, test, ev / "target.json"),
-            "sliced": evaluate(target, sliced, task, test, ev / "sliced.json")}
-    rows.update({k: evaluate(target, folder, task, test, ev / f"{k}.json") for k, folder in students.items()})
-    return {"rows": rows, "kept": len(f["kept"]), "candidates": len(candidates), "generated": len(texts),
-            "seconds": synthetic["seconds"], "seed_texts": seed_texts, "examples": f["kept"][:3],
-            "rejected": [t for t in candidates if t not in set(f["kept"])][:3],
-            "teacher_share": [f["labels"].count(k) / len(f["labels"]) for k in range(len(spec.choices))],
-            "p_real_mean": sum(f["p_real"]) / len(f["p_real"])}
+            "target": evaluate(target, None, task, test, ev / f"{name}-target.json"),
+            "carried": evaluate(target, carried, task, test, ev / f"{name}-carried.json")}
+    rows.update({k: evaluate(target, folder, task, test, ev / f"{name}-{k}.json") for k, folder in folders.items()})
+    return rows
+
+
+def trans_part(base, tok, n: int) -> dict:
+    """Part 1 for every task: the shared data, then the pruned and the 4-bit target."""
+    pruned, record = pruned_target(base)
+    quantized = quantized_target(base)
+    out = {}
+    for task in TRANS_TASKS:
+        data = transfer_data(base, tok, task)
+        sliced = slice_onto(base, record, C.ensure_adapter(task), OUT / "trans" / task / "source-sliced")
+        rows = {"pruned": trans_lora(base, pruned, task, data, sliced, n, "pruned",
+                                     ("seeds", "trans-lora", "unfiltered", "real")),
+                "q4": trans_lora(base, quantized, task, data, C.ensure_adapter(task), n, "q4", ("seeds", "trans-lora"))}
+        kept = set(data["kept"])
+        out[task] = {"rows": rows, "kept": len(kept), "candidates": len(data["candidates"]),
+                     "generated": len(data["texts"]), "seconds": data["seconds"], "examples": data["kept"][:3],
+                     "rejected": [t for t in data["candidates"] if t not in kept][:3],
+                     "teacher_share": [data["labels"].count(k) / len(data["labels"])
+                                       for k in range(len(data_tasks.TASKS[task].choices))],
+                     "p_real_mean": sum(data["p_real"]) / len(data["p_real"])}
+    return out
 
 
 # ---- part 2: generators -------------------------------------------------------------------------------------------
@@ -309,13 +350,8 @@ def generators(base, tok, n: int) -> dict:
         if not (mixture / "adapter_config.json").is_file():
             unflatten(FlatAdapter(std.standardise(fuse(weights.double(), finals)), std), mixture)
         rows["mixture"] = evaluate(base, mixture, task, test, ev / "mixture.json")
-        few = root / "lora-32"
-        if not (few / "adapter" / "adapter_config.json").is_file():
-            subprocess.run([sys.executable, "-m", "lorakit", "train", "--model", "smollm2", "--task", "instruct",
-                            "--data", fams[h][0], "--seed", "0", "--output-dir", str(few), "--overwrite-output-dir",
-                            *POOL_TRAIN, "--max-train-samples", "32"], check=True, cwd=C.ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rows["lora-32"] = evaluate(base, few / "adapter", task, test, ev / "lora-32.json")
+        few = train_lora(base, family_data(h, "train", limit=32), C.make_task(task), root / "lora-32", STUDENT)
+        rows["lora-32"] = evaluate(base, few, task, test, ev / "lora-32.json")
         conds = {"icm": icm_cond[h][None], "sg": fuse(weights, expert_caps)[None]}
         for (kind, beta), (cvae, _) in cvaes.items():
             accs = []
@@ -338,17 +374,28 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def trans_section(results: dict, n: int) -> str:
-    labels = {"source": "source: SmolLM2 + the task adapter (teacher)", "source-base": "source base, no adapter",
-              "target": "target (pruned SmolLM2), no adapter",
-              "sliced": "target + the source adapter sliced to its kept channels",
-              "seeds": f"target + LoRA on the {N_SEEDS} seed examples",
-              "unfiltered": f"target + distilled on all {N_CAND} synthetic inputs (no discriminator)",
-              "trans-lora": "**target + Trans-LoRA** (distilled on the discriminator's real-like inputs)",
-              "real": "target + LoRA on as many real examples (upper bound)"}
+def trans_table(results: dict, target: str, labels: dict) -> str:
     lines = ["| row | " + " | ".join(TRANS_TASKS) + " |", "|---|" + "---|" * len(TRANS_TASKS)]
     for row, label in labels.items():
-        lines.append(f"| {label} | " + " | ".join(pct(results[t]["rows"][row]["accuracy"]) for t in TRANS_TASKS) + " |")
+        lines.append(f"| {label} | " + " | ".join(pct(results[t]["rows"][target][row]["accuracy"])
+                                                 for t in TRANS_TASKS) + " |")
+    return "\n".join(lines)
+
+
+def trans_section(results: dict, n: int) -> str:
+    source = {"source": "source: SmolLM2 + the task adapter (teacher)", "source-base": "source base, no adapter"}
+    pruned = trans_table(results, "pruned", {
+        **source, "target": "target (pruned SmolLM2), no adapter",
+        "carried": "target + the source adapter sliced to its kept channels",
+        "seeds": f"target + LoRA on the {N_SEEDS} seed examples",
+        "unfiltered": f"target + distilled on all {N_CAND} synthetic inputs (no discriminator)",
+        "trans-lora": "**target + Trans-LoRA** (distilled on the discriminator's real-like inputs)",
+        "real": "target + LoRA on as many real examples (upper bound)"})
+    quantized = trans_table(results, "q4", {
+        **source, "target": f"target ({QUANT_BITS}-bit SmolLM2), no adapter",
+        "carried": "target + the source adapter as is",
+        "seeds": f"target + LoRA on the {N_SEEDS} seed examples",
+        "trans-lora": "**target + Trans-LoRA** (the same distillation set as above)"})
     notes = []
     for t in TRANS_TASKS:
         r = results[t]
@@ -357,16 +404,24 @@ def trans_section(results: dict, n: int) -> str:
                      f"{', '.join(f'{s:.0%}' for s in r['teacher_share'])} over "
                      f"{', '.join(data_tasks.TASKS[t].choices)}. Kept, e.g.: "
                      + " · ".join(f"“{e[:80]}”" for e in r["examples"]) + ". Rejected, e.g.: "
-                     + " · ".join(f"“{e[:80]}”" for e in r["rejected"]))
-    return f"""## Trans-LoRA: a task adapter moved to a pruned SmolLM2
+                     + (" · ".join(f"“{e[:80]}”" for e in r["rejected"]) or "none"))
+    return f"""## Trans-LoRA: a task adapter moved to a pruned and to a 4-bit SmolLM2
 
 Accuracy (%) by label scoring on {n} class-balanced test examples per task (chance: intensity 50, source 25). Every
-LoRA on the target: r {STUDENT['r']}, α {STUDENT['alpha']} on all linear layers, {STUDENT['steps']} steps ×
+LoRA on a target: r {STUDENT['r']}, α {STUDENT['alpha']} on all linear layers, {STUDENT['steps']} steps ×
 {STUDENT['batch']}, lr {STUDENT['lr']}, bf16; the discriminator: r {DISCRIMINATOR['r']} on q / v of the source,
-{DISCRIMINATOR['steps']} steps. The target keeps {100 - 100 * SPARSITY:.0f} % of the MLP channels of layers 3–28
-(random choice, seed 0; 120.7 M of 134.5 M parameters).
+{DISCRIMINATOR['steps']} steps.
 
-{chr(10).join(lines)}
+**Pruned target**: {100 - 100 * SPARSITY:.0f} % of the MLP channels of layers 3–28 kept (random choice, seed 0;
+120.7 M of 134.5 M parameters).
+
+{pruned}
+
+**{QUANT_BITS}-bit target**: every decoder weight rounded to {QUANT_BITS} bits with one absmax scale per
+{QUANT_GROUP} weights (round to nearest, llama.cpp's Q4_0 grid), held dequantized in bf16. The distillation set and
+teacher labels are those of the pruned target.
+
+{quantized}
 
 {chr(10).join(notes)}
 """
@@ -377,8 +432,8 @@ def generate_section(results: dict, n: int) -> str:
               "mixture": "mixture of the top-4 experts (SG-LoRA's weights, averaged factors)",
               **{f"icm-beta{b:g}": f"**ICM-LoRA**, β = {b:g} (mean of {SAMPLES} samples)" for b in BETAS},
               **{f"sg-beta{b:g}": f"**SG-LoRA**, β = {b:g} (mean of {SAMPLES} samples)" for b in BETAS},
-              "lora-32": "LoRA trained on 32 examples of the family", "own": "the family's own adapter (480 "
-                                                                           "examples; upper bound)"}
+              "lora-32": f"LoRA trained on 32 examples of the family (r {STUDENT['r']}, all linear layers)",
+              "own": "the family's own adapter (480 examples; upper bound)"}
     lines = ["| row | " + " | ".join(HELD_OUT) + " |", "|---|" + "---|" * len(HELD_OUT)]
     for row, label in labels.items():
         cells = []
@@ -401,19 +456,18 @@ steps × 8 ({cvae}). {picks}.
 """
 
 
-def write_doc(trans: dict | None, gen: dict | None, n: int, seconds: float) -> None:
+def write_doc(trans: dict | None, gen: dict | None, n: int, seconds: float, path: Path) -> None:
     doc = f"""# Transferring and generating adapters without task data (SmolLM2-135M-Instruct, VADER instruct tasks)
 
 Regenerate: `.venv/bin/python bench/transfer.py` ({datetime.date.today()}; this run took {seconds / 60:.0f} min on 2
 CPU cores; results cached in `runs/transfer/` are reused). One seed per row: with {n} test examples a row's standard
-error is about 2.5–2.9 points, so differences under ~5 points are noise.
+error is up to {50 / n ** 0.5:.1f} points, so differences under ~{100 / n ** 0.5:.0f} points are noise.
 
 """
     if trans:
         doc += trans_section(trans, n) + "\n"
     if gen:
         doc += generate_section(gen, n) + "\n"
-    path = C.ROOT / "docs" / "transfer.md"
     marker = "<!-- findings: written by hand, kept when the tables above are regenerated -->"
     kept = path.read_text().split(marker, 1)[1] if path.is_file() and marker in path.read_text() else "\n"
     path.write_text(doc + marker + kept)
@@ -425,14 +479,14 @@ def main():
     ap.add_argument("--parts", default="trans,generate")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes into runs/transfer-smoke (checks the pipeline)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, all output in runs/transfer-smoke")
     args = ap.parse_args()
     if args.smoke:
         global OUT, N_DISC, N_CAND, CVAE_STEPS, SAMPLES
         OUT, N_DISC, N_CAND, CVAE_STEPS, SAMPLES = C.ROOT / "runs" / "transfer-smoke", 8, 16, 3, 1
         STUDENT.update(steps=2)
         DISCRIMINATOR.update(steps=2)
-        args.n, args.no_write = 16, True
+        args.n = 16
     began = time.perf_counter()
     torch.set_num_threads(2)
     base, tok = C.load_base()
@@ -440,10 +494,10 @@ def main():
     if "generate" in args.parts:
         gen = generators(base, tok, args.n)
     if "trans" in args.parts:
-        target, record = pruned_target(base)
-        trans = {t: trans_lora(base, tok, target, record, t, args.n) for t in TRANS_TASKS}
+        trans = trans_part(base, tok, args.n)
     if not args.no_write:
-        write_doc(trans, gen, args.n, time.perf_counter() - began)
+        doc = OUT / "transfer.md" if args.smoke else C.ROOT / "docs" / "transfer.md"
+        write_doc(trans, gen, args.n, time.perf_counter() - began, doc)
 
 
 if __name__ == "__main__":
