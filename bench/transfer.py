@@ -15,8 +15,8 @@ values) with two families held out; ICM-LoRA (condition: the base model's task v
 SG-LoRA (condition: the fused MiniLM embedding of the top-4 experts' descriptions) generate adapters for them, from
 CVAEs trained on the other 11 families' trajectories (steps 30–60, 6 points each), at the authors' β = 0.005 and at
 β = 1. Compared with the base, the nearest expert by description, the mixture of the top-4 experts (SG-LoRA's
-weights), a LoRA on 32 examples (the students' recipe of part 1), and the family's own adapter (480 real
-examples).
+weights), a LoRA on 32 examples (in the pool's shape and recipe, and with the students' recipe of part 1), and the
+family's own adapter (480 real examples).
 
 Usage: `.venv/bin/python bench/transfer.py [--parts trans,generate] [--n 300] [--no-write]`. Resumable: every
 trained adapter, generated text set and evaluation is cached under `runs/transfer/`; writes `docs/transfer.md`.
@@ -50,6 +50,7 @@ N_SEEDS, N_DISC, N_CAND = 5, 96, 192
 QUANT_BITS, QUANT_GROUP = 4, 32
 STUDENT = dict(r=16, alpha=32, steps=40, batch=8, lr=1e-3)  # every LoRA trained on the target
 DISCRIMINATOR = dict(r=8, alpha=16, steps=40, batch=8, lr=1e-3)
+POOL_RECIPE = dict(r=4, alpha=8, steps=60, batch=8, lr=3e-3, layers=[26, 27, 28, 29])  # the pool's (generated shape)
 HELD_OUT = ("intensity-amazon", "format-tweets")  # class-balanced test sets (intensity-nyt: 94 % mild)
 CVAE_STEPS, SAMPLES, BETAS = 250, 2, (0.005, 1.0)
 SHOTS, TASK_PROMPTS = 3, 8
@@ -84,7 +85,8 @@ def train_lora(model, data: ChatDataset, task, folder: Path, recipe: dict, targe
     if (folder / "adapter_config.json").is_file():
         return folder
     targets = targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = lorakit.AdapterConfig(r=recipe["r"], lora_alpha=recipe["alpha"], target_modules=targets)
+    config = lorakit.AdapterConfig(r=recipe["r"], lora_alpha=recipe["alpha"], target_modules=targets,
+                                   layers_to_transform=recipe.get("layers"))
     before = lorakit.active_adapters(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -352,6 +354,9 @@ def generators(base, tok, n: int) -> dict:
         rows["mixture"] = evaluate(base, mixture, task, test, ev / "mixture.json")
         few = train_lora(base, family_data(h, "train", limit=32), C.make_task(task), root / "lora-32", STUDENT)
         rows["lora-32"] = evaluate(base, few, task, test, ev / "lora-32.json")
+        few = train_lora(base, family_data(h, "train", limit=32), C.make_task(task), root / "lora-32-pool", POOL_RECIPE,
+                         targets=["q_proj", "v_proj"])
+        rows["lora-32-pool"] = evaluate(base, few, task, test, ev / "lora-32-pool.json")
         conds = {"icm": icm_cond[h][None], "sg": fuse(weights, expert_caps)[None]}
         for (kind, beta), (cvae, _) in cvaes.items():
             accs = []
@@ -432,6 +437,7 @@ def generate_section(results: dict, n: int) -> str:
               "mixture": "mixture of the top-4 experts (SG-LoRA's weights, averaged factors)",
               **{f"icm-beta{b:g}": f"**ICM-LoRA**, β = {b:g} (mean of {SAMPLES} samples)" for b in BETAS},
               **{f"sg-beta{b:g}": f"**SG-LoRA**, β = {b:g} (mean of {SAMPLES} samples)" for b in BETAS},
+              "lora-32-pool": "LoRA trained on 32 examples of the family in the pool's shape and recipe",
               "lora-32": f"LoRA trained on 32 examples of the family (r {STUDENT['r']}, all linear layers)",
               "own": "the family's own adapter (480 examples; upper bound)"}
     lines = ["| row | " + " | ".join(HELD_OUT) + " |", "|---|" + "---|" * len(HELD_OUT)]
