@@ -1,4 +1,5 @@
-"""`lorakit ...` command line: train, eval, compare, inspect, merge, export, squeeze, demo, make-model, serve.
+"""`lorakit ...` command line: train, eval, compare, inspect, reduce-intruders, merge, export, squeeze, demo,
+make-model, serve.
 
 Run settings come from `--config run.yaml` and/or flags; a flag is a `RunConfig`, `AdapterConfig` or
 `TrainingArguments` field with dashes (`--learning-rate 1e-3`, `--target-modules query value`, `--use-rslora`)
@@ -41,7 +42,9 @@ HELP = {"model": "smollm2 | minilm | tiny-llama | a local transformers model dir
         "save_total_limit": "checkpoints kept in <output_dir>/checkpoints, oldest deleted first; 0 keeps all "
                             "(default: 1)",
         "eval_ranks": "also test the adapter at these ranks and report AURAC, e.g. 1,2,4,8 (plain LoRA: first k "
-                      "components; dylora / matryoshka_lora: their nested form)"}
+                      "components; dylora / matryoshka_lora: their nested form)",
+        "attention_logit_every": "every N optimizer steps, log the largest attention logit |q·k|/√d per layer "
+                                 "(attn_logit_max/<layer> in metrics.jsonl; 0: off)"}
 
 
 # `lorakit eval`: what to evaluate on (data, model, task) and how (batching, length, device, precision)
@@ -107,7 +110,7 @@ def _help(name: str, default) -> str:
     if name == "variant":
         from .variants import variant_names
 
-        return " | ".join(variant_names()) + f" (default: {default})"
+        return " | ".join(variant_names()) + f" | full (full fine-tuning: no adapter) (default: {default})"
     if name == "optim":
         from .optim import optimizer_names
         from .train.args import OPTIM_ALIASES
@@ -215,7 +218,39 @@ def run_inspect(args) -> None:
     from .analysis import describe_adapter
     from .train.run import adapter_folder
 
-    print(describe_adapter(adapter_folder(args.dir)))
+    folder = adapter_folder(args.dir)
+    if args.base is None and not args.against and args.report is None:
+        print(describe_adapter(folder))
+        return
+    from .analysis.report import analyse, tables, write_report
+
+    model = _adapted(folder, args.base).float() if args.base is not None else None
+    result = analyse(folder, model, args.base, [adapter_folder(o) for o in args.against], k=args.top_k,
+                     epsilon=args.epsilon)
+    for title, header, rows in tables(result)[:-1]:  # the roll-ups and summaries; the layers are in the report
+        print(f"{title}\n  " + " | ".join(header) + "".join("\n  " + " | ".join(r) for r in rows) + "\n")
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    if args.report is not None:
+        print(f"report: {write_report(result, args.report) / 'report.html'}")
+
+
+def run_reduce_intruders(args) -> None:
+    from .analysis.intruders import reduce_intruders
+    from .io import save_adapter
+    from .train.run import adapter_folder
+
+    folder, out = adapter_folder(args.src), Path(args.dst)
+    _check_output_dir(out, args.overwrite)
+    model = _adapted(folder, args.base)
+    report = reduce_intruders(model, top_k=args.top_k, epsilon=args.epsilon, lam=args.lam,
+                              keep_rank=not args.exact)
+    _write_output_dir(out, lambda tmp: save_adapter(model, tmp, "intruders_reduced"))
+    width = max(map(len, report))
+    for path, r in report.items():
+        print(f"{path:<{width}}  intruders {r['intruders']:>2}  rank {r['rank']:>3}  "
+              f"re-projection error {r['reprojection_error']:.2e}")
+    print(f"{sum(r['intruders'] for r in report.values())} intruder dimensions scaled by {args.lam}; wrote {out}")
 
 
 def run_make_model(args) -> None:
@@ -226,6 +261,12 @@ def run_make_model(args) -> None:
                      intermediate_size=args.intermediate_size, vocab_size=args.vocab_size,
                      max_position_embeddings=args.max_position_embeddings, seed=args.seed)
     print(f"{out}  {parameter_count(out):,} parameters")
+
+
+def _add_intruder_flags(parser) -> None:
+    parser.add_argument("--top-k", type=int, default=10, help="top singular vectors checked per matrix (10)")
+    parser.add_argument("--epsilon", type=float, default=0.5,
+                        help="an intruder's largest |cos| with every base singular vector is below this (0.5)")
 
 
 def _engine_default(flag: str) -> str:
@@ -474,19 +515,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="variants x learning rates x seeds on one task: table + plots")
     cmp.add_argument("--variants", default=None,
-                     help="comma-separated: registered variants, or rslora / <variant>+rslora (default: the entries "
-                          "of --variant-settings, else lora,rslora,dora)")
+                     help="comma-separated: registered variants, rslora / <variant>+rslora, or full (full "
+                          "fine-tuning) (default: the entries of --variant-settings, else lora,rslora,dora)")
     cmp.add_argument("--variant-settings", default=None, metavar="YAML",
-                     help="a mapping entry → settings for that entry only (e.g. vera: {r: 256, options: {...}, learning_rates: [...]}); an "
-                          "entry with its own `variant` key is a free label")
+                     help="a mapping entry → settings for that entry only (e.g. vera: {r: 256, options: {...}, "
+                          "learning_rates: [...]}); an entry with its own `variant` key is a free label")
     cmp.add_argument("--lrs", nargs="+", default=["1e-4", "5e-4", "2e-3"], help="learning rates")
     cmp.add_argument("--seeds", nargs="+", default=["2"], help="a count N (seeds 0..N-1) or a list of seeds")
     add_settings(cmp, hidden=SWEPT)
     cmp.set_defaults(run=run_compare)
 
-    ins = sub.add_parser("inspect", help="an adapter folder: config, per-layer ranks, parameter counts, norms")
+    ins = sub.add_parser("inspect", help="an adapter folder: config, per-layer ranks, norms; with --base, --against "
+                                         "or --report: spectra, intruder dimensions, interference, an HTML report")
     ins.add_argument("dir", help="an adapter folder, or a run's output_dir")
+    ins.add_argument("--base", default=None, metavar="MODEL",
+                     help="the base model (a lorakit model name or a local folder): intruder dimensions, spectra of "
+                          "W0 + ΔW, and the effective ΔW of any variant")
+    ins.add_argument("--against", nargs="+", default=[], metavar="ADAPTER",
+                     help="other plain LoRA adapters: principal angles, ΔW cosine, sign conflicts per layer")
+    ins.add_argument("--report", default=None, metavar="OUT",
+                     help="write OUT/report.html, report.md, report.json and the plots")
+    _add_intruder_flags(ins)
     ins.set_defaults(run=run_inspect)
+
+    ri = sub.add_parser("reduce-intruders", help="scale an adapter's intruder dimensions down (Shuttleworth et al.) "
+                                                 "and write it as a plain PEFT LoRA")
+    ri.add_argument("src", help="a run's output_dir or an adapter folder (any mergeable variant)")
+    ri.add_argument("dst", help="where the new adapter folder goes")
+    ri.add_argument("--base", default=None, metavar="MODEL", help="the base model (default: the adapter's own)")
+    ri.add_argument("--lam", type=float, default=0.75, help="the share of each intruder direction kept (0.75)")
+    ri.add_argument("--exact", action="store_true",
+                    help="keep rank r + #intruders so the new ΔW is exact (default: back to rank r, as PEFT)")
+    ri.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    _add_intruder_flags(ri)
+    ri.set_defaults(run=run_reduce_intruders)
 
     mk = sub.add_parser("make-model", help="write a random-weight decoder model directory with an offline tokenizer")
     mk.add_argument("arch", choices=["llama", "mistral", "qwen2"])

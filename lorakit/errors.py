@@ -61,6 +61,10 @@ class DataError(LorakitError, ValueError):
     """A dataset cannot be read or used: missing file or column, empty, non-numeric label, unreachable download."""
 
 
+class MissingDependencyError(LorakitError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra that brings it."""
+
+
 class ModelError(LorakitError, ValueError):
     """A model spec cannot be loaded: unknown name, missing directory, missing optional package."""
 

@@ -356,17 +356,19 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module):
-    """Run the base model only inside this context (merged layers are unmerged, then re-merged)."""
+    """Run the base model only inside this context (merged layers are unmerged, then re-merged). Nests: leaving an
+    inner context leaves the adapters disabled by an outer one."""
     merged = {layer: list(layer.merged) for layer in _layers(model) if layer.merged}
     for layer in merged:
         layer.set_merged([])
-    for _, w in wrappers(model):
+    before = {w: w.disabled for _, w in wrappers(model)}
+    for w in before:
         w.disabled = True
     try:
         yield model
     finally:
-        for _, w in wrappers(model):
-            w.disabled = False
+        for w, was in before.items():
+            w.disabled = was
         for layer, names in merged.items():
             layer.set_merged(names)
 

@@ -162,25 +162,56 @@ def plain_config(ranks: dict[str, int], like: AdapterConfig) -> AdapterConfig:
                          base_model_name_or_path=like.base_model_name_or_path)
 
 
-def _layer_svd(variant, kind, rank, method, oversample, power_iters, generator) -> tuple[SVD, str, int]:
+def effective_delta(variant, kind) -> torch.Tensor:
+    """The layer's effective change of its base weight as a dense (out, in) matrix: s·B·A, or for a variant without
+    `factors()` its `delta_weight()` with any row scale applied (row ⊙ (W + ΔW) − W: DoRA's is full rank)."""
+    if not getattr(variant, "mergeable", True):
+        raise MergeError(f"{variant.name} on {variant.path} has a token-dependent ΔW")
+    with torch.no_grad():
+        factors = variant.factors()
+        if factors is not None:
+            a, b, s = factors
+            return (b.detach() @ a.detach()) * s
+        delta = variant.delta_weight()
+        if delta.dim() != 2:
+            delta = kind.as_matrix(delta) if kind.as_matrix(delta).dim() == 2 else delta.reshape(delta.shape[0], -1)
+        weight = kind.weight()
+        row = variant.row_scale(weight)
+        if row is not None:
+            w = weight.reshape(weight.shape[0], -1).to(delta.dtype)
+            delta = row.reshape(-1, 1).to(delta.dtype) * (w + delta) - w
+    return delta
+
+
+def layer_svd(variant, kind, rank=None, method="exact", oversample=10, power_iters=2,
+              generator=None) -> tuple[SVD, str, int]:
     """(SVD of the layer's ΔW, "factors" | "dense", the most rank it can keep: r for factors, min(out, in) for a
     dense ΔW — e.g. DoRA's effective change (m/‖W+ΔW‖ − 1)⊙W + … is full rank)."""
     factors = variant.factors()
     if factors is not None:
         a, b, s = factors
         return factor_svd(a, b, s, rank, method, oversample, power_iters, generator), "factors", a.shape[0]
-    if not getattr(variant, "mergeable", True):
-        raise MergeError(f"{variant.name} on {variant.path} has a token-dependent ΔW; it cannot be squeezed")
-    with torch.no_grad():
-        delta = variant.delta_weight()
-        if delta.dim() != 2:
-            delta = kind.as_matrix(delta) if kind.as_matrix(delta).dim() == 2 else delta.reshape(delta.shape[0], -1)
-        weight = kind.weight()
-        row = variant.row_scale(weight)
-        if row is not None:  # the effective change is row ⊙ (W + ΔW) − W
-            w = weight.reshape(weight.shape[0], -1).to(delta.dtype)
-            delta = row.reshape(-1, 1).to(delta.dtype) * (w + delta) - w
+    try:
+        delta = effective_delta(variant, kind)
+    except MergeError:
+        raise MergeError(f"{variant.name} on {variant.path} has a token-dependent ΔW; it cannot be squeezed") from None
     return dense_svd(delta, rank, method, oversample, power_iters), "dense", min(delta.shape)
+
+
+def folder_factors(config: AdapterConfig, tensors: dict[str, torch.Tensor]):
+    """The LoRA pairs of a plain LoRA folder's tensors: yields (path, A (r, in), B (out, r), A's key, B's key) for
+    Linear (lora_A/lora_B.weight), Conv (A (r, in, *k), B (out, r, 1…)) and Embedding (lora_embedding_A (r, num),
+    lora_embedding_B (dim, r)) layers, in the files' order."""
+    suffixes = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
+    for key, t in tensors.items():
+        pair = next((s for s in suffixes if key.endswith("." + s[0])), None)
+        if pair is None:
+            continue
+        path = key[: -len(pair[0]) - 1]
+        b_key = f"{path}.{pair[1]}"
+        r = t.shape[0]
+        b = tensors[b_key]
+        yield path, t.reshape(r, -1), b.reshape(b.shape[0], r) if pair[0] == "lora_A.weight" else b, key, b_key
 
 
 def squeeze_adapter(model: torch.nn.Module, name: str = "default", target_rank: Ranks = None,
@@ -194,11 +225,12 @@ def squeeze_adapter(model: torch.nn.Module, name: str = "default", target_rank: 
     wins, as `rank_pattern`); layers no key matches use `energy` when given, else keep their rank (re-factored
     exactly). `energy` alone: per-layer k by retained energy. Ranks are clamped to the source rank (for the dense
     fallback to min(out, in): DoRA's effective ΔW, say, is full rank). The new adapter has alpha = rank (scale 1,
-    the singular values live in the factors), uses `rank_pattern`/`alpha_pattern` for heterogeneous ranks, keeps `modules_to_save` copies and the active set, and is trainable when `trainable`.
+    the singular values live in the factors), uses `rank_pattern`/`alpha_pattern` for heterogeneous ranks, keeps
+    `modules_to_save` copies and the active set, and is trainable when `trainable`.
     Returns {path: {"from": r, "to": k, "energy": captured fraction, "source": "factors" | "dense"}} — "dense" marks a
     variant without `factors()` whose dense effective ΔW was decomposed (a full SVD per layer, much slower)."""
-    from ..layers import AdaptedLayer, TrainedCopy
-    from ..model import (_book, attach, delete_adapter, get_config, prepare, set_active, wrappers)
+    from ..layers import AdaptedLayer
+    from ..model import _book, delete_adapter, get_config, set_active, wrappers
 
     if method not in METHODS:
         raise ConfigError(f"option method must be one of {METHODS}, got {method!r}")
@@ -217,7 +249,7 @@ def squeeze_adapter(model: torch.nn.Module, name: str = "default", target_rank: 
     for path, w in layers:
         variant = w.adapters[name]
         wanted = _layer_target(target_rank, path)
-        svd, source, r_src = _layer_svd(variant, w.kind, wanted if wanted is not None else variant.r, method,
+        svd, source, r_src = layer_svd(variant, w.kind, wanted if wanted is not None else variant.r, method,
                                         oversample, power_iters, generator)
         r_src = min(r_src, len(svd.s))
         if wanted is not None:
@@ -231,22 +263,39 @@ def squeeze_adapter(model: torch.nn.Module, name: str = "default", target_rank: 
         factors[path] = (w.kind.down_layout(a.to(dtype)), w.kind.up_layout(b.to(dtype)))
         kept = float(svd.s[:k].double().pow(2).sum()) / svd.total if svd.total > 0 else 1.0
         report[path] = {"from": variant.r, "to": k, "energy": kept, "source": source}
-    copies = {p: {k: t.detach().clone() for k, t in w.copies[name].state_dict().items()}
-              for p, w in wrappers(model) if isinstance(w, TrainedCopy) and name in w.copies}
-    plain = plain_config({p: r["to"] for p, r in report.items()}, config)
+    copies = saved_copies(model, name)
     active = list(_book(model).active)
     delete_adapter(model, name)
+    add_plain_lora(model, name, factors, config, copies, trainable)
+    set_active(model, active)
+    return report
+
+
+def saved_copies(model: torch.nn.Module, name: str) -> dict[str, dict]:
+    """{path: state dict} of adapter `name`'s trained module copies (`modules_to_save`, e.g. a head), cloned."""
+    from ..layers import TrainedCopy
+    from ..model import wrappers
+
+    return {p: {k: t.detach().clone() for k, t in w.copies[name].state_dict().items()}
+            for p, w in wrappers(model) if isinstance(w, TrainedCopy) and name in w.copies}
+
+
+def add_plain_lora(model: torch.nn.Module, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   like: AdapterConfig, copies: Optional[dict] = None, trainable: bool = True) -> None:
+    """Attach a plain LoRA `name` at scale 1 whose layers hold the given (A, B) (in the layers' own layouts), with
+    `like`'s saved modules restored from `copies` (`saved_copies`)."""
+    from ..model import attach, prepare
+
+    plain = plain_config({p: a.shape[0] for p, (a, _) in factors.items()}, like)
     prepared = prepare(model, plain, name, initialize=False)
     with torch.no_grad():
         for path, (a, b) in factors.items():
             variant = prepared.variants[path]
             variant.lora_A.copy_(a)
             variant.lora_B.copy_(b)
-        for path, state in copies.items():
+        for path, state in (copies or {}).items():
             prepared.copies[path].load_state_dict(state)
     attach(model, prepared, trainable=trainable)
-    set_active(model, active)
-    return report
 
 
 def is_plain_lora(config: AdapterConfig) -> bool:
@@ -272,19 +321,10 @@ def squeeze_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, targe
         raise ConfigError(f"squeeze_folder reads plain LoRA folders; {src_dir} holds variant {config.variant!r}"
                           f"{' with DoRA' if config.use_dora else ''}, which squeezes on its base model: "
                           f"squeeze_adapter(lorakit.from_pretrained(folder), ...) or `lorakit squeeze`")
-    suffixes = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
-    out, report = {}, {}
-    for key, t in tensors.items():
-        pair = next((s for s in suffixes if key.endswith("." + s[0])), None)
-        if pair is None:
-            if not any(key.endswith("." + s[1]) for s in suffixes):
-                out[key] = t
-            continue
-        path = key[: -len(pair[0]) - 1]
-        a_file, b_file = t, tensors[f"{path}.{pair[1]}"]
-        r = a_file.shape[0]
-        a = a_file.reshape(r, -1)
-        b = b_file.reshape(b_file.shape[0], r) if pair[0] == "lora_A.weight" else b_file
+    out = dict(tensors)
+    report = {}
+    for path, a, b, a_key, b_key in folder_factors(config, tensors):
+        r = a.shape[0]
         wanted = _layer_target(target_rank, path)
         if wanted is None and energy is None:
             wanted = r
@@ -294,9 +334,9 @@ def squeeze_folder(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, targe
                          generator)
         k = min(wanted, r, len(svd.s)) if wanted is not None else min(energy_rank(svd.s, energy, svd.total), r)
         new_a, new_b = split_factors(svd, k, split)
-        out[key] = new_a.reshape(k, *a_file.shape[1:]).to(a_file.dtype).contiguous()
-        b_shape = (b_file.shape[0], k, *b_file.shape[2:])
-        out[f"{path}.{pair[1]}"] = new_b.reshape(b_shape).to(b_file.dtype).contiguous()
+        a_file, b_file = tensors[a_key], tensors[b_key]
+        out[a_key] = new_a.reshape(k, *a_file.shape[1:]).to(a_file.dtype).contiguous()
+        out[b_key] = new_b.reshape(b_file.shape[0], k, *b_file.shape[2:]).to(b_file.dtype).contiguous()
         kept = float(svd.s[:k].double().pow(2).sum()) / svd.total if svd.total > 0 else 1.0
         report[path] = {"from": r, "to": k, "energy": kept, "source": "factors"}
     if not report:

@@ -18,6 +18,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 REPORT_TO = ("none", "tensorboard", "wandb")
 # transformers' `optim` names for what lorakit's optimizers do (the run records lorakit's name)
 OPTIM_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw"}
+FULL = "full"  # `variant: full`: full fine-tuning, no adapter (RunConfig.full_finetune; lorakit.train.full)
 # Settings a task changes when the run does not set them: instruction tuning an LLM wants all-linear adapters,
 # longer sequences and a step budget that fits a CPU (the acceptance run: under 15 minutes on 2 cores, fp32).
 TASK_DEFAULTS = {"instruct": dict(target_modules="all-linear", r=16, lora_alpha=32, learning_rate=1e-3,
@@ -66,6 +67,8 @@ class TrainingArguments:
     fsdp: str = ""                           # "full_shard": under torchrun, shard the model (torch's fully_shard
                                              # per decoder layer, as transformers' "full_shard auto_wrap") instead
                                              # of DDP; "" = DDP. No effect in a single process
+    attention_logit_every: int = 0           # every N steps log the largest attention logit per decoder layer
+                                             # (attn_logit_max/<layer>, lorakit.analysis.attention_logits); 0: off
 
     def __post_init__(self):
         _check_types(self)
@@ -83,7 +86,8 @@ class TrainingArguments:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_train_epochs", "warmup_steps", "weight_decay", "max_grad_norm", "logging_steps",
-                     "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
+                     "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience",
+                     "attention_logit_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -123,6 +127,7 @@ class RunConfig:
     baselines: bool = False                  # also score the base k-shot (instruct; zero-shot is always scored)
     shots: int = 4                           # k of the k-shot baseline
     eval_ranks: list = field(default_factory=list)  # also test the adapter at these ranks (+ AURAC), e.g. [1, 2, 4, 8]
+    full_finetune: bool = False              # `variant: full` in the flat settings: train every base parameter
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     training: TrainingArguments = field(default_factory=TrainingArguments)
 
@@ -137,14 +142,18 @@ class RunConfig:
                 hint = f"did you mean {', '.join(near)}? " if near else ""
                 raise ConfigError(f"unknown setting {key!r}; {hint}valid settings: {', '.join(sorted(valid))}")
         values = {**TASK_DEFAULTS.get(values.get("task", cls.task), {}), **values}
+        full = values.get("variant") == FULL  # the adapter settings stay valid values, unused
+        values = {k: v for k, v in values.items() if k != "variant"} if full else values
         pick = lambda keys: {k: v for k, v in values.items() if k in keys}  # noqa: E731
         return cls(**pick(run_keys), adapter=AdapterConfig(**pick(adapter_keys)),
-                   training=TrainingArguments(**pick(training_keys)))
+                   training=TrainingArguments(**pick(training_keys)), full_finetune=full)
 
     def to_flat(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _keys(RunConfig)}
         out.update(dataclasses.asdict(self.training))
         out.update({k: v for k, v in dataclasses.asdict(self.adapter).items() if k in _keys(AdapterConfig)})
+        if self.full_finetune:
+            out["variant"] = FULL
         return out
 
     def __post_init__(self):
@@ -163,6 +172,10 @@ class RunConfig:
             raise ConfigError(f"eval_ranks must be positive integers, got {self.eval_ranks!r}")
         if self.training.fsdp:
             self._check_fsdp()
+        if self.full_finetune:
+            from .full import check
+
+            check(self)
 
     def _check_fsdp(self) -> None:
         """FSDP shards each tensor over the processes: refuse what needs whole tensors on every process."""
@@ -215,7 +228,7 @@ _FILE_ONLY = {"base_model_name_or_path", "revision", "inference_mode", "use_dora
 
 
 def _keys(cls) -> set[str]:
-    keys = {f.name for f in dataclasses.fields(cls) if f.name not in ("adapter", "training")}
+    keys = {f.name for f in dataclasses.fields(cls) if f.name not in ("adapter", "training", "full_finetune")}
     return keys - _FILE_ONLY if cls is AdapterConfig else keys
 
 

@@ -8,6 +8,9 @@ and learning rate, best learning rate per variant), `accuracy_vs_lr.png` (or the
 majority-class rate, with positive-class and macro F1, the predicted-label shares and the runs that predict a
 single class. With `eval_ranks`, every run is also tested at those ranks and `results.md` gets an AURAC
 table (plus `accuracy_by_rank.csv`, `aurac.json`, `accuracy_vs_rank.png`).
+
+`full` is an entry like a variant: full fine-tuning (no adapter, every parameter trained; `lorakit.train.full`),
+so `--variants lora,full` sets LoRA beside full fine-tuning (it has no rank, so no row in the AURAC table).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..variants import variant_names
 from . import checkpoint
-from .args import RunConfig
+from .args import FULL, RunConfig
 from .plots import plot_curves, plot_sweep
 from .run import saved_settings, train
 from .tasks import PREDICTED_SHARE, TASKS, format_number, single_class_warning
@@ -35,17 +38,20 @@ COLUMNS = ["variant", "learning_rate", "seed", "trainable_parameters", "steps", 
 
 
 def variant_settings(name: str, overrides: dict | None = None) -> dict:
-    """Settings for a sweep entry: a registered variant, `rslora`, or `<variant>+rslora`, plus `overrides` (any
-    run settings for this entry, e.g. its own `r` or `options`; with a `variant` key the name is just a label)."""
+    """Settings for a sweep entry: a registered variant, `rslora`, `<variant>+rslora` or `full` (full fine-tuning),
+    plus `overrides` (any run settings for this entry, e.g. its own `r` or `options`; with a `variant` key the name
+    is just a label)."""
     overrides = dict(overrides or {})
     if "variant" in overrides:
         return overrides
+    if name == FULL:
+        return {"variant": FULL, **overrides}
     base, _, extra = name.partition("+")
     if name == "rslora":
         base, extra = "lora", "rslora"
     if base not in variant_names() or extra not in ("", "rslora"):
-        raise ConfigError(f"unknown variant {name!r} for compare; use one of {variant_names()}, 'rslora' or "
-                          f"'<variant>+rslora'")
+        raise ConfigError(f"unknown variant {name!r} for compare; use one of {variant_names()}, 'rslora', "
+                          f"'<variant>+rslora' or {FULL!r} (full fine-tuning)")
     return {"variant": base, "use_rslora": extra == "rslora", **overrides}
 
 
@@ -90,7 +96,8 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
                                     + class_summary(groups))
     ranks = next(iter(configs.values())).eval_ranks
     if ranks:
-        (out / "results.md").write_text((out / "results.md").read_text() + rank_summary(groups, best, metric, ranks, out))
+        table = rank_summary(groups, best, metric, ranks, out)
+        (out / "results.md").write_text((out / "results.md").read_text() + table)
     plot_sweep(rows, out / f"{task.main_metric}_vs_lr.png", metric)
     plot_curves(curves, out / "training_curves.png", {v: lr for v, (lr, _, _) in best.items()})
     print((out / "results.md").read_text())
@@ -139,9 +146,9 @@ def summary(groups: dict, best: dict, metric: str, greater_is_better: bool, sett
              "|---|---|---|---|---|---|---|"]
     for (variant, lr), g in groups.items():
         rs = g["runs"]
-        step = statistics.fmean(r["seconds_per_step"] for r in rs)
+        step, peak = statistics.fmean(r["seconds_per_step"] for r in rs), max(r["peak_memory_mb"] for r in rs)
         lines.append(f"| {variant} | {lr:g} | {len(rs)} | {_num(g['mean'])} ± {_num(g['std'])} "
-                     f"| {rs[0]['trainable_parameters']:,} | {_num(step)} | {max(r['peak_memory_mb'] for r in rs):.0f} |")
+                     f"| {rs[0]['trainable_parameters']:,} | {_num(step)} | {peak:.0f} |")
     lines += ["", "Best learning rate per variant (chosen on the validation split when the runs report it):", "",
               "| variant | learning rate | " + metric + " |", "|---|---|---|"]
     lines += [f"| {v} | {lr:g} | {_num(m)} ± {_num(s)} |" for v, (lr, m, s) in best.items()]
@@ -190,6 +197,8 @@ def rank_summary(groups: dict, best: dict, metric: str, ranks: list[int], out: P
     AURAC v1/v2, plus `accuracy_by_rank.csv`, `aurac.json` and `accuracy_vs_rank.png` in `out`."""
     from ..analysis.aurac import write_rank_report
 
+    best = {v: b for v, b in best.items() if all(f"{metric}@r{k}" in r for k in ranks  # (not full fine-tuning)
+                                                 for r in groups[v, b[0]]["runs"])}
     curves = {v: {k: statistics.fmean(r[f"{metric}@r{k}"] for r in groups[v, lr]["runs"]) for k in ranks}
               for v, (lr, _, _) in best.items()}
     scores = write_rank_report(curves, out, metric=metric)

@@ -4,6 +4,11 @@ Files in `output_dir`: `adapter/` (PEFT format, with the trained head), `metrics
 `results.json` (final metrics, parameter counts, time, memory), `run_config.yaml`, `checkpoints/`,
 `training_curves.png` (with matplotlib), and `base_model/` for a tiny-llama base (rebuilt from a seed and a
 tokenizer trained on the data, so the run can be served or evaluated later).
+
+Full fine-tuning (`variant: full`, see `lorakit.train.full`) injects no adapter and trains every parameter; it
+writes `full_model/` (config.json + model.safetensors + tokenizer) instead of `adapter/`, and results.json gets
+`"weights": "full_model"` and `"base_model"`. `load_full(run_dir)` gives the fine-tuned model and
+`full_deltas(run_dir)` each nn.Linear's W_trained − W_base; `evaluate` and `lorakit eval` take a full run too.
 """
 from __future__ import annotations
 
@@ -27,10 +32,11 @@ from ..hf import labels
 from ..io.files import CONFIG_NAME, write_folder
 from ..model import count_parameters
 from ..models import MODELS, PEFT_TASK_TYPES, load_model, minilm_dir, save_base
-from . import checkpoint
+from . import checkpoint, full as full_ft
 from .args import RunConfig
 from .devices import base_dtype, device_of, resolve_device
-from .distributed import Processes, full_tensors
+from .distributed import Processes, full_tensors, is_sharded
+from .full import FULL, FULL_DIR, full_deltas, load_full  # noqa: F401 - re-exported: tools find them here
 from .tasks import make_task, single_class_warning
 from .trainer import Trainer
 from .trainer import evaluate as evaluate_model
@@ -74,13 +80,17 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     base_dir = _base_path(config)
     base = copy.deepcopy(model) if config.model == "tiny-llama" else None  # the base alone, saved once inject works
     model = place(model, config)
+    full = config.full_finetune
+    if full:
+        full_ft.prepare(model, config, show=Processes.from_env().is_main)
     task = make_task(config.task, tokenizer, args.max_length, splits.train.num_labels,
                      getattr(splits.train, "choices", ()))
     baselines = base_model_results(model, task, splits, config)
     adapter = dataclasses.replace(config.adapter, task_type=config.adapter.task_type or PEFT_TASK_TYPES[config.task],
                                   base_model_name_or_path=base_dir)
     torch.manual_seed(args.seed)  # the adapter's initial A (and head copy) follow the run's seed
-    inject(model, adapter, "default")
+    if not full:
+        inject(model, adapter, "default")
     if base is not None and Processes.from_env().is_main:
         save_base(base, tokenizer, base_dir)
     del base
@@ -93,8 +103,8 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     trainer = make_trainer()
     schedule = {"learning_rate": args.learning_rate, "total_steps": trainer.total_steps,
                 "warmup_steps": trainer.warmup_steps}
-    inits = [get_variant(adapter.variant).data_init(adapter, schedule)]
-    if config.init and config.init not in [i[0] for i in inits if i]:  # (a variant's own init runs once)
+    inits = [] if full else [get_variant(adapter.variant).data_init(adapter, schedule)]
+    if config.init and not full and config.init not in [i[0] for i in inits if i]:  # (a variant's init runs once)
         inits.append((config.init, config.init_args))
     inits = [i for i in inits if i]
     for method, options in inits:  # also on resume: frozen tensors an init sets are not in checkpoints (inits
@@ -112,8 +122,9 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     seconds = time.perf_counter() - started
     steps = [r for r in history if "seconds" in r]
     trainable, total = count_parameters(model)
-    results = {"model": config.model, "data": config.data, "task": config.task, "variant": adapter.variant,
-               "r": adapter.r, "learning_rate": args.learning_rate, "seed": args.seed, "steps": trainer.step,
+    results = {"model": config.model, "data": config.data, "task": config.task,
+               "variant": FULL if full else adapter.variant, "r": None if full else adapter.r,
+               "learning_rate": args.learning_rate, "seed": args.seed, "steps": trainer.step,
                "trainable_parameters": trainable, "total_parameters": total, "train_seconds": round(seconds, 2),
                "seconds_per_step": round(sum(r["seconds"] for r in steps) / max(1, len(steps)), 4),
                "peak_memory_mb": round(peak_memory_bytes() / 2**20, 1),
@@ -122,15 +133,22 @@ def train(config: RunConfig, resume: bool = False, optimizer=None, hooks=()) -> 
     began_test = time.perf_counter()
     results.update(final_test(trainer, splits.test), final_test_seconds=round(time.perf_counter() - began_test, 1),
                    **baselines)
-    if config.eval_ranks:
+    if config.eval_ranks and not full:
         results.update(rank_results(trainer, splits.test, config.eval_ranks, task.main_metric))
     warnings = report_warnings(results, ("validation", "test"), show=main)
     if warnings:
         results["warnings"] = warnings
     results["wall_seconds"] = round(time.perf_counter() - begun, 1)  # data, model, baselines, training, tests
-    tensors = full_tensors(adapter_parameters(model, "default"))  # every rank: FSDP gathers the shards
+    if full:
+        results.update(weights=FULL_DIR, base_model=base_dir)
+        state = full_tensors(model.state_dict()) if is_sharded(model) else None  # every rank: FSDP gathers
+    else:
+        tensors = full_tensors(adapter_parameters(model, "default"))  # every rank: FSDP gathers the shards
     if main:
-        write_folder(out / ADAPTER_DIR, get_config(model, "default"), tensors, id2label=labels(model))
+        if full:
+            full_ft.save(model, tokenizer, out / FULL_DIR, state)
+        else:
+            write_folder(out / ADAPTER_DIR, get_config(model, "default"), tensors, id2label=labels(model))
         (out / "results.json").write_text(json.dumps(results, indent=1))
         from .plots import plot_run
         plot_run(trainer.history, out / "training_curves.png", task.main_metric)
@@ -145,9 +163,11 @@ def name_labels(model, names) -> None:
 
 
 def place(model, config: RunConfig):
-    """The base on the run's device, in its dtype (`bf16` / `fp16`), stored quantized when `quantize` is set."""
+    """The base on the run's device, in its dtype (`bf16` / `fp16`; fp32 to fully fine-tune, which autocasts
+    instead), stored quantized when `quantize` is set."""
     args = config.training
-    model = model.to(resolve_device(args.device), base_dtype(args.bf16, args.fp16))
+    model = model.to(resolve_device(args.device),
+                     torch.float32 if config.full_finetune else base_dtype(args.bf16, args.fp16))
     if config.quantize:
         from ..quantize import quantize_base
 
@@ -289,17 +309,22 @@ def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") ->
     what was scored: `data`, `split` and `<split>_examples`. A model that predicts one class is warned about.
 
     The base model is the adapter's `base_model_name_or_path` when that is a local directory, else `config.model`.
+    A full fine-tuning run (or its `full_model/` folder) is evaluated as its saved model.
     """
-    adapter_dir = adapter_folder(adapter_dir)
-    saved, _ = read_adapter(adapter_dir)
-    base = saved.base_model_name_or_path
-    spec = base if base and os.path.isdir(base) else config.model
+    full = full_ft.full_folder(adapter_dir)
+    if full is None:
+        adapter_dir = adapter_folder(adapter_dir)
+        base = read_adapter(adapter_dir)[0].base_model_name_or_path
+        spec = base if base and os.path.isdir(base) else config.model
+    else:
+        spec = str(full)
     splits = load_splits(config)
     data = getattr(splits, split)
     model, tokenizer = load_model(spec, config.task, num_labels=splits.train.num_labels, seed=config.training.seed,
                                   texts=_texts(splits.train))
     model = place(model, config)
-    load_adapter(model, adapter_dir, "default")
+    if full is None:
+        load_adapter(model, adapter_dir, "default")
     task = make_task(config.task, tokenizer, config.training.max_length, splits.train.num_labels,
                      getattr(splits.train, "choices", ()))
     with generating(task):
@@ -309,10 +334,11 @@ def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") ->
 
 
 def saved_paths(output_dir: str | Path) -> list[Path]:
-    """What a finished run wrote that one opens next: the adapter folder, results.json, metrics.jsonl, the plot."""
+    """What a finished run wrote that one opens next: the adapter (or full model) folder, results.json,
+    metrics.jsonl, the plot."""
     out = Path(output_dir)
-    return [p for p in (out / ADAPTER_DIR, out / "results.json", out / "metrics.jsonl", out / "training_curves.png")
-            if p.exists()]
+    names = (ADAPTER_DIR, FULL_DIR, "results.json", "metrics.jsonl", "training_curves.png")
+    return [out / n for n in names if (out / n).exists()]
 
 
 # ---- memory --------------------------------------------------------------------------------------

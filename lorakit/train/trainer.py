@@ -40,14 +40,17 @@ from .tasks import Task, format_number
 
 
 class StepHook(Protocol):
-    """Called once when training (re)starts and around each optimizer step. Variants (as adapter modules) and user
-    objects may implement any of these."""
+    """Called once when training (re)starts, around each optimizer step, and once when training ends (normally or
+    by an error). Variants (as adapter modules) and user objects may implement any of these. A hook may add numbers
+    to the record of the step being taken with `trainer.add_step_metrics` (that record is then always logged)."""
 
     def before_training(self, trainer: "Trainer") -> None: ...
 
     def before_optimizer_step(self, trainer: "Trainer") -> None: ...
 
     def after_optimizer_step(self, trainer: "Trainer") -> None: ...
+
+    def after_training(self, trainer: "Trainer") -> None: ...
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -86,7 +89,8 @@ class Trainer:
 
     `optimizer`: any torch optimizer over the trainable parameters (default AdamW from `args`); each param
     group's own `lr` is the base its schedule scales. `hooks`: extra `StepHook`s; adapter modules that define
-    `before_training`/`before_optimizer_step`/`after_optimizer_step` are registered automatically.
+    `before_training`/`before_optimizer_step`/`after_optimizer_step`/`after_training` are registered automatically;
+    `args.attention_logit_every` adds an `AttentionLogitMonitor` (`lorakit.analysis.attention_logits`).
     """
 
     def __init__(self, model: nn.Module, task: Task, args: TrainingArguments, train_data, eval_data=None,
@@ -102,6 +106,11 @@ class Trainer:
         self.hooks = list(hooks) + [m for m in model.modules() if _is_hook(m)]
         if _is_hook(self.optimizer):  # an optimizer that acts around each step (projector refresh, ...)
             self.hooks.append(self.optimizer)
+        if args.attention_logit_every:  # --attention-logit-every N
+            from ..analysis.attention_logits import AttentionLogitMonitor
+
+            self.hooks.append(AttentionLogitMonitor(args.attention_logit_every))
+        self._step_metrics: dict[str, float] = {}  # what hooks add to the record of the step being taken
         self.output_dir = Path(args.output_dir)
         self.reporter = Reporter(args.report_to, self.output_dir)  # reporting hook (--report-to): reporting.py
         self.metric, self.greater_is_better = _best_model_metric(args.metric_for_best_model, task)
@@ -171,8 +180,21 @@ class Trainer:
         return out
 
     # ---- training ----------------------------------------------------------------------------
+    def add_step_metrics(self, values: dict[str, float]) -> None:
+        """Numbers a step hook adds to the record of the step being taken (logged with it, whatever logging_steps
+        says)."""
+        self._step_metrics.update(values)
+
     def train(self, resume: bool = False) -> list[dict]:
-        """Run to `total_steps` (from the newest checkpoint when `resume`); returns the logged history."""
+        """Run to `total_steps` (from the newest checkpoint when `resume`); returns the logged history. Every hook's
+        `after_training` runs at the end, also when training stops with an error."""
+        try:
+            return self._train(resume)
+        finally:
+            for hook in self.hooks:
+                getattr(hook, "after_training", _noop)(self)
+
+    def _train(self, resume: bool) -> list[dict]:
         args, procs = self.args, self.procs
         if procs.world_size > 1 and self.wrapped is self.model and not is_sharded(self.model):
             if args.fsdp:
@@ -216,7 +238,9 @@ class Trainer:
             seconds = time.perf_counter() - started
             record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss,
                       "learning_rate": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                      "seconds": round(seconds, 4), "examples_per_second": round(examples / seconds, 2)}
+                      "seconds": round(seconds, 4), "examples_per_second": round(examples / seconds, 2),
+                      **self._step_metrics}
+            from_hooks, self._step_metrics = bool(self._step_metrics), {}
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['learning_rate']:.2e}",
                             ex_s=f"{record['examples_per_second']:.0f}")
@@ -226,7 +250,7 @@ class Trainer:
                 stop = self._track_best(metrics)
                 self.wrapped.train()
             logging_due = args.logging_steps and self.step % args.logging_steps == 0  # 0: evaluations and the end
-            if logging_due or "eval_" + self.metric in record or self.step == total:
+            if logging_due or from_hooks or "eval_" + self.metric in record or self.step == total:
                 self._log(record)
             if stop or self.step == total or (args.save_steps and self.step % args.save_steps == 0):
                 self.save_checkpoint()
@@ -406,7 +430,7 @@ def _best_model_metric(name: Optional[str], task: Task) -> tuple[str, bool]:
 
 def _is_hook(obj) -> bool:
     return any(callable(getattr(obj, name, None))
-               for name in ("before_training", "before_optimizer_step", "after_optimizer_step"))
+               for name in ("before_training", "before_optimizer_step", "after_optimizer_step", "after_training"))
 
 
 def _noop(trainer: Trainer) -> None:
