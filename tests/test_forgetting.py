@@ -120,3 +120,20 @@ def test_bad_input(lm):
         forgetting(model, tok, TEXTS, batch_size=0)
     with pytest.raises(ConfigError, match="max_length"):
         forgetting(model, tok, TEXTS, max_length=1)
+
+
+def test_a_reference_model_gives_the_same_numbers_as_the_disabled_adapter(lm):
+    """A full fine-tune is scored against its base model: a merged copy of the adapted model against a plain copy
+    of the base gives what the adapter form gives."""
+    import copy
+
+    model, tok = lm
+    tuned = lorakit.merge_and_unload(copy.deepcopy(model))
+    with lorakit.disabled(model):
+        base = copy.deepcopy(model)
+    base = lorakit.unload(base)
+    want = forgetting(model, tok, TEXTS)
+    got = forgetting(tuned, tok, TEXTS, reference=base)
+    assert got["tokens"] == want["tokens"]
+    for key in ("base_nll", "adapted_nll", "kl"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6)

@@ -95,18 +95,20 @@ def token_logprobs(model: nn.Module, tokenizer, texts, batch_size: int = 8,
     return out
 
 
-def forgetting(model: nn.Module, tokenizer, texts, adapter=None, batch_size: int = 8, max_length: int = 256) -> dict:
+def forgetting(model: nn.Module, tokenizer, texts, adapter=None, batch_size: int = 8, max_length: int = 256,
+               reference: nn.Module | None = None) -> dict:
     """Base vs adapted perplexity on `texts` and the mean per-token KL(base ‖ adapted) (see the module docstring).
-    `adapter`: the adapter name(s) to score (default: those active now)."""
+    `adapter`: the adapter name(s) to score (default: those active now). `reference`: another model to take as the
+    base (e.g. the base of a full fine-tune, `model`), on the same device; default: `model` with adapters disabled."""
     rows = encode(tokenizer, texts, max_length)
     if all(len(r) < 2 for r in rows):
         raise DataError("no text has two tokens after tokenizing: there is nothing to predict")
     base_nll = adapted_nll = kl = 0.0
     tokens = 0
-    with _scoring(model, adapter):
+    with _scoring(model, adapter), _scoring(reference, None) if reference is not None else contextlib.nullcontext():
         for ids, mask, target, scored in _batches(model, rows, batch_size):
-            with disabled(model):
-                base = next_token_logprobs(model, ids, mask)
+            with disabled(model) if reference is None else contextlib.nullcontext():
+                base = next_token_logprobs(model if reference is None else reference, ids, mask)
             adapted = next_token_logprobs(model, ids, mask)
             picked = target[..., None]
             base_nll -= float(base.gather(-1, picked).squeeze(-1)[scored].double().sum())
