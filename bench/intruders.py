@@ -47,9 +47,8 @@ def cached(name: str, compute):
     path = OUT / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    value = compute()
-    path.write_text(json.dumps(value, indent=1))
-    return value
+    path.write_text(json.dumps(compute(), indent=1))
+    return json.loads(path.read_text())  # as a rerun reads it (string keys)
 
 
 def train(name: str) -> Path:
