@@ -1,4 +1,4 @@
-"""`lorakit ...` command line: train, eval, compare, inspect, reduce-intruders, merge, export, squeeze, demo,
+"""`lorakit ...` command line: train, eval, compare, inspect, reduce-intruders, merge, export, squeeze, claims, demo,
 make-model, serve.
 
 Run settings come from `--config run.yaml` and/or flags; a flag is a `RunConfig`, `AdapterConfig` or
@@ -680,6 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exact: QR of the factors (never forms ΔW); rsvd: randomized SVD on the factors")
     _add_base_flags(sq)
     sq.set_defaults(run=run_squeeze)
+
+    from .claims.command import add_arguments as claims_arguments, run as run_claims
+
+    cl = sub.add_parser("claims", help="regenerate docs/claims.md: each method's paper claim tested on our data "
+                                       "(same as python -m lorakit.claims)")
+    claims_arguments(cl)
+    cl.set_defaults(run=run_claims)
 
     demo = sub.add_parser("demo", help="the README demo: baseline vs LoRA on VADER movies with MiniLM",
                           add_help=False)

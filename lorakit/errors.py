@@ -102,3 +102,11 @@ class CapacityError(ServeError):
 
 class EngineStoppedError(ServeError):
     """The engine is shutting down or has stopped (HTTP 503)."""
+
+
+class StatisticsError(LorakitError, ValueError):
+    """A statistical rule cannot be applied: too few replicates, unpaired or empty data, a non-finite value."""
+
+
+class NotMeasuredError(LorakitError):
+    """A claim's experiment has not produced its numbers yet; the message says what to run."""
