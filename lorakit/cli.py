@@ -222,11 +222,12 @@ def run_inspect(args) -> None:
     if args.base is None and not args.against and args.report is None:
         print(describe_adapter(folder))
         return
-    from .analysis.report import analyse, tables, write_report
+    from .analysis.report import analyse, summary_line, tables, write_report
 
     model = _adapted(folder, args.base).float() if args.base is not None else None
     result = analyse(folder, model, args.base, [adapter_folder(o) for o in args.against], k=args.top_k,
                      epsilon=args.epsilon)
+    print(summary_line(result) + "\n")
     for title, header, rows in tables(result)[:-1]:  # the roll-ups and summaries; the layers are in the report
         print(f"{title}\n  " + " | ".join(header) + "".join("\n  " + " | ".join(r) for r in rows) + "\n")
     for warning in result["warnings"]:

@@ -117,7 +117,7 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def markdown(result: dict, images: Sequence[str]) -> str:
-    lines = [f"# Adapter report: {result['adapter']}", "", _summary_line(result), ""]
+    lines = [f"# Adapter report: {result['adapter']}", "", summary_line(result), ""]
     if result["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in result["warnings"]] + [""]
     for name in images:
@@ -135,7 +135,7 @@ def page(result: dict, images: Sequence[str]) -> str:
              "<style>body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;"
              "margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}</style></head><body>",
-             f"<h1>Adapter report: {esc(result['adapter'])}</h1>", f"<p>{esc(_summary_line(result))}</p>"]
+             f"<h1>Adapter report: {esc(result['adapter'])}</h1>", f"<p>{esc(summary_line(result))}</p>"]
     if result["warnings"]:
         parts += ["<h2>Warnings</h2><ul>"] + [f"<li>{esc(w)}</li>" for w in result["warnings"]] + ["</ul>"]
     for name in images:
@@ -152,7 +152,7 @@ def _caption(name: str, result: dict) -> str:
     return PLOTS[name].format(k=result["k"], epsilon=result["epsilon"])
 
 
-def _summary_line(result: dict) -> str:
+def summary_line(result: dict) -> str:
     c = result["config"]
     ranks = sorted({r["rank"] for r in result["layers"].values()})
     text = (f"{c['variant']} · r {c['r']} · alpha {c['lora_alpha']}{' · rsLoRA' if c['use_rslora'] else ''} · "
