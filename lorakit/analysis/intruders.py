@@ -101,12 +101,17 @@ def layer_intruders(base: tuple[torch.Tensor, torch.Tensor], tuned: torch.Tensor
         raise ConfigError(f"k must be ≥ 1, got {k}")
     u0, s0 = base
     u, s, _ = torch.linalg.svd(tuned.detach().float().cpu(), full_matrices=False)
-    k = min(k, u.shape[1])
-    cos = (u[:, :k].T @ u0.float()).abs().amax(1).double()
+    cos = best_cosines(u, u0, k)
+    k = len(cos)
     return {"intruders": int((cos < epsilon).sum()), "sweep": {e: int((cos < e).sum()) for e in epsilons},
             "cos": cos.tolist(), "indices": [j for j in range(k) if cos[j] < epsilon],
             "stable_rank_base": _stable_rank(s0), "stable_rank": _stable_rank(s),
             "alpha_base": powerlaw_alpha(s0)["alpha"], "alpha": powerlaw_alpha(s)["alpha"]}
+
+
+def best_cosines(u: torch.Tensor, u0: torch.Tensor, k: int) -> torch.Tensor:
+    """c_j = max_i |⟨u_j, u0_i⟩| for the top min(k, …) columns u_j of `u` against all columns of `u0` (float64)."""
+    return (u[:, :k].T.float() @ u0.float()).abs().amax(1).double()
 
 
 def _stable_rank(sigma: torch.Tensor) -> float:
@@ -181,10 +186,8 @@ def reduce_intruders(model: torch.nn.Module, name: str = "default", new_name: st
             u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
             a, b = vh, u * sv
         u, sigma, vh = torch.linalg.svd(w0 + b @ a, full_matrices=False)
-        u0, _ = base_svd(w0, cache)
-        k = min(top_k, u.shape[1])
-        cos = (u[:, :k].T.float() @ u0.float()).abs().amax(1)
-        found = [j for j in range(k) if cos[j] < epsilon]
+        cos = best_cosines(u, base_svd(w0, cache)[0], top_k)
+        found = [j for j in range(len(cos)) if cos[j] < epsilon]
         if found:
             b = torch.cat([b, -(1 - lam) * u[:, found] * sigma[found]], 1)
             a = torch.cat([a, vh[found]], 0)
