@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import inspect
 import json
 import subprocess
 import sys
@@ -62,58 +61,17 @@ def train(name: str) -> Path:
     return run
 
 
-def held_out_texts(n: int = N_TEXTS) -> list[str]:
-    """Docstrings (whitespace collapsed, 200–1000 characters, no code examples) of the public functions, classes and
-    methods of some standard-library modules, in a fixed order: English prose no run trained on."""
-    import argparse
-    import collections
-    import email.message
-    import http.client
-    import logging
-    import pathlib
-    import shutil
-    import subprocess as subprocess_module
-    import tarfile
-    import textwrap
-    import threading
-    import unittest
-    import urllib.request
-    import zipfile
-
-    out = []
-
-    def add(obj):
-        doc = inspect.getdoc(obj) or ""
-        text = " ".join(doc.split())
-        if 200 <= len(text) <= 1000 and ">>>" not in text and text not in out:
-            out.append(text)
-    for module in (argparse, collections, email.message, http.client, logging, pathlib, shutil, subprocess_module,
-                   tarfile, textwrap, threading, unittest, urllib.request, zipfile):
-        for name in sorted(dir(module)):
-            if name.startswith("_"):
-                continue
-            obj = getattr(module, name)
-            add(obj)
-            if inspect.isclass(obj):
-                for member in sorted(vars(obj)):
-                    if not member.startswith("_"):
-                        add(getattr(obj, member))
-    if len(out) < n:
-        raise RuntimeError(f"only {len(out)} docstrings found")
-    return out[:n]
-
-
 def layer_paths(model) -> list[str]:
     return [p for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and p.split(".")[-1] in TARGETS
             and ".layers." in f".{p}"]
 
 
 def analyse(base, tok) -> dict:
-    from lorakit.analysis.behaviour import forgetting
+    from lorakit.analysis.behaviour import forgetting, stdlib_docstrings
     from lorakit.analysis.intruders import adapter_intruders, reduce_intruders, svd_cache_dir, weight_intruders
     from lorakit.train.full import load_full
 
-    texts = held_out_texts()
+    texts = stdlib_docstrings(N_TEXTS)
     test = C.test_set(TASK, N_TEST)
     task = C.make_task(TASK)
     fp32 = base.float()

@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 
 from .compose.merge import METHODS as MERGE_METHODS, REPORT_NAME
-from .errors import ConfigError, LorakitError, MergeError
+from .errors import ConfigError, DataError, LorakitError, MergeError
 from .train.args import TASK_DEFAULTS
 
 HELP = {"model": "smollm2 | minilm | tiny-llama | a local transformers model directory",
@@ -211,7 +211,25 @@ def run_compare(args) -> None:
             raise ConfigError(f"{args.variant_settings} must map each sweep entry to a mapping of settings")
     variants = args.variants.split(",") if args.variants else list(per_variant) or ["lora", "rslora", "dora"]
     per_variant = {k: v for k, v in per_variant.items() if k in variants}  # --variants picks entries of the file
-    compare(settings(args), variants=variants, learning_rates=learning_rates, seeds=seeds, per_variant=per_variant)
+    texts = None
+    if args.held_out_text:
+        if not args.analyse:
+            raise ConfigError("--held-out-text is the text --analyse measures forgetting on: add --analyse")
+        texts = _paragraphs(args.held_out_text)
+    compare(settings(args), variants=variants, learning_rates=learning_rates, seeds=seeds, per_variant=per_variant,
+            analyse=args.analyse, texts=texts)
+
+
+def _paragraphs(path: str) -> list[str]:
+    """The blank-line separated paragraphs of a text file (whitespace collapsed)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the held-out text {path}: {e}") from None
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise DataError(f"{path} holds no text")
+    return paragraphs
 
 
 def run_inspect(args) -> None:
@@ -523,6 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "learning_rates: [...]}); an entry with its own `variant` key is a free label")
     cmp.add_argument("--lrs", nargs="+", default=["1e-4", "5e-4", "2e-3"], help="learning rates")
     cmp.add_argument("--seeds", nargs="+", default=["2"], help="a count N (seeds 0..N-1) or a list of seeds")
+    cmp.add_argument("--analyse", action="store_true",
+                     help="also measure what each run did to its model: intruder dimensions against the base, "
+                          "calibration (classification) or forgetting on held-out text (causal LMs); e.g. "
+                          "--variants lora,full for LoRA vs full fine-tuning")
+    cmp.add_argument("--held-out-text", default=None, metavar="FILE",
+                     help="with --analyse on a causal LM: the text to measure forgetting on, paragraphs separated "
+                          "by blank lines (default: 200 Python standard-library docstrings)")
     add_settings(cmp, hidden=SWEPT)
     cmp.set_defaults(run=run_compare)
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..model import active_adapters, disabled, set_active
 
-__all__ = ["encode", "forgetting", "next_token_logprobs", "token_logprobs"]
+__all__ = ["encode", "forgetting", "next_token_logprobs", "stdlib_docstrings", "token_logprobs"]
 
 
 def encode(tokenizer, texts, max_length: int = 256) -> list[list[int]]:
@@ -120,3 +120,47 @@ def forgetting(model: nn.Module, tokenizer, texts, adapter=None, batch_size: int
     base_nll, adapted_nll = base_nll / tokens, adapted_nll / tokens
     return {"base_perplexity": math.exp(min(base_nll, 700)), "adapted_perplexity": math.exp(min(adapted_nll, 700)),
             "kl": kl / tokens, "base_nll": base_nll, "adapted_nll": adapted_nll, "tokens": tokens}
+
+
+def stdlib_docstrings(n: int = 200) -> list[str]:
+    """`n` docstrings (whitespace collapsed, 200–1000 characters, no code examples) of the public functions, classes
+    and methods of some standard-library modules, in a fixed order: English prose outside any task's data, always on
+    disk (the default held-out text of `forgetting` in `lorakit compare --analyse`; it varies with the Python
+    version)."""
+    import argparse
+    import collections
+    import email.message
+    import http.client
+    import inspect
+    import logging
+    import pathlib
+    import shutil
+    import subprocess
+    import tarfile
+    import textwrap
+    import threading
+    import unittest
+    import urllib.request
+    import zipfile
+
+    out = []
+
+    def add(obj):
+        doc = inspect.getdoc(obj) or ""
+        text = " ".join(doc.split())
+        if 200 <= len(text) <= 1000 and ">>>" not in text and text not in out:
+            out.append(text)
+    for module in (argparse, collections, email.message, http.client, logging, pathlib, shutil, subprocess,
+                   tarfile, textwrap, threading, unittest, urllib.request, zipfile):
+        for name in sorted(dir(module)):
+            if name.startswith("_"):
+                continue
+            obj = getattr(module, name)
+            add(obj)
+            if inspect.isclass(obj):
+                for member in sorted(vars(obj)):
+                    if not member.startswith("_"):
+                        add(getattr(obj, member))
+    if len(out) < n:
+        raise DataError(f"only {len(out)} docstrings found, {n} asked for")
+    return out[:n]

@@ -9,13 +9,12 @@ test sentences instead of 500 (a tighter bootstrap; about 8 s more per run)."""
 from __future__ import annotations
 
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
+from ..train.compare import in_subprocess
 from .predictions import PREDICTIONS, accuracy, classify_at_ranks, predict_folder, read_predictions, \
     write_predictions
 
@@ -93,12 +92,6 @@ def check_predictions(rows: list[dict], results: dict, folder: Path) -> None:
     if abs(accuracy(rows) - want) > 1.0 / len(rows) + 1e-12:
         raise TrainingError(f"{folder}: the predictions score {accuracy(rows):.4f}, results.json says {want:.4f}; "
                             "delete the folder to train it again")
-
-
-def in_subprocess(fn, *args):
-    """fn(*args) in a fresh spawned process (its memory and torch state are its own)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 class _Keep:

@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import multiprocessing
+import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -33,6 +34,10 @@ from .run import saved_settings, train
 from .tasks import PREDICTED_SHARE, TASKS, format_number, single_class_warning
 from .trainer import read_metrics
 
+EFFECTS = "effects.json"
+EFFECT_COLUMNS = {"intruders": "intruders", "intruder_layers": "layers with intruders", "ece": "ECE", "mce": "MCE",
+                  "ace": "ACE", "brier": "Brier", "base_perplexity": "base perplexity (held-out)",
+                  "perplexity": "perplexity (held-out)", "kl": "KL(base ‖ tuned)"}
 COLUMNS = ["variant", "learning_rate", "seed", "trainable_parameters", "steps", "seconds_per_step",
            "train_seconds", "peak_memory_mb"]
 
@@ -56,10 +61,13 @@ def variant_settings(name: str, overrides: dict | None = None) -> dict:
 
 
 def compare(settings: dict, variants: list[str], learning_rates: list[float], seeds: list[int],
-            per_variant: dict[str, dict] | None = None) -> list[dict]:
+            per_variant: dict[str, dict] | None = None, analyse: bool = False,
+            texts: list[str] | None = None) -> list[dict]:
     """Run every combination on the task in `settings` (flat run settings) and write the summary files.
     `per_variant`: settings that apply to one entry of `variants` only (its rank, options, targets, ..., and
-    `learning_rates`, a list that replaces `learning_rates` for that entry: methods differ in their lr scale)."""
+    `learning_rates`, a list that replaces `learning_rates` for that entry: methods differ in their lr scale).
+    `analyse`: also measure what each run did to its model (`lorakit.analysis.run_effects`: intruder dimensions,
+    calibration or forgetting on held-out `texts`), cached in each run's `effects.json`, tabled in `results.md`."""
     per_variant = per_variant or {}
     unknown = sorted(set(per_variant) - set(variants))
     if unknown:
@@ -98,6 +106,9 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
     if ranks:
         table = rank_summary(groups, best, metric, ranks, out)
         (out / "results.md").write_text((out / "results.md").read_text() + table)
+    if analyse:
+        effects = {key: run_effects_of(config, texts) for key, config in configs.items()}
+        (out / "results.md").write_text((out / "results.md").read_text() + effects_summary(groups, best, effects))
     plot_sweep(rows, out / f"{task.main_metric}_vs_lr.png", metric)
     plot_curves(curves, out / "training_curves.png", {v: lr for v, (lr, _, _) in best.items()})
     print((out / "results.md").read_text())
@@ -107,8 +118,47 @@ def compare(settings: dict, variants: list[str], learning_rates: list[float], se
 def run_one(config: RunConfig, resume: bool = False) -> dict:
     """One run of a sweep, in a fresh (spawned) process: its peak memory is its own, not what earlier runs
     left in this process, and every run starts from the same clean state."""
+    return in_subprocess(train, config, resume)
+
+
+def in_subprocess(fn, *args):
+    """fn(*args) in a fresh spawned process (its memory and torch state are its own)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(train, config, resume).result()
+        return pool.submit(fn, *args).result()
+
+
+def run_effects_of(config: RunConfig, texts: list[str] | None = None) -> dict:
+    """`run_effects` of a finished run, read from its `effects.json` when there, else measured (in a spawned
+    process) and saved there."""
+    from ..analysis.run_effects import run_effects
+
+    path = Path(config.training.output_dir) / EFFECTS
+    if not path.is_file():
+        effects = in_subprocess(run_effects, config.training.output_dir, config, texts)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(effects, indent=1))
+        os.replace(tmp, path)
+    return json.loads(path.read_text())
+
+
+def effects_summary(groups: dict, best: dict, effects: dict) -> str:
+    """Markdown: per variant at its best learning rate, the means over seeds of what `run_effects` measured."""
+    names = [n for n in EFFECT_COLUMNS if all(n in e for e in effects.values())]
+    lines = ["", "What each update did to its model (`--analyse`; means over seeds, each variant at its best "
+             "learning rate): intruder dimensions (k 10, ε 0.5: among the top 10 left singular vectors of W₀ + ΔW, "
+             "those with no base singular vector at |cos| ≥ 0.5) summed over the layers, the layers that have any, "
+             "and, by task, calibration on the test split (ECE, MCE, ACE with 10 bins; Brier) or perplexity and "
+             "KL(base ‖ tuned) on held-out text outside the task (the base's perplexity beside it).", "",
+             "| variant | learning rate | " + " | ".join(EFFECT_COLUMNS[n] for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for variant, (lr, _, _) in best.items():
+        runs = [e for (v, rate, _), e in effects.items() if v == variant and rate == lr]
+        cells = []
+        for n in names:
+            value = statistics.fmean(e[n] for e in runs)
+            cells.append(f"{value:.1f} of {runs[0]['layers']}" if n == "intruder_layers" else _num(value))
+        lines.append(f"| {variant} | {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def group_runs(rows: list[dict], metric: str, select: str | None = None) -> dict[tuple[str, float], dict]:

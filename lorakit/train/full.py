@@ -11,8 +11,8 @@ the model's preparation and the saved weights differ:
 - `save`: `<output_dir>/full_model/` = transformers' `save_pretrained` (config.json + model.safetensors, never a
   pickle) and the tokenizer, so `load_model(<output_dir>/full_model, task)` rebuilds the trained model. Under
   FSDP (`fsdp: full_shard`) the shards are gathered first: the same files one process writes.
-- `load_full(run_dir)`: the fine-tuned model; `full_deltas(run_dir)`: each nn.Linear's W_trained − W_base (what
-  the analysis tools compare with an adapter's ΔW).
+- `load_full(run_dir)`: the fine-tuned model; `load_base(run_dir)`: the model it started from;
+  `full_deltas(run_dir)`: each nn.Linear's W_trained − W_base (what the analysis tools compare with an adapter's ΔW).
 """
 from __future__ import annotations
 
@@ -112,22 +112,27 @@ def full_deltas(run_dir: str | Path, base: nn.Module | None = None) -> dict[str,
     """{module path: W_trained − W_base} (fp32) for every nn.Linear of a full run (the classification head and a
     tied lm_head included). `base`: the model the run started from; default: the run's `base_model` as the run
     loaded it (for tiny-llama the `base_model/` folder it wrote; heads drawn from the run's seed)."""
-    from ..models import load_model
-
-    folder, task, results = _run(run_dir)
     tuned = load_full(run_dir)
-    if base is None:
-        spec = results.get("base_model")
-        if not spec:
-            raise ModelError(f"{run_dir}/results.json names no base_model; pass the base model")
-        base = load_model(spec, task, num_labels=getattr(tuned.config, "num_labels", 2), seed=results.get("seed", 0),
-                          tokenizer=False)[0]
+    base = load_base(run_dir) if base is None else base
     start = {n: m.weight for n, m in base.named_modules() if isinstance(m, nn.Linear)}
     out = {}
     for name, module in tuned.named_modules():
         if isinstance(module, nn.Linear) and name in start and start[name].shape == module.weight.shape:
             out[name] = module.weight.detach().float() - start[name].detach().float().to(module.weight.device)
     return out
+
+
+def load_base(run_dir: str | Path) -> nn.Module:
+    """The model a full run started from, fp32 on the CPU: its results' `base_model` as the run loaded it (for
+    tiny-llama the `base_model/` folder it wrote; a classification head drawn from the run's seed)."""
+    from ..models import load_model
+
+    folder, task, results = _run(run_dir)
+    spec = results.get("base_model")
+    if not spec:
+        raise ModelError(f"{run_dir}/results.json names no base_model; pass the base model")
+    num_labels = json.loads((folder / "config.json").read_text()).get("num_labels", 2)
+    return load_model(spec, task, num_labels=num_labels, seed=results.get("seed", 0), tokenizer=False)[0].eval()
 
 
 def _run(run_dir: str | Path) -> tuple[Path, str, dict]:
@@ -145,4 +150,4 @@ def _run(run_dir: str | Path) -> tuple[Path, str, dict]:
     return folder, settings.get("task", results.get("task", RunConfig.task)), results
 
 
-__all__ = ["FULL", "FULL_DIR", "check", "full_deltas", "full_folder", "load_full", "prepare", "save"]
+__all__ = ["FULL", "FULL_DIR", "check", "full_deltas", "full_folder", "load_base", "load_full", "prepare", "save"]
