@@ -54,3 +54,19 @@ def test_loram_measurement(tmp_path):
     m = LoramComparison(arm, sparsity=0.5, align_samples=16).measure(Context(tmp_path, tmp_path, progress=False))
     assert m.replicate_names == ["seed 0"]
     assert 0 <= m.replicates["treatment"][0] <= 1 and 0 <= m.replicates["baseline"][0] <= 1
+
+
+def test_collapsed_runs_are_flagged():
+    from pathlib import Path
+
+    from lorakit.claims.experiments import collapsed
+    from lorakit.claims.runs import Run
+
+    def run(shares):
+        results = {"test_accuracy": 0.6, "test_majority_class_rate": 0.6, "test_f1": 0.0,
+                   **{f"test_predicted_share_{k}": v for k, v in enumerate(shares)}}
+        return Run(results, [], Path("."))
+
+    assert collapsed([run([0.4, 0.6]), run([0.5, 0.5])]) == ""
+    flagged = collapsed([run([1.0, 0.0]), run([0.4, 0.6]), run([0.0, 1.0])])
+    assert "2 of 3 seeds predict a single class" in flagged

@@ -67,7 +67,18 @@ def _describe(arm_label: str, runs: list[Run], metric: Metric) -> str:
     acc = ", ".join(f"{r.results['test_accuracy']:.3f}" for r in runs)
     first = runs[0].results
     return (f"{arm_label}: {metric.name} per seed {per_seed}; test accuracy {acc}; trainable parameters "
-            f"{first.get('trainable_parameters', 0):,} (incl. the head); {first.get('seconds_per_step', 0):.3f} s/step")
+            f"{first.get('trainable_parameters', 0):,} (incl. the head); {first.get('seconds_per_step', 0):.3f} s/step"
+            + collapsed(runs))
+
+
+def collapsed(runs: list[Run]) -> str:
+    """A warning for the runs that predict one class for every test example (their accuracy is that class's
+    share, and their comparison says little about the method), else ''."""
+    from ..train.tasks import single_class_warning
+
+    n = sum(single_class_warning(r.results, "test") is not None for r in runs)
+    return (f" — **{n} of {len(runs)} seeds predict a single class for every test example** (accuracy = that "
+            f"class's share: the run collapsed)") if n else ""
 
 
 class ArmComparison:
@@ -183,7 +194,8 @@ class SqueezeComparison:
             replicate_names=[f"seed {s}" for s in self.source.seeds],
             examples={"treatment": [m.examples(r) for r in treat], "baseline": [m.examples(r) for r in base]},
             details=[f"{label}: test accuracy per seed " + ", ".join(f"{m.replicate(r):.4f}" for r in treat),
-                     f"{self.source.label} before squeezing: " + ", ".join(f"{m.replicate(r):.4f}" for r in src),
+                     f"{self.source.label} before squeezing: " + ", ".join(f"{m.replicate(r):.4f}" for r in src)
+                     + collapsed(src),
                      _describe(self.baseline.label, base, m)],
             sources=[str(r.folder) for r in treat + base])
 

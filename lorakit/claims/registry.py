@@ -43,7 +43,7 @@ ALTLORA = Arm.of("altlora_plus-r8", "AltLoRA+ r 8", 1.2, r=8, lora_alpha=16, opt
 LORA64_SRC = Arm.of("lora-r64-a128", "LoRA r 64", 1.2, r=64, lora_alpha=128, learning_rate=3e-3)
 RANKS = (1, 2, 4, 8)
 THREE_EPOCHS = dict(num_train_epochs=3, warmup_ratio=0.06, learning_rate=1e-3, r=8, lora_alpha=16)
-LORA_3EP = Arm.of("lora-r8-3ep", "LoRA r 8 (first k components)", 2.7, ranks=RANKS, **THREE_EPOCHS)
+LORA_3EP = Arm.of("lora-r8-3ep", "LoRA r 8, 3 epochs", 2.7, ranks=RANKS, **THREE_EPOCHS)
 DYLORA_3EP = Arm.of("dylora-r8-3ep", "DyLoRA r 8", 2.8, ranks=RANKS, variant="dylora", **THREE_EPOCHS)
 MATRYOSHKA_3EP = Arm.of("matryoshka-r8-3ep", "MatryoshkaLoRA r 8", 2.7, ranks=RANKS, variant="matryoshka_lora",
                         **THREE_EPOCHS)

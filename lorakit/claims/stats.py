@@ -37,8 +37,9 @@ _Z975 = 1.959963984540054
 RULE = f"""\
 Each row compares a **treatment** (the method) with a **baseline** on one metric, trained and scored identically
 (same data, split, steps and test examples). d = treatment − baseline, oriented so that d > 0 is the direction the
-paper claims (for a lower-is-better metric such as ECE or loss, d = baseline − treatment). Each claim names its
-interval in the registry before any number is seen:
+paper claims (for a lower-is-better metric such as ECE or loss, d = baseline − treatment). The tables show the
+plain difference treatment − baseline and its interval, so for a lower-is-better metric d is their negation. Each
+claim names its interval in the registry before any number is seen:
 
 1. **Replicates** (≥ {MIN_REPLICATES} paired replicates: training seeds, or the tasks of a merge): mean ± std per
    arm, and the {LEVEL:.0%} t-interval of the mean paired difference (n − 1 degrees of freedom). With fewer than
@@ -218,7 +219,12 @@ def verdict(interval: Optional[Interval], higher_is_better: bool = True, kind: s
         return Verdict(FAILS, "condition not met: " + "; ".join(failed))
     if interval is None:
         return Verdict(INCONCLUSIVE, "no interval (too few replicates for the rule)")
-    g = interval.oriented(higher_is_better)
+    found = _oriented_verdict(interval.oriented(higher_is_better), kind, margin, magnitude)
+    return found if higher_is_better else Verdict(found.word, found.reason + "; d = baseline − treatment, as "
+                                                  "lower is better")
+
+
+def _oriented_verdict(g: Interval, kind: str, margin: float, magnitude: Optional[float]) -> Verdict:
     if kind == "no_worse":
         if g.low > -margin:
             return Verdict(HOLDS, f"the whole interval is above −δ = −{margin:g}")
