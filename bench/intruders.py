@@ -5,7 +5,8 @@ effect on task accuracy and on perplexity of text outside the task.
 Task: VADER `source` (which of movie / tweet / product / news a text comes from; the base is at chance, 25 %), the
 instruct defaults of `docs/merging.md` (80 steps × 8, bf16, seed 0). LoRA r 8 (α 16) and r 64 (α 128) on all linear
 layers at lr 1e-3; full fine-tuning (`--variant full`) at lr 5e-5; and LoRA r 8 trained 5× longer (400 steps), since
-the paper sees intruders grow with training. Intruders: k 10, ε 0.5 (and the ε sweep) on every
+the paper sees intruders grow with training, and LoRA r 8 at lr 5e-3 (5× higher: the paper sees more intruders at
+higher learning rates). Intruders: k 10, ε 0.5 (and the ε sweep) on every
 linear layer of the 30 blocks. Mitigation: `reduce_intruders` with λ 0.75 back to rank r (PEFT's form). Forgetting:
 perplexity and KL(base ‖ tuned) on 200 paragraphs of Python standard-library docstrings (English text no run saw).
 
@@ -33,9 +34,10 @@ TASK = "source"
 RUNS = {"lora-r8": ["--r", "8", "--lora-alpha", "16", "--learning-rate", "1e-3"],
         "lora-r64": ["--r", "64", "--lora-alpha", "128", "--learning-rate", "1e-3"],
         "full": ["--variant", "full", "--learning-rate", "5e-5"],
-        "lora-r8-long": ["--r", "8", "--lora-alpha", "16", "--learning-rate", "1e-3", "--max-steps", "400"]}
+        "lora-r8-long": ["--r", "8", "--lora-alpha", "16", "--learning-rate", "1e-3", "--max-steps", "400"],
+        "lora-r8-lr5e-3": ["--r", "8", "--lora-alpha", "16", "--learning-rate", "5e-3"]}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-K, EPSILON, LAM, N_TEST, N_TEXTS = 10, 0.5, 0.75, 300, 200
+K, EPSILON, WIDE, LAM, N_TEST, N_TEXTS = 10, 0.5, 0.9, 0.75, 300, 200
 
 
 def log(*args):
@@ -96,13 +98,22 @@ def analyse(base, tok) -> dict:
                 model = copy.deepcopy(fp32)
                 lorakit.load_adapter(model, run / "adapter")
                 found = adapter_intruders(model, k=K, epsilon=EPSILON, cache=svd_cache_dir())
-                out = {"intruders": found, "accuracy": score(model), "forgetting": forgetting(model, tok, texts)}
-                report = reduce_intruders(model, lam=LAM, cache=svd_cache_dir())
-                out["reduced"] = {"accuracy": score(model), "forgetting": forgetting(model, tok, texts),
-                                  "report": report}
+                out = {"intruders": found, "accuracy": score(model), "forgetting": forgetting(model, tok, texts),
+                       "reduced": mitigated(model, EPSILON)}
             out["seconds"] = round(time.perf_counter() - started)
             return out
+
+        def mitigated(model, epsilon):
+            report = reduce_intruders(model, epsilon=epsilon, lam=LAM, cache=svd_cache_dir())
+            return {"accuracy": score(model), "forgetting": forgetting(model, tok, texts), "report": report}
+
+        def mitigated_wide():
+            model = copy.deepcopy(fp32)
+            lorakit.load_adapter(model, run / "adapter")
+            return mitigated(model, WIDE)
         rows[name] = cached(name, compute)
+        if name != "full" and sum(r["sweep"][str(WIDE)] for r in rows[name]["intruders"].values()):
+            rows[name]["reduced_wide"] = cached(f"{name}-reduced-eps{WIDE}", mitigated_wide)
         log(f"[analysed] {name}: {sum(r['intruders'] for r in rows[name]['intruders'].values())} intruders")
     return rows
 
@@ -145,20 +156,23 @@ def document(rows: dict, seconds: float) -> str:
     for n in names:
         f = rows[n]["forgetting"]
         forget.append(f"| {n} | {100 * rows[n]['accuracy']:.1f} | {f['adapted_perplexity']:.2f} | {f['kl']:.4f} |")
-        if "reduced" in rows[n]:
-            red = rows[n]["reduced"]
-            fr = red["forgetting"]
-            errors = [r["reprojection_error"] for r in red["report"].values() if r["intruders"]]
-            note = f" (re-projection error median {sorted(errors)[len(errors) // 2]:.3f})" if errors else ""
-            forget.append(f"| {n}, intruders × {LAM}{note} | {100 * red['accuracy']:.1f} | "
-                          f"{fr['adapted_perplexity']:.2f} | {fr['kl']:.4f} |")
+        for key, eps in (("reduced", EPSILON), ("reduced_wide", WIDE)):
+            if key in rows[n]:
+                red = rows[n][key]
+                fr = red["forgetting"]
+                errors = sorted(r["reprojection_error"] for r in red["report"].values() if r["intruders"])
+                found = sum(r["intruders"] for r in red["report"].values())
+                note = f", re-projection error median {errors[len(errors) // 2]:.3f}" if errors else ""
+                forget.append(f"| {n}, intruders at ε {eps} × {LAM} ({found} directions{note}) | "
+                              f"{100 * red['accuracy']:.1f} | {fr['adapted_perplexity']:.2f} | {fr['kl']:.4f} |")
     nl = "\n"
     return f"""# Intruder dimensions: LoRA r 8 and r 64 vs full fine-tuning on SmolLM2
 
 Regenerate: `.venv/bin/python bench/intruders.py` ({datetime.date.today()}; this run took {seconds / 60:.0f} min on
 2 CPU cores; trained runs and analyses cached in `runs/intruders/` are reused). Task: VADER `{TASK}` (4 classes,
 chance 25 %), {N_TEST} class-balanced test examples (standard error up to 2.9 points); 80 steps × 8, bf16, seed 0;
-LoRA on all linear layers at lr 1e-3, full fine-tuning at lr 5e-5; `lora-r8-long`: 400 steps. An intruder
+LoRA on all linear layers at lr 1e-3, full fine-tuning at lr 5e-5; `lora-r8-long`: 400 steps; `lora-r8-lr5e-3`:
+lr 5e-3. An intruder
 dimension (Shuttleworth et al.): one of the top {K} left singular vectors of W₀ + ΔW whose largest |cos| with
 every left singular vector of W₀ is below ε; counted over the {len(rows[names[0]]['intruders'])} linear layers of
 the 30 blocks.
@@ -181,7 +195,9 @@ Per block (ε {EPSILON}):
 ## Mitigation and forgetting
 
 Held-out text: {N_TEXTS} paragraphs of Python standard-library docstrings. The mitigation scales every intruder
-direction of W₀ + ΔW by λ = {LAM} and projects ΔW back to rank r (`lorakit reduce-intruders`, PEFT's recipe).
+direction of W₀ + ΔW by λ = {LAM} and projects ΔW back to rank r (`lorakit reduce-intruders`, PEFT's recipe): at
+the paper's ε {EPSILON}, and, for a LoRA run with intruders at ε {WIDE} (a looser definition: top singular vectors
+with no base direction at |cos| ≥ {WIDE}), at ε {WIDE} too, so the mitigation acts on directions that exist here.
 
 {nl.join(forget)}
 """
