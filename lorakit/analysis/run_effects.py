@@ -13,7 +13,6 @@ full model) and returns
 Base SVDs are cached (`svd_cache_dir()`), so runs on the same base pay for them once."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -33,10 +32,10 @@ def run_effects(run_dir: str | Path, config, texts: list[str] | None = None, k: 
                 epsilon: float = 0.5) -> dict:
     """The intruder counts and, by task, calibration or forgetting of the run in `run_dir` (see the module
     docstring); `config`: the run's `RunConfig` (its data, task and model)."""
-    from .. import load_adapter, read_adapter
+    from .. import load_adapter
     from ..models import load_model
     from ..train import full as full_ft
-    from ..train.run import _texts, adapter_folder, load_splits
+    from ..train.run import _texts, adapter_base, adapter_folder, load_splits
     from .intruders import adapter_intruders, svd_cache_dir, weight_intruders
 
     splits = load_splits(config)
@@ -49,9 +48,7 @@ def run_effects(run_dir: str | Path, config, texts: list[str] | None = None, k: 
         found = weight_intruders(base, tuned, block_linear_paths(base), k, epsilon, cache=svd_cache_dir())
     else:
         folder = adapter_folder(run_dir)
-        spec = read_adapter(folder)[0].base_model_name_or_path
-        spec = spec if spec and os.path.isdir(spec) else config.model
-        base, tokenizer = load_model(spec, config.task, num_labels=splits.train.num_labels,
+        base, tokenizer = load_model(adapter_base(folder, config), config.task, num_labels=splits.train.num_labels,
                                      seed=config.training.seed, texts=_texts(splits.train))
         tuned = base.float().eval()
         load_adapter(tuned, folder, "default")

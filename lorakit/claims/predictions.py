@@ -51,13 +51,12 @@ def classify_at_ranks(model, task, dataset, ranks, batch_size: int = 64) -> list
 def predict_folder(adapter_dir: str | os.PathLike, config) -> list[dict]:
     """`classify` of a saved adapter folder on the test split of `config` (a `RunConfig`), loaded as `lorakit eval`
     loads it: on the adapter's `base_model_name_or_path` when that is a local folder, else on `config.model`."""
-    from .. import load_adapter, read_adapter
+    from .. import load_adapter
     from ..models import load_model
-    from ..train.run import _texts, load_splits, place
+    from ..train.run import _texts, adapter_base, load_splits, place
     from ..train.tasks import make_task
 
-    base = read_adapter(adapter_dir)[0].base_model_name_or_path
-    spec = base if base and os.path.isdir(base) else config.model
+    spec = adapter_base(adapter_dir, config)
     splits = load_splits(config)
     model, tokenizer = load_model(spec, config.task, num_labels=splits.train.num_labels, seed=config.training.seed,
                                   texts=_texts(splits.train))

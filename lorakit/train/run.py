@@ -314,8 +314,7 @@ def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") ->
     full = full_ft.full_folder(adapter_dir)
     if full is None:
         adapter_dir = adapter_folder(adapter_dir)
-        base = read_adapter(adapter_dir)[0].base_model_name_or_path
-        spec = base if base and os.path.isdir(base) else config.model
+        spec = adapter_base(adapter_dir, config)
     else:
         spec = str(full)
     splits = load_splits(config)
@@ -331,6 +330,13 @@ def evaluate(adapter_dir: str | Path, config: RunConfig, split: str = "test") ->
         metrics = evaluate_model(model, task, data, config.training.per_device_eval_batch_size, split)
     report_warnings(metrics, (split,))
     return {"data": config.data, "split": split, f"{split}_examples": len(data), **metrics}
+
+
+def adapter_base(adapter_dir: str | Path, config: RunConfig) -> str:
+    """The base model to load a saved adapter on: its `base_model_name_or_path` when that is a local directory,
+    else `config.model`."""
+    base = read_adapter(adapter_dir)[0].base_model_name_or_path
+    return base if base and os.path.isdir(base) else config.model
 
 
 def saved_paths(output_dir: str | Path) -> list[Path]:
