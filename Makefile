@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow test-eager bench clean
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,6 +19,11 @@ test: $(VENV_STAMP)
 
 test-slow: $(VENV_STAMP)
 	$(PY) -m pytest -q -m slow
+
+# the mixed-batch and serving tests again on the eager path (what a machine without a C++ compiler runs)
+test-eager: $(VENV_STAMP)
+	LORAKIT_KERNELS=eager $(PY) -m pytest -q tests/test_routing.py tests/test_mixing.py tests/test_regional.py \
+		tests/test_mm_lora.py tests/test_reclora.py tests/test_gates.py tests/test_kernels.py tests/serve
 
 bench: $(VENV_STAMP)
 	$(PY) bench/dora_layer.py

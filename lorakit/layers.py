@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError, RoutingError
-from . import stacked
+from . import kernels, stacked
 from .kinds import ConvKind, kind_for
 
 
@@ -135,6 +135,10 @@ class AdaptedLayer(nn.Module):
         return fused.to(ot.dtype)
 
     def _routed_deltas(self, x, out, plan, segments):
+        if kernels.uses(x):  # one fused shrink and expand for every s·B·A adapter, the rest below
+            segments = stacked.add_fused_(out, x, plan, segments, self._stacks, self.kind.batchable)
+            if not segments:
+                return out
         xs = plan.gather(x)
         needs_base = any(v.uses_base_out for v, _, _ in segments)
         ys = out if plan.identity else out.index_select(0, plan.order) if needs_base else None

@@ -61,6 +61,7 @@ class Plan:
     segments: list[tuple[str, int, int]]
     identity: bool  # order == arange(len(order)): slices of the input are views, no gather needed
     _last: dict = field(default_factory=dict, repr=False, compare=False)  # shared gathers (`shared_gather`)
+    _tokens: dict = field(default_factory=dict, repr=False, compare=False)  # token_layout per tokens per row
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The routed rows of `x` in `order`. Layers fed the same tensor (q/k/v projections) share one gather."""
@@ -68,6 +69,18 @@ class Plan:
 
     def release(self) -> None:
         self._last.clear()
+
+    def token_layout(self, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`order` and the segment bounds on the flattened token axis of a layer input with `per_row` tokens per
+        row, as the fused kernels take them: (token order, empty when identity; bounds (segments + 1,))."""
+        if per_row not in self._tokens:
+            order = self.order if per_row == 1 else (self.order[:, None] * per_row + torch.arange(
+                per_row, device=self.order.device)).flatten()
+            bounds = [a * per_row for _, a, _ in self.segments] + [self.segments[-1][2] * per_row if self.segments
+                                                                    else 0]
+            self._tokens[per_row] = (order[:0] if self.identity else order.contiguous(),
+                                     torch.tensor(bounds, dtype=torch.long))
+        return self._tokens[per_row]
 
 
 def shared_gather(cache: dict, key, x: torch.Tensor, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -342,9 +355,20 @@ def _as_float(what: str, w) -> torch.Tensor:
 
 
 def routed_modules(model: nn.Module) -> list[nn.Module]:
+    """The adapted layers and trained copies in `model`, in `model.modules()` order (adapters are not searched:
+    with many adapters they are most of the module tree)."""
     from .layers import AdaptedLayer, TrainedCopy
 
-    return [m for m in model.modules() if isinstance(m, (AdaptedLayer, TrainedCopy))]
+    found, stack = [], [model]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, (AdaptedLayer, TrainedCopy)):
+            found.append(m)
+        children = m._modules
+        if isinstance(m, AdaptedLayer):
+            children = {k: c for k, c in children.items() if k != "adapters"}
+        stack.extend(c for c in reversed(children.values()) if c is not None)
+    return list(dict.fromkeys(found))
 
 
 @contextlib.contextmanager
@@ -416,7 +440,8 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
 def _unbind(modules: Iterable[nn.Module]) -> None:
     """Variants that read the routing forget the one of their last call (the layer binds it before each call)."""
     for m in modules:
-        for v in getattr(m, "adapters", {}).values():
+        adapters = m._modules.get("adapters")
+        for v in adapters.values() if adapters is not None else ():
             if getattr(v, "reads_routing", False):
                 v.bind_routing(None)
 

@@ -1,4 +1,8 @@
-"""Many low-rank adapters on one Linear in two `bmm` calls (inference, mixed batches).
+"""Many low-rank adapters on one Linear in few calls (inference, mixed batches): fused kernels, else two `bmm` calls.
+
+With the compiled CPU kernels (`lorakit.kernels`), every adapter whose ΔW is s·B·A runs in one shrink and one
+expand call per layer, on the rows of the layer input where they lie (no gather, no scatter, any rank and number
+of rows per adapter). Otherwise:
 
 When consecutive adapters in a routing plan have the same rank, dtype and number of rows, their
 factors are stacked — A as (k, r, in), s·Bᵀ as (k, r, out) — and the k segments run as
@@ -10,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import kernels
 
 MAX_CACHED_STACKS = 4
 
@@ -34,9 +40,33 @@ class Stacks:
 
     def __init__(self):
         self._cache: dict[tuple, tuple] = {}
+        self._fused: dict[int, tuple] = {}  # id(variant) → (variant, parameters, stamp, Aᵀ padded, (s·B)ᵀ)
 
     def clear(self) -> None:
         self._cache.clear()
+        self._fused.clear()
+
+    def fused(self, v) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Aᵀ, (s·B)ᵀ) of variant `v` for the fused kernels (see `lorakit.kernels`), None if ΔW is not s·B·A."""
+        hit, plain = self._fused.get(id(v)), _plain_lora(v)
+        if hit is not None and hit[0] is not v:
+            hit = None
+        if plain:  # cheap check: the same two parameters, unchanged
+            stamp = (v.lora_A._version, v.lora_B._version, v.scale)
+            if hit is not None and hit[1][0] is v.lora_A and hit[1][1] is v.lora_B and hit[2] == stamp:
+                return hit[3], hit[4]
+        factors = v.factors()
+        if factors is None:
+            return None
+        a, b, s = factors
+        owners = (v.lora_A, v.lora_B) if plain else ()
+        if not plain:
+            stamp = (a.shape, a._version, a.data_ptr(), b.shape, b._version, b.data_ptr(), s, _state_stamp(v))
+            if hit is not None and hit[2] == stamp:
+                return hit[3], hit[4]
+        # the entry keeps its variant and parameters alive, so a matching id is the same object
+        hit = self._fused[id(v)] = (v, owners, stamp, kernels.down_factor(a), kernels.up_factor(b, s))
+        return hit[3], hit[4]
 
     def get(self, variants) -> tuple[torch.Tensor, torch.Tensor]:
         factors = [v.factors() for v in variants]
@@ -52,6 +82,14 @@ class Stacks:
             bt = torch.stack([(b * s).T for _, b, s in factors])          # (k, r, out), scale folded in
             hit = self._cache[key] = (tuple(variants), stamp, a, bt)
         return hit[2], hit[3]
+
+
+def _plain_lora(v) -> bool:
+    """ΔW = scale·B·A read straight from (views of) the parameters lora_A and lora_B, whose versions say when they
+    change."""
+    from .variants.lora import LoRA
+
+    return type(v).factors is LoRA.factors and type(v).matrices is LoRA.matrices
 
 
 def _state_stamp(variant) -> tuple:
@@ -79,3 +117,28 @@ def add_run_(out: torch.Tensor, xs: torch.Tensor, plan, run, stacks: Stacks) -> 
         out[a0:a1] += y
     else:
         out.index_add_(0, plan.order[a0:a1], y.to(out.dtype))
+
+
+@torch.no_grad()
+def add_fused_(out: torch.Tensor, x: torch.Tensor, plan, segments, stacks: Stacks, batchable: bool) -> list:
+    """out += each adapter's delta on its rows of the plan, one shrink and one expand kernel call for every adapter
+    whose ΔW is s·B·A; returns the segments left for the eager path (other variants, or all when `out` cannot be
+    written as a (tokens, features) matrix)."""
+    if not batchable or not out.is_contiguous() or x.shape[:-1] != out.shape[:-1]:
+        return segments
+    pairs = {}
+    for v, start, _ in segments:
+        if not (v.training and isinstance(v.dropout, nn.Dropout)):
+            pair = stacks.fused(v)
+            if pair is not None:
+                pairs[start] = pair
+    if not pairs:
+        return segments
+    order, bounds = plan.token_layout(out.shape[1:-1].numel())
+    at = [pairs[a][0] if a in pairs else None for _, a, _ in plan.segments]
+    bt = [pairs[a][1] if a in pairs else None for _, a, _ in plan.segments]
+    ops = kernels.sgmv()
+    x2 = x.reshape(-1, x.shape[-1])
+    h = ops.shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), order, bounds, at)
+    ops.expand(out.view(-1, out.shape[-1]), order, bounds, h, [0] * len(at), bt, 0)
+    return [seg for seg in segments if seg[1] not in pairs]

@@ -104,6 +104,7 @@ def test_gradients_reach_each_adapter_only_from_its_rows():
 
 
 def test_routing_plan_built_once_per_forward_and_true_rank_matmuls(monkeypatch):
+    monkeypatch.setenv("LORAKIT_KERNELS", "eager")  # the eager path's matmuls (the fused kernels: test_kernels.py)
     model = model_with_adapters(a=("lora", 4, False), b=("lora", 8, False))
     built = []
     original = Routing._build_plan
@@ -192,6 +193,7 @@ def test_same_rank_adapters_run_batched_and_equal_each_row_alone(monkeypatch):
     still equals its adapter alone, grouped or shuffled, fp32; stacks follow in-place factor changes."""
     from lorakit import stacked
 
+    monkeypatch.setenv("LORAKIT_KERNELS", "eager")  # the bmm path; the fused kernels: test_kernels.py
     model = model_with_adapters(**{f"s{i}": ("lora", 4, i % 2 == 0) for i in range(4)}, big=("lora", 8, False))
     names = ["s0", "s1", "s2", "s3", "big", "__base__"] * 2
     calls = []

@@ -11,6 +11,9 @@ GiB = 1 << 30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+LORA_KERNELS = ("auto", "fused", "segment", "bmm")
+
+
 @dataclass
 class EngineConfig:
     """Limits of one serving engine.
@@ -23,8 +26,9 @@ class EngineConfig:
       the KV cache needs room, never one a running or admitted request uses.
     - `block_size`: tokens per KV-cache block; `max_num_seqs`: running requests; `max_num_batched_tokens`: tokens
       one step computes (prefill + decode); `max_waiting`: queued requests before new ones get QueueFullError.
-    - `lora_kernel`: "auto" (segments for multi-token rows and few adapters, rank-bucketed bmm for decode with at
-      least `bmm_min_adapters` adapters of one rank), or "segment" / "bmm" everywhere.
+    - `lora_kernel`: "auto" (the fused CPU kernels of `lorakit.kernels` when they are built; else segments for
+      multi-token rows and few adapters, rank-bucketed bmm for decode with at least `bmm_min_adapters` adapters of
+      one rank), or "fused" / "segment" / "bmm" everywhere.
     - `load_workers`: threads reading adapter files from disk; 0 reads them on the engine's thread (a schedule that
       does not depend on timing: tests, benchmarks).
     - `dtype` (vLLM's `--dtype`): "auto" = the checkpoint's dtype (config.json `dtype`/`torch_dtype`, else its
@@ -53,8 +57,8 @@ class EngineConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "lora_kernel":
-                if value not in ("auto", "segment", "bmm"):
-                    raise ConfigError(f"lora_kernel must be 'auto', 'segment' or 'bmm', got {value!r}")
+                if value not in LORA_KERNELS:
+                    raise ConfigError(f"lora_kernel must be one of {list(LORA_KERNELS)}, got {value!r}")
             elif f.name == "dtype":
                 if value != "auto" and value not in DTYPES:
                     raise ConfigError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {value!r}")

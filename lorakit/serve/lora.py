@@ -9,9 +9,11 @@ one contiguous slice and no layer permutes activations. Per fused projection gro
   are stacked once per set of adapters (a copy per *distinct adapter*, reused across steps while the set is
   unchanged, never per token and never padded to a global max rank) and run as two `bmm` calls.
 
-`kernel="auto"` uses bmm for a decode bucket of at least `bmm_min_adapters` adapters whose set was already there in
-the previous step (stacks are then reused), segments otherwise — the switch point measured in BENCHMARKS.md
-(serve_kernels). Base-model rows are in no segment and cost nothing.
+`kernel="auto"` uses the fused CPU kernels of `lorakit.kernels` when they are built (one shrink for the whole group
+and one expand per module, every adapter at its own rank, for all rows of the step); without them, bmm for a decode
+bucket of at least `bmm_min_adapters` adapters whose set was already there in the previous step (stacks are then
+reused), segments otherwise — the switch point measured in BENCHMARKS.md (serve_kernels). "fused", "segment" and
+"bmm" force one kind. Base-model rows are in no segment and cost nothing.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from .adapters import LoadedAdapter
+
+NO_ORDER = torch.empty(0, dtype=torch.long)  # the fused kernels read the step's rows in place
 
 
 @dataclass
@@ -79,9 +84,12 @@ class LoraStep:
             by_rows.setdefault(s.stop - s.start, []).append(s)
         self._decode_sets = list(by_rows.values())
         self._buckets: dict[tuple[int, str], list] = {}
+        self._layout = None  # (bounds, adapter or None per kernel segment), built on the first fused call
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += Σ_adapters s·x·Aᵀ·Bᵀ on each adapter's rows, for the modules of `group` this adapter targets."""
+        if self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x)):
+            return self._fused(layer, group, x, out)
         for seg in self.prefills:
             self._segment(seg, layer, group, x, out)
         for bucket in self._decode_buckets(layer, group):
@@ -89,6 +97,36 @@ class LoraStep:
             if not (use_bmm and self._bmm(bucket, layer, group, x, out)):
                 for seg in bucket:
                     self._segment(seg, layer, group, x, out)
+
+    def _fused(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """All segments in one shrink call for the group and one expand call per module (`lorakit.kernels`)."""
+        ops = kernels.sgmv()
+        if ops is None:
+            raise kernels.KernelError("lora_kernel='fused' needs the compiled CPU kernels (see lorakit.kernels)")
+        if self._layout is None:  # kernel segments: the step's segments in row order, rows between them skipped
+            bounds, owners = [0], []
+            for s in sorted(self.segments, key=lambda s: s.start):
+                if s.start > bounds[-1]:
+                    bounds.append(s.start)
+                    owners.append(None)
+                bounds.append(s.stop)
+                owners.append(s.adapter)
+            self._layout = torch.tensor(bounds, dtype=torch.long), owners
+        bounds, owners = self._layout
+        down, modules = [None] * len(owners), {}
+        for i, adapter in enumerate(owners):
+            w = adapter.groups.get((layer, group)) if adapter is not None else None
+            if w is None:
+                continue
+            down[i], parts = w.fused()
+            for c0, c1, r0, bt in parts:
+                offsets, ups = modules.setdefault((c0, c1), ([0] * len(owners), [None] * len(owners)))
+                offsets[i], ups[i] = r0, bt
+        if not modules:
+            return
+        h = ops.shrink(x, NO_ORDER, bounds, down)
+        for (c0, _), (offsets, ups) in modules.items():
+            ops.expand(out, NO_ORDER, bounds, h, offsets, ups, c0)
 
     @staticmethod
     def _segment(seg: Segment, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lorakit import kernels
 from lorakit.errors import CapacityError, QueueFullError, RequestError, UnknownAdapterError
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
 from lorakit.serve.llama import LlamaRunner
@@ -81,15 +82,18 @@ def make_requests(n, names, seed, max_tokens=(4, 12)):
     return out
 
 
-@pytest.mark.parametrize("kernel", ["auto", "segment", "bmm"])
+@pytest.mark.parametrize("kernel", ["auto", "fused", "segment", "bmm"])
 def test_engine_matches_peft_for_32_adapters_under_preemption(base, adapters, kernel, monkeypatch):
+    compiled = kernels.sgmv() is not None
+    if kernel == "fused" and not compiled:
+        pytest.skip("the compiled kernels are off (LORAKIT_KERNELS=eager or no compiler)")
     config = EngineConfig(memory_bytes=900 * 1024, block_size=4, max_num_seqs=16, max_loras=8,
                           max_num_batched_tokens=160, lora_kernel=kernel, bmm_min_adapters=2, load_workers=0)
     engine = Engine(LlamaRunner.from_hf(base), config)
     for name, (path, _) in adapters.items():
         engine.register_adapter(name, path)
-    distinct_per_step, bmm_calls = [], []
-    real_init, real_bmm = LoraStep.__init__, LoraStep._bmm
+    distinct_per_step, bmm_calls, fused_calls = [], [], []
+    real_init, real_bmm, real_fused = LoraStep.__init__, LoraStep._bmm, LoraStep._fused
 
     def spy_init(self, segments, *args, **kwargs):
         distinct_per_step.append(len({id(s.adapter) for s in segments}))
@@ -103,6 +107,7 @@ def test_engine_matches_peft_for_32_adapters_under_preemption(base, adapters, ke
 
     monkeypatch.setattr(LoraStep, "__init__", spy_init)
     monkeypatch.setattr(LoraStep, "_bmm", spy_bmm)
+    monkeypatch.setattr(LoraStep, "_fused", lambda self, *a: fused_calls.append(1) or real_fused(self, *a))
     names = [None] + list(adapters)
     requests = make_requests(70, names, seed=1)
     for r in requests[:40]:  # continuous batching: the rest arrive while these run
@@ -116,7 +121,9 @@ def test_engine_matches_peft_for_32_adapters_under_preemption(base, adapters, ke
     metrics = engine.metrics()
     assert metrics["preemptions_total"] > 0 and metrics["kv_blocks_used"] == 0
     assert max(distinct_per_step) <= config.max_loras and max(distinct_per_step) >= 2
-    assert (len(bmm_calls) > 0) == (kernel != "segment")
+    fused = kernel == "fused" or (kernel == "auto" and compiled)
+    assert (len(fused_calls) > 0) == fused
+    assert (len(bmm_calls) > 0) == (kernel == "bmm" or (kernel == "auto" and not compiled))
     check_against(reference_logits(base, adapters, requests), requests)
 
 

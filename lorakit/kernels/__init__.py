@@ -1,0 +1,167 @@
+"""Fused CPU kernels for batches that mix adapters: segmented shrink and expand (Punica's SGMV/BGMV), built on
+first use.
+
+One call per layer replaces the per-adapter small GEMMs, the gather of the routed rows and the scatter of their
+deltas: `shrink` computes h = x·Aᵀ for every segment of rows (each segment with its own adapter, at its own rank),
+reading the rows where they lie, and `expand_` adds h·(s·B)ᵀ into the output rows in place, fp32 accumulation.
+
+`sgmv()` gives the compiled ops, or None, and callers keep their eager PyTorch path, which computes the same thing:
+- `LORAKIT_KERNELS=eager` never builds; `compiled` raises KernelError when the build fails; `auto` (default) builds
+  and falls back to eager with one warning (e.g. no C++ compiler on the machine).
+- Built by `torch.utils.cpp_extension.load` (ninja and the system C++ compiler, `-O3 -march=native`, about 10 s,
+  once) into `<lorakit cache>/kernels/<key>`; the key covers the source, torch, Python and the CPU, so each
+  machine builds its own and later processes just load it.
+- CPU only; tensors on other devices keep the eager path.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..cache import cache_dir
+from ..errors import LorakitError
+
+SOURCE = Path(__file__).with_name("sgmv.cpp")
+MODES = ("auto", "eager", "compiled")
+RANK_MULTIPLE = 8  # the shrink kernel works on 8 or 16 ranks at a time; At is zero-padded to a multiple of 8
+
+
+class KernelError(LorakitError):
+    """The compiled kernels were required (`LORAKIT_KERNELS=compiled`) but could not be built or loaded."""
+
+
+_lock = threading.Lock()
+_state: dict = {}  # "ops": the op namespace or None, once tried; "mode": set by `using`
+
+
+def mode() -> str:
+    """"auto", "eager" or "compiled": `using(...)` inside its block, else `$LORAKIT_KERNELS` (default auto)."""
+    value = _state.get("mode") or os.environ.get("LORAKIT_KERNELS", "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise KernelError(f"LORAKIT_KERNELS={value!r}; use one of {list(MODES)}")
+    return value
+
+
+def sgmv():
+    """The compiled ops (`torch.ops.lorakit_sgmv`), or None when the eager path is to be used (see the module doc)."""
+    current = mode()
+    if current == "eager":
+        return None
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                _state["ops"], _state["error"] = _build()
+                if _state["ops"] is None and current == "auto":
+                    warnings.warn(f"lorakit: the CPU kernels for mixed-adapter batches could not be built "
+                                  f"({_state['error']}); using the eager PyTorch path (same results, slower with "
+                                  "many adapters). Set LORAKIT_KERNELS=eager to skip the build.", RuntimeWarning,
+                                  stacklevel=2)
+    if _state["ops"] is None and current == "compiled":
+        raise KernelError(f"LORAKIT_KERNELS=compiled, but the CPU kernels could not be built: {_state['error']}")
+    return _state["ops"]
+
+
+def uses(t: torch.Tensor) -> bool:
+    """Whether the compiled kernels serve an inference call on tensor `t`."""
+    return t.device.type == "cpu" and not torch.is_grad_enabled() and sgmv() is not None
+
+
+@contextlib.contextmanager
+def using(value: str):
+    """Inside the block, kernels run in mode `value` ("eager": the PyTorch path; "compiled": the kernels or
+    KernelError), e.g. to compare both in one process."""
+    if value not in MODES:
+        raise KernelError(f"kernel mode {value!r}; use one of {list(MODES)}")
+    previous = _state.get("mode")
+    _state["mode"] = value
+    try:
+        yield
+    finally:
+        _state["mode"] = previous
+
+
+def reset() -> None:
+    """Forget the build outcome (the next `sgmv()` tries again: tests switch modes with it)."""
+    with _lock:
+        _state.pop("ops", None)
+        _state.pop("error", None)
+
+
+def build_dir() -> Path:
+    cpu = _cpu_signature()
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+                                     cpu.encode()])).hexdigest()[:16]
+    return cache_dir() / "kernels" / key
+
+
+def _build():
+    """(ops, None), or (None, why not)."""
+    try:
+        _check_toolchain()
+        from torch.utils.cpp_extension import load
+
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.glob("*.so")):
+            print(f"lorakit: building the CPU kernels for mixed-adapter batches (once, ~10 s) in {directory}",
+                  file=sys.stderr)
+        load("lorakit_sgmv", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
+        return torch.ops.lorakit_sgmv, None
+    except Exception as e:  # a missing compiler, ninja or header shows up as many exception types
+        text = str(e).strip().splitlines()
+        return None, f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _check_toolchain() -> None:
+    """ninja (the PyPI wheel or the system one) on PATH and a C++ compiler, or an error saying which is missing."""
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    if shutil.which("ninja") is None:
+        raise KernelError("ninja is not installed (pip install ninja)")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise KernelError(f"no C++ compiler ({compiler!r} is not on PATH)")
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (`-march=native` builds for exactly these)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return platform.machine() + "\n" + "\n".join(dict.fromkeys(lines))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+# ---- factors in the kernels' layout -----------------------------------------------------------------------------
+def down_factor(a: torch.Tensor) -> torch.Tensor:
+    """A (r, d_in) as the shrink kernel reads it: Aᵀ (d_in, r') fp32 contiguous, r' = r rounded up to a multiple of 8
+    (zero columns)."""
+    r = a.shape[0]
+    padded = -(-r // RANK_MULTIPLE) * RANK_MULTIPLE
+    at = torch.zeros(a.shape[1], padded, dtype=torch.float32, device=a.device)
+    at[:, :r] = a.detach().T
+    return at
+
+
+def up_factor(b: torch.Tensor, scale=1.0) -> torch.Tensor:
+    """s·B (d_out, r) as the expand kernel reads it: (s·B)ᵀ (r, d_out) fp32 contiguous."""
+    return (b.detach().float() * scale).T.contiguous()
+
+
+def segment_offsets(bounds: list[int], device=None) -> torch.Tensor:
+    return torch.tensor(bounds, dtype=torch.long, device=device)

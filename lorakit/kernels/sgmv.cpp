@@ -1,0 +1,223 @@
+// Segmented LoRA kernels for CPU (the SGMV/BGMV split of Punica and S-LoRA, as two fused loops).
+//
+// A step's rows are split into segments, each using one adapter: segment s covers positions seg[s]..seg[s+1] of
+// `order` (the layer-input rows it reads and writes; identity when `order` is empty).
+//   shrink: h[i, 0:rp_s]        = x[order[i], :] . At[s]           At[s]: (d_in, rp_s) fp32, rp_s a multiple of 8
+//   expand: out[order[i], c0:+d] += h[i, r0_s:r0_s+rb_s] . Bt[s]    Bt[s]: (rb_s, d) fp32, or absent (skip s)
+// Rows are read and written in place (no gather, no scatter), accumulation is in fp32 whatever the activations'
+// dtype (fp32, bf16, fp16), and the work (segment × row tile [× column block]) is spread over torch's threads.
+// Written for this project; the loops are plain C++ that the compiler vectorizes for the CPU it is built on.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t SHRINK_ROWS = 8;   // rows per shrink tile (8 accumulator vectors of 16 floats)
+constexpr int64_t EXPAND_ROWS = 8;   // rows per expand tile
+constexpr int64_t COLS = 32;         // output columns per expand tile (8 x 2 vectors of 16 floats)
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]);
+}
+
+// h[i, 0:C] = sum_k xb[i, k] * at[k, 0:C] for the tile's rows (at: row stride rp).
+template <int C>
+inline void shrink_chunk(const float* xb, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+                         int64_t h_stride) {
+  float acc[SHRINK_ROWS][C] = {};
+  if (rows == SHRINK_ROWS) {
+    for (int64_t k = 0; k < d_in; ++k) {
+      const float* a = at + k * rp;
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
+        const float xv = xb[i * d_in + k];
+#pragma omp simd
+        for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < d_in; ++k) {
+      const float* a = at + k * rp;
+      for (int64_t i = 0; i < rows; ++i) {
+        const float xv = xb[i * d_in + k];
+#pragma omp simd
+        for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
+      }
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int c = 0; c < C; ++c) h[i * h_stride + c] = acc[i][c];
+}
+
+struct Tile {
+  int64_t seg, first;
+};
+
+std::vector<Tile> tiles_of(const int64_t* seg, int64_t nseg, int64_t rows, const std::vector<bool>& skip) {
+  std::vector<Tile> tiles;
+  for (int64_t s = 0; s < nseg; ++s)
+    if (!skip[s])
+      for (int64_t i = seg[s]; i < seg[s + 1]; i += rows) tiles.push_back({s, i});
+  return tiles;
+}
+
+template <typename T>
+void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, const std::vector<at::Tensor>& At,
+                 const std::vector<bool>& skip, at::Tensor& h) {
+  const int64_t d_in = x.size(1), xs = x.stride(0), hs = h.stride(0);
+  const T* xp = x.data_ptr<T>();
+  float* hp = h.data_ptr<float>();
+  const auto tiles = tiles_of(seg, At.size(), SHRINK_ROWS, skip);
+  at::parallel_for(0, tiles.size(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xb(SHRINK_ROWS * d_in);
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile tile = tiles[t];
+      const int64_t rows = std::min(SHRINK_ROWS, seg[tile.seg + 1] - tile.first);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = order ? order[tile.first + i] : tile.first + i;
+        load_row(xp + row * xs, xb.data() + i * d_in, d_in);
+      }
+      const float* at = At[tile.seg].data_ptr<float>();
+      const int64_t rp = At[tile.seg].size(1);
+      float* ht = hp + tile.first * hs;
+      int64_t c = 0;
+      for (; c + 16 <= rp; c += 16) shrink_chunk<16>(xb.data(), rows, d_in, at + c, rp, ht + c, hs);
+      for (; c < rp; c += 8) shrink_chunk<8>(xb.data(), rows, d_in, at + c, rp, ht + c, hs);
+    }
+  });
+}
+
+template <typename T>
+void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, const at::Tensor& h,
+                 const std::vector<int64_t>& r0, const std::vector<at::Tensor>& Bt, const std::vector<bool>& skip,
+                 int64_t c0, int64_t d) {
+  const int64_t hs = h.stride(0), os = out.stride(0), ncol = (d + COLS - 1) / COLS;
+  T* op = out.data_ptr<T>();
+  const float* hp = h.data_ptr<float>();
+  const auto tiles = tiles_of(seg, Bt.size(), EXPAND_ROWS, skip);
+  at::parallel_for(0, tiles.size() * ncol, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const Tile tile = tiles[w / ncol];
+      const int64_t cb = (w % ncol) * COLS, cols = std::min(COLS, d - cb);
+      const int64_t rows = std::min(EXPAND_ROWS, seg[tile.seg + 1] - tile.first);
+      const int64_t rb = Bt[tile.seg].size(0);
+      const float* b = Bt[tile.seg].data_ptr<float>() + cb;
+      const float* ht = hp + tile.first * hs + r0[tile.seg];
+      float acc[EXPAND_ROWS][COLS] = {};
+      if (rows == EXPAND_ROWS && cols == COLS) {
+        for (int64_t j = 0; j < rb; ++j) {
+          const float* bj = b + j * d;
+#pragma GCC unroll 8
+          for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
+            const float hv = ht[i * hs + j];
+#pragma omp simd
+            for (int64_t c = 0; c < COLS; ++c) acc[i][c] += hv * bj[c];
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < rb; ++j) {
+          const float* bj = b + j * d;
+          for (int64_t i = 0; i < rows; ++i) {
+            const float hv = ht[i * hs + j];
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) acc[i][c] += hv * bj[c];
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = order ? order[tile.first + i] : tile.first + i;
+        T* o = op + row * os + c0 + cb;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<T>(static_cast<float>(o[c]) + acc[i][c]);
+      }
+    }
+  });
+}
+
+const int64_t* check_segments(const at::Tensor& order, const at::Tensor& seg, int64_t nseg, int64_t rows) {
+  TORCH_CHECK(seg.scalar_type() == at::kLong && seg.is_contiguous() && seg.numel() == nseg + 1,
+              "seg must hold one more int64 offset than there are segments");
+  const int64_t* sp = seg.data_ptr<int64_t>();
+  for (int64_t s = 0; s < nseg; ++s) TORCH_CHECK(sp[s] <= sp[s + 1], "segment offsets must not decrease");
+  TORCH_CHECK(nseg == 0 || sp[0] >= 0, "negative segment offset");
+  if (order.numel()) {
+    TORCH_CHECK(order.scalar_type() == at::kLong && order.is_contiguous(), "order must be contiguous int64");
+    TORCH_CHECK(nseg == 0 || sp[nseg] <= order.numel(), "segments reach past the end of order");
+    const int64_t* o = order.data_ptr<int64_t>();
+    for (int64_t i = 0; i < order.numel(); ++i) TORCH_CHECK(o[i] >= 0 && o[i] < rows, "order index out of range");
+  } else {
+    TORCH_CHECK(nseg == 0 || sp[nseg] <= rows, "segments reach past the last row");
+  }
+  return order.numel() ? order.data_ptr<int64_t>() : nullptr;
+}
+
+at::Tensor shrink(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg,
+                  const c10::List<std::optional<at::Tensor>>& At_list) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
+              "x must be a CPU (rows, d_in) matrix, rows contiguous");
+  const int64_t nseg = At_list.size();
+  const int64_t* op = check_segments(order, seg, nseg, x.size(0));
+  std::vector<at::Tensor> At(nseg);
+  std::vector<bool> skip(nseg, true);
+  int64_t width = 8;
+  for (int64_t s = 0; s < nseg; ++s) {
+    const std::optional<at::Tensor> a = At_list.get(s);
+    if (!a.has_value() || !a->defined()) continue;
+    TORCH_CHECK(a->scalar_type() == at::kFloat && a->is_contiguous() && a->dim() == 2 && a->size(0) == x.size(1) &&
+                    a->size(1) % 8 == 0 && a->size(1) > 0,
+                "each At must be contiguous fp32 (d_in, r) with r a positive multiple of 8");
+    width = std::max(width, a->size(1));
+    At[s] = *a;
+    skip[s] = false;
+  }
+  const int64_t* sp = seg.data_ptr<int64_t>();
+  at::Tensor h = at::empty({nseg ? sp[nseg] : 0, width}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lorakit_shrink",
+                                  [&] { shrink_impl<scalar_t>(x, op, sp, At, skip, h); });
+  return h;
+}
+
+void expand(at::Tensor out, const at::Tensor& order, const at::Tensor& seg, const at::Tensor& h, at::IntArrayRef r0,
+            const c10::List<std::optional<at::Tensor>>& Bt_list, int64_t c0) {
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.stride(1) == 1,
+              "out must be a CPU (rows, d_out) matrix, rows contiguous");
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.dim() == 2 && h.stride(1) == 1,
+              "h must be the fp32 output of shrink");
+  const int64_t nseg = Bt_list.size();
+  TORCH_CHECK(static_cast<int64_t>(r0.size()) == nseg, "one rank offset per segment");
+  const int64_t* op = check_segments(order, seg, nseg, out.size(0));
+  std::vector<at::Tensor> Bt(nseg);
+  std::vector<bool> skip(nseg, true);
+  int64_t d = -1;
+  for (int64_t s = 0; s < nseg; ++s) {
+    const std::optional<at::Tensor> b = Bt_list.get(s);
+    if (!b.has_value() || !b->defined()) continue;
+    TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->dim() == 2,
+                "each Bt must be contiguous fp32 (r, d)");
+    TORCH_CHECK(d < 0 || b->size(1) == d, "every Bt must have the same number of columns");
+    TORCH_CHECK(r0[s] >= 0 && r0[s] + b->size(0) <= h.size(1), "rank slice outside h");
+    d = b->size(1);
+    Bt[s] = *b;
+    skip[s] = false;
+  }
+  if (d < 0) return;
+  TORCH_CHECK(h.size(0) >= (nseg ? seg.data_ptr<int64_t>()[nseg] : 0), "h has fewer rows than the segments");
+  TORCH_CHECK(c0 >= 0 && c0 + d <= out.size(1), "columns outside out");
+  std::vector<int64_t> offsets(r0.begin(), r0.end());
+  const int64_t* sp = seg.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "lorakit_expand",
+                                  [&] { expand_impl<scalar_t>(out, op, sp, h, offsets, Bt, skip, c0, d); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lorakit_sgmv, m) {
+  m.def("shrink(Tensor x, Tensor order, Tensor seg, Tensor?[] At) -> Tensor", &shrink);
+  m.def("expand(Tensor(a!) out, Tensor order, Tensor seg, Tensor h, int[] r0, Tensor?[] Bt, int c0) -> ()", &expand);
+}

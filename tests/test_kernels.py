@@ -1,0 +1,179 @@
+"""The fused CPU kernels (lorakit.kernels): the same outputs as the eager path, the fallback, and bad input."""
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import kernels
+from lorakit.routing import Routing
+from models import gpt2, llama
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    with kernels.using("compiled"):
+        return kernels.sgmv()
+
+
+def adapted(variants=(("a", "lora", 3), ("b", "lora", 8), ("c", "lora", 20), ("d", "dora", 4)), model=None):
+    """A tiny Llama with random (B ≠ 0) adapters of ranks that are and are not multiples of 8."""
+    model = model or llama(eos_token_id=None, pad_token_id=0)
+    for i, (name, variant, r) in enumerate(variants):
+        torch.manual_seed(10 + i)
+        lorakit.inject(model, lorakit.AdapterConfig(r=r, lora_alpha=2 * r, variant=variant, init_lora_weights=False,
+                                                    target_modules="all-linear"), name)
+    return model
+
+
+def routed(model, names, inputs):
+    with torch.no_grad(), lorakit.route(model, names):
+        return model(inputs).logits
+
+
+NAMES = ["c", "a", "__base__", "b", "d", "a", "c", "b"]
+
+
+@pytest.mark.parametrize("names", [NAMES, sorted(NAMES), ["a"] * 8], ids=["shuffled", "grouped", "one adapter"])
+def test_fused_equals_eager_and_each_row_alone(ops, names):
+    model = adapted()
+    ids = torch.randint(0, 128, (8, 5), generator=torch.Generator().manual_seed(0))
+    with kernels.using("eager"):
+        eager = routed(model, names, ids)
+    with kernels.using("compiled"):
+        fused = routed(model, names, ids)
+        for i, name in enumerate(names[:4]):  # a row alone, through the kernels too
+            alone = routed(model, [name], ids[i:i + 1])
+            torch.testing.assert_close(fused[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), lorakit.disabled(model):
+        base = model(ids).logits
+    for i, name in enumerate(names):  # the adapters change every routed row (B ≠ 0), and only those
+        assert (name == "__base__") == torch.allclose(fused[i], base[i], atol=1e-6)
+
+
+def test_kernels_run_and_gpt2_conv1d_matches(ops, monkeypatch):
+    calls = []
+    shrink = ops.shrink
+    counting = SimpleNamespace(shrink=lambda *a: calls.append(1) or shrink(*a), expand=ops.expand)
+    monkeypatch.setattr(kernels, "sgmv", lambda: counting)
+    model = adapted([("a", "lora", 4), ("b", "lora", 12)], model=gpt2())
+    ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(1))
+    fused = routed(model, ["b", "a", "__base__", "a"], ids)
+    assert calls  # the fused path ran (one shrink per adapted layer)
+    monkeypatch.undo()
+    with kernels.using("eager"):
+        torch.testing.assert_close(fused, routed(model, ["b", "a", "__base__", "a"], ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_close_to_eager(ops, dtype):
+    model = adapted([("a", "lora", 4), ("b", "lora", 8)]).to(dtype)
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(2))
+    names = ["b", "a", "a", "__base__"]
+    with kernels.using("eager"):
+        eager = routed(model, names, ids).float()
+    with kernels.using("compiled"):
+        fused = routed(model, names, ids).float()
+    # fp32 accumulation in the kernels vs half-precision matmuls in the eager path: a few half-precision ulps
+    assert (fused - eager).abs().max() <= 0.05 * eager.abs().max()
+
+
+def test_updated_weights_are_used_at_the_next_forward(ops):
+    model = adapted([("a", "lora", 4), ("b", "lora", 8)])
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    before = routed(model, ["a", "b"], ids)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.adapters["a"].lora_B.mul_(3.0)  # in place
+        layer.adapters["b"].lora_A = torch.nn.Parameter(layer.adapters["b"].lora_A * 2.0)  # replaced
+    after = routed(model, ["a", "b"], ids)
+    with kernels.using("eager"):
+        torch.testing.assert_close(after, routed(model, ["a", "b"], ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_training_keeps_the_autograd_path(ops, monkeypatch):
+    monkeypatch.setattr(kernels, "sgmv", lambda: pytest.fail("kernels used while gradients are needed"))
+    model = adapted([("a", "lora", 4), ("b", "lora", 8)])
+    lorakit.mark_trainable(model, ["a", "b"])
+    with lorakit.route(model, ["a", "b"]):
+        model(torch.randint(0, 128, (2, 5))).logits.sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.adapters["a"].lora_A.grad.abs().sum() > 0
+
+
+def test_direct_ops_match_a_reference(ops):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 24, generator=g)
+    a = [torch.randn(r, 24, generator=g) for r in (5, 16)]
+    b = [torch.randn(12, r, generator=g) for r in (5, 16)]
+    order = torch.tensor([7, 1, 3, 9, 0, 4], dtype=torch.long)
+    bounds = torch.tensor([0, 2, 6], dtype=torch.long)
+    h = ops.shrink(x, order, bounds, [kernels.down_factor(m) for m in a])
+    out = torch.randn(10, 20, generator=g)
+    ref = out.clone()
+    ops.expand(out, order, bounds, h, [0, 0], [kernels.up_factor(m, 0.5) for m in b], 8)
+    for (lo, hi), am, bm in zip([(0, 2), (2, 6)], a, b):
+        rows = order[lo:hi]
+        ref[rows, 8:20] += 0.5 * x[rows] @ am.T @ bm.T
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["order", "bounds", "factor", "columns"])
+def test_direct_ops_refuse_bad_input(ops, bad):
+    x, out = torch.randn(4, 8), torch.zeros(4, 8)
+    order, bounds = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 4])
+    at, bt, c0 = [kernels.down_factor(torch.randn(2, 8))], [kernels.up_factor(torch.randn(8, 2))], 0
+    if bad == "order":
+        order = torch.tensor([0, 1, 2, 9])
+    elif bad == "bounds":
+        bounds = torch.tensor([0, 5])
+    elif bad == "factor":
+        at = [torch.randn(8, 3)]  # not padded to a multiple of 8
+    else:
+        c0 = 4
+    before = out.clone()
+    with pytest.raises(RuntimeError):
+        h = ops.shrink(x, order, bounds, at)
+        ops.expand(out, order, bounds, h, [0], bt, c0)
+    assert torch.equal(out, before)
+
+
+def test_token_layout_covers_the_flattened_tokens():
+    plan = Routing(["b", "a", "__base__", "a"]).plan(4, torch.device("cpu"))
+    order, bounds = plan.token_layout(3)
+    assert bounds.tolist() == [0, 3, 9]  # b (1 row) first: rows are gathered anyway, so sorted by size
+    rows = {name: order[lo:hi].tolist() for (name, _, _), lo, hi in zip(plan.segments, bounds[:-1], bounds[1:])}
+    assert rows == {"a": [3, 4, 5, 9, 10, 11], "b": [0, 1, 2]}
+
+
+def test_modes_and_fallback(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_KERNELS", "eager")
+    assert kernels.sgmv() is None and not kernels.uses(torch.zeros(1))
+    monkeypatch.setenv("LORAKIT_KERNELS", "fast")
+    with pytest.raises(kernels.KernelError, match="fast"):
+        kernels.sgmv()
+    with pytest.raises(kernels.KernelError):
+        with kernels.using("fast"):
+            pass
+    # no compiler: auto warns once and falls back (same outputs, eager path); compiled refuses
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("LORAKIT_KERNELS", "auto")
+    kernels.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+            assert kernels.sgmv() is None
+        model = adapted([("a", "lora", 4)])
+        ids = torch.randint(0, 128, (2, 5))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not at every layer
+            assert routed(model, ["a", "__base__"], ids).shape == (2, 5, 128)
+        monkeypatch.setenv("LORAKIT_KERNELS", "compiled")
+        with pytest.raises(kernels.KernelError, match="no-such-compiler"):
+            kernels.sgmv()
+    finally:
+        kernels.reset()
