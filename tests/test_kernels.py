@@ -177,3 +177,25 @@ def test_modes_and_fallback(monkeypatch, tmp_path):
             kernels.sgmv()
     finally:
         kernels.reset()
+
+
+def test_a_rows_result_does_not_depend_on_its_batch(ops):
+    """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters."""
+    g = torch.Generator().manual_seed(5)
+    x, out0 = torch.randn(19, 40, generator=g), torch.randn(19, 36, generator=g)
+    at = [kernels.down_factor(torch.randn(r, 40, generator=g)) for r in (3, 12)]
+    bt = [kernels.up_factor(torch.randn(36, r, generator=g)) for r in (3, 12)]
+
+    def lora(rows, adapter_of):  # rows of x through their adapters, grouped by adapter as a server lays them out
+        order = torch.tensor(sorted(rows, key=adapter_of), dtype=torch.long)
+        counts = [sum(adapter_of(r) == k for r in rows) for k in (0, 1)]
+        bounds = torch.tensor([0, counts[0], counts[0] + counts[1]], dtype=torch.long)
+        out = out0.clone()
+        h = ops.shrink(x, order, bounds, at)
+        ops.expand(out, order, bounds, h, [0, 0], bt, 0)
+        return out
+
+    alone = lora([7], lambda r: 1)[7]
+    for batch in ([7, 1, 2], list(range(19)), [3, 5, 7, 9, 11, 13, 15, 17, 18]):
+        got = lora(batch, lambda r: 1 if r in (7, 2, 9, 18) else 0)
+        assert torch.equal(got[7], alone)

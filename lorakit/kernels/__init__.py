@@ -11,7 +11,8 @@ reading the rows where they lie, and `expand_` adds h·(s·B)ᵀ into the output
 - Built by `torch.utils.cpp_extension.load` (ninja and the system C++ compiler, `-O3 -march=native`, about 10 s,
   once) into `<lorakit cache>/kernels/<key>`; the key covers the source, torch, Python and the CPU, so each
   machine builds its own and later processes just load it.
-- CPU only; tensors on other devices keep the eager path.
+- CPU only, fp32 / bf16 / fp16 (accumulating in fp32); other devices and fp64 keep the eager path.
+- A row's result does not depend on the other rows of the batch (every tile is computed as a full one).
 """
 from __future__ import annotations
 
@@ -70,9 +71,12 @@ def sgmv():
     return _state["ops"]
 
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 keeps the eager path (the kernels accumulate in fp32)
+
+
 def uses(t: torch.Tensor) -> bool:
     """Whether the compiled kernels serve an inference call on tensor `t`."""
-    return t.device.type == "cpu" and not torch.is_grad_enabled() and sgmv() is not None
+    return t.device.type == "cpu" and t.dtype in DTYPES and not torch.is_grad_enabled() and sgmv() is not None
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@
 //   shrink: h[i, 0:rp_s]        = x[order[i], :] . At[s]           At[s]: (d_in, rp_s) fp32, rp_s a multiple of 8
 //   expand: out[order[i], c0:+d] += h[i, r0_s:r0_s+rb_s] . Bt[s]    Bt[s]: (rb_s, d) fp32, or absent (skip s)
 // Rows are read and written in place (no gather, no scatter), accumulation is in fp32 whatever the activations'
-// dtype (fp32, bf16, fp16), and the work (segment × row tile [× column block]) is spread over torch's threads.
+// dtype (fp32, bf16, fp16; fp64 is refused), a row's result does not depend on the other rows of the call (every
+// tile is computed as a full one), and the work (segment × row tile [× column block]) is spread over torch's
+// threads.
 // Written for this project; the loops are plain C++ that the compiler vectorizes for the CPU it is built on.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,29 +28,19 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]);
 }
 
-// h[i, 0:C] = sum_k xb[i, k] * at[k, 0:C] for the tile's rows (at: row stride rp).
+// h[i, 0:C] = sum_k xb[i, k] * at[k, 0:C] for the tile's rows (at: row stride rp). Every tile is computed as a
+// full one (missing rows are zeros in xb), so a row's result does not depend on the rows batched with it.
 template <int C>
 inline void shrink_chunk(const float* xb, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
                          int64_t h_stride) {
   float acc[SHRINK_ROWS][C] = {};
-  if (rows == SHRINK_ROWS) {
-    for (int64_t k = 0; k < d_in; ++k) {
-      const float* a = at + k * rp;
+  for (int64_t k = 0; k < d_in; ++k) {
+    const float* a = at + k * rp;
 #pragma GCC unroll 8
-      for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
-        const float xv = xb[i * d_in + k];
+    for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
+      const float xv = xb[i * d_in + k];
 #pragma omp simd
-        for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < d_in; ++k) {
-      const float* a = at + k * rp;
-      for (int64_t i = 0; i < rows; ++i) {
-        const float xv = xb[i * d_in + k];
-#pragma omp simd
-        for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
-      }
+      for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
     }
   }
   for (int64_t i = 0; i < rows; ++i)
@@ -83,6 +75,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
         const int64_t row = order ? order[tile.first + i] : tile.first + i;
         load_row(xp + row * xs, xb.data() + i * d_in, d_in);
       }
+      std::fill(xb.begin() + rows * d_in, xb.end(), 0.f);
       const float* at = At[tile.seg].data_ptr<float>();
       const int64_t rp = At[tile.seg].size(1);
       float* ht = hp + tile.first * hs;
@@ -101,6 +94,10 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
   T* op = out.data_ptr<T>();
   const float* hp = h.data_ptr<float>();
   const auto tiles = tiles_of(seg, Bt.size(), EXPAND_ROWS, skip);
+  int64_t max_rank = 0;
+  for (const auto& b : Bt)
+    if (b.defined()) max_rank = std::max(max_rank, b.size(0));
+  const std::vector<float> zeros(max_rank, 0.f);
   at::parallel_for(0, tiles.size() * ncol, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const Tile tile = tiles[w / ncol];
@@ -108,23 +105,26 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
       const int64_t rows = std::min(EXPAND_ROWS, seg[tile.seg + 1] - tile.first);
       const int64_t rb = Bt[tile.seg].size(0);
       const float* b = Bt[tile.seg].data_ptr<float>() + cb;
-      const float* ht = hp + tile.first * hs + r0[tile.seg];
+      // full tiles only (missing rows read zeros), so a row's result does not depend on the rows batched with it
+      const float* hrow[EXPAND_ROWS];
+      for (int64_t i = 0; i < EXPAND_ROWS; ++i)
+        hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
       float acc[EXPAND_ROWS][COLS] = {};
-      if (rows == EXPAND_ROWS && cols == COLS) {
+      if (cols == COLS) {
         for (int64_t j = 0; j < rb; ++j) {
           const float* bj = b + j * d;
 #pragma GCC unroll 8
           for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
-            const float hv = ht[i * hs + j];
+            const float hv = hrow[i][j];
 #pragma omp simd
             for (int64_t c = 0; c < COLS; ++c) acc[i][c] += hv * bj[c];
           }
         }
-      } else {
+      } else {  // the last column block of every row
         for (int64_t j = 0; j < rb; ++j) {
           const float* bj = b + j * d;
-          for (int64_t i = 0; i < rows; ++i) {
-            const float hv = ht[i * hs + j];
+          for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
+            const float hv = hrow[i][j];
 #pragma omp simd
             for (int64_t c = 0; c < cols; ++c) acc[i][c] += hv * bj[c];
           }
@@ -178,6 +178,7 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& order, const at::Tensor
   }
   const int64_t* sp = seg.data_ptr<int64_t>();
   at::Tensor h = at::empty({nseg ? sp[nseg] : 0, width}, x.options().dtype(at::kFloat));
+  TORCH_CHECK(x.scalar_type() != at::kDouble, "the kernels accumulate in fp32: fp64 inputs keep the eager path");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lorakit_shrink",
                                   [&] { shrink_impl<scalar_t>(x, op, sp, At, skip, h); });
   return h;
@@ -211,6 +212,7 @@ void expand(at::Tensor out, const at::Tensor& order, const at::Tensor& seg, cons
   TORCH_CHECK(c0 >= 0 && c0 + d <= out.size(1), "columns outside out");
   std::vector<int64_t> offsets(r0.begin(), r0.end());
   const int64_t* sp = seg.data_ptr<int64_t>();
+  TORCH_CHECK(out.scalar_type() != at::kDouble, "the kernels accumulate in fp32: fp64 outputs keep the eager path");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "lorakit_expand",
                                   [&] { expand_impl<scalar_t>(out, op, sp, h, offsets, Bt, skip, c0, d); });
 }
