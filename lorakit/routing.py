@@ -51,6 +51,7 @@ from torch import nn
 from .errors import RoutingError
 
 BASE = "__base__"
+PLANS_KEPT = 16  # name lists whose plans a model keeps between route() blocks
 
 
 @dataclass
@@ -103,14 +104,14 @@ class Routing:
 
     def __init__(self, adapter_names: list[str] | None, ranks: dict[str, int] | None = None,
                  token_masks: dict[str, torch.Tensor] | None = None, mix: Mix | None = None,
-                 conditions: dict[str, torch.Tensor] | None = None):
+                 conditions: dict[str, torch.Tensor] | None = None, plan_cache: dict | None = None):
         self.names = None if adapter_names is None else list(adapter_names)
         self.mix = mix
         self.distinct = list(dict.fromkeys(n for n in self.names or () if n != BASE))
         self.ranks = ranks or {}  # when rows must be gathered anyway, same-rank adapters go side by side
         self.token_masks = {k: _check_mask(k, m) for k, m in (token_masks or {}).items()}
         self.conditions = {k: _check_condition(k, c) for k, c in (conditions or {}).items()}
-        self._plans: dict[tuple[int, torch.device], Plan] = {}
+        self._plans: dict[tuple[int, torch.device], Plan] = self._shared_plans(plan_cache)
         self._weights: dict[tuple, torch.Tensor] = {}  # flattened masks and conditions per (key, device, dtype)
 
     @property
@@ -170,6 +171,21 @@ class Routing:
         if self.mix is not None:
             for plan in self.mix._plans.values():
                 plan._last.clear()
+
+    def _shared_plans(self, cache: dict | None) -> dict:
+        """The plans of earlier routings with the same names and ranks (from the model's `cache`, kept for the last
+        PLANS_KEPT name lists), so that repeated `route(model, names)` blocks reuse plans and what layers cached on
+        them (the fused kernels' factor lists)."""
+        if cache is None or self.names is None:
+            return {}
+        key = (tuple(self.names), tuple(self.ranks.get(n, 0) for n in self.distinct))
+        plans = cache.pop(key, None)
+        if plans is None:
+            plans = {}
+            while len(cache) >= PLANS_KEPT:
+                cache.pop(next(iter(cache)))
+        cache[key] = plans  # most recent last
+        return plans
 
     def plan(self, rows: int, device: torch.device) -> Plan:
         key = (rows, device)
@@ -422,7 +438,8 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
         raise RoutingError("routing needs unmerged layers; call lorakit.unmerge(model) first")
     if conditions is not None and not isinstance(conditions, dict):
         raise RoutingError(f"conditions must be a dict of names to (rows, d) tensors, got {type(conditions).__name__}")
-    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks, mix, conditions)
+    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks, mix, conditions,
+                      plan_cache=model.__dict__.setdefault("_lorakit_plans", {}))
     if adapter_names is None:  # per-token weights, masks or conditions only: module copies keep their normal forward
         modules = [m for m in modules if isinstance(m, AdaptedLayer)]
     previous = [m.routing for m in modules]

@@ -40,33 +40,69 @@ class Stacks:
 
     def __init__(self):
         self._cache: dict[tuple, tuple] = {}
-        self._fused: dict[int, tuple] = {}  # id(variant) → (variant, parameters, stamp, Aᵀ padded, (s·B)ᵀ)
+        self._fused: dict[int, tuple] = {}  # id(variant) → (variant, state, Aᵀ padded, (s·B)ᵀ)
+        self._lists: dict[int, tuple] = {}  # id(plan) → (plan, variants, checks, fused_lists result)
 
     def clear(self) -> None:
         self._cache.clear()
         self._fused.clear()
+        self._lists.clear()
 
     def fused(self, v) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(Aᵀ, (s·B)ᵀ) of variant `v` for the fused kernels (see `lorakit.kernels`), None if ΔW is not s·B·A."""
         hit, plain = self._fused.get(id(v)), _plain_lora(v)
         if hit is not None and hit[0] is not v:
             hit = None
-        if plain:  # cheap check: the same two parameters, unchanged
-            stamp = (v.lora_A._version, v.lora_B._version, v.scale)
-            if hit is not None and hit[1][0] is v.lora_A and hit[1][1] is v.lora_B and hit[2] == stamp:
-                return hit[3], hit[4]
+        if plain:  # cheap check: the same two parameters at the same versions and scale
+            state = _lora_state(v)
+            if hit is not None and _same_state(hit[1], state):
+                return hit[2], hit[3]
         factors = v.factors()
         if factors is None:
             return None
         a, b, s = factors
-        owners = (v.lora_A, v.lora_B) if plain else ()
         if not plain:
-            stamp = (a.shape, a._version, a.data_ptr(), b.shape, b._version, b.data_ptr(), s, _state_stamp(v))
-            if hit is not None and hit[2] == stamp:
-                return hit[3], hit[4]
+            state = (a.shape, a._version, a.data_ptr(), b.shape, b._version, b.data_ptr(), s, _state_stamp(v))
+            if hit is not None and hit[1] == state:
+                return hit[2], hit[3]
         # the entry keeps its variant and parameters alive, so a matching id is the same object
-        hit = self._fused[id(v)] = (v, owners, stamp, kernels.down_factor(a), kernels.up_factor(b, s))
-        return hit[3], hit[4]
+        hit = self._fused[id(v)] = (v, state, kernels.down_factor(a), kernels.up_factor(b, s))
+        return hit[2], hit[3]
+
+    def fused_lists(self, plan, segments) -> tuple[list, list, list]:
+        """For the fused kernels, per segment of `plan`: Aᵀ and (s·B)ᵀ (None where this layer runs no kernel), and the
+        `segments` left for the eager path. Kept per plan (plans outlive route() blocks with the same names) and
+        re-checked at each call: plain LoRA by its two parameters' identity and version, other variants by
+        `fused`'s full stamp."""
+        variants = [v for v, _, _ in segments]
+        hit = self._lists.get(id(plan))
+        if (hit is not None and hit[0] is plan and len(hit[1]) == len(variants)
+                and all(v is w for v, w in zip(variants, hit[1])) and all(map(self._unchanged, hit[2]))):
+            return hit[3]
+        pairs, checks = {}, []
+        for v, start, _ in segments:
+            if v.training and isinstance(v.dropout, nn.Dropout):
+                continue
+            pair = self.fused(v)
+            if pair is not None:
+                pairs[start] = pair
+                checks.append((v, pair, _lora_state(v) if _plain_lora(v) else None))
+        lists = ([pairs[a][0] if a in pairs else None for _, a, _ in plan.segments],
+                 [pairs[a][1] if a in pairs else None for _, a, _ in plan.segments],
+                 [seg for seg in segments if seg[1] not in pairs])
+        if len(self._lists) >= MAX_CACHED_STACKS:
+            self._lists.pop(next(iter(self._lists)))
+        self._lists[id(plan)] = (plan, variants, checks, lists)  # keeps the plan alive: ids are not reused
+        return lists
+
+    def _unchanged(self, check) -> bool:
+        v, pair, state = check
+        if v.training:
+            return False
+        if state is not None:
+            return _same_state(state, _lora_state(v))
+        now = self.fused(v)  # recomputed only when its stamp changed, and then new tensors
+        return now is not None and now[0] is pair[0] and now[1] is pair[1]
 
     def get(self, variants) -> tuple[torch.Tensor, torch.Tensor]:
         factors = [v.factors() for v in variants]
@@ -82,6 +118,16 @@ class Stacks:
             bt = torch.stack([(b * s).T for _, b, s in factors])          # (k, r, out), scale folded in
             hit = self._cache[key] = (tuple(variants), stamp, a, bt)
         return hit[2], hit[3]
+
+
+def _lora_state(v) -> tuple:
+    """A plain LoRA's two parameters, their versions and its scale."""
+    a, b = v._parameters["lora_A"], v._parameters["lora_B"]
+    return a, b, a._version, b._version, v.scale
+
+
+def _same_state(old: tuple, new: tuple) -> bool:
+    return old[0] is new[0] and old[1] is new[1] and old[2:] == new[2:]
 
 
 def _plain_lora(v) -> bool:
@@ -126,19 +172,12 @@ def add_fused_(out: torch.Tensor, x: torch.Tensor, plan, segments, stacks: Stack
     written as a (tokens, features) matrix)."""
     if not batchable or not out.is_contiguous() or x.shape[:-1] != out.shape[:-1]:
         return segments
-    pairs = {}
-    for v, start, _ in segments:
-        if not (v.training and isinstance(v.dropout, nn.Dropout)):
-            pair = stacks.fused(v)
-            if pair is not None:
-                pairs[start] = pair
-    if not pairs:
+    at, bt, rest = stacks.fused_lists(plan, segments)
+    if len(rest) == len(segments):
         return segments
     order, bounds = plan.token_layout(out.shape[1:-1].numel())
-    at = [pairs[a][0] if a in pairs else None for _, a, _ in plan.segments]
-    bt = [pairs[a][1] if a in pairs else None for _, a, _ in plan.segments]
     ops = kernels.sgmv()
     x2 = x.reshape(-1, x.shape[-1])
     h = ops.shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), order, bounds, at)
     ops.expand(out.view(-1, out.shape[-1]), order, bounds, h, [0] * len(at), bt, 0)
-    return [seg for seg in segments if seg[1] not in pairs]
+    return rest

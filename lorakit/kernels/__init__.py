@@ -11,7 +11,7 @@ reading the rows where they lie, and `expand_` adds h·(s·B)ᵀ into the output
 - Built by `torch.utils.cpp_extension.load` (ninja and the system C++ compiler, `-O3 -march=native`, about 10 s,
   once) into `<lorakit cache>/kernels/<key>`; the key covers the source, torch, Python and the CPU, so each
   machine builds its own and later processes just load it.
-- CPU only, fp32 / bf16 / fp16 (accumulating in fp32); other devices and fp64 keep the eager path.
+- CPU only, fp32 (see DTYPES); other devices and dtypes keep the eager path.
 - A row's result does not depend on the other rows of the batch (every tile is computed as a full one).
 """
 from __future__ import annotations
@@ -71,7 +71,10 @@ def sgmv():
     return _state["ops"]
 
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # fp64 keeps the eager path (the kernels accumulate in fp32)
+# Activations the kernels serve by default. They accept bf16 and fp16 too (accumulating in fp32), but there their fp32
+# loops lose to the eager path's half-precision GEMMs (bench/mixed_batch.py: 1.21× vs 1.14× base at 4 adapters on
+# a bf16 Llama), so 16-bit models keep the eager path; fp64 does too (the kernels accumulate in fp32).
+DTYPES = (torch.float32,)
 
 
 def uses(t: torch.Tensor) -> bool:
