@@ -18,9 +18,9 @@
 
 namespace {
 
-constexpr int64_t SHRINK_ROWS = 8;   // rows per shrink tile (8 accumulator vectors of 16 floats)
-constexpr int64_t EXPAND_ROWS = 8;   // rows per expand tile
-constexpr int64_t COLS = 32;         // output columns per expand tile (8 x 2 vectors of 16 floats)
+constexpr int64_t SHRINK_ROWS = 8;  // rows per shrink tile (8 accumulator vectors of 16 floats)
+constexpr int64_t EXPAND_ROWS = 8;  // rows per expand tile
+constexpr int64_t COLS = 32;        // output columns per expand tile (8 x 2 vectors of 16 floats)
 
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {
@@ -28,16 +28,17 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]);
 }
 
-// h[i, 0:C] = sum_k xb[i, k] * at[k, 0:C] for the tile's rows (at: row stride rp). Every tile is computed as a
-// full one (missing rows are zeros in xb), so a row's result does not depend on the rows batched with it.
-template <int C>
+// h[i, 0:C] = sum_k xb[i, k] * at[k, 0:C] for the R rows of a tile (at: row stride rp). Tiles of 2..7 rows are
+// computed as full ones (missing rows are zeros in xb), single rows (decode) by the R = 1 instance: every row sees
+// the same sequence of fused multiply-adds either way, so its result does not depend on the rows batched with it.
+template <int R, int C>
 inline void shrink_chunk(const float* xb, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
                          int64_t h_stride) {
-  float acc[SHRINK_ROWS][C] = {};
+  float acc[R][C] = {};
   for (int64_t k = 0; k < d_in; ++k) {
     const float* a = at + k * rp;
 #pragma GCC unroll 8
-    for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
+    for (int64_t i = 0; i < R; ++i) {
       const float xv = xb[i * d_in + k];
 #pragma omp simd
       for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
@@ -45,6 +46,41 @@ inline void shrink_chunk(const float* xb, int64_t rows, int64_t d_in, const floa
   }
   for (int64_t i = 0; i < rows; ++i)
     for (int c = 0; c < C; ++c) h[i * h_stride + c] = acc[i][c];
+}
+
+template <int R>
+inline void shrink_tile(const float* xb, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+                        int64_t h_stride) {
+  int64_t c = 0;
+  for (; c + 16 <= rp; c += 16) shrink_chunk<R, 16>(xb, rows, d_in, at + c, rp, h + c, h_stride);
+  for (; c < rp; c += 8) shrink_chunk<R, 8>(xb, rows, d_in, at + c, rp, h + c, h_stride);
+}
+
+// acc[i, 0:cols] = sum_j hrow[i][j] * b[j, 0:cols] for R rows (b: row stride d); the same per-row arithmetic for
+// every R, so R = 1 (decode) and padded full tiles agree bit for bit.
+template <int R>
+inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, int64_t d, int64_t cols,
+                        float (*acc)[COLS]) {
+  if (cols == COLS) {
+    for (int64_t j = 0; j < rb; ++j) {
+      const float* bj = b + j * d;
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < R; ++i) {
+        const float hv = hrow[i][j];
+#pragma omp simd
+        for (int64_t c = 0; c < COLS; ++c) acc[i][c] += hv * bj[c];
+      }
+    }
+  } else {  // the last column block of every row
+    for (int64_t j = 0; j < rb; ++j) {
+      const float* bj = b + j * d;
+      for (int64_t i = 0; i < R; ++i) {
+        const float hv = hrow[i][j];
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) acc[i][c] += hv * bj[c];
+      }
+    }
+  }
 }
 
 struct Tile {
@@ -75,13 +111,15 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
         const int64_t row = order ? order[tile.first + i] : tile.first + i;
         load_row(xp + row * xs, xb.data() + i * d_in, d_in);
       }
-      std::fill(xb.begin() + rows * d_in, xb.end(), 0.f);
       const float* at = At[tile.seg].data_ptr<float>();
       const int64_t rp = At[tile.seg].size(1);
       float* ht = hp + tile.first * hs;
-      int64_t c = 0;
-      for (; c + 16 <= rp; c += 16) shrink_chunk<16>(xb.data(), rows, d_in, at + c, rp, ht + c, hs);
-      for (; c < rp; c += 8) shrink_chunk<8>(xb.data(), rows, d_in, at + c, rp, ht + c, hs);
+      if (rows == 1) {
+        shrink_tile<1>(xb.data(), rows, d_in, at, rp, ht, hs);
+      } else {
+        std::fill(xb.begin() + rows * d_in, xb.end(), 0.f);
+        shrink_tile<SHRINK_ROWS>(xb.data(), rows, d_in, at, rp, ht, hs);
+      }
     }
   });
 }
@@ -105,31 +143,15 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
       const int64_t rows = std::min(EXPAND_ROWS, seg[tile.seg + 1] - tile.first);
       const int64_t rb = Bt[tile.seg].size(0);
       const float* b = Bt[tile.seg].data_ptr<float>() + cb;
-      // full tiles only (missing rows read zeros), so a row's result does not depend on the rows batched with it
+      // single rows alone, other tiles as full ones (missing rows read zeros): see expand_tile
       const float* hrow[EXPAND_ROWS];
       for (int64_t i = 0; i < EXPAND_ROWS; ++i)
         hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
       float acc[EXPAND_ROWS][COLS] = {};
-      if (cols == COLS) {
-        for (int64_t j = 0; j < rb; ++j) {
-          const float* bj = b + j * d;
-#pragma GCC unroll 8
-          for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
-            const float hv = hrow[i][j];
-#pragma omp simd
-            for (int64_t c = 0; c < COLS; ++c) acc[i][c] += hv * bj[c];
-          }
-        }
-      } else {  // the last column block of every row
-        for (int64_t j = 0; j < rb; ++j) {
-          const float* bj = b + j * d;
-          for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
-            const float hv = hrow[i][j];
-#pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) acc[i][c] += hv * bj[c];
-          }
-        }
-      }
+      if (rows == 1)
+        expand_tile<1>(hrow, b, rb, d, cols, acc);
+      else
+        expand_tile<EXPAND_ROWS>(hrow, b, rb, d, cols, acc);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = order ? order[tile.first + i] : tile.first + i;
         T* o = op + row * os + c0 + cb;
