@@ -60,7 +60,8 @@ inline void shrink_tile(const float* xb, int64_t rows, int64_t d_in, const float
 // every R, so R = 1 (decode) and padded full tiles agree bit for bit.
 template <int R>
 inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, int64_t d, int64_t cols,
-                        float (*acc)[COLS]) {
+                        float* out_acc) {
+  float acc[R][COLS] = {};  // local, so that it stays in registers
   if (cols == COLS) {
     for (int64_t j = 0; j < rb; ++j) {
       const float* bj = b + j * d;
@@ -81,6 +82,8 @@ inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, in
       }
     }
   }
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t c = 0; c < COLS; ++c) out_acc[i * COLS + c] = acc[i][c];
 }
 
 struct Tile {
@@ -147,11 +150,11 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
       const float* hrow[EXPAND_ROWS];
       for (int64_t i = 0; i < EXPAND_ROWS; ++i)
         hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
-      float acc[EXPAND_ROWS][COLS] = {};
+      float acc[EXPAND_ROWS][COLS];
       if (rows == 1)
-        expand_tile<1>(hrow, b, rb, d, cols, acc);
+        expand_tile<1>(hrow, b, rb, d, cols, &acc[0][0]);
       else
-        expand_tile<EXPAND_ROWS>(hrow, b, rb, d, cols, acc);
+        expand_tile<EXPAND_ROWS>(hrow, b, rb, d, cols, &acc[0][0]);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = order ? order[tile.first + i] : tile.first + i;
         T* o = op + row * os + c0 + cb;
