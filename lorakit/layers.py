@@ -74,7 +74,8 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
         plan = self.routing.plan(x.shape[0], x.device)
-        segments = [(self.adapters[n], a, b) for n, a, b in plan.segments if n in self.adapters]
+        adapters = self.adapters._modules  # the plain dict: with many adapters, ModuleDict lookups add up
+        segments = [(adapters[n], a, b) for n, a, b in plan.segments if n in adapters]
         for v, a, b in segments:
             _bind(v, self.routing, plan, a, b, x.shape[0])
         if not segments:
@@ -135,7 +136,7 @@ class AdaptedLayer(nn.Module):
         return fused.to(ot.dtype)
 
     def _routed_deltas(self, x, out, plan, segments):
-        if kernels.uses(x):  # one fused shrink and expand for every s·B·A adapter, the rest below
+        if kernels.uses(x, out.shape[-1]):  # one fused shrink and expand for every s·B·A adapter, the rest below
             segments = stacked.add_fused_(out, x, plan, segments, self._stacks, self.kind.batchable)
             if not segments:
                 return out

@@ -40,17 +40,18 @@ class Stacks:
 
     def __init__(self):
         self._cache: dict[tuple, tuple] = {}
-        self._fused: dict[int, tuple] = {}  # id(variant) → (variant, state, Aᵀ padded, (s·B)ᵀ)
-        self._lists: dict[int, tuple] = {}  # id(plan) → (plan, variants, checks, fused_lists result)
+        self._fused: dict[tuple, tuple] = {}  # (id(variant), pairs) → (variant, state, Aᵀ padded, (s·B)ᵀ)
+        self._lists: dict[tuple, tuple] = {}  # (id(plan), pairs) → (plan, variants, checks, fused_lists result)
 
     def clear(self) -> None:
         self._cache.clear()
         self._fused.clear()
         self._lists.clear()
 
-    def fused(self, v) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(Aᵀ, (s·B)ᵀ) of variant `v` for the fused kernels (see `lorakit.kernels`), None if ΔW is not s·B·A."""
-        hit, plain = self._fused.get(id(v)), _plain_lora(v)
+    def fused(self, v, pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Aᵀ, (s·B)ᵀ) of variant `v` for the fused kernels (see `lorakit.kernels`; `pairs`: their bf16 layout),
+        None if ΔW is not s·B·A."""
+        hit, plain = self._fused.get((id(v), pairs)), _plain_lora(v)
         if hit is not None and hit[0] is not v:
             hit = None
         if plain:  # cheap check: the same two parameters at the same versions and scale
@@ -66,43 +67,43 @@ class Stacks:
             if hit is not None and hit[1] == state:
                 return hit[2], hit[3]
         # the entry keeps its variant and parameters alive, so a matching id is the same object
-        hit = self._fused[id(v)] = (v, state, kernels.down_factor(a), kernels.up_factor(b, s))
+        hit = self._fused[id(v), pairs] = (v, state, kernels.down_factor(a, pairs), kernels.up_factor(b, s, pairs))
         return hit[2], hit[3]
 
-    def fused_lists(self, plan, segments) -> tuple[list, list, list]:
+    def fused_lists(self, plan, segments, pairs: bool = False) -> tuple[list, list, list]:
         """For the fused kernels, per segment of `plan`: Aᵀ and (s·B)ᵀ (None where this layer runs no kernel), and the
         `segments` left for the eager path. Kept per plan (plans outlive route() blocks with the same names) and
         re-checked at each call: plain LoRA by its two parameters' identity and version, other variants by
         `fused`'s full stamp."""
         variants = [v for v, _, _ in segments]
-        hit = self._lists.get(id(plan))
+        hit = self._lists.get((id(plan), pairs))
         if (hit is not None and hit[0] is plan and len(hit[1]) == len(variants)
                 and all(v is w for v, w in zip(variants, hit[1])) and all(map(self._unchanged, hit[2]))):
             return hit[3]
-        pairs, checks = {}, []
+        ready, checks = {}, []
         for v, start, _ in segments:
             if v.training and isinstance(v.dropout, nn.Dropout):
                 continue
-            pair = self.fused(v)
-            if pair is not None:
-                pairs[start] = pair
-                checks.append((v, pair, _lora_state(v) if _plain_lora(v) else None))
-        lists = ([pairs[a][0] if a in pairs else None for _, a, _ in plan.segments],
-                 [pairs[a][1] if a in pairs else None for _, a, _ in plan.segments],
-                 [seg for seg in segments if seg[1] not in pairs])
+            factors = self.fused(v, pairs)
+            if factors is not None:
+                ready[start] = factors
+                checks.append((v, pairs, factors, _lora_state(v) if _plain_lora(v) else None))
+        lists = ([ready[a][0] if a in ready else None for _, a, _ in plan.segments],
+                 [ready[a][1] if a in ready else None for _, a, _ in plan.segments],
+                 [seg for seg in segments if seg[1] not in ready])
         if len(self._lists) >= MAX_CACHED_STACKS:
             self._lists.pop(next(iter(self._lists)))
-        self._lists[id(plan)] = (plan, variants, checks, lists)  # keeps the plan alive: ids are not reused
+        self._lists[id(plan), pairs] = (plan, variants, checks, lists)  # keeps the plan alive: ids are not reused
         return lists
 
     def _unchanged(self, check) -> bool:
-        v, pair, state = check
+        v, pairs, factors, state = check
         if v.training:
             return False
         if state is not None:
             return _same_state(state, _lora_state(v))
-        now = self.fused(v)  # recomputed only when its stamp changed, and then new tensors
-        return now is not None and now[0] is pair[0] and now[1] is pair[1]
+        now = self.fused(v, pairs)  # recomputed only when its stamp changed, and then new tensors
+        return now is not None and now[0] is factors[0] and now[1] is factors[1]
 
     def get(self, variants) -> tuple[torch.Tensor, torch.Tensor]:
         factors = [v.factors() for v in variants]
@@ -172,7 +173,7 @@ def add_fused_(out: torch.Tensor, x: torch.Tensor, plan, segments, stacks: Stack
     written as a (tokens, features) matrix)."""
     if not batchable or not out.is_contiguous() or x.shape[:-1] != out.shape[:-1]:
         return segments
-    at, bt, rest = stacks.fused_lists(plan, segments)
+    at, bt, rest = stacks.fused_lists(plan, segments, pairs=x.dtype == torch.bfloat16)
     if len(rest) == len(segments):
         return segments
     order, bounds = plan.token_layout(out.shape[1:-1].numel())

@@ -71,21 +71,60 @@ def test_kernels_run_and_gpt2_conv1d_matches(ops, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_activations_accumulate_in_fp32(ops, dtype):
-    """The ops take 16-bit activations (models in 16 bits keep the eager path by default: kernels.DTYPES)."""
+    """fp32 factors with 16-bit activations: fp32 accumulation, one rounding when `out` is written."""
     g = torch.Generator().manual_seed(7)
     x, out = torch.randn(12, 64, generator=g).to(dtype), torch.randn(12, 48, generator=g).to(dtype)
     a, b = torch.randn(6, 64, generator=g) / 8, torch.randn(48, 6, generator=g) / 4
-    bounds = torch.tensor([0, 12])
+    bounds, no_order = torch.tensor([0, 12]), torch.empty(0, dtype=torch.long)
     want = out.float() + x.float() @ a.T @ b.T  # fp32 from the same 16-bit inputs
     got = out.clone()
-    ops.expand(got, torch.empty(0, dtype=torch.long), bounds, ops.shrink(x, torch.empty(0, dtype=torch.long), bounds,
-                                                                        [kernels.down_factor(a)]),
-               [0], [kernels.up_factor(b)], 0)
+    ops.expand(got, no_order, bounds, ops.shrink(x, no_order, bounds, [kernels.down_factor(a)]), [0],
+               [kernels.up_factor(b)], 0)
     assert got.dtype == dtype
-    # within two roundings to 16 bits of the fp32 result (the kernels round once, when they write `out`)
     assert (got.float() - want).abs().max() <= 2 * (want.to(dtype).float() - want).abs().max() + 1e-6
     with torch.no_grad():
-        assert kernels.uses(x.float()) and not kernels.uses(x)  # 16-bit layers keep the eager path
+        assert kernels.uses(x.float()) and not kernels.uses(x.half())  # fp16 layers keep the eager path
+
+
+@pytest.mark.parametrize("rank", [5, 16, 33])
+def test_bf16_pair_layout_matches_fp32_reference(ops, rank):
+    """AVX512-BF16 dot products on bf16 factors: within the factors' and the result's bf16 rounding."""
+    if not kernels.bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16 (bf16 layers keep the eager path)")
+    g = torch.Generator().manual_seed(rank)
+    x, out = torch.randn(19, 96, generator=g).bfloat16(), torch.randn(19, 48, generator=g).bfloat16()
+    a, b = torch.randn(rank, 96, generator=g) / 8, torch.randn(48, rank, generator=g) / 4
+    order, bounds = torch.randperm(19, generator=g), torch.tensor([0, 7, 19])
+    h = ops.shrink(x, order, bounds, [kernels.down_factor(a, pairs=True), kernels.down_factor(a / 2, pairs=True)])
+    got = out.clone()
+    ops.expand(got, order, bounds, h, [0, 0], [kernels.up_factor(b, 0.5, pairs=True)] * 2, 0)
+    scales = torch.ones(19)
+    scales[order[7:]] = 0.5  # the second segment's A is halved
+    want = out.float() + 0.5 * scales[:, None] * (x.float() @ a.T @ b.T)
+    delta = (want - out.float()).abs().max()
+    assert (got.float() - want).abs().max() <= 0.02 * delta + (want.bfloat16().float() - want).abs().max()
+    assert (got.float() - out.float()).abs().max() > 0.1 * delta  # the delta was added
+    alone = out[order[3]:order[3] + 1].clone()  # and a row alone gets the same bits (single-row tiles)
+    ops.expand(alone, torch.empty(0, dtype=torch.long), torch.tensor([0, 1]),
+               ops.shrink(x[order[3]:order[3] + 1], torch.empty(0, dtype=torch.long), torch.tensor([0, 1]),
+                          [kernels.down_factor(a, pairs=True)]), [0], [kernels.up_factor(b, 0.5, pairs=True)], 0)
+    assert torch.equal(alone[0], got[order[3]])
+
+
+def test_bf16_model_through_the_kernels_close_to_eager(ops):
+    if not kernels.bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    model = adapted([("a", "lora", 4), ("b", "lora", 8)]).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(2))
+    names = ["b", "a", "a", "__base__"]
+    with kernels.using("eager"):
+        eager = routed(model, names, ids).float()
+    with kernels.using("compiled"):
+        fused = routed(model, names, ids).float()
+    with torch.no_grad(), lorakit.disabled(model):
+        base = model(ids).logits.float()
+    assert (fused - eager).abs().max() <= 0.05 * eager.abs().max()
+    assert (eager - base)[:3].abs().max() > 0.1  # the adapters matter at this scale
 
 
 def test_updated_weights_are_used_at_the_next_forward(ops):

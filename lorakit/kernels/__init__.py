@@ -11,7 +11,7 @@ reading the rows where they lie, and `expand_` adds h·(s·B)ᵀ into the output
 - Built by `torch.utils.cpp_extension.load` (ninja and the system C++ compiler, `-O3 -march=native`, about 10 s,
   once) into `<lorakit cache>/kernels/<key>`; the key covers the source, torch, Python and the CPU, so each
   machine builds its own and later processes just load it.
-- CPU only, fp32 (see DTYPES); other devices and dtypes keep the eager path.
+- CPU only: fp32, and bf16 where the CPU has AVX512-BF16 (see `uses`); other devices and dtypes keep the eager path.
 - A row's result does not depend on the other rows of the batch (every tile is computed as a full one).
 """
 from __future__ import annotations
@@ -71,15 +71,30 @@ def sgmv():
     return _state["ops"]
 
 
-# Activations the kernels serve by default. They accept bf16 and fp16 too (accumulating in fp32), but there their fp32
-# loops lose to the eager path's half-precision GEMMs (bench/mixed_batch.py: 1.21× vs 1.14× base at 4 adapters on
-# a bf16 Llama), so 16-bit models keep the eager path; fp64 does too (the kernels accumulate in fp32).
-DTYPES = (torch.float32,)
+def uses(x: torch.Tensor, out_features: int | None = None) -> bool:
+    """Whether the compiled kernels serve an inference call on activations `x` (and `out_features` outputs).
+
+    fp32 always; bf16 where the CPU has AVX512-BF16 dot products (`bf16_dot`), with an even number of input
+    features and output features a multiple of 16. Elsewhere (fp16, fp64, bf16 without them) the eager path's
+    half-precision GEMMs or fp64 matmuls are used: the kernels' fp32 loops lose to the former (bench/mixed_batch.py:
+    1.21× vs 1.14× base at 4 adapters on a bf16 Llama before the bf16 dot-product path) and would round the latter.
+    """
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if sgmv() is None:
+        return False
+    return x.dtype == torch.float32 or (bf16_dot() and x.shape[-1] % 2 == 0
+                                        and (out_features is None or out_features % 16 == 0))
 
 
-def uses(t: torch.Tensor) -> bool:
-    """Whether the compiled kernels serve an inference call on tensor `t`."""
-    return t.device.type == "cpu" and t.dtype in DTYPES and not torch.is_grad_enabled() and sgmv() is not None
+def bf16_dot() -> bool:
+    """Whether the built kernels compute bf16 activations with AVX512-BF16 dot products (`pairs` factor layout)."""
+    ops = sgmv()
+    if ops is None:
+        return False
+    if "bf16_dot" not in _state:
+        _state["bf16_dot"] = bool(ops.bf16_dot())
+    return _state["bf16_dot"]
 
 
 @contextlib.contextmanager
@@ -99,8 +114,8 @@ def using(value: str):
 def reset() -> None:
     """Forget the build outcome (the next `sgmv()` tries again: tests switch modes with it)."""
     with _lock:
-        _state.pop("ops", None)
-        _state.pop("error", None)
+        for key in ("ops", "error", "bf16_dot"):
+            _state.pop(key, None)
 
 
 def build_dir() -> Path:
@@ -155,20 +170,25 @@ def _cpu_signature() -> str:
 
 
 # ---- factors in the kernels' layout -----------------------------------------------------------------------------
-def down_factor(a: torch.Tensor) -> torch.Tensor:
+def down_factor(a: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     """A (r, d_in) as the shrink kernel reads it: Aᵀ (d_in, r') fp32 contiguous, r' = r rounded up to a multiple of 8
-    (zero columns)."""
+    (zero columns). `pairs` (bf16 activations, `bf16_dot`): bf16 (d_in / 2, r'', 2) with [k, c, p] = Aᵀ[2k + p, c],
+    r'' a multiple of 16."""
     r = a.shape[0]
-    padded = -(-r // RANK_MULTIPLE) * RANK_MULTIPLE
-    at = torch.zeros(a.shape[1], padded, dtype=torch.float32, device=a.device)
+    multiple = 16 if pairs else RANK_MULTIPLE
+    at = torch.zeros(a.shape[1], -(-r // multiple) * multiple, dtype=torch.float32, device=a.device)
     at[:, :r] = a.detach().T
-    return at
+    if not pairs:
+        return at
+    return at.to(torch.bfloat16).view(-1, 2, at.shape[1]).transpose(1, 2).contiguous()
 
 
-def up_factor(b: torch.Tensor, scale=1.0) -> torch.Tensor:
-    """s·B (d_out, r) as the expand kernel reads it: (s·B)ᵀ (r, d_out) fp32 contiguous."""
-    return (b.detach().float() * scale).T.contiguous()
-
-
-def segment_offsets(bounds: list[int], device=None) -> torch.Tensor:
-    return torch.tensor(bounds, dtype=torch.long, device=device)
+def up_factor(b: torch.Tensor, scale=1.0, pairs: bool = False) -> torch.Tensor:
+    """s·B (d_out, r) as the expand kernel reads it: (s·B)ᵀ (r, d_out) fp32 contiguous. `pairs`: bf16
+    (⌈r / 2⌉, d_out, 2) with [j, c, p] = (s·B)ᵀ[2j + p, c] (a zero row pads an odd rank)."""
+    bt = (b.detach().float() * scale).T.contiguous()
+    if not pairs:
+        return bt
+    if bt.shape[0] % 2:
+        bt = torch.cat([bt, bt.new_zeros(1, bt.shape[1])])
+    return bt.to(torch.bfloat16).view(-1, 2, bt.shape[1]).transpose(1, 2).contiguous()

@@ -14,7 +14,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LORAKIT_BF16_DOT 1
+#else
+#define LORAKIT_BF16_DOT 0
+#endif
 
 namespace {
 
@@ -86,6 +94,68 @@ inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, in
     for (int64_t c = 0; c < COLS; ++c) out_acc[i * COLS + c] = acc[i][c];
 }
 
+
+#if LORAKIT_BF16_DOT
+// bf16 activations with AVX512-BF16: factors in pair layout, one dot-product instruction per 2 × 16 multiply-adds
+// (fp32 accumulation). At2: (d_in / 2, rp, 2), At2[k][c][p] = A[c][2k + p]; Bt2: (rb2, d, 2), Bt2[j][c][p] =
+// (s·B)ᵀ[2j + p][c], zero-padded. A row's arithmetic is the same whatever R, as in the fp32 kernels.
+inline __m512bh pair_of(const uint16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+inline __m512bh pair_of(float a, float b) {
+  const uint32_t lo = c10::BFloat16(a).x, hi = c10::BFloat16(b).x;
+  return (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(lo | (hi << 16)));
+}
+
+template <int R>
+inline void shrink_bf16_tile(const uint16_t* const* rows, int64_t nrows, int64_t pairs, const uint16_t* at2,
+                             int64_t rp, float* h, int64_t h_stride) {
+  for (int64_t c = 0; c < rp; c += 16) {  // rp is a multiple of 16 in the pair layout
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < pairs; ++k) {
+      const __m512bh a = (__m512bh)_mm512_loadu_si512(at2 + (k * rp + c) * 2);
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, pair_of(rows[i] + 2 * k));
+    }
+    for (int64_t i = 0; i < nrows; ++i) _mm512_storeu_ps(h + i * h_stride + c, acc[i]);
+  }
+}
+
+inline __m512 load_bf16(const c10::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline void store_bf16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// out rows [c, c + 16·V) += h · Bt for R rows, V = 1 or 2 vectors of 16 columns
+template <int R, int V>
+inline void expand_bf16_tile(const float* const* hrow, c10::BFloat16* const* orow, int64_t nrows, int64_t rb2,
+                             const uint16_t* bt2, int64_t d, int64_t c) {
+  __m512 acc[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < rb2; ++j) {
+    __m512bh b[V];
+    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(bt2 + (j * d + c + 16 * v) * 2);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh hp = pair_of(hrow[i][2 * j], hrow[i][2 * j + 1]);
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b[v], hp);
+    }
+  }
+  for (int64_t i = 0; i < nrows; ++i)
+    for (int v = 0; v < V; ++v) {
+      c10::BFloat16* o = orow[i] + c + 16 * v;
+      store_bf16(o, _mm512_add_ps(load_bf16(o), acc[i][v]));
+    }
+}
+#endif
+
 struct Tile {
   int64_t seg, first;
 };
@@ -105,11 +175,30 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
   const T* xp = x.data_ptr<T>();
   float* hp = h.data_ptr<float>();
   const auto tiles = tiles_of(seg, At.size(), SHRINK_ROWS, skip);
+  const std::vector<T> zero_row(d_in, T(0));
   at::parallel_for(0, tiles.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xb(SHRINK_ROWS * d_in);
     for (int64_t t = begin; t < end; ++t) {
       const Tile tile = tiles[t];
       const int64_t rows = std::min(SHRINK_ROWS, seg[tile.seg + 1] - tile.first);
+#if LORAKIT_BF16_DOT
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (At[tile.seg].scalar_type() == at::kBFloat16) {  // pair layout
+          const uint16_t* rp_[SHRINK_ROWS];
+          for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
+            const T* r = i < rows ? xp + (order ? order[tile.first + i] : tile.first + i) * xs : zero_row.data();
+            rp_[i] = reinterpret_cast<const uint16_t*>(r);
+          }
+          const auto* at2 = reinterpret_cast<const uint16_t*>(At[tile.seg].data_ptr<at::BFloat16>());
+          const int64_t pairs = At[tile.seg].size(0), rp = At[tile.seg].size(1);
+          if (rows == 1)
+            shrink_bf16_tile<1>(rp_, rows, pairs, at2, rp, hp + tile.first * hs, hs);
+          else
+            shrink_bf16_tile<SHRINK_ROWS>(rp_, rows, pairs, at2, rp, hp + tile.first * hs, hs);
+          continue;
+        }
+      }
+#endif
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t row = order ? order[tile.first + i] : tile.first + i;
         load_row(xp + row * xs, xb.data() + i * d_in, d_in);
@@ -137,13 +226,32 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
   const auto tiles = tiles_of(seg, Bt.size(), EXPAND_ROWS, skip);
   int64_t max_rank = 0;
   for (const auto& b : Bt)
-    if (b.defined()) max_rank = std::max(max_rank, b.size(0));
+    if (b.defined()) max_rank = std::max(max_rank, 2 * b.size(0));
   const std::vector<float> zeros(max_rank, 0.f);
   at::parallel_for(0, tiles.size() * ncol, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const Tile tile = tiles[w / ncol];
       const int64_t cb = (w % ncol) * COLS, cols = std::min(COLS, d - cb);
       const int64_t rows = std::min(EXPAND_ROWS, seg[tile.seg + 1] - tile.first);
+#if LORAKIT_BF16_DOT
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (Bt[tile.seg].scalar_type() == at::kBFloat16) {  // pair layout; d is a multiple of 16
+          const float* hrow[EXPAND_ROWS];
+          T* orow[EXPAND_ROWS];
+          for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
+            hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
+            orow[i] = i < rows ? op + (order ? order[tile.first + i] : tile.first + i) * os + c0 : nullptr;
+          }
+          const auto* bt2 = reinterpret_cast<const uint16_t*>(Bt[tile.seg].data_ptr<at::BFloat16>());
+          const int64_t rb2 = Bt[tile.seg].size(0);
+          if (rows == 1 && cols == COLS) expand_bf16_tile<1, 2>(hrow, orow, rows, rb2, bt2, d, cb);
+          else if (rows == 1) expand_bf16_tile<1, 1>(hrow, orow, rows, rb2, bt2, d, cb);
+          else if (cols == COLS) expand_bf16_tile<EXPAND_ROWS, 2>(hrow, orow, rows, rb2, bt2, d, cb);
+          else expand_bf16_tile<EXPAND_ROWS, 1>(hrow, orow, rows, rb2, bt2, d, cb);
+          continue;
+        }
+      }
+#endif
       const int64_t rb = Bt[tile.seg].size(0);
       const float* b = Bt[tile.seg].data_ptr<float>() + cb;
       // single rows alone, other tiles as full ones (missing rows read zeros): see expand_tile
@@ -194,15 +302,23 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& order, const at::Tensor
   for (int64_t s = 0; s < nseg; ++s) {
     const std::optional<at::Tensor> a = At_list.get(s);
     if (!a.has_value() || !a->defined()) continue;
-    TORCH_CHECK(a->scalar_type() == at::kFloat && a->is_contiguous() && a->dim() == 2 && a->size(0) == x.size(1) &&
-                    a->size(1) % 8 == 0 && a->size(1) > 0,
-                "each At must be contiguous fp32 (d_in, r) with r a positive multiple of 8");
+    if (a->scalar_type() == at::kBFloat16) {
+      TORCH_CHECK(LORAKIT_BF16_DOT && x.scalar_type() == at::kBFloat16 && a->is_contiguous() && a->dim() == 3 &&
+                      2 * a->size(0) == x.size(1) && a->size(1) % 16 == 0 && a->size(1) > 0 && a->size(2) == 2,
+                  "a bf16 At must be the pair layout (d_in / 2, r, 2), r a positive multiple of 16, for bf16 x on a "
+                  "CPU with AVX512-BF16 (see bf16_dot)");
+    } else {
+      TORCH_CHECK(a->scalar_type() == at::kFloat && a->is_contiguous() && a->dim() == 2 && a->size(0) == x.size(1) &&
+                      a->size(1) % 8 == 0 && a->size(1) > 0,
+                  "each At must be contiguous fp32 (d_in, r) with r a positive multiple of 8");
+    }
     width = std::max(width, a->size(1));
     At[s] = *a;
     skip[s] = false;
   }
   const int64_t* sp = seg.data_ptr<int64_t>();
-  at::Tensor h = at::empty({nseg ? sp[nseg] : 0, width}, x.options().dtype(at::kFloat));
+  // zeros: the bf16 expand reads rank pairs, one column past an odd rank (times a zero factor)
+  at::Tensor h = at::zeros({nseg ? sp[nseg] : 0, width + 1}, x.options().dtype(at::kFloat));
   TORCH_CHECK(x.scalar_type() != at::kDouble, "the kernels accumulate in fp32: fp64 inputs keep the eager path");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lorakit_shrink",
                                   [&] { shrink_impl<scalar_t>(x, op, sp, At, skip, h); });
@@ -224,10 +340,17 @@ void expand(at::Tensor out, const at::Tensor& order, const at::Tensor& seg, cons
   for (int64_t s = 0; s < nseg; ++s) {
     const std::optional<at::Tensor> b = Bt_list.get(s);
     if (!b.has_value() || !b->defined()) continue;
-    TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->dim() == 2,
-                "each Bt must be contiguous fp32 (r, d)");
+    if (b->scalar_type() == at::kBFloat16) {
+      TORCH_CHECK(LORAKIT_BF16_DOT && out.scalar_type() == at::kBFloat16 && b->is_contiguous() && b->dim() == 3 &&
+                      b->size(1) % 16 == 0 && b->size(2) == 2,
+                  "a bf16 Bt must be the pair layout (r / 2, d, 2), d a multiple of 16, for a bf16 out");
+      TORCH_CHECK(r0[s] >= 0 && r0[s] + 2 * b->size(0) <= h.size(1), "rank slice outside h");
+    } else {
+      TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->dim() == 2,
+                  "each Bt must be contiguous fp32 (r, d)");
+      TORCH_CHECK(r0[s] >= 0 && r0[s] + b->size(0) <= h.size(1), "rank slice outside h");
+    }
     TORCH_CHECK(d < 0 || b->size(1) == d, "every Bt must have the same number of columns");
-    TORCH_CHECK(r0[s] >= 0 && r0[s] + b->size(0) <= h.size(1), "rank slice outside h");
     d = b->size(1);
     Bt[s] = *b;
     skip[s] = false;
@@ -242,9 +365,12 @@ void expand(at::Tensor out, const at::Tensor& order, const at::Tensor& seg, cons
                                   [&] { expand_impl<scalar_t>(out, op, sp, h, offsets, Bt, skip, c0, d); });
 }
 
+bool bf16_dot() { return LORAKIT_BF16_DOT; }
+
 }  // namespace
 
 TORCH_LIBRARY(lorakit_sgmv, m) {
+  m.def("bf16_dot() -> bool", &bf16_dot);
   m.def("shrink(Tensor x, Tensor order, Tensor seg, Tensor?[] At) -> Tensor", &shrink);
   m.def("expand(Tensor(a!) out, Tensor order, Tensor seg, Tensor h, int[] r0, Tensor?[] Bt, int c0) -> ()", &expand);
 }

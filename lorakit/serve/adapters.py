@@ -68,15 +68,16 @@ class GroupWeights:
             self._casts[dtype] = GroupWeights(self.a.to(dtype), [(*p[:4], p[4].to(dtype)) for p in self.parts])
         return self._casts[dtype]
 
-    def fused(self) -> tuple[torch.Tensor, list[tuple[int, int, int, torch.Tensor]]]:
-        """These factors as the fused kernels take them (`lorakit.kernels`): Aᵀ (in, Σr padded) and per module
-        (columns c0, c1, rank offset r0, (s·B)ᵀ), all fp32, made once and kept."""
-        if "fused" not in self._casts:
-            from ..kernels import down_factor
+    def fused(self, pairs: bool = False) -> tuple[torch.Tensor, list[tuple[int, int, int, torch.Tensor]]]:
+        """These factors as the fused kernels take them (`lorakit.kernels`; `pairs`: their bf16 layout): Aᵀ
+        (in, Σr padded) and per module (columns c0, c1, rank offset r0, (s·B)ᵀ), made once and kept."""
+        key = "fused-pairs" if pairs else "fused"
+        if key not in self._casts:
+            from ..kernels import down_factor, up_factor
 
-            self._casts["fused"] = (down_factor(self.a), [(c0, c1, r0, bt.float().contiguous())
-                                                          for r0, _, c0, c1, bt in self.parts])
-        return self._casts["fused"]
+            self._casts[key] = (down_factor(self.a, pairs), [(c0, c1, r0, up_factor(bt.T, 1.0, pairs))
+                                                             for r0, _, c0, c1, bt in self.parts])
+        return self._casts[key]
 
     @property
     def key(self) -> tuple:

@@ -88,7 +88,7 @@ class LoraStep:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += Σ_adapters s·x·Aᵀ·Bᵀ on each adapter's rows, for the modules of `group` this adapter targets."""
-        if self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x)):
+        if self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x, self._narrowest(layer, group))):
             return self._fused(layer, group, x, out)
         for seg in self.prefills:
             self._segment(seg, layer, group, x, out)
@@ -118,7 +118,7 @@ class LoraStep:
             w = adapter.groups.get((layer, group)) if adapter is not None else None
             if w is None:
                 continue
-            down[i], parts = w.fused()
+            down[i], parts = w.fused(pairs=x.dtype == torch.bfloat16 and kernels.bf16_dot())
             for c0, c1, r0, bt in parts:
                 offsets, ups = modules.setdefault((c0, c1), ([0] * len(owners), [None] * len(owners)))
                 offsets[i], ups[i] = r0, bt
@@ -127,6 +127,13 @@ class LoraStep:
         h = ops.shrink(x, NO_ORDER, bounds, down)
         for (c0, _), (offsets, ups) in modules.items():
             ops.expand(out, NO_ORDER, bounds, h, offsets, ups, c0)
+
+    def _narrowest(self, layer: int, group: str) -> int:
+        """The fewest output columns of one module of `group` among the step's adapters (the bf16 kernels need
+        multiples of 16)."""
+        widths = [c1 - c0 for s in self.segments if (w := s.adapter.groups.get((layer, group))) is not None
+                  for _, _, c0, c1, _ in w.parts]
+        return min(widths, default=16)
 
     @staticmethod
     def _segment(seg: Segment, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
