@@ -212,23 +212,20 @@ def main():
     for dtype in dtypes:
         goal_model, goal_layer = GOALS[dtype]
         name = str(dtype).replace("torch.", "")
-        if args.only in (None, "llama"):
+        benches = {"llama": (bench_llama, f"LlamaForCausalLM, {name} (hidden {HIDDEN}, {LAYERS} layers, {HEADS} "
+                                          f"heads, MLP {MLP}, vocab {VOCAB})", theory_llama, goal_model),
+                   "linear": (bench_linear, f"One nn.Linear({HIDDEN}, {HIDDEN}), {name}, input ({ROWS}, {TOKENS}, "
+                                            f"{HIDDEN})", f"{flop_overhead(HIDDEN, HIDDEN):.2%}",
+                              goal_layer or goal_model)}
+        for key, (bench, title, theory, goal) in benches.items():
+            if args.only not in (None, key):
+                continue
             runs = []
             for _ in range(n_runs):
-                rows, err = bench_llama(counts, repeats, dtype)
+                rows, err = bench(counts, repeats, dtype)
                 runs.append(rows)
                 errs.append(err)
-            out.append(f"### LlamaForCausalLM, {name} (hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, MLP {MLP}, "
-                       f"vocab {VOCAB})\n\n{table(runs, theory_llama, goal_model)}")
-            print(out[-1], flush=True)
-        if args.only in (None, "linear"):
-            runs = []
-            for _ in range(n_runs):
-                rows, err = bench_linear(counts, repeats, dtype)
-                runs.append(rows)
-                errs.append(err)
-            out.append(f"### One nn.Linear({HIDDEN}, {HIDDEN}), {name}, input ({ROWS}, {TOKENS}, {HIDDEN})\n\n"
-                       f"{table(runs, f'{flop_overhead(HIDDEN, HIDDEN):.2%}', goal_layer or goal_model)}")
+            out.append(f"### {title}\n\n{table(runs, theory, goal)}")
             print(out[-1], flush=True)
     body = f"""
 {header_lines(load0, [f"- Rounds: {repeats} timed rounds per cell after warmup (base, PEFT, lorakit, lorakit eager "

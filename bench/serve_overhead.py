@@ -92,7 +92,8 @@ def measure(model: str, dtype: str, rounds: int, requests: int, out: Path) -> di
             times.setdefault(cell, []).append(serve_once(engine, specs, True))
             with kernels.using("eager"):
                 times.setdefault(cell + " eager", []).append(serve_once(engine, specs, True))
-        print(f"  {model} {dtype} round: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), file=sys.stderr)
+        print(f"  {time.strftime('%H:%M:%S')} {model} {dtype} round: "
+              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), file=sys.stderr, flush=True)
     return times
 
 

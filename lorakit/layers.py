@@ -42,11 +42,11 @@ class AdaptedLayer(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, x, *args, **kwargs):
+        if not self.disabled and self.routing is not None and self.routing.per_row:
+            return self._routed(x, lambda: self.base_layer(x, *args, **kwargs))
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return out
-        if self.routing is not None and self.routing.per_row:
-            return self._routed(x, out)
         if self.routing is not None and self.routing.mix is not None:
             return self._mixed(x, out)
         variants = [self.adapters[n] for n in self.active if n in self.adapters and n not in self.merged]
@@ -69,8 +69,10 @@ class AdaptedLayer(nn.Module):
                 v.add_delta_(out, _cast(x, v, out.dtype), base)
             return out
 
-    def _routed(self, x, out):
-        """Each adapter on its own rows: one gather of the routed rows, then contiguous slices."""
+    def _routed(self, x, base):
+        """Each adapter on its own rows. `base()` computes the base layer's output. With the fused kernels, the
+        shrink runs first, while x is still in cache from the op that produced it, then the base GEMM, then the
+        expand into its output; other variants (and the eager path) gather the routed rows and run on slices."""
         if self.merged:
             raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
         plan = self.routing.plan(x.shape[0], x.device)
@@ -79,7 +81,15 @@ class AdaptedLayer(nn.Module):
         for v, a, b in segments:
             _bind(v, self.routing, plan, a, b, x.shape[0])
         if not segments:
-            return out
+            return base()
+        shrunk = None
+        if kernels.uses(x, getattr(self.kind, "out_features", None)):
+            shrunk = stacked.fused_shrink(x, plan, segments, self._stacks, self.kind.batchable)
+        out = base()
+        if shrunk is not None:
+            segments = stacked.fused_expand_(out, x, shrunk, segments)
+            if not segments:
+                return out
         with _compute_in(out.dtype, out.device):
             return self._routed_deltas(x, out, plan, segments)
 
@@ -136,10 +146,6 @@ class AdaptedLayer(nn.Module):
         return fused.to(ot.dtype)
 
     def _routed_deltas(self, x, out, plan, segments):
-        if kernels.uses(x, out.shape[-1]):  # one fused shrink and expand for every s·B·A adapter, the rest below
-            segments = stacked.add_fused_(out, x, plan, segments, self._stacks, self.kind.batchable)
-            if not segments:
-                return out
         xs = plan.gather(x)
         needs_base = any(v.uses_base_out for v, _, _ in segments)
         ys = out if plan.identity else out.index_select(0, plan.order) if needs_base else None

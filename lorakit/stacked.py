@@ -167,18 +167,26 @@ def add_run_(out: torch.Tensor, xs: torch.Tensor, plan, run, stacks: Stacks) -> 
 
 
 @torch.no_grad()
-def add_fused_(out: torch.Tensor, x: torch.Tensor, plan, segments, stacks: Stacks, batchable: bool) -> list:
-    """out += each adapter's delta on its rows of the plan, one shrink and one expand kernel call for every adapter
-    whose ΔW is s·B·A; returns the segments left for the eager path (other variants, or all when `out` cannot be
-    written as a (tokens, features) matrix)."""
-    if not batchable or not out.is_contiguous() or x.shape[:-1] != out.shape[:-1]:
-        return segments
+def fused_shrink(x: torch.Tensor, plan, segments, stacks: Stacks, batchable: bool):
+    """The first fused kernel for every adapter of `segments` whose ΔW is s·B·A: h = x·Aᵀ on its rows of the plan.
+    Returns what `fused_expand_` needs, or None when no adapter can use the kernels."""
+    if not batchable:
+        return None
     at, bt, rest = stacks.fused_lists(plan, segments, pairs=x.dtype == torch.bfloat16)
     if len(rest) == len(segments):
-        return segments
-    order, bounds = plan.token_layout(out.shape[1:-1].numel())
-    ops = kernels.sgmv()
+        return None
+    order, bounds = plan.token_layout(x.shape[1:-1].numel())
     x2 = x.reshape(-1, x.shape[-1])
-    h = ops.shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), order, bounds, at)
-    ops.expand(out.view(-1, out.shape[-1]), order, bounds, h, [0] * len(at), bt, 0)
+    h = kernels.sgmv().shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), order, bounds, at)
+    return h, order, bounds, bt, rest
+
+
+@torch.no_grad()
+def fused_expand_(out: torch.Tensor, x: torch.Tensor, shrunk, segments) -> list:
+    """out += h·(s·B)ᵀ on each adapter's rows (the second fused kernel, after `fused_shrink`); returns the segments
+    left for the eager path (all of them when `out` is not a (tokens, features) matrix)."""
+    h, order, bounds, bt, rest = shrunk
+    if not out.is_contiguous() or x.shape[:-1] != out.shape[:-1]:
+        return segments
+    kernels.sgmv().expand(out.view(-1, out.shape[-1]), order, bounds, h, [0] * len(bt), bt, 0)
     return rest

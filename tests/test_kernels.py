@@ -15,8 +15,12 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 @pytest.fixture(scope="module")
 def ops():
-    with kernels.using("compiled"):
-        return kernels.sgmv()
+    """The compiled ops; the tests that need them skip on a machine that cannot build them (no C++ compiler)."""
+    try:
+        with kernels.using("compiled"):
+            return kernels.sgmv()
+    except kernels.KernelError as e:
+        pytest.skip(f"the kernels cannot be built here: {e}")
 
 
 def adapted(variants=(("a", "lora", 3), ("b", "lora", 8), ("c", "lora", 20), ("d", "dora", 4)), model=None):
