@@ -36,7 +36,8 @@ class Segment:
 
 
 class StackCache:
-    """Stacked factors per (layer, group, adapters), kept from one step to the next.
+    """Stacked factors (and the fused kernels' factor lists) per (layer, group, adapters), kept from one step to the
+    next.
 
     Building a stack copies every factor of the set once, which costs about what the segment kernel costs (see
     BENCHMARKS.md, serve_kernels); reusing it makes bmm up to ~2× faster. So in "auto" mode a set is stacked only
@@ -88,8 +89,9 @@ class LoraStep:
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += Σ_adapters s·x·Aᵀ·Bᵀ on each adapter's rows, for the modules of `group` this adapter targets."""
-        if self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x, self._narrowest(layer, group))):
-            return self._fused(layer, group, x, out)
+        fused = self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x))
+        if fused and self._fused(layer, group, x, out):
+            return
         for seg in self.prefills:
             self._segment(seg, layer, group, x, out)
         for bucket in self._decode_buckets(layer, group):
@@ -98,8 +100,9 @@ class LoraStep:
                 for seg in bucket:
                     self._segment(seg, layer, group, x, out)
 
-    def _fused(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """All segments in one shrink call for the group and one expand call per module (`lorakit.kernels`)."""
+    def _fused(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """All segments in one shrink call for the group and one expand call per module (`lorakit.kernels`);
+        False (nothing done) where the bf16 kernels cannot take these shapes."""
         ops = kernels.sgmv()
         if ops is None:
             raise kernels.KernelError("lora_kernel='fused' needs the compiled CPU kernels (see lorakit.kernels)")
@@ -111,29 +114,19 @@ class LoraStep:
                     owners.append(None)
                 bounds.append(s.stop)
                 owners.append(s.adapter)
-            self._layout = torch.tensor(bounds, dtype=torch.long), owners
+            self._layout = torch.tensor(bounds, dtype=torch.long), tuple(owners)
         bounds, owners = self._layout
-        down, modules = [None] * len(owners), {}
-        for i, adapter in enumerate(owners):
-            w = adapter.groups.get((layer, group)) if adapter is not None else None
-            if w is None:
-                continue
-            down[i], parts = w.fused(pairs=x.dtype == torch.bfloat16 and kernels.bf16_dot())
-            for c0, c1, r0, bt in parts:
-                offsets, ups = modules.setdefault((c0, c1), ([0] * len(owners), [None] * len(owners)))
-                offsets[i], ups[i] = r0, bt
-        if not modules:
-            return
-        h = ops.shrink(x, NO_ORDER, bounds, down)
-        for (c0, _), (offsets, ups) in modules.items():
-            ops.expand(out, NO_ORDER, bounds, h, offsets, ups, c0)
-
-    def _narrowest(self, layer: int, group: str) -> int:
-        """The fewest output columns of one module of `group` among the step's adapters (the bf16 kernels need
-        multiples of 16)."""
-        widths = [c1 - c0 for s in self.segments if (w := s.adapter.groups.get((layer, group))) is not None
-                  for _, _, c0, c1, _ in w.parts]
-        return min(widths, default=16)
+        pairs = x.dtype == torch.bfloat16
+        # the factor lists depend on the adapters in row order only: kept across steps (steady decoding reuses them)
+        down, modules = self.stacks.get(layer, ("fused", group, pairs), owners,
+                                        lambda: _fused_lists(owners, (layer, group), pairs))
+        if pairs and (x.shape[-1] % 2 or any((c1 - c0) % 16 for c0, c1 in modules)):
+            return False
+        if modules:
+            h = ops.shrink(x, NO_ORDER, bounds, down)
+            for (c0, _), (offsets, ups) in modules.items():
+                ops.expand(out, NO_ORDER, bounds, h, offsets, ups, c0)
+        return True
 
     @staticmethod
     def _segment(seg: Segment, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -187,3 +180,18 @@ class LoraStep:
                 y = torch.bmm(h[:, :, r0:r1], bt).view(n * rows, c1 - c0)
                 out[:, c0:c1].index_add_(0, index, y)
         return True
+
+
+def _fused_lists(owners: tuple, key: tuple[int, str], pairs: bool) -> tuple[list, dict]:
+    """Per kernel segment (an adapter, or None for rows between segments): Aᵀ of the group, and per module's columns
+    (c0, c1) the rank offsets and (s·B)ᵀ, as `LoraStep._fused` passes them to the kernels."""
+    down, modules = [None] * len(owners), {}
+    for i, adapter in enumerate(owners):
+        w = adapter.groups.get(key) if adapter is not None else None
+        if w is None:
+            continue
+        down[i], parts = w.fused(pairs=pairs and kernels.bf16_dot())
+        for c0, c1, r0, bt in parts:
+            offsets, ups = modules.setdefault((c0, c1), ([0] * len(owners), [None] * len(owners)))
+            offsets[i], ups[i] = r0, bt
+    return down, modules
