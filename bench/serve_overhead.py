@@ -2,7 +2,7 @@
 model alone, with the fused CPU kernels (`lorakit.kernels`) and on the eager path, in interleaved rounds (issue 22).
 
 Usage: `.venv/bin/python bench/serve_overhead.py [--rounds 5] [--runs 2] [--dtypes float32,bfloat16]
-[--models llama,smollm2] [--requests 24] [--no-write]`. Replaces the `serve_overhead` section of BENCHMARKS.md.
+[--models llama,smollm2] [--requests 16] [--no-write]`. Replaces the `serve_overhead` section of BENCHMARKS.md.
 
 Every system serves the same closed-loop request set (all requests at t = 0) on one shared model runner; a round
 runs every system once, in a fixed order, and the ratios are per round (systems of a round ran back to back), so
@@ -123,7 +123,7 @@ def main():
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--models", default="llama,smollm2")
-    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "serve_bench")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
