@@ -3,7 +3,7 @@ first use.
 
 One call per layer replaces the per-adapter small GEMMs, the gather of the routed rows and the scatter of their
 deltas: `shrink` computes h = x·Aᵀ for every segment of rows (each segment with its own adapter, at its own rank),
-reading the rows where they lie, and `expand_` adds h·(s·B)ᵀ into the output rows in place, fp32 accumulation.
+reading the rows where they lie, and `expand` adds h·(s·B)ᵀ into the output rows in place, fp32 accumulation.
 
 `sgmv()` gives the compiled ops, or None, and callers keep their eager PyTorch path, which computes the same thing:
 - `LORAKIT_KERNELS=eager` never builds; `compiled` raises KernelError when the build fails; `auto` (default) builds
@@ -12,7 +12,7 @@ reading the rows where they lie, and `expand_` adds h·(s·B)ᵀ into the output
   once) into `<lorakit cache>/kernels/<key>`; the key covers the source, torch, Python and the CPU, so each
   machine builds its own and later processes just load it.
 - CPU only: fp32, and bf16 where the CPU has AVX512-BF16 (see `uses`); other devices and dtypes keep the eager path.
-- A row's result does not depend on the other rows of the batch (every tile is computed as a full one).
+- A row's result does not depend on the other rows of the batch, bit for bit (see sgmv.cpp).
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@
 //   shrink: h[i, 0:rp_s]        = x[order[i], :] . At[s]           At[s]: (d_in, rp_s) fp32, rp_s a multiple of 8
 //   expand: out[order[i], c0:+d] += h[i, r0_s:r0_s+rb_s] . Bt[s]    Bt[s]: (rb_s, d) fp32, or absent (skip s)
 // Rows are read and written in place (no gather, no scatter), accumulation is in fp32 whatever the activations'
-// dtype (fp32, bf16, fp16; fp64 is refused), a row's result does not depend on the other rows of the call (every
-// tile is computed as a full one), and the work (segment × row tile [× column block]) is spread over torch's
-// threads.
+// dtype (fp32, bf16, fp16; fp64 is refused), a row's result does not depend on the other rows of the call (single
+// rows and padded full tiles do the same arithmetic per row), and the work (segment × row tile [× column block])
+// is spread over torch's threads. bf16 factors in pair layout use AVX512-BF16 dot products where the CPU has them.
 // Written for this project; the loops are plain C++ that the compiler vectorizes for the CPU it is built on.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
