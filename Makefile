@@ -32,6 +32,7 @@ bench: $(VENV_STAMP)
 	$(PY) bench/training_runs.py
 	$(PY) bench/serve_kernels.py
 	$(PY) bench/serve.py
+	$(PY) bench/serve_overhead.py
 
 clean:
 	rm -rf .venv build *.egg-info
