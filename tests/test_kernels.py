@@ -86,7 +86,7 @@ def test_half_precision_activations_accumulate_in_fp32(ops, dtype):
                [kernels.up_factor(b)], 0)
     assert got.dtype == dtype
     assert (got.float() - want).abs().max() <= 2 * (want.to(dtype).float() - want).abs().max() + 1e-6
-    with torch.no_grad():
+    with torch.no_grad(), kernels.using("compiled"):
         assert kernels.uses(x.float()) and not kernels.uses(x.half())  # fp16 layers keep the eager path
 
 
