@@ -29,6 +29,7 @@ class AdaptedLayer(nn.Module):
         self.merged: dict[str, Optional[torch.Tensor]] = {}  # name → row scale used at merge time
         self.routing = None
         self._stacks = stacked.Stacks()  # stacked factors for batched inference over many adapters
+        self._followers: list[AdaptedLayer] = []  # layers fed this layer's input right after it (`_fused_shrink`)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,20 +72,18 @@ class AdaptedLayer(nn.Module):
 
     def _routed(self, x, base):
         """Each adapter on its own rows. `base()` computes the base layer's output. With the fused kernels, the
-        shrink runs first, while x is still in cache from the op that produced it, then the base GEMM, then the
-        expand into its output; other variants (and the eager path) gather the routed rows and run on slices."""
+        shrink runs first, while x is still in cache from the op that produced it (and, for layers fed the same
+        input, once for all of them: see `_fused_shrink`), then the base GEMM, then the expand into its output;
+        other variants (and the eager path) gather the routed rows and run on slices."""
         if self.merged:
             raise RoutingError("mixed-batch routing needs unmerged layers; call lorakit.unmerge(model) first")
         plan = self.routing.plan(x.shape[0], x.device)
-        adapters = self.adapters._modules  # the plain dict: with many adapters, ModuleDict lookups add up
-        segments = [(adapters[n], a, b) for n, a, b in plan.segments if n in adapters]
+        segments = self._segments(plan)
         for v, a, b in segments:
             _bind(v, self.routing, plan, a, b, x.shape[0])
         if not segments:
             return base()
-        shrunk = None
-        if kernels.uses(x, getattr(self.kind, "out_features", None)):
-            shrunk = stacked.fused_shrink(x, plan, segments, self._stacks, self.kind.batchable)
+        shrunk = self._fused_shrink(x, plan, segments) if self._uses_kernels(x) else None
         out = base()
         if shrunk is not None:
             segments = stacked.fused_expand_(out, x, shrunk, segments)
@@ -92,6 +91,49 @@ class AdaptedLayer(nn.Module):
                 return out
         with _compute_in(out.dtype, out.device):
             return self._routed_deltas(x, out, plan, segments)
+
+    def _segments(self, plan) -> list[tuple]:
+        """(variant, start, stop) for each segment of `plan` whose adapter this layer holds."""
+        adapters = self.adapters._modules  # the plain dict: with many adapters, ModuleDict lookups add up
+        return [(adapters[n], a, b) for n, a, b in plan.segments if n in adapters]
+
+    def _uses_kernels(self, x) -> bool:
+        return self.kind.batchable and kernels.uses(x, getattr(self.kind, "out_features", None))
+
+    def _fused_shrink(self, x, plan, segments):
+        """The fused shrink for this layer's adapters (see `stacked.fused_shrink`), shared by layers fed the same
+        input tensor (q/k/v, gate/up: vLLM's packed modules): x is read once and the kernel runs once for all.
+
+        Which layers share an input is learned from the calls: a layer called with the very tensor (same object,
+        same version, same plan) that the previous routed call got becomes that layer's follower. From then on
+        the first layer shrinks for its followers too, and each follower takes its columns of h when its own input
+        is that tensor again (else it shrinks alone: the result is the same either way, bit for bit)."""
+        pairs = x.dtype == torch.bfloat16 and kernels.bf16_dot()
+        own = self._stacks.fused_lists(plan, segments, pairs)
+        if len(own[2]) == len(segments):
+            return None
+        last = plan.shared.get(SHRINK)
+        version = _version(x)
+        if last is not None and last[0] is x and version is not None and last[1] == version and last[2] is not self:
+            part = last[3].get(id(self))
+            if part is not None and part[1] is own:
+                return stacked.Shrunk(*last[4], part[0], own[1], own[2])
+            if self not in last[2]._followers:  # learned now, shared from the next pass
+                last[2]._followers.append(self)
+            return stacked.Shrunk(*stacked.fused_shrink(x, plan, own[0]), [0] * len(own[0]), own[1], own[2])
+        members, lists = [self], [own]
+        for f in self._followers if version is not None else ():
+            if f.routing is self.routing and not f.merged and not f.disabled and f._uses_kernels(x):
+                f_segments = f._segments(plan)
+                if f_segments and not any(getattr(v, "reads_routing", False) for v, _, _ in f_segments):
+                    members.append(f)
+                    lists.append(f._stacks.fused_lists(plan, f_segments, pairs))
+        down, offsets = self._stacks.packed(plan, pairs, lists)
+        shrunk = stacked.fused_shrink(x, plan, down)
+        if version is not None:
+            parts = {id(m): (r0, m_lists) for m, r0, m_lists in zip(members, offsets, lists)}
+            plan.shared[SHRINK] = (x, version, self, parts, shrunk)
+        return stacked.Shrunk(*shrunk, offsets[0], own[1], own[2])
 
     def _mixed(self, x, out):
         """out + Σᵢ wᵢ(token)·deltaᵢ, each adapter on the tokens it weights only (see `lorakit.route(weights=)`)."""
@@ -237,6 +279,12 @@ def _bind(variant, routing, plan=None, start: int = 0, stop: int = 0, total_rows
 
 
 HALF = (torch.bfloat16, torch.float16)
+SHRINK = "fused shrink"  # key of the last layer's shared fused shrink in `Plan.shared`
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's version counter (it counts in-place changes); None for inference-mode tensors, which have none."""
+    return None if x.is_inference() else x._version
 
 
 def _compute_in(dtype: torch.dtype, device: torch.device):

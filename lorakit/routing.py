@@ -61,15 +61,16 @@ class Plan:
     order: torch.Tensor  # long, rows that use some adapter, grouped by adapter
     segments: list[tuple[str, int, int]]
     identity: bool  # order == arange(len(order)): slices of the input are views, no gather needed
-    _last: dict = field(default_factory=dict, repr=False, compare=False)  # shared gathers (`shared_gather`)
+    # what layers fed the same input share within one forward: gathers (`shared_gather`), fused shrinks
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
     _tokens: dict = field(default_factory=dict, repr=False, compare=False)  # token_layout per tokens per row
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """The routed rows of `x` in `order`. Layers fed the same tensor (q/k/v projections) share one gather."""
-        return x if self.identity else shared_gather(self._last, None, x, x, self.order)
+        return x if self.identity else shared_gather(self.shared, None, x, x, self.order)
 
     def release(self) -> None:
-        self._last.clear()
+        self.shared.clear()
 
     def token_layout(self, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`order` and the segment bounds on the flattened token axis of a layer input with `per_row` tokens per

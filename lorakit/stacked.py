@@ -12,6 +12,9 @@ per layer (a few entries) and rebuilt when any factor tensor or scale changes.
 """
 from __future__ import annotations
 
+import operator
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -42,11 +45,36 @@ class Stacks:
         self._cache: dict[tuple, tuple] = {}
         self._fused: dict[tuple, tuple] = {}  # (id(variant), pairs) → (variant, state, Aᵀ padded, (s·B)ᵀ)
         self._lists: dict[tuple, tuple] = {}  # (id(plan), pairs) → (plan, variants, checks, fused_lists result)
+        self._packed: dict[tuple, tuple] = {}  # (id(plan), pairs) → (plan, layers' lists, `packed` result)
 
     def clear(self) -> None:
         self._cache.clear()
         self._fused.clear()
         self._lists.clear()
+        self._packed.clear()
+
+    def packed(self, plan, pairs: bool, lists: list[tuple]) -> tuple[list, list[list[int]]]:
+        """One shrink for several layers fed the same input: per plan segment, their Aᵀ side by side (None where
+        none has a kernel adapter), and per layer, where its ranks start in each segment. `lists`: each layer's
+        `fused_lists` for `plan`, this layer's first; kept while those are the same objects (unchanged factors)."""
+        if len(lists) == 1:
+            return lists[0][0], [[0] * len(lists[0][0])]
+        hit = self._packed.get((id(plan), pairs))
+        if hit is not None and hit[0] is plan and len(hit[1]) == len(lists) and all(map(operator.is_, hit[1], lists)):
+            return hit[2]
+        down, offsets = [], [[0] * len(plan.segments) for _ in lists]
+        for s in range(len(plan.segments)):
+            parts, width = [], 0
+            for i, (at, _, _) in enumerate(lists):
+                if at[s] is not None:
+                    offsets[i][s] = width
+                    width += at[s].shape[1]
+                    parts.append(at[s])
+            down.append(None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        if len(self._packed) >= MAX_CACHED_STACKS:
+            self._packed.pop(next(iter(self._packed)))
+        self._packed[id(plan), pairs] = (plan, list(lists), (down, offsets))  # keeps the plan alive: ids not reused
+        return down, offsets
 
     def fused(self, v, pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(Aᵀ, (s·B)ᵀ) of variant `v` for the fused kernels (see `lorakit.kernels`; `pairs`: their bf16 layout),
@@ -166,27 +194,31 @@ def add_run_(out: torch.Tensor, xs: torch.Tensor, plan, run, stacks: Stacks) -> 
         out.index_add_(0, plan.order[a0:a1], y.to(out.dtype))
 
 
+class Shrunk(NamedTuple):
+    """A layer's fused shrink: h (tokens, Σ ranks) fp32 on the plan's token layout, and the layer's part of it."""
+    h: torch.Tensor
+    order: torch.Tensor
+    bounds: torch.Tensor
+    r0: list[int]          # per plan segment: where this layer's ranks start in h's columns
+    ups: list              # per plan segment: (s·B)ᵀ in the kernels' layout, or None
+    rest: list             # this layer's segments left for the eager path
+
+
 @torch.no_grad()
-def fused_shrink(x: torch.Tensor, plan, segments, stacks: Stacks, batchable: bool):
-    """The first fused kernel for every adapter of `segments` whose ΔW is s·B·A: h = x·Aᵀ on its rows of the plan.
-    Returns what `fused_expand_` needs, or None when no adapter can use the kernels."""
-    if not batchable:
-        return None
-    at, bt, rest = stacks.fused_lists(plan, segments, pairs=x.dtype == torch.bfloat16)
-    if len(rest) == len(segments):
-        return None
+def fused_shrink(x: torch.Tensor, plan, down: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = x·Aᵀ on each plan segment's tokens (`down`: Aᵀ per segment, None to skip), with the fused kernel;
+    returns (h, token order, segment bounds) for `fused_expand_`."""
     order, bounds = plan.token_layout(x.shape[1:-1].numel())
     x2 = x.reshape(-1, x.shape[-1])
-    h = kernels.sgmv().shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), order, bounds, at)
-    return h, order, bounds, bt, rest
+    return kernels.sgmv().shrink(x2 if x2.stride(-1) == 1 else x2.contiguous(), order, bounds, down), order, bounds
 
 
 @torch.no_grad()
-def fused_expand_(out: torch.Tensor, x: torch.Tensor, shrunk, segments) -> list:
+def fused_expand_(out: torch.Tensor, x: torch.Tensor, shrunk: Shrunk, segments) -> list:
     """out += h·(s·B)ᵀ on each adapter's rows (the second fused kernel, after `fused_shrink`); returns the segments
     left for the eager path (all of them when `out` is not a (tokens, features) matrix)."""
-    h, order, bounds, bt, rest = shrunk
     if not out.is_contiguous() or x.shape[:-1] != out.shape[:-1]:
         return segments
-    kernels.sgmv().expand(out.view(-1, out.shape[-1]), order, bounds, h, [0] * len(bt), bt, 0)
-    return rest
+    kernels.sgmv().expand(out.view(-1, out.shape[-1]), shrunk.order, shrunk.bounds, shrunk.h, shrunk.r0,
+                          shrunk.ups, 0)
+    return shrunk.rest

@@ -60,10 +60,7 @@ def test_fused_equals_eager_and_each_row_alone(ops, names):
 
 
 def test_kernels_run_and_gpt2_conv1d_matches(ops, monkeypatch):
-    calls = []
-    shrink = ops.shrink
-    counting = SimpleNamespace(shrink=lambda *a: calls.append(1) or shrink(*a), expand=ops.expand)
-    monkeypatch.setattr(kernels, "sgmv", lambda: counting)
+    calls = counting_shrinks(ops, monkeypatch)
     model = adapted([("a", "lora", 4), ("b", "lora", 12)], model=gpt2())
     ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(1))
     fused = routed(model, ["b", "a", "__base__", "a"], ids)
@@ -71,6 +68,76 @@ def test_kernels_run_and_gpt2_conv1d_matches(ops, monkeypatch):
     monkeypatch.undo()
     with kernels.using("eager"):
         torch.testing.assert_close(fused, routed(model, ["b", "a", "__base__", "a"], ids), atol=1e-5, rtol=1e-5)
+
+
+def counting_shrinks(ops, monkeypatch) -> list:
+    """Make the kernels count shrink calls (the list grows by one per call)."""
+    calls, shrink = [], ops.shrink
+    counting = SimpleNamespace(shrink=lambda *a: calls.append(1) or shrink(*a), expand=ops.expand,
+                               bf16_dot=ops.bf16_dot)
+    monkeypatch.setattr(kernels, "sgmv", lambda: counting)
+    return calls
+
+
+def test_layers_fed_the_same_input_share_one_shrink(ops, monkeypatch):
+    """q/k/v and gate/up learn on the first pass that they share an input, then shrink once per layer input:
+    4 shrinks per decoder layer instead of 7, with the same outputs bit for bit."""
+    model = adapted()
+    ids = torch.randint(0, 128, (8, 5), generator=torch.Generator().manual_seed(0))
+    calls = counting_shrinks(ops, monkeypatch)
+    first = routed(model, NAMES, ids)
+    layers = model.model.layers
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    assert attn.q_proj._followers == [attn.k_proj, attn.v_proj] and mlp.gate_proj._followers == [mlp.up_proj]
+    assert attn.o_proj._followers == [] and mlp.down_proj._followers == []
+    learned, calls[:] = len(calls), []
+    second = routed(model, NAMES, ids)
+    assert learned == 7 * len(layers) and len(calls) == 4 * len(layers)
+    assert torch.equal(first, second)
+    monkeypatch.undo()
+    with kernels.using("eager"):
+        torch.testing.assert_close(second, routed(model, NAMES, ids), atol=1e-5, rtol=1e-5)
+
+
+class TwoHeads(torch.nn.Module):
+    """Two projections fed the same input, unless `y` is given (as cross-attention feeds k/v another tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(16, 24), torch.nn.Linear(16, 32)
+
+    def forward(self, x, y=None, bump=False):
+        a = self.first(x)
+        if bump:
+            x.add_(1.0)  # an in-place change between the two calls
+        return torch.cat([a, self.second(x if y is None else y)], dim=-1)
+
+
+@pytest.mark.parametrize("case", ["other tensor", "changed in place", "inference mode"])
+def test_a_follower_shrinks_alone_when_its_input_is_not_the_shared_one(ops, case):
+    model = TwoHeads()
+    for i, name in enumerate("ab"):
+        torch.manual_seed(i)
+        lorakit.inject(model, lorakit.AdapterConfig(r=4 + 4 * i, init_lora_weights=False,
+                                                    target_modules=["first", "second"]), name)
+    model.eval()
+    x, y = torch.randn(2, 16, 16), torch.randn(2, 16, 16)
+    names = ["b", "a"]
+
+    def run(kw, mode, grad_mode=torch.no_grad):
+        with kernels.using(mode), grad_mode(), lorakit.route(model, names):
+            return model(x.clone(), **kw)  # made inside: an inference tensor in inference mode
+
+    run({}, "compiled")  # learns that `second` follows `first`
+    assert model.first._followers == [model.second]
+    torch.testing.assert_close(run({}, "compiled"), run({}, "eager"), atol=1e-5, rtol=1e-5)  # shared here
+    kw = {"other tensor": {"y": y}, "changed in place": {"bump": True}, "inference mode": {}}[case]
+    grad_mode = torch.inference_mode if case == "inference mode" else torch.no_grad
+    fused = run(kw, "compiled", grad_mode)
+    torch.testing.assert_close(fused, run(kw, "eager", grad_mode), atol=1e-5, rtol=1e-5)
+    with lorakit.disabled(model), torch.no_grad():
+        base = model(x.clone(), **kw)
+    assert (fused - base).abs().amax(dim=(1, 2)).min() > 1e-3  # both rows' adapters changed the output
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,7 +154,21 @@ def test_half_precision_activations_accumulate_in_fp32(ops, dtype):
     assert got.dtype == dtype
     assert (got.float() - want).abs().max() <= 2 * (want.to(dtype).float() - want).abs().max() + 1e-6
     with torch.no_grad(), kernels.using("compiled"):
-        assert kernels.uses(x.float()) and not kernels.uses(x.half())  # fp16 layers keep the eager path
+        assert kernels.uses(x.float()) and not kernels.uses(x.double())
+        # half-precision layers use the kernels where the CPU has no GEMM instructions for them
+        assert kernels.uses(x.half()) == (not kernels.native_half(torch.float16))
+        assert kernels.uses(x.bfloat16()) == (kernels.bf16_dot() or not kernels.native_half(torch.bfloat16))
+
+
+def test_native_half_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.setitem(kernels._state, "flags", frozenset({"avx2", "fma"}))  # an AVX2-only x86 CPU
+    assert not kernels.native_half(torch.bfloat16) and not kernels.native_half(torch.float16)
+    monkeypatch.setitem(kernels._state, "flags", frozenset({"avx512f", "avx512_bf16"}))
+    assert kernels.native_half(torch.bfloat16) and not kernels.native_half(torch.float16)
+    monkeypatch.setitem(kernels._state, "flags", frozenset({"amx_bf16", "amx_fp16"}))
+    assert kernels.native_half(torch.bfloat16) and kernels.native_half(torch.float16)
+    monkeypatch.setitem(kernels._state, "flags", None)  # unreadable: keep the eager half-precision path
+    assert kernels.native_half(torch.float16)
 
 
 @pytest.mark.parametrize("rank", [5, 16, 33])
@@ -115,18 +196,22 @@ def test_bf16_pair_layout_matches_fp32_reference(ops, rank):
     assert torch.equal(alone[0], got[order[3]])
 
 
-def test_bf16_model_through_the_kernels_close_to_eager(ops):
-    if not kernels.bf16_dot():
-        pytest.skip("this CPU has no AVX512-BF16")
-    model = adapted([("a", "lora", 4), ("b", "lora", 8)]).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_through_the_kernels_close_to_eager(ops, monkeypatch, dtype):
+    """bf16 factors in pair layout (AVX512-BF16) or fp32 factors (CPUs without half-precision GEMMs): the
+    kernels run for this dtype whatever this CPU is (`native_half` pretends it has no such GEMMs)."""
+    model = adapted([("a", "lora", 4), ("b", "lora", 8)]).to(dtype)
     ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(2))
     names = ["b", "a", "a", "__base__"]
     with kernels.using("eager"):
         eager = routed(model, names, ids).float()
+    monkeypatch.setattr(kernels, "native_half", lambda dtype: False)
+    calls = counting_shrinks(ops, monkeypatch)
     with kernels.using("compiled"):
         fused = routed(model, names, ids).float()
     with torch.no_grad(), lorakit.disabled(model):
         base = model(ids).logits.float()
+    assert calls
     assert (fused - eager).abs().max() <= 0.05 * eager.abs().max()
     assert (eager - base)[:3].abs().max() > 0.1  # the adapters matter at this scale
 

@@ -11,7 +11,7 @@ reading the rows where they lie, and `expand` adds h·(s·B)ᵀ into the output 
 - Built by `torch.utils.cpp_extension.load` (ninja and the system C++ compiler, `-O3 -march=native`, about 10 s,
   once) into `<lorakit cache>/kernels/<key>`; the key covers the source, torch, Python and the CPU, so each
   machine builds its own and later processes just load it.
-- CPU only: fp32, and bf16 where the CPU has AVX512-BF16 (see `uses`); other devices and dtypes keep the eager path.
+- CPU only: fp32, bf16 and fp16 where that pays (see `uses`); other devices and dtypes keep the eager path.
 - A row's result does not depend on the other rows of the batch, bit for bit (see sgmv.cpp).
 """
 from __future__ import annotations
@@ -74,17 +74,42 @@ def sgmv():
 def uses(x: torch.Tensor, out_features: int | None = None) -> bool:
     """Whether the compiled kernels serve an inference call on activations `x` (and `out_features` outputs).
 
-    fp32 always; bf16 where the CPU has AVX512-BF16 dot products (`bf16_dot`), with an even number of input
-    features and output features a multiple of 16. Elsewhere (fp16, fp64, bf16 without them) the eager path's
-    half-precision GEMMs or fp64 matmuls are used: the kernels' fp32 loops lose to the former (bench/mixed_batch.py:
-    1.21× vs 1.14× base at 4 adapters on a bf16 Llama before the bf16 dot-product path) and would round the latter.
+    - fp32: always.
+    - bf16 on a CPU with AVX512-BF16 (`bf16_dot`): with bf16 factors in pair layout, when the input features are
+      even and the output features a multiple of 16 (else eager).
+    - bf16 and fp16 on a CPU without GEMM instructions for that dtype (`native_half`): with fp32 factors. There
+      PyTorch's half-precision GEMMs are emulated: a 1024-wide LoRA at 16 adapters took 20 ms eager vs 2 ms fused,
+      beside a 110 ms base GEMM (bf16 on an AVX2-only EPYC; fp16 alike).
+    - fp16 on a CPU with fp16 GEMM instructions, and fp64: eager (the fp32 loops would lose to the former and round
+      the latter).
     """
-    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.bfloat16,
+                                                                            torch.float16):
         return False
     if sgmv() is None:
         return False
-    return x.dtype == torch.float32 or (bf16_dot() and x.shape[-1] % 2 == 0
-                                        and (out_features is None or out_features % 16 == 0))
+    if x.dtype == torch.float32:
+        return True
+    if x.dtype == torch.bfloat16 and bf16_dot():
+        return x.shape[-1] % 2 == 0 and (out_features is None or out_features % 16 == 0)
+    return not native_half(x.dtype)
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU has GEMM instructions for `dtype` (bf16: AVX512-BF16 or AMX on x86, BF16 on Arm; fp16:
+    AVX512-FP16 or AMX-FP16 on x86, half-precision SIMD on Arm). True when the flags cannot be read."""
+    if "flags" not in _state:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+            line = next(ln for ln in text.splitlines() if ln.startswith(("flags", "Features")))
+            _state["flags"] = frozenset(line.split(":", 1)[1].split())
+        except (OSError, StopIteration):
+            _state["flags"] = None
+    flags = _state["flags"]
+    if flags is None:
+        return True
+    wanted = {"avx512_bf16", "amx_bf16", "bf16"} if dtype == torch.bfloat16 else {"avx512_fp16", "amx_fp16", "asimdhp"}
+    return bool(flags & wanted)
 
 
 def bf16_dot() -> bool:

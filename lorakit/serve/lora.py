@@ -116,7 +116,7 @@ class LoraStep:
                 owners.append(s.adapter)
             self._layout = torch.tensor(bounds, dtype=torch.long), tuple(owners)
         bounds, owners = self._layout
-        pairs = x.dtype == torch.bfloat16
+        pairs = x.dtype == torch.bfloat16 and kernels.bf16_dot()
         # the factor lists depend on the adapters in row order only: kept across steps (steady decoding reuses them)
         down, modules = self.stacks.get(layer, ("fused", group, pairs), owners,
                                         lambda: _fused_lists(owners, (layer, group), pairs))
@@ -190,7 +190,7 @@ def _fused_lists(owners: tuple, key: tuple[int, str], pairs: bool) -> tuple[list
         w = adapter.groups.get(key) if adapter is not None else None
         if w is None:
             continue
-        down[i], parts = w.fused(pairs=pairs and kernels.bf16_dot())
+        down[i], parts = w.fused(pairs=pairs)
         for c0, c1, r0, bt in parts:
             offsets, ups = modules.setdefault((c0, c1), ([0] * len(owners), [None] * len(owners)))
             offsets[i], ups[i] = r0, bt
