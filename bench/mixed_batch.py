@@ -197,13 +197,14 @@ def main():
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--only", choices=["llama", "linear"], default=None)
+    ap.add_argument("--counts", default=None, help="adapter counts, e.g. 16,64 (default 4,16,64; nothing written)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with kernels.using("compiled"):
         kernels.sgmv()  # build (or load) the kernels before any timing
     load0 = load_average()
-    counts = (4, 16) if args.quick else ADAPTER_COUNTS
+    counts = (4, 16) if args.quick else tuple(map(int, args.counts.split(","))) if args.counts else ADAPTER_COUNTS
     repeats, n_runs = (3, 1) if args.quick else (args.repeats, args.runs)
     dtypes = [torch.float32, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
     out, errs = [], []
@@ -235,9 +236,10 @@ def main():
 of the n adapters gets {ROWS}/n rows, *shuffled* (fixed seed) or *grouped* by adapter (the order a server that
 sorts its batch sends). *base* is a plain copy of the model without adapters; PEFT is
 `model(input_ids, adapter_names=[...])` on a PeftModel holding all n adapters; *lorakit* is
-`with lorakit.route(model, names): model(input_ids)` with the fused CPU kernels (`lorakit.kernels`: one shrink and
-one expand call per layer, rows read and written in place); *eager* is the same with `LORAKIT_KERNELS=eager` (the
-PyTorch path: a gather, bmm over same-rank adapters, a scatter). Times are medians over the rounds; ratios are
+`with lorakit.route(model, names): model(input_ids)` with the fused CPU kernels (`lorakit.kernels`: one shrink call
+per layer input, shared by q/k/v and by gate/up, and one expand call per layer, rows read and written in place);
+*eager* is the same with `LORAKIT_KERNELS=eager` (the PyTorch path: a gather, bmm over same-rank adapters, a
+scatter). Times are medians over the rounds; ratios are
 the median (min–max) of the per-round ratios, so a ratio and its spread come from rounds that ran together.
 Goals (issue 22): lorakit / base ≤ 1.06 for the model and ≤ 1.15 for the isolated layer in fp32, ≤ 1.25 in
 bf16, lorakit / PEFT overhead ≤ {PEFT_GOAL} in fp32; *met* = the median meets it in every run. In bf16 the model
@@ -246,7 +248,7 @@ of the LoRA path per adapted layer. lorakit and PEFT outputs agree (max relative
 1e-5, bf16 within 3e-2); eval mode, `torch.no_grad()`, `use_cache=False`.
 
 {chr(10).join(o + chr(10) for o in out)}"""
-    if not (args.quick or args.no_write or args.only or args.dtype != "both"):
+    if not (args.quick or args.no_write or args.only or args.counts or args.dtype != "both"):
         write_section("mixed_batch", "Mixed-batch LoRA (`bench/mixed_batch.py`)", body)
 
 

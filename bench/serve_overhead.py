@@ -23,13 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header_lines, load_average, markdown_table, write_section  # noqa: E402
 from serve import FULL_MODEL, ensure_model, model_dims  # noqa: E402
-from serve_workloads import Workload, ensure_adapters, generate_requests  # noqa: E402
+from serve_workloads import Workload, adapter_bytes, ensure_adapters, generate_requests  # noqa: E402
 
 from lorakit import kernels  # noqa: E402
 
 CELLS = {"llama": [("S1", 1), ("S1", 1000), ("S2", 32), ("S2", 128)], "smollm2": [("S1", 1), ("S2", 32)]}
 RANKS = {"S1": (8,), "S2": (8, 16, 32, 64)}
 GOAL = 0.9  # tokens/s with adapters / base alone
+
+
+def traffic_limit(dims, w: Workload) -> float:
+    """tokens/s with adapters ÷ base alone for a decode step that only streams weights: base weight bytes ÷ (those +
+    the factors of every distinct adapter the requests use). All requests decode together at first, so a
+    memory-bound decode step cannot beat this, whatever the kernels do."""
+    shapes = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    base = dims.layers * sum(d_in * d_out for d_in, d_out in map(dims.shape, shapes)) + dims.vocab * dims.hidden
+    lora = sum(adapter_bytes(dims, w.rank_of(i)) / 4 for i in {s.adapter for s in generate_requests(w)})
+    return base / (base + lora)
 
 
 def engine_for(runner, n: int, paths: list, max_cpu: int = 64):
@@ -80,20 +90,20 @@ def measure(model: str, dtype: str, rounds: int, requests: int, out: Path) -> di
     for wname, n in CELLS[model]:
         w = Workload(wname, n, RANKS[wname], num_requests=requests, output_range=(8, 32), vocab_size=dims.vocab)
         paths = ensure_adapters(out / f"{model}_adapters", w, dims, log=lambda m: print(m, file=sys.stderr))
-        systems[f"{wname} N = {n}"] = (engine_for(runner, n, paths), generate_requests(w))
+        systems[f"{wname} N = {n}"] = (engine_for(runner, n, paths), generate_requests(w), w)
     specs0 = next(iter(systems.values()))[1]
     serve_once(base, specs0[:4], False)  # warm-up
-    for engine, specs in systems.values():
+    for engine, specs, _ in systems.values():
         serve_once(engine, specs[:4], True)
-    times = {"base": []}
+    times = {"base": [], "limits": {cell: traffic_limit(dims, w) for cell, (_, _, w) in systems.items()}}
     for _ in range(rounds):
         times["base"].append(serve_once(base, specs0, False))
-        for cell, (engine, specs) in systems.items():
+        for cell, (engine, specs, _) in systems.items():
             times.setdefault(cell, []).append(serve_once(engine, specs, True))
             with kernels.using("eager"):
                 times.setdefault(cell + " eager", []).append(serve_once(engine, specs, True))
         print(f"  {time.strftime('%H:%M:%S')} {model} {dtype} round: "
-              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), file=sys.stderr, flush=True)
+              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items() if k != "limits"), file=sys.stderr, flush=True)
     return times
 
 
@@ -105,15 +115,16 @@ def spread(num: list[float], den: list[float]) -> tuple[float, str]:
 def table(runs: list[dict]) -> str:
     header = ["cell", "base tok/s", "fused tok/s", "eager tok/s"]
     header += [f"**fused / base** run {i + 1}" for i in range(len(runs))]
-    header += [f"eager / base run {i + 1}" for i in range(len(runs))] + [f"met (≥ {GOAL})"]
+    header += [f"eager / base run {i + 1}" for i in range(len(runs))] + [f"met (≥ {GOAL})", "decode traffic limit"]
     body = []
-    for cell in [k for k in runs[0] if k != "base" and not k.endswith(" eager")]:
+    for cell in [k for k in runs[0] if k not in ("base", "limits") and not k.endswith(" eager")]:
         fused = [spread(r[cell], r["base"]) for r in runs]
         eager = [spread(r[cell + " eager"], r["base"]) for r in runs]
         med = runs[0]
         body.append([cell, f"{statistics.median(med['base']):.1f}", f"{statistics.median(med[cell]):.1f}",
                      f"{statistics.median(med[cell + ' eager']):.1f}", *(f"**{s}**" for _, s in fused),
-                     *(s for _, s in eager), "yes" if all(m >= GOAL for m, _ in fused) else "**no**"])
+                     *(s for _, s in eager), "yes" if all(m >= GOAL for m, _ in fused) else "**no**",
+                     f"{runs[0]['limits'][cell]:.3f}"])
     return markdown_table(header, body)
 
 
@@ -147,7 +158,9 @@ Script: `.venv/bin/python bench/serve_overhead.py`. *base* = the Engine serving 
 `LORAKIT_KERNELS=eager` (segments / rank-bucketed bmm). Ratios: median (min–max) over the rounds of tokens/s ÷ the
 same round's base tokens/s. Goal (issue 22): fused / base ≥ {GOAL} in every run. Requests: closed loop, input
 U[8, 128], output U[8, 32] tokens, greedy, fixed length, at most 32 in flight; S1 = rank 8 on q/k/v/o, S2 = ranks
-8/16/32/64 cycled; N > 64 keeps 64 adapters in RAM.
+8/16/32/64 cycled; N > 64 keeps 64 adapters in RAM. *decode traffic limit*: base weight bytes ÷ (those + the
+factors of the distinct adapters the requests use), the best ratio a decode step can reach when it is bound by
+reading weights (the requests decode together; prefill is compute-bound and not limited by it).
 
 {chr(10).join(s + chr(10) for s in sections)}"""
     if not args.no_write:

@@ -216,13 +216,15 @@ def test_half_precision_model_through_the_kernels_close_to_eager(ops, monkeypatc
     assert (eager - base)[:3].abs().max() > 0.1  # the adapters matter at this scale
 
 
-def test_updated_weights_are_used_at_the_next_forward(ops):
+@pytest.mark.parametrize("which", ["q_proj", "v_proj"], ids=["shrinking layer", "follower"])
+def test_updated_weights_are_used_at_the_next_forward(ops, which):
     model = adapted([("a", "lora", 4), ("b", "lora", 8)])
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    routed(model, ["a", "b"], ids)  # learns the shared shrinks
     before = routed(model, ["a", "b"], ids)
-    layer = model.model.layers[0].self_attn.q_proj
+    layer = getattr(model.model.layers[0].self_attn, which)
     with torch.no_grad():
-        layer.adapters["a"].lora_B.mul_(3.0)  # in place
+        layer.adapters["a"].lora_A.mul_(3.0)  # in place
         layer.adapters["b"].lora_A = torch.nn.Parameter(layer.adapters["b"].lora_A * 2.0)  # replaced
     after = routed(model, ["a", "b"], ids)
     with kernels.using("eager"):
