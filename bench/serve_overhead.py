@@ -79,8 +79,8 @@ def model_setup(name: str, out: Path):
     return model_dir, model_dims(model_dir)
 
 
-def measure(model: str, dtype: str, rounds: int, requests: int, out: Path) -> dict:
-    """tokens/s per round: base, and per cell fused / eager."""
+def measure(model: str, dtype: str, rounds: int, requests: int, out: Path) -> tuple[dict, dict]:
+    """tokens/s per round: base, and per cell fused / eager; and each cell's decode traffic limit."""
     from lorakit.serve.llama import LlamaRunner
 
     model_dir, dims = model_setup(model, out)
@@ -95,7 +95,7 @@ def measure(model: str, dtype: str, rounds: int, requests: int, out: Path) -> di
     serve_once(base, specs0[:4], False)  # warm-up
     for engine, specs, _ in systems.values():
         serve_once(engine, specs[:4], True)
-    times = {"base": [], "limits": {cell: traffic_limit(dims, w) for cell, (_, _, w) in systems.items()}}
+    times = {"base": []}
     for _ in range(rounds):
         times["base"].append(serve_once(base, specs0, False))
         for cell, (engine, specs, _) in systems.items():
@@ -103,8 +103,8 @@ def measure(model: str, dtype: str, rounds: int, requests: int, out: Path) -> di
             with kernels.using("eager"):
                 times.setdefault(cell + " eager", []).append(serve_once(engine, specs, True))
         print(f"  {time.strftime('%H:%M:%S')} {model} {dtype} round: "
-              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items() if k != "limits"), file=sys.stderr, flush=True)
-    return times
+              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), file=sys.stderr, flush=True)
+    return times, {cell: traffic_limit(dims, w) for cell, (_, _, w) in systems.items()}
 
 
 def spread(num: list[float], den: list[float]) -> tuple[float, str]:
@@ -112,19 +112,19 @@ def spread(num: list[float], den: list[float]) -> tuple[float, str]:
     return statistics.median(r), f"{statistics.median(r):.3f} ({r[0]:.3f}–{r[-1]:.3f})"
 
 
-def table(runs: list[dict]) -> str:
+def table(runs: list[dict], limits: dict) -> str:
     header = ["cell", "base tok/s", "fused tok/s", "eager tok/s"]
     header += [f"**fused / base** run {i + 1}" for i in range(len(runs))]
     header += [f"eager / base run {i + 1}" for i in range(len(runs))] + [f"met (≥ {GOAL})", "decode traffic limit"]
     body = []
-    for cell in [k for k in runs[0] if k not in ("base", "limits") and not k.endswith(" eager")]:
+    for cell in [k for k in runs[0] if k != "base" and not k.endswith(" eager")]:
         fused = [spread(r[cell], r["base"]) for r in runs]
         eager = [spread(r[cell + " eager"], r["base"]) for r in runs]
         med = runs[0]
         body.append([cell, f"{statistics.median(med['base']):.1f}", f"{statistics.median(med[cell]):.1f}",
                      f"{statistics.median(med[cell + ' eager']):.1f}", *(f"**{s}**" for _, s in fused),
                      *(s for _, s in eager), "yes" if all(m >= GOAL for m, _ in fused) else "**no**",
-                     f"{runs[0]['limits'][cell]:.3f}"])
+                     f"{limits[cell]:.3f}"])
     return markdown_table(header, body)
 
 
@@ -144,10 +144,10 @@ def main():
     sections = []
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            runs = [measure(model, dtype, args.rounds, args.requests, args.out) for _ in range(args.runs)]
+            results = [measure(model, dtype, args.rounds, args.requests, args.out) for _ in range(args.runs)]
             title = ("random-weight Llama, hidden 1024, 8 layers, MLP 2816, vocab 4096" if model == "llama"
                      else "SmolLM2-135M-Instruct (30 layers, hidden 576)")
-            sections.append(f"### {title}, {dtype}\n\n{table(runs)}")
+            sections.append(f"### {title}, {dtype}\n\n{table([times for times, _ in results], results[0][1])}")
             print(sections[-1], flush=True)
     body = f"""
 {header_lines(load0, [f"- {args.rounds} interleaved rounds per run, {args.runs} independent runs (engines rebuilt), "

@@ -99,12 +99,8 @@ def native_half(dtype: torch.dtype) -> bool:
     """Whether this CPU has GEMM instructions for `dtype` (bf16: AVX512-BF16 or AMX on x86, BF16 on Arm; fp16:
     AVX512-FP16 or AMX-FP16 on x86, half-precision SIMD on Arm). True when the flags cannot be read."""
     if "flags" not in _state:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-            line = next(ln for ln in text.splitlines() if ln.startswith(("flags", "Features")))
-            _state["flags"] = frozenset(line.split(":", 1)[1].split())
-        except (OSError, StopIteration):
-            _state["flags"] = None
+        lines = _cpuinfo("flags", "Features")
+        _state["flags"] = frozenset(lines[0].split(":", 1)[1].split()) if lines else None
     flags = _state["flags"]
     if flags is None:
         return True
@@ -186,12 +182,17 @@ def _check_toolchain() -> None:
 
 def _cpu_signature() -> str:
     """The CPU's model and feature flags (`-march=native` builds for exactly these)."""
+    lines = _cpuinfo("model name", "flags", "Features")
+    return platform.machine() + ("\n" + "\n".join(lines) if lines is not None else platform.processor())
+
+
+def _cpuinfo(*prefixes: str) -> list[str] | None:
+    """The distinct lines of /proc/cpuinfo that start with one of `prefixes` (None where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return platform.machine() + "\n" + "\n".join(dict.fromkeys(lines))
     except OSError:
-        return platform.machine() + platform.processor()
+        return None
+    return list(dict.fromkeys(ln for ln in text.splitlines() if ln.startswith(prefixes)))
 
 
 # ---- factors in the kernels' layout -----------------------------------------------------------------------------
