@@ -258,6 +258,29 @@ def test_direct_ops_match_a_reference(ops):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_ops_match_a_reference_at_tile_sizes(ops, dtype):
+    """Segments of 1..31 rows (single rows, partial and full row tiles), ranks that fill one, several or part of a
+    register tile, and 300 output columns (several column groups, full blocks and a ragged tail), against fp64."""
+    g = torch.Generator().manual_seed(6)
+    ranks, sizes = (1, 8, 24, 40), (1, 5, 13, 31)
+    x = torch.randn(60, 72, generator=g)
+    a = [torch.randn(r, 72, generator=g) / 8 for r in ranks]
+    b = [torch.randn(300, r, generator=g) / 4 for r in ranks]
+    order = torch.randperm(60, generator=g)[:sum(sizes)].contiguous()
+    bounds = torch.tensor([0, 1, 6, 19, 50], dtype=torch.long)
+    out = torch.randn(60, 310, generator=g)
+    ref = out.double()
+    for lo, hi, am, bm in zip(bounds[:-1], bounds[1:], a, b):
+        rows = order[lo:hi]
+        ref[rows, 10:] += 0.5 * x[rows].double() @ am.T.double() @ bm.T.double()
+    out = out.to(dtype)
+    h = ops.shrink(x.to(dtype), order, bounds, [kernels.down_factor(m) for m in a])
+    ops.expand(out, order, bounds, h, [0] * 4, [kernels.up_factor(m, 0.5) for m in b], 10)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref.to(dtype).double(), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("bad", ["order", "bounds", "factor", "columns"])
 def test_direct_ops_refuse_bad_input(ops, bad):
     x, out = torch.randn(4, 8), torch.zeros(4, 8)
@@ -315,12 +338,13 @@ def test_modes_and_fallback(monkeypatch, tmp_path):
         kernels.reset()
 
 
-def test_a_rows_result_does_not_depend_on_its_batch(ops):
+@pytest.mark.parametrize("d_out", [36, 300])
+def test_a_rows_result_does_not_depend_on_its_batch(ops, d_out):
     """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters."""
     g = torch.Generator().manual_seed(5)
-    x, out0 = torch.randn(19, 40, generator=g), torch.randn(19, 36, generator=g)
+    x, out0 = torch.randn(19, 40, generator=g), torch.randn(19, d_out, generator=g)
     at = [kernels.down_factor(torch.randn(r, 40, generator=g)) for r in (3, 12)]
-    bt = [kernels.up_factor(torch.randn(36, r, generator=g)) for r in (3, 12)]
+    bt = [kernels.up_factor(torch.randn(d_out, r, generator=g)) for r in (3, 12)]
 
     def lora(rows, adapter_of):  # rows of x through their adapters, grouped by adapter as a server lays them out
         order = torch.tensor(sorted(rows, key=adapter_of), dtype=torch.long)

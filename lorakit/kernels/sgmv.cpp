@@ -24,11 +24,28 @@
 #define LORAKIT_BF16_DOT 0
 #endif
 
+// AVX2 without AVX-512 (16 vector registers of 8 floats): explicit 6 x 16 register tiles, as in GEMM micro-kernels;
+// the compiler's own vectorization of the generic loops spills there. Same fused multiply-adds per element.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define LORAKIT_AVX2 1
+#else
+#define LORAKIT_AVX2 0
+#endif
+
 namespace {
 
+constexpr int64_t GROUP = 8;  // expand column blocks per work item
+
+#if LORAKIT_AVX2
+constexpr int64_t SHRINK_ROWS = 6;  // rows per shrink tile (6 x 2 accumulator vectors of 8 floats)
+constexpr int64_t EXPAND_ROWS = 6;  // rows per expand tile
+constexpr int64_t COLS = 16;        // output columns per expand tile (6 x 2 vectors of 8 floats)
+#else
 constexpr int64_t SHRINK_ROWS = 8;  // rows per shrink tile (8 accumulator vectors of 16 floats)
 constexpr int64_t EXPAND_ROWS = 8;  // rows per expand tile
 constexpr int64_t COLS = 32;        // output columns per expand tile (8 x 2 vectors of 16 floats)
+#endif
 
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {
@@ -36,18 +53,46 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]);
 }
 
-// h[i, 0:C] = sum_k xb[i, k] * at[k, 0:C] for the R rows of a tile (at: row stride rp). Tiles of 2..7 rows are
-// computed as full ones (missing rows are zeros in xb), single rows (decode) by the R = 1 instance: every row sees
+// h[i, 0:C] = sum_k xr[i][k] * at[k, 0:C] for the R rows of a tile (at: row stride rp). Partial tiles are
+// computed as full ones (missing rows point at zeros), single rows (decode) by the R = 1 instance: every row sees
 // the same sequence of fused multiply-adds either way, so its result does not depend on the rows batched with it.
+#if LORAKIT_AVX2
 template <int R, int C>
-inline void shrink_chunk(const float* xb, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+                         int64_t h_stride) {
+  constexpr int V = C / 8;
+  __m256 acc[R][V];
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < d_in; ++k) {
+    __m256 a[V];
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) a[v] = _mm256_loadu_ps(at + k * rp + 8 * v);
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m256 xv = _mm256_broadcast_ss(xr[i] + k);
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(xv, a[v], acc[i][v]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)  // constant indices keep acc in registers
+    if (i < rows)
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) _mm256_storeu_ps(h + i * h_stride + 8 * v, acc[i][v]);
+}
+#else
+template <int R, int C>
+inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
                          int64_t h_stride) {
   float acc[R][C] = {};
   for (int64_t k = 0; k < d_in; ++k) {
     const float* a = at + k * rp;
 #pragma GCC unroll 8
     for (int64_t i = 0; i < R; ++i) {
-      const float xv = xb[i * d_in + k];
+      const float xv = xr[i][k];
 #pragma omp simd
       for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
     }
@@ -55,20 +100,66 @@ inline void shrink_chunk(const float* xb, int64_t rows, int64_t d_in, const floa
   for (int64_t i = 0; i < rows; ++i)
     for (int c = 0; c < C; ++c) h[i * h_stride + c] = acc[i][c];
 }
+#endif
 
 template <int R>
-inline void shrink_tile(const float* xb, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
                         int64_t h_stride) {
   int64_t c = 0;
-  for (; c + 16 <= rp; c += 16) shrink_chunk<R, 16>(xb, rows, d_in, at + c, rp, h + c, h_stride);
-  for (; c < rp; c += 8) shrink_chunk<R, 8>(xb, rows, d_in, at + c, rp, h + c, h_stride);
+  for (; c + 16 <= rp; c += 16) shrink_chunk<R, 16>(xr, rows, d_in, at + c, rp, h + c, h_stride);
+  for (; c < rp; c += 8) shrink_chunk<R, 8>(xr, rows, d_in, at + c, rp, h + c, h_stride);
 }
+
+#if LORAKIT_AVX2
+// acc[i] = h[i] · b for R rows × 16 columns, in registers
+template <int R>
+inline void expand_regs(const float* const* hrow, const float* b, int64_t rb, int64_t d, __m256 (&acc)[R][2]) {
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < rb; ++j) {
+    const __m256 b0 = _mm256_loadu_ps(b + j * d), b1 = _mm256_loadu_ps(b + j * d + 8);
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m256 hv = _mm256_broadcast_ss(hrow[i] + j);
+      acc[i][0] = _mm256_fmadd_ps(hv, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(hv, b1, acc[i][1]);
+    }
+  }
+}
+
+// fp32 out rows [cb, cb + 16) += h · b for the first `rows` of R rows, from the registers
+template <int R>
+inline void expand_add_f32(const float* const* hrow, const float* b, int64_t rb, int64_t d, float* const* orow,
+                           int64_t cb, int64_t rows) {
+  __m256 acc[R][2];
+  expand_regs<R>(hrow, b, rb, d, acc);
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    if (i < rows) {
+      float* o = orow[i] + cb;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[i][0]));
+      _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[i][1]));
+    }
+}
+#endif
 
 // acc[i, 0:cols] = sum_j hrow[i][j] * b[j, 0:cols] for R rows (b: row stride d); the same per-row arithmetic for
 // every R, so R = 1 (decode) and padded full tiles agree bit for bit.
 template <int R>
 inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, int64_t d, int64_t cols,
                         float* out_acc) {
+#if LORAKIT_AVX2
+  if (cols == COLS) {
+    __m256 acc[R][2];
+    expand_regs<R>(hrow, b, rb, d, acc);
+    #pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      _mm256_storeu_ps(out_acc + i * COLS, acc[i][0]);
+      _mm256_storeu_ps(out_acc + i * COLS + 8, acc[i][1]);
+    }
+    return;
+  }
+#endif
   float acc[R][COLS] = {};  // local, so that it stays in registers
   if (cols == COLS) {
     for (int64_t j = 0; j < rb; ++j) {
@@ -176,6 +267,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
   float* hp = h.data_ptr<float>();
   const auto tiles = tiles_of(seg, At.size(), SHRINK_ROWS, skip);
   const std::vector<T> zero_row(d_in, T(0));
+  const std::vector<float> zeros(d_in, 0.f);
   at::parallel_for(0, tiles.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xb(SHRINK_ROWS * d_in);
     for (int64_t t = begin; t < end; ++t) {
@@ -199,19 +291,25 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
         }
       }
 #endif
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = order ? order[tile.first + i] : tile.first + i;
-        load_row(xp + row * xs, xb.data() + i * d_in, d_in);
+      const float* xr[SHRINK_ROWS];  // fp32 rows where they lie, others converted into xb; missing rows: zeros
+      for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
+        const T* row = i < rows ? xp + (order ? order[tile.first + i] : tile.first + i) * xs : nullptr;
+        if (row == nullptr) {
+          xr[i] = zeros.data();
+        } else if constexpr (std::is_same_v<T, float>) {
+          xr[i] = row;
+        } else {
+          load_row(row, xb.data() + i * d_in, d_in);
+          xr[i] = xb.data() + i * d_in;
+        }
       }
       const float* at = At[tile.seg].data_ptr<float>();
       const int64_t rp = At[tile.seg].size(1);
       float* ht = hp + tile.first * hs;
-      if (rows == 1) {
-        shrink_tile<1>(xb.data(), rows, d_in, at, rp, ht, hs);
-      } else {
-        std::fill(xb.begin() + rows * d_in, xb.end(), 0.f);
-        shrink_tile<SHRINK_ROWS>(xb.data(), rows, d_in, at, rp, ht, hs);
-      }
+      if (rows == 1)
+        shrink_tile<1>(xr, rows, d_in, at, rp, ht, hs);
+      else
+        shrink_tile<SHRINK_ROWS>(xr, rows, d_in, at, rp, ht, hs);
     }
   });
 }
@@ -228,46 +326,61 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
   for (const auto& b : Bt)
     if (b.defined()) max_rank = std::max(max_rank, 2 * b.size(0));
   const std::vector<float> zeros(max_rank, 0.f);
-  at::parallel_for(0, tiles.size() * ncol, 1, [&](int64_t begin, int64_t end) {
+  // a work item: one row tile × up to GROUP column blocks (row pointers set up once per item)
+  const int64_t ngroup = (ncol + GROUP - 1) / GROUP;
+  at::parallel_for(0, tiles.size() * ngroup, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      const Tile tile = tiles[w / ncol];
-      const int64_t cb = (w % ncol) * COLS, cols = std::min(COLS, d - cb);
+      const Tile tile = tiles[w / ngroup];
+      const int64_t first = (w % ngroup) * GROUP * COLS, last = std::min(d, first + GROUP * COLS);
       const int64_t rows = std::min(EXPAND_ROWS, seg[tile.seg + 1] - tile.first);
+      // single rows alone, other tiles as full ones (missing rows read zeros): see expand_tile
+      const float* hrow[EXPAND_ROWS];
+      T* orow[EXPAND_ROWS];
+      for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
+        hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
+        orow[i] = i < rows ? op + (order ? order[tile.first + i] : tile.first + i) * os + c0 : nullptr;
+      }
 #if LORAKIT_BF16_DOT
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (Bt[tile.seg].scalar_type() == at::kBFloat16) {  // pair layout; d is a multiple of 16
-          const float* hrow[EXPAND_ROWS];
-          T* orow[EXPAND_ROWS];
-          for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
-            hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
-            orow[i] = i < rows ? op + (order ? order[tile.first + i] : tile.first + i) * os + c0 : nullptr;
-          }
           const auto* bt2 = reinterpret_cast<const uint16_t*>(Bt[tile.seg].data_ptr<at::BFloat16>());
           const int64_t rb2 = Bt[tile.seg].size(0);
-          if (rows == 1 && cols == COLS) expand_bf16_tile<1, 2>(hrow, orow, rows, rb2, bt2, d, cb);
-          else if (rows == 1) expand_bf16_tile<1, 1>(hrow, orow, rows, rb2, bt2, d, cb);
-          else if (cols == COLS) expand_bf16_tile<EXPAND_ROWS, 2>(hrow, orow, rows, rb2, bt2, d, cb);
-          else expand_bf16_tile<EXPAND_ROWS, 1>(hrow, orow, rows, rb2, bt2, d, cb);
+          for (int64_t cb = first; cb < last; cb += COLS) {
+            const bool full = last - cb >= COLS;
+            if (rows == 1 && full) expand_bf16_tile<1, 2>(hrow, orow, rows, rb2, bt2, d, cb);
+            else if (rows == 1) expand_bf16_tile<1, 1>(hrow, orow, rows, rb2, bt2, d, cb);
+            else if (full) expand_bf16_tile<EXPAND_ROWS, 2>(hrow, orow, rows, rb2, bt2, d, cb);
+            else expand_bf16_tile<EXPAND_ROWS, 1>(hrow, orow, rows, rb2, bt2, d, cb);
+          }
           continue;
         }
       }
 #endif
       const int64_t rb = Bt[tile.seg].size(0);
-      const float* b = Bt[tile.seg].data_ptr<float>() + cb;
-      // single rows alone, other tiles as full ones (missing rows read zeros): see expand_tile
-      const float* hrow[EXPAND_ROWS];
-      for (int64_t i = 0; i < EXPAND_ROWS; ++i)
-        hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
-      float acc[EXPAND_ROWS][COLS];
-      if (rows == 1)
-        expand_tile<1>(hrow, b, rb, d, cols, &acc[0][0]);
-      else
-        expand_tile<EXPAND_ROWS>(hrow, b, rb, d, cols, &acc[0][0]);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = order ? order[tile.first + i] : tile.first + i;
-        T* o = op + row * os + c0 + cb;
+      const float* b = Bt[tile.seg].data_ptr<float>();
+      for (int64_t cb = first; cb < last; cb += COLS) {
+        const int64_t cols = std::min(COLS, last - cb);
+#if LORAKIT_AVX2
+        if constexpr (std::is_same_v<T, float>) {
+          if (cols == COLS) {
+            if (rows == 1)
+              expand_add_f32<1>(hrow, b + cb, rb, d, orow, cb, rows);
+            else
+              expand_add_f32<EXPAND_ROWS>(hrow, b + cb, rb, d, orow, cb, rows);
+            continue;
+          }
+        }
+#endif
+        float acc[EXPAND_ROWS][COLS];
+        if (rows == 1)
+          expand_tile<1>(hrow, b + cb, rb, d, cols, &acc[0][0]);
+        else
+          expand_tile<EXPAND_ROWS>(hrow, b + cb, rb, d, cols, &acc[0][0]);
+        for (int64_t i = 0; i < rows; ++i) {
+          T* o = orow[i] + cb;
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<T>(static_cast<float>(o[c]) + acc[i][c]);
+          for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<T>(static_cast<float>(o[c]) + acc[i][c]);
+        }
       }
     }
   });
