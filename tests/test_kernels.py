@@ -338,13 +338,14 @@ def test_modes_and_fallback(monkeypatch, tmp_path):
         kernels.reset()
 
 
-@pytest.mark.parametrize("d_out", [36, 300])
-def test_a_rows_result_does_not_depend_on_its_batch(ops, d_out):
-    """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters."""
+@pytest.mark.parametrize("d_out, ranks", [(36, (3, 12)), (300, (3, 12)), (300, (20, 70))])
+def test_a_rows_result_does_not_depend_on_its_batch(ops, d_out, ranks):
+    """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters (single
+    rows and tiles take different loops: wide and narrow ranks, full and ragged column blocks)."""
     g = torch.Generator().manual_seed(5)
     x, out0 = torch.randn(19, 40, generator=g), torch.randn(19, d_out, generator=g)
-    at = [kernels.down_factor(torch.randn(r, 40, generator=g)) for r in (3, 12)]
-    bt = [kernels.up_factor(torch.randn(d_out, r, generator=g)) for r in (3, 12)]
+    at = [kernels.down_factor(torch.randn(r, 40, generator=g)) for r in ranks]
+    bt = [kernels.up_factor(torch.randn(d_out, r, generator=g)) for r in ranks]
 
     def lora(rows, adapter_of):  # rows of x through their adapters, grouped by adapter as a server lays them out
         order = torch.tensor(sorted(rows, key=adapter_of), dtype=torch.long)

@@ -8,7 +8,8 @@
 // dtype (fp32, bf16, fp16; fp64 is refused), a row's result does not depend on the other rows of the call (single
 // rows and padded full tiles do the same arithmetic per row), and the work (segment × row tile [× column block])
 // is spread over torch's threads. bf16 factors in pair layout use AVX512-BF16 dot products where the CPU has them.
-// Written for this project; the loops are plain C++ that the compiler vectorizes for the CPU it is built on.
+// Written for this project. On AVX2 CPUs without AVX-512 the fp32 loops are explicit 6-row x 16-column register tiles
+// (FMA intrinsics); elsewhere they are plain C++ that the compiler vectorizes for the CPU it is built on.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -102,9 +103,64 @@ inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, con
 }
 #endif
 
+#if LORAKIT_AVX2
+// f(std::integral_constant<int, V>{}) for V = n in 1..8
+template <typename F>
+inline void by_vectors(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// A single row (decode) over V vectors of 8 columns in one pass: V independent chains of fused multiply-adds where a
+// tile has 2 per row (latency-bound for one row), the same sequence per element, so the same bits as in a tile.
+template <int V>
+inline void shrink_row(const float* x, int64_t d_in, const float* at, int64_t rp, float* h) {
+  __m256 acc[V];
+  #pragma GCC unroll 16
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < d_in; ++k) {
+    const __m256 xv = _mm256_broadcast_ss(x + k);
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(at + k * rp + 8 * v), acc[v]);
+  }
+  #pragma GCC unroll 16
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(h + 8 * v, acc[v]);
+}
+
+// o[0:8V] += h · b for a single fp32 row (see shrink_row)
+template <int V>
+inline void expand_row_f32(const float* h, const float* b, int64_t rb, int64_t d, float* o) {
+  __m256 acc[V];
+  #pragma GCC unroll 16
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < rb; ++j) {
+    const __m256 hv = _mm256_broadcast_ss(h + j);
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(hv, _mm256_loadu_ps(b + j * d + 8 * v), acc[v]);
+  }
+  #pragma GCC unroll 16
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(o + 8 * v, _mm256_add_ps(_mm256_loadu_ps(o + 8 * v), acc[v]));
+}
+#endif
+
 template <int R>
 inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
                         int64_t h_stride) {
+#if LORAKIT_AVX2
+  if constexpr (R == 1) {
+    for (int64_t c = 0; c < rp; c += 64)
+      by_vectors((rp - c) / 8, [&](auto v) { shrink_row<v()>(xr[0], d_in, at + c, rp, h + c); });
+    return;
+  }
+#endif
   int64_t c = 0;
   for (; c + 16 <= rp; c += 16) shrink_chunk<R, 16>(xr, rows, d_in, at + c, rp, h + c, h_stride);
   for (; c < rp; c += 8) shrink_chunk<R, 8>(xr, rows, d_in, at + c, rp, h + c, h_stride);
@@ -358,7 +414,18 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
 #endif
       const int64_t rb = Bt[tile.seg].size(0);
       const float* b = Bt[tile.seg].data_ptr<float>();
-      for (int64_t cb = first; cb < last; cb += COLS) {
+      int64_t cb = first;
+#if LORAKIT_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (rows == 1) {  // a single row: up to 64 columns per pass (see shrink_row); a tail of < 8 columns below
+          const int64_t end = last - (last - first) % 8;
+          for (; cb < end; cb += 64)
+            by_vectors((end - cb) / 8, [&](auto v) { expand_row_f32<v()>(hrow[0], b + cb, rb, d, orow[0] + cb); });
+          cb = end;
+        }
+      }
+#endif
+      for (; cb < last; cb += COLS) {
         const int64_t cols = std::min(COLS, last - cb);
 #if LORAKIT_AVX2
         if constexpr (std::is_same_v<T, float>) {
