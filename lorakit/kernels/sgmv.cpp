@@ -54,37 +54,91 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]);
 }
 
-// h[i, 0:C] = sum_k xr[i][k] * at[k, 0:C] for the R rows of a tile (at: row stride rp). Partial tiles are
-// computed as full ones (missing rows point at zeros), single rows (decode) by the R = 1 instance: every row sees
-// the same sequence of fused multiply-adds either way, so its result does not depend on the rows batched with it.
 #if LORAKIT_AVX2
-template <int R, int C>
-inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
-                         int64_t h_stride) {
-  constexpr int V = C / 8;
-  __m256 acc[R][V];
+// acc[i] = s[i][0:n] · m[0:n, 0:8V] for R rows (m: row stride `stride`), in registers. Every element sees the same
+// sequence of fused multiply-adds for any R and V, so a row gets the same bits in every tile shape: 6 rows × 2
+// vectors for batches (12 accumulators), one row × up to 8 vectors for decode (8 independent chains where 2 would
+// wait on the FMA latency). Constant indices (unrolled loops) keep acc in registers.
+template <int R, int V>
+inline void tile_times(const float* const* s, int64_t n, const float* m, int64_t stride, __m256 (&acc)[R][V]) {
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
     #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < d_in; ++k) {
-    __m256 a[V];
+  for (int64_t k = 0; k < n; ++k) {
+    __m256 mv[V];
     #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) a[v] = _mm256_loadu_ps(at + k * rp + 8 * v);
+    for (int v = 0; v < V; ++v) mv[v] = _mm256_loadu_ps(m + k * stride + 8 * v);
     #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const __m256 xv = _mm256_broadcast_ss(xr[i] + k);
+      const __m256 sv = _mm256_broadcast_ss(s[i] + k);
       #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(xv, a[v], acc[i][v]);
+      for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(sv, mv[v], acc[i][v]);
     }
   }
+}
+
+// f(std::integral_constant<int, V>{}) for V = n in 1..8
+template <typename F>
+inline void by_vectors(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// h[i, 0:8V] = xr[i] · at for the first `rows` of R rows
+template <int R, int V>
+inline void shrink_vectors(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+                           int64_t h_stride) {
+  __m256 acc[R][V];
+  tile_times<R, V>(xr, d_in, at, rp, acc);
   #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)  // constant indices keep acc in registers
+  for (int i = 0; i < R; ++i)
     if (i < rows)
       #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) _mm256_storeu_ps(h + i * h_stride + 8 * v, acc[i][v]);
 }
+
+// orow[i][0:8V] += hrow[i] · b (fp32 outputs) for the first `rows` of R rows
+template <int R, int V>
+inline void expand_add_f32(const float* const* hrow, int64_t rows, const float* b, int64_t rb, int64_t d,
+                           float* const* orow, int64_t cb) {
+  __m256 acc[R][V];
+  tile_times<R, V>(hrow, rb, b, d, acc);
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    if (i < rows)
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) {
+        float* o = orow[i] + cb + 8 * v;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[i][v]));
+      }
+}
+
+// h[i, 0:rp] = xr[i] · at for a tile of R rows (one row: passes of up to 64 columns)
+template <int R>
+inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+                        int64_t h_stride) {
+  if constexpr (R == 1) {
+    for (int64_t c = 0; c < rp; c += 64)
+      by_vectors((rp - c) / 8, [&](auto v) { shrink_vectors<1, v()>(xr, 1, d_in, at + c, rp, h + c, h_stride); });
+  } else {
+    int64_t c = 0;
+    for (; c + 16 <= rp; c += 16) shrink_vectors<R, 2>(xr, rows, d_in, at + c, rp, h + c, h_stride);
+    if (c < rp) shrink_vectors<R, 1>(xr, rows, d_in, at + c, rp, h + c, h_stride);  // rp is a multiple of 8
+  }
+}
 #else
+// h[i, 0:C] = sum_k xr[i][k] * at[k, 0:C] for the R rows of a tile (at: row stride rp). Partial tiles are
+// computed as full ones (missing rows point at zeros), single rows (decode) by the R = 1 instance: every row sees
+// the same sequence of fused multiply-adds either way, so its result does not depend on the rows batched with it.
 template <int R, int C>
 inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
                          int64_t h_stride) {
@@ -101,101 +155,13 @@ inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, con
   for (int64_t i = 0; i < rows; ++i)
     for (int c = 0; c < C; ++c) h[i * h_stride + c] = acc[i][c];
 }
-#endif
-
-#if LORAKIT_AVX2
-// f(std::integral_constant<int, V>{}) for V = n in 1..8
-template <typename F>
-inline void by_vectors(int64_t n, F&& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
-  }
-}
-
-// A single row (decode) over V vectors of 8 columns in one pass: V independent chains of fused multiply-adds where a
-// tile has 2 per row (latency-bound for one row), the same sequence per element, so the same bits as in a tile.
-template <int V>
-inline void shrink_row(const float* x, int64_t d_in, const float* at, int64_t rp, float* h) {
-  __m256 acc[V];
-  #pragma GCC unroll 16
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < d_in; ++k) {
-    const __m256 xv = _mm256_broadcast_ss(x + k);
-    #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(at + k * rp + 8 * v), acc[v]);
-  }
-  #pragma GCC unroll 16
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(h + 8 * v, acc[v]);
-}
-
-// o[0:8V] += h · b for a single fp32 row (see shrink_row)
-template <int V>
-inline void expand_row_f32(const float* h, const float* b, int64_t rb, int64_t d, float* o) {
-  __m256 acc[V];
-  #pragma GCC unroll 16
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < rb; ++j) {
-    const __m256 hv = _mm256_broadcast_ss(h + j);
-    #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(hv, _mm256_loadu_ps(b + j * d + 8 * v), acc[v]);
-  }
-  #pragma GCC unroll 16
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(o + 8 * v, _mm256_add_ps(_mm256_loadu_ps(o + 8 * v), acc[v]));
-}
-#endif
 
 template <int R>
 inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
                         int64_t h_stride) {
-#if LORAKIT_AVX2
-  if constexpr (R == 1) {
-    for (int64_t c = 0; c < rp; c += 64)
-      by_vectors((rp - c) / 8, [&](auto v) { shrink_row<v()>(xr[0], d_in, at + c, rp, h + c); });
-    return;
-  }
-#endif
   int64_t c = 0;
   for (; c + 16 <= rp; c += 16) shrink_chunk<R, 16>(xr, rows, d_in, at + c, rp, h + c, h_stride);
   for (; c < rp; c += 8) shrink_chunk<R, 8>(xr, rows, d_in, at + c, rp, h + c, h_stride);
-}
-
-#if LORAKIT_AVX2
-// acc[i] = h[i] · b for R rows × 16 columns, in registers
-template <int R>
-inline void expand_regs(const float* const* hrow, const float* b, int64_t rb, int64_t d, __m256 (&acc)[R][2]) {
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < rb; ++j) {
-    const __m256 b0 = _mm256_loadu_ps(b + j * d), b1 = _mm256_loadu_ps(b + j * d + 8);
-    #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const __m256 hv = _mm256_broadcast_ss(hrow[i] + j);
-      acc[i][0] = _mm256_fmadd_ps(hv, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(hv, b1, acc[i][1]);
-    }
-  }
-}
-
-// fp32 out rows [cb, cb + 16) += h · b for the first `rows` of R rows, from the registers
-template <int R>
-inline void expand_add_f32(const float* const* hrow, const float* b, int64_t rb, int64_t d, float* const* orow,
-                           int64_t cb, int64_t rows) {
-  __m256 acc[R][2];
-  expand_regs<R>(hrow, b, rb, d, acc);
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-    if (i < rows) {
-      float* o = orow[i] + cb;
-      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[i][0]));
-      _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[i][1]));
-    }
 }
 #endif
 
@@ -207,7 +173,7 @@ inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, in
 #if LORAKIT_AVX2
   if (cols == COLS) {
     __m256 acc[R][2];
-    expand_regs<R>(hrow, b, rb, d, acc);
+    tile_times<R, 2>(hrow, rb, b, d, acc);
     #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       _mm256_storeu_ps(out_acc + i * COLS, acc[i][0]);
@@ -417,10 +383,10 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
       int64_t cb = first;
 #if LORAKIT_AVX2
       if constexpr (std::is_same_v<T, float>) {
-        if (rows == 1) {  // a single row: up to 64 columns per pass (see shrink_row); a tail of < 8 columns below
+        if (rows == 1) {  // a single row: up to 64 columns per pass (see tile_times); a tail of < 8 columns below
           const int64_t end = last - (last - first) % 8;
           for (; cb < end; cb += 64)
-            by_vectors((end - cb) / 8, [&](auto v) { expand_row_f32<v()>(hrow[0], b + cb, rb, d, orow[0] + cb); });
+            by_vectors((end - cb) / 8, [&](auto v) { expand_add_f32<1, v()>(hrow, 1, b + cb, rb, d, orow, cb); });
           cb = end;
         }
       }
@@ -429,11 +395,8 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
         const int64_t cols = std::min(COLS, last - cb);
 #if LORAKIT_AVX2
         if constexpr (std::is_same_v<T, float>) {
-          if (cols == COLS) {
-            if (rows == 1)
-              expand_add_f32<1>(hrow, b + cb, rb, d, orow, cb, rows);
-            else
-              expand_add_f32<EXPAND_ROWS>(hrow, b + cb, rb, d, orow, cb, rows);
+          if (cols == COLS) {  // 2..6 rows (a single row went above)
+            expand_add_f32<EXPAND_ROWS, 2>(hrow, rows, b + cb, rb, d, orow, cb);
             continue;
           }
         }
