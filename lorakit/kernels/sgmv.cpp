@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
@@ -78,7 +79,7 @@ inline void tile_times(const float* const* s, int64_t n, const float* m, int64_t
   }
 }
 
-// f(std::integral_constant<int, V>{}) for V = n in 1..8
+// f(std::integral_constant<int, V>{}) for V = min(n, 8), n ≥ 1
 template <typename F>
 inline void by_vectors(int64_t n, F&& f) {
   switch (n) {
@@ -291,7 +292,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
   const std::vector<T> zero_row(d_in, T(0));
   const std::vector<float> zeros(d_in, 0.f);
   at::parallel_for(0, tiles.size(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xb(SHRINK_ROWS * d_in);
+    std::vector<float> xb(std::is_same_v<T, float> ? 0 : SHRINK_ROWS * d_in);  // rows converted to fp32
     for (int64_t t = begin; t < end; ++t) {
       const Tile tile = tiles[t];
       const int64_t rows = std::min(SHRINK_ROWS, seg[tile.seg + 1] - tile.first);
