@@ -281,6 +281,41 @@ def test_direct_ops_match_a_reference_at_tile_sizes(ops, dtype):
     torch.testing.assert_close(out.double(), ref.to(dtype).double(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_16_bit_factors_give_the_bits_of_their_fp32_copies(ops, dtype, factor_dtype):
+    """bf16 / fp16 factors (half the bytes) are widened exactly as they are read: the same bits as the kernels on
+    fp32 copies of them, at tile sizes (single rows, partial and full tiles, ragged columns), mixed with an fp32
+    factor in the same call."""
+    g = torch.Generator().manual_seed(7)
+    ranks, sizes = (8, 24, 3), (1, 13, 31)
+    x = torch.randn(60, 72, generator=g).to(dtype)
+    a = [(torch.randn(r, 72, generator=g) / 8).to(factor_dtype) for r in ranks]
+    b = [(torch.randn(300, r, generator=g) / 4).to(factor_dtype) for r in ranks]
+    order = torch.randperm(60, generator=g)[:sum(sizes)].contiguous()
+    bounds = torch.tensor([0, 1, 14, 45], dtype=torch.long)
+    out0 = torch.randn(60, 310, generator=g).to(dtype)
+
+    def run(downs, ups):
+        out = out0.clone()
+        ops.expand(out, order, bounds, ops.shrink(x, order, bounds, downs), [0] * 3, ups, 10)
+        return out
+
+    downs, ups = [kernels.down_factor(m) for m in a], [kernels.up_factor(m) for m in b]
+    assert [d.dtype for d in downs] == [factor_dtype] * 3 and [u.dtype for u in ups] == [factor_dtype] * 3
+    assert kernels.up_factor(b[0], 0.5).dtype == torch.float32  # a scale would round: folded in fp32
+    downs[2], ups[2] = downs[2].float(), ups[2].float()  # one segment on fp32 factors
+    got = run(downs, ups)
+    assert torch.equal(got, run([d.float() for d in downs], [u.float() for u in ups]))
+    assert (got.double() - out0.double()).abs().amax() > 0.1  # the adapters did change the rows
+
+
+def test_up_factor_reads_b_in_place_when_nothing_changes():
+    bt = torch.randn(4, 32)  # (s·B)ᵀ as the server keeps it
+    assert kernels.up_factor(bt.T).data_ptr() == bt.data_ptr()
+    assert kernels.up_factor(bt.T, 0.5).data_ptr() != bt.data_ptr()
+
+
 @pytest.mark.parametrize("bad", ["order", "bounds", "factor", "columns"])
 def test_direct_ops_refuse_bad_input(ops, bad):
     x, out = torch.randn(4, 8), torch.zeros(4, 8)

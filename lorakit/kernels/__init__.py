@@ -11,7 +11,9 @@ reading the rows where they lie, and `expand` adds h·(s·B)ᵀ into the output 
 - Built by `torch.utils.cpp_extension.load` (ninja and the system C++ compiler, `-O3 -march=native`, about 10 s,
   once) into `<lorakit cache>/kernels/<key>`; the key covers the source, torch, Python and the CPU, so each
   machine builds its own and later processes just load it.
-- CPU only: fp32, bf16 and fp16 where that pays (see `uses`); other devices and dtypes keep the eager path.
+- CPU only: fp32, bf16 and fp16 activations where that pays (see `uses`); other devices and dtypes keep the eager
+  path. Factors are read in fp32, or in bf16 / fp16 where the adapter holds them so (`down_factor`, `up_factor`):
+  half the bytes, the same result.
 - A row's result does not depend on the other rows of the batch, bit for bit (see sgmv.cpp).
 """
 from __future__ import annotations
@@ -77,7 +79,7 @@ def uses(x: torch.Tensor, out_features: int | None = None) -> bool:
     - fp32: always.
     - bf16 on a CPU with AVX512-BF16 (`bf16_dot`): with bf16 factors in pair layout, when the input features are
       even and the output features a multiple of 16 (else eager).
-    - bf16 and fp16 on a CPU without GEMM instructions for that dtype (`native_half`): with fp32 factors. There
+    - bf16 and fp16 on a CPU without GEMM instructions for that dtype (`native_half`): the fp32 loops. There
       PyTorch's half-precision GEMMs are emulated: a 1024-wide LoRA at 16 adapters took 20 ms eager vs 2 ms fused,
       beside a 110 ms base GEMM (bf16 on an AVX2-only EPYC; fp16 alike).
     - fp16 on a CPU with fp16 GEMM instructions, and fp64: eager (the fp32 loops would lose to the former and round
@@ -197,24 +199,33 @@ def _cpuinfo(*prefixes: str) -> list[str] | None:
 
 # ---- factors in the kernels' layout -----------------------------------------------------------------------------
 def down_factor(a: torch.Tensor, pairs: bool = False) -> torch.Tensor:
-    """A (r, d_in) as the shrink kernel reads it: Aᵀ (d_in, r') fp32 contiguous, r' = r rounded up to a multiple of 8
-    (zero columns). `pairs` (bf16 activations, `bf16_dot`): bf16 (d_in / 2, r'', 2) with [k, c, p] = Aᵀ[2k + p, c],
-    r'' a multiple of 16."""
+    """A (r, d_in) as the shrink kernel reads it: Aᵀ (d_in, r') contiguous, r' = r rounded up to a multiple of 8
+    (zero columns), in A's dtype when that is bf16 or fp16 (the kernel widens it exactly), else fp32. `pairs` (bf16
+    activations, `bf16_dot`): bf16 (d_in / 2, r'', 2) with [k, c, p] = Aᵀ[2k + p, c], r'' a multiple of 16."""
     r = a.shape[0]
     multiple = 16 if pairs else RANK_MULTIPLE
-    at = torch.zeros(a.shape[1], -(-r // multiple) * multiple, dtype=torch.float32, device=a.device)
+    dtype = torch.bfloat16 if pairs else _factor_dtype(a)
+    at = torch.zeros(a.shape[1], -(-r // multiple) * multiple, dtype=dtype, device=a.device)
     at[:, :r] = a.detach().T
     if not pairs:
         return at
-    return at.to(torch.bfloat16).view(-1, 2, at.shape[1]).transpose(1, 2).contiguous()
+    return at.view(-1, 2, at.shape[1]).transpose(1, 2).contiguous()
 
 
 def up_factor(b: torch.Tensor, scale=1.0, pairs: bool = False) -> torch.Tensor:
-    """s·B (d_out, r) as the expand kernel reads it: (s·B)ᵀ (r, d_out) fp32 contiguous. `pairs`: bf16
-    (⌈r / 2⌉, d_out, 2) with [j, c, p] = (s·B)ᵀ[2j + p, c] (a zero row pads an odd rank)."""
+    """s·B (d_out, r) as the expand kernel reads it: (s·B)ᵀ (r, d_out) contiguous; fp32, or B's own bf16 / fp16 when
+    s = 1 (then nothing is rounded; B itself when Bᵀ is already contiguous). `pairs`: bf16 (⌈r / 2⌉, d_out, 2) with
+    [j, c, p] = (s·B)ᵀ[2j + p, c] (a zero row pads an odd rank)."""
+    if scale == 1 and not pairs and _factor_dtype(b) == b.dtype:
+        return b.detach().T.contiguous()
     bt = (b.detach().float() * scale).T.contiguous()
     if not pairs:
         return bt
     if bt.shape[0] % 2:
         bt = torch.cat([bt, bt.new_zeros(1, bt.shape[1])])
     return bt.to(torch.bfloat16).view(-1, 2, bt.shape[1]).transpose(1, 2).contiguous()
+
+
+def _factor_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels read a factor in: its own when 16-bit (half the bytes, widened exactly), else fp32."""
+    return t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32

@@ -2,8 +2,10 @@
 //
 // A step's rows are split into segments, each using one adapter: segment s covers positions seg[s]..seg[s+1] of
 // `order` (the layer-input rows it reads and writes; identity when `order` is empty).
-//   shrink: h[i, 0:rp_s]        = x[order[i], :] . At[s]           At[s]: (d_in, rp_s) fp32, rp_s a multiple of 8
-//   expand: out[order[i], c0:+d] += h[i, r0_s:r0_s+rb_s] . Bt[s]    Bt[s]: (rb_s, d) fp32, or absent (skip s)
+//   shrink: h[i, 0:rp_s]        = x[order[i], :] . At[s]           At[s]: (d_in, rp_s), rp_s a multiple of 8
+//   expand: out[order[i], c0:+d] += h[i, r0_s:r0_s+rb_s] . Bt[s]    Bt[s]: (rb_s, d), or absent (skip s)
+// Factors are fp32, bf16 or fp16 (each segment its own; 16-bit ones are widened exactly as they are read, so they
+// stream half the bytes and give the same result as their fp32 copies).
 // Rows are read and written in place (no gather, no scatter), accumulation is in fp32 whatever the activations'
 // dtype (fp32, bf16, fp16; fp64 is refused), a row's result does not depend on the other rows of the call (single
 // rows and padded full tiles do the same arithmetic per row), and the work (segment × row tile [× column block])
@@ -28,7 +30,7 @@
 
 // AVX2 without AVX-512 (16 vector registers of 8 floats): explicit 6 x 16 register tiles, as in GEMM micro-kernels;
 // the compiler's own vectorization of the generic loops spills there. Same fused multiply-adds per element.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
 #include <immintrin.h>
 #define LORAKIT_AVX2 1
 #else
@@ -55,13 +57,33 @@ inline void load_row(const T* src, float* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]);
 }
 
+// f(data pointer) with the factor's element type: float, c10::BFloat16 or c10::Half
+template <typename F>
+inline void with_factor(const at::Tensor& t, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return f(t.data_ptr<c10::BFloat16>());
+    case at::kHalf: return f(t.data_ptr<c10::Half>());
+    default: return f(t.data_ptr<float>());
+  }
+}
+
 #if LORAKIT_AVX2
+// 8 factor elements widened to fp32 (exact)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // acc[i] = s[i][0:n] · m[0:n, 0:8V] for R rows (m: row stride `stride`), in registers. Every element sees the same
 // sequence of fused multiply-adds for any R and V, so a row gets the same bits in every tile shape: 6 rows × 2
 // vectors for batches (12 accumulators), one row × up to 8 vectors for decode (8 independent chains where 2 would
 // wait on the FMA latency). Constant indices (unrolled loops) keep acc in registers.
-template <int R, int V>
-inline void tile_times(const float* const* s, int64_t n, const float* m, int64_t stride, __m256 (&acc)[R][V]) {
+template <int R, int V, typename M>
+inline void tile_times(const float* const* s, int64_t n, const M* m, int64_t stride, __m256 (&acc)[R][V]) {
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
     #pragma GCC unroll 16
@@ -69,7 +91,7 @@ inline void tile_times(const float* const* s, int64_t n, const float* m, int64_t
   for (int64_t k = 0; k < n; ++k) {
     __m256 mv[V];
     #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) mv[v] = _mm256_loadu_ps(m + k * stride + 8 * v);
+    for (int v = 0; v < V; ++v) mv[v] = load8(m + k * stride + 8 * v);
     #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const __m256 sv = _mm256_broadcast_ss(s[i] + k);
@@ -95,8 +117,8 @@ inline void by_vectors(int64_t n, F&& f) {
 }
 
 // h[i, 0:8V] = xr[i] · at for the first `rows` of R rows
-template <int R, int V>
-inline void shrink_vectors(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+template <int R, int V, typename M>
+inline void shrink_vectors(const float* const* xr, int64_t rows, int64_t d_in, const M* at, int64_t rp, float* h,
                            int64_t h_stride) {
   __m256 acc[R][V];
   tile_times<R, V>(xr, d_in, at, rp, acc);
@@ -108,8 +130,8 @@ inline void shrink_vectors(const float* const* xr, int64_t rows, int64_t d_in, c
 }
 
 // orow[i][0:8V] += hrow[i] · b (fp32 outputs) for the first `rows` of R rows
-template <int R, int V>
-inline void expand_add_f32(const float* const* hrow, int64_t rows, const float* b, int64_t rb, int64_t d,
+template <int R, int V, typename M>
+inline void expand_add_f32(const float* const* hrow, int64_t rows, const M* b, int64_t rb, int64_t d,
                            float* const* orow, int64_t cb) {
   __m256 acc[R][V];
   tile_times<R, V>(hrow, rb, b, d, acc);
@@ -124,8 +146,8 @@ inline void expand_add_f32(const float* const* hrow, int64_t rows, const float* 
 }
 
 // h[i, 0:rp] = xr[i] · at for a tile of R rows (one row: passes of up to 64 columns)
-template <int R>
-inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+template <int R, typename M>
+inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const M* at, int64_t rp, float* h,
                         int64_t h_stride) {
   if constexpr (R == 1) {
     for (int64_t c = 0; c < rp; c += 64)
@@ -140,25 +162,25 @@ inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, cons
 // h[i, 0:C] = sum_k xr[i][k] * at[k, 0:C] for the R rows of a tile (at: row stride rp). Partial tiles are
 // computed as full ones (missing rows point at zeros), single rows (decode) by the R = 1 instance: every row sees
 // the same sequence of fused multiply-adds either way, so its result does not depend on the rows batched with it.
-template <int R, int C>
-inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+template <int R, int C, typename M>
+inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, const M* at, int64_t rp, float* h,
                          int64_t h_stride) {
   float acc[R][C] = {};
   for (int64_t k = 0; k < d_in; ++k) {
-    const float* a = at + k * rp;
+    const M* a = at + k * rp;
 #pragma GCC unroll 8
     for (int64_t i = 0; i < R; ++i) {
       const float xv = xr[i][k];
 #pragma omp simd
-      for (int c = 0; c < C; ++c) acc[i][c] += xv * a[c];
+      for (int c = 0; c < C; ++c) acc[i][c] += xv * static_cast<float>(a[c]);
     }
   }
   for (int64_t i = 0; i < rows; ++i)
     for (int c = 0; c < C; ++c) h[i * h_stride + c] = acc[i][c];
 }
 
-template <int R>
-inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const float* at, int64_t rp, float* h,
+template <int R, typename M>
+inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const M* at, int64_t rp, float* h,
                         int64_t h_stride) {
   int64_t c = 0;
   for (; c + 16 <= rp; c += 16) shrink_chunk<R, 16>(xr, rows, d_in, at + c, rp, h + c, h_stride);
@@ -168,8 +190,8 @@ inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, cons
 
 // acc[i, 0:cols] = sum_j hrow[i][j] * b[j, 0:cols] for R rows (b: row stride d); the same per-row arithmetic for
 // every R, so R = 1 (decode) and padded full tiles agree bit for bit.
-template <int R>
-inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, int64_t d, int64_t cols,
+template <int R, typename M>
+inline void expand_tile(const float* const* hrow, const M* b, int64_t rb, int64_t d, int64_t cols,
                         float* out_acc) {
 #if LORAKIT_AVX2
   if (cols == COLS) {
@@ -186,21 +208,21 @@ inline void expand_tile(const float* const* hrow, const float* b, int64_t rb, in
   float acc[R][COLS] = {};  // local, so that it stays in registers
   if (cols == COLS) {
     for (int64_t j = 0; j < rb; ++j) {
-      const float* bj = b + j * d;
+      const M* bj = b + j * d;
 #pragma GCC unroll 8
       for (int64_t i = 0; i < R; ++i) {
         const float hv = hrow[i][j];
 #pragma omp simd
-        for (int64_t c = 0; c < COLS; ++c) acc[i][c] += hv * bj[c];
+        for (int64_t c = 0; c < COLS; ++c) acc[i][c] += hv * static_cast<float>(bj[c]);
       }
     }
   } else {  // the last column block of every row
     for (int64_t j = 0; j < rb; ++j) {
-      const float* bj = b + j * d;
+      const M* bj = b + j * d;
       for (int64_t i = 0; i < R; ++i) {
         const float hv = hrow[i][j];
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) acc[i][c] += hv * bj[c];
+        for (int64_t c = 0; c < cols; ++c) acc[i][c] += hv * static_cast<float>(bj[c]);
       }
     }
   }
@@ -298,7 +320,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
       const int64_t rows = std::min(SHRINK_ROWS, seg[tile.seg + 1] - tile.first);
 #if LORAKIT_BF16_DOT
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (At[tile.seg].scalar_type() == at::kBFloat16) {  // pair layout
+        if (At[tile.seg].dim() == 3) {  // pair layout
           const uint16_t* rp_[SHRINK_ROWS];
           for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
             const T* r = i < rows ? xp + (order ? order[tile.first + i] : tile.first + i) * xs : zero_row.data();
@@ -326,15 +348,54 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
           xr[i] = xb.data() + i * d_in;
         }
       }
-      const float* at = At[tile.seg].data_ptr<float>();
       const int64_t rp = At[tile.seg].size(1);
       float* ht = hp + tile.first * hs;
-      if (rows == 1)
-        shrink_tile<1>(xr, rows, d_in, at, rp, ht, hs);
-      else
-        shrink_tile<SHRINK_ROWS>(xr, rows, d_in, at, rp, ht, hs);
+      with_factor(At[tile.seg], [&](const auto* at) {
+        if (rows == 1)
+          shrink_tile<1>(xr, rows, d_in, at, rp, ht, hs);
+        else
+          shrink_tile<SHRINK_ROWS>(xr, rows, d_in, at, rp, ht, hs);
+      });
     }
   });
+}
+
+// orow[i][first:last) += hrow[i] · b[:, first:last) for a tile of `rows` rows (b: (rb, d) factors of type M)
+template <typename T, typename M>
+void expand_block(const float* const* hrow, int64_t rows, const M* b, int64_t rb, int64_t d, T* const* orow,
+                  int64_t first, int64_t last) {
+  int64_t cb = first;
+#if LORAKIT_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows == 1) {  // a single row: up to 64 columns per pass (see tile_times); a tail of < 8 columns below
+      const int64_t end = last - (last - first) % 8;
+      for (; cb < end; cb += 64)
+        by_vectors((end - cb) / 8, [&](auto v) { expand_add_f32<1, v()>(hrow, 1, b + cb, rb, d, orow, cb); });
+      cb = end;
+    }
+  }
+#endif
+  for (; cb < last; cb += COLS) {
+    const int64_t cols = std::min(COLS, last - cb);
+#if LORAKIT_AVX2
+    if constexpr (std::is_same_v<T, float>) {
+      if (cols == COLS) {  // 2..6 rows (a single row went above)
+        expand_add_f32<EXPAND_ROWS, 2>(hrow, rows, b + cb, rb, d, orow, cb);
+        continue;
+      }
+    }
+#endif
+    float acc[EXPAND_ROWS][COLS];
+    if (rows == 1)
+      expand_tile<1>(hrow, b + cb, rb, d, cols, &acc[0][0]);
+    else
+      expand_tile<EXPAND_ROWS>(hrow, b + cb, rb, d, cols, &acc[0][0]);
+    for (int64_t i = 0; i < rows; ++i) {
+      T* o = orow[i] + cb;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<T>(static_cast<float>(o[c]) + acc[i][c]);
+    }
+  }
 }
 
 template <typename T>
@@ -365,7 +426,7 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
       }
 #if LORAKIT_BF16_DOT
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (Bt[tile.seg].scalar_type() == at::kBFloat16) {  // pair layout; d is a multiple of 16
+        if (Bt[tile.seg].dim() == 3) {  // pair layout; d is a multiple of 16
           const auto* bt2 = reinterpret_cast<const uint16_t*>(Bt[tile.seg].data_ptr<at::BFloat16>());
           const int64_t rb2 = Bt[tile.seg].size(0);
           for (int64_t cb = first; cb < last; cb += COLS) {
@@ -379,40 +440,9 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
         }
       }
 #endif
-      const int64_t rb = Bt[tile.seg].size(0);
-      const float* b = Bt[tile.seg].data_ptr<float>();
-      int64_t cb = first;
-#if LORAKIT_AVX2
-      if constexpr (std::is_same_v<T, float>) {
-        if (rows == 1) {  // a single row: up to 64 columns per pass (see tile_times); a tail of < 8 columns below
-          const int64_t end = last - (last - first) % 8;
-          for (; cb < end; cb += 64)
-            by_vectors((end - cb) / 8, [&](auto v) { expand_add_f32<1, v()>(hrow, 1, b + cb, rb, d, orow, cb); });
-          cb = end;
-        }
-      }
-#endif
-      for (; cb < last; cb += COLS) {
-        const int64_t cols = std::min(COLS, last - cb);
-#if LORAKIT_AVX2
-        if constexpr (std::is_same_v<T, float>) {
-          if (cols == COLS) {  // 2..6 rows (a single row went above)
-            expand_add_f32<EXPAND_ROWS, 2>(hrow, rows, b + cb, rb, d, orow, cb);
-            continue;
-          }
-        }
-#endif
-        float acc[EXPAND_ROWS][COLS];
-        if (rows == 1)
-          expand_tile<1>(hrow, b + cb, rb, d, cols, &acc[0][0]);
-        else
-          expand_tile<EXPAND_ROWS>(hrow, b + cb, rb, d, cols, &acc[0][0]);
-        for (int64_t i = 0; i < rows; ++i) {
-          T* o = orow[i] + cb;
-#pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<T>(static_cast<float>(o[c]) + acc[i][c]);
-        }
-      }
+      with_factor(Bt[tile.seg], [&](const auto* b) {
+        expand_block(hrow, rows, b, Bt[tile.seg].size(0), d, orow, first, last);
+      });
     }
   });
 }
@@ -434,6 +464,12 @@ const int64_t* check_segments(const at::Tensor& order, const at::Tensor& seg, in
   return order.numel() ? order.data_ptr<int64_t>() : nullptr;
 }
 
+// a factor in the plain layout: a contiguous fp32, bf16 or fp16 matrix
+bool plain_factor(const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  return t.dim() == 2 && t.is_contiguous() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf);
+}
+
 at::Tensor shrink(const at::Tensor& x, const at::Tensor& order, const at::Tensor& seg,
                   const c10::List<std::optional<at::Tensor>>& At_list) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
@@ -446,15 +482,15 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& order, const at::Tensor
   for (int64_t s = 0; s < nseg; ++s) {
     const std::optional<at::Tensor> a = At_list.get(s);
     if (!a.has_value() || !a->defined()) continue;
-    if (a->scalar_type() == at::kBFloat16) {
-      TORCH_CHECK(LORAKIT_BF16_DOT && x.scalar_type() == at::kBFloat16 && a->is_contiguous() && a->dim() == 3 &&
-                      2 * a->size(0) == x.size(1) && a->size(1) % 16 == 0 && a->size(1) > 0 && a->size(2) == 2,
-                  "a bf16 At must be the pair layout (d_in / 2, r, 2), r a positive multiple of 16, for bf16 x on a "
-                  "CPU with AVX512-BF16 (see bf16_dot)");
+    if (a->dim() == 3) {
+      TORCH_CHECK(a->scalar_type() == at::kBFloat16 && LORAKIT_BF16_DOT && x.scalar_type() == at::kBFloat16 &&
+                      a->is_contiguous() && 2 * a->size(0) == x.size(1) && a->size(1) % 16 == 0 && a->size(1) > 0 &&
+                      a->size(2) == 2,
+                  "a 3-d At must be the bf16 pair layout (d_in / 2, r, 2), r a positive multiple of 16, for bf16 x "
+                  "on a CPU with AVX512-BF16 (see bf16_dot)");
     } else {
-      TORCH_CHECK(a->scalar_type() == at::kFloat && a->is_contiguous() && a->dim() == 2 && a->size(0) == x.size(1) &&
-                      a->size(1) % 8 == 0 && a->size(1) > 0,
-                  "each At must be contiguous fp32 (d_in, r) with r a positive multiple of 8");
+      TORCH_CHECK(plain_factor(*a) && a->size(0) == x.size(1) && a->size(1) % 8 == 0 && a->size(1) > 0,
+                  "each At must be contiguous fp32, bf16 or fp16 (d_in, r) with r a positive multiple of 8");
     }
     width = std::max(width, a->size(1));
     At[s] = *a;
@@ -484,14 +520,14 @@ void expand(at::Tensor out, const at::Tensor& order, const at::Tensor& seg, cons
   for (int64_t s = 0; s < nseg; ++s) {
     const std::optional<at::Tensor> b = Bt_list.get(s);
     if (!b.has_value() || !b->defined()) continue;
-    if (b->scalar_type() == at::kBFloat16) {
-      TORCH_CHECK(LORAKIT_BF16_DOT && out.scalar_type() == at::kBFloat16 && b->is_contiguous() && b->dim() == 3 &&
+    if (b->dim() == 3) {
+      TORCH_CHECK(b->scalar_type() == at::kBFloat16 && LORAKIT_BF16_DOT && out.scalar_type() == at::kBFloat16 &&
+                      b->is_contiguous() &&
                       b->size(1) % 16 == 0 && b->size(2) == 2,
-                  "a bf16 Bt must be the pair layout (r / 2, d, 2), d a multiple of 16, for a bf16 out");
+                  "a 3-d Bt must be the bf16 pair layout (r / 2, d, 2), d a multiple of 16, for a bf16 out");
       TORCH_CHECK(r0[s] >= 0 && r0[s] + 2 * b->size(0) <= h.size(1), "rank slice outside h");
     } else {
-      TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->dim() == 2,
-                  "each Bt must be contiguous fp32 (r, d)");
+      TORCH_CHECK(plain_factor(*b), "each Bt must be contiguous fp32, bf16 or fp16 (r, d)");
       TORCH_CHECK(r0[s] >= 0 && r0[s] + b->size(0) <= h.size(1), "rank slice outside h");
     }
     TORCH_CHECK(d < 0 || b->size(1) == d, "every Bt must have the same number of columns");
