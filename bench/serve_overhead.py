@@ -4,9 +4,10 @@ model alone, with the fused CPU kernels (`lorakit.kernels`) and on the eager pat
 Usage: `.venv/bin/python bench/serve_overhead.py [--rounds 5] [--runs 2] [--dtypes float32,bfloat16]
 [--models llama,smollm2] [--requests 16] [--no-write]`. Replaces the `serve_overhead` section of BENCHMARKS.md.
 
-Every system serves the same closed-loop request set (all requests at t = 0) on one shared model runner; a round
-runs every system once, in a fixed order, and the ratios are per round (systems of a round ran back to back), so
-machine drift hits them alike. Cells (`bench/serve_workloads.py`): S1 = N adapters of rank 8 on q/k/v/o; S2 = ranks
+Per cell, every system (its own Engine on one shared model runner) serves the same closed-loop request set (all
+requests at t = 0), their steps interleaved one by one (`lockstep`): a system's tokens/s is its generated tokens ÷
+the wall time of its own steps, and machine drift (on a shared 2-core VM, ±25 % within a minute) hits all systems
+of a cell alike. Each round does that once per cell; the ratios are per round. Cells (`bench/serve_workloads.py`): S1 = N adapters of rank 8 on q/k/v/o; S2 = ranks
 8/16/32/64 cycled. Requests use a uniformly drawn adapter (power-law alpha 1), input U[8, 128], output U[8, 32].
 S1 N = 1000 keeps at most 64 adapters in RAM (evictions and disk loads happen during the run, page cache warm).
 """
@@ -30,6 +31,7 @@ from lorakit import kernels  # noqa: E402
 CELLS = {"llama": [("S1", 1), ("S1", 1000), ("S2", 32), ("S2", 128)], "smollm2": [("S1", 1), ("S2", 32)]}
 RANKS = {"S1": (8,), "S2": (8, 16, 32, 64)}
 GOAL = 0.9  # tokens/s with adapters / base alone
+BF16 = "bf16 factors"  # fp32 models: the fused engine with lora_dtype="bfloat16" (opt-in; not what the goal counts)
 
 
 def weight_bytes_ratio(dims, w: Workload) -> float:
@@ -42,11 +44,12 @@ def weight_bytes_ratio(dims, w: Workload) -> float:
     return base / (base + lora)
 
 
-def engine_for(runner, n: int, paths: list, max_cpu: int = 64):
+def engine_for(runner, n: int, paths: list, max_cpu: int = 64, lora_dtype: str = "auto"):
     from lorakit.serve.config import EngineConfig
     from lorakit.serve.engine import Engine
 
-    opts = dict(max_loras=max(1, min(32, n)), max_num_seqs=32, memory_bytes=1 << 30, load_workers=0)
+    opts = dict(max_loras=max(1, min(32, n)), max_num_seqs=32, memory_bytes=1 << 30, load_workers=0,
+                lora_dtype=lora_dtype)
     if n > max_cpu:
         opts["max_cpu_loras"] = max_cpu
     engine = Engine(runner, EngineConfig(**opts))
@@ -55,18 +58,31 @@ def engine_for(runner, n: int, paths: list, max_cpu: int = 64):
     return engine
 
 
-def serve_once(engine, specs, with_adapters: bool) -> float:
-    """Closed loop over `specs`; generated tokens / wall seconds."""
+def lockstep(systems: dict, specs) -> dict[str, float]:
+    """Every system serves the same closed-loop request set (`specs`), their engine steps interleaved: one step of
+    each in turn, so that machine drift (seconds to minutes on a shared VM) hits them alike. Returns each system's
+    generated tokens ÷ the wall time of its own steps. `systems`: name -> (engine, with adapters, kernel mode)."""
     from lorakit.serve.request import Request, SamplingParams
 
-    requests = [Request(list(s.prompt_ids), f"a{s.adapter}" if with_adapters else None,
-                        SamplingParams(max_tokens=s.output_len, ignore_eos=True)) for s in specs]
-    t = time.perf_counter()
-    engine.generate(requests)
-    wall = time.perf_counter() - t
-    tokens = sum(len(r.output_ids) for r in requests)
-    assert tokens == sum(s.output_len for s in specs), "a request ended early"
-    return tokens / wall
+    requests, seconds = {}, dict.fromkeys(systems, 0.0)
+    for name, (engine, with_adapters, _) in systems.items():
+        requests[name] = [Request(list(s.prompt_ids), f"a{s.adapter}" if with_adapters else None,
+                                  SamplingParams(max_tokens=s.output_len, ignore_eos=True)) for s in specs]
+        for r in requests[name]:
+            engine.add_request(r)
+    busy = list(systems)
+    while busy:
+        for name in busy:
+            engine, _, mode = systems[name]
+            with kernels.using(mode):
+                t = time.perf_counter()
+                engine.step()
+                seconds[name] += time.perf_counter() - t
+        busy = [name for name in busy if systems[name][0].has_work()]
+    tokens = sum(s.output_len for s in specs)
+    for name, reqs in requests.items():
+        assert sum(len(r.output_ids) for r in reqs) == tokens, f"{name}: a request ended early"
+    return {name: tokens / t for name, t in seconds.items()}
 
 
 def model_setup(name: str, out: Path):
@@ -80,31 +96,32 @@ def model_setup(name: str, out: Path):
 
 
 def measure(model: str, dtype: str, rounds: int, requests: int, out: Path) -> tuple[dict, dict]:
-    """tokens/s per round: base, and per cell fused / eager; and each cell's weight bytes ratio."""
+    """tokens/s per round: base, and per cell fused / eager (and, for fp32 models, fused with the adapters held in
+    bf16: `lora_dtype`); and each cell's weight bytes ratio."""
     from lorakit.serve.llama import LlamaRunner
 
     model_dir, dims = model_setup(model, out)
     runner = LlamaRunner.from_dir(model_dir, dtype)
-    systems = {}
-    base = engine_for(runner, 0, [])
+    base, cells = engine_for(runner, 0, []), {}
     for wname, n in CELLS[model]:
         w = Workload(wname, n, RANKS[wname], num_requests=requests, output_range=(8, 32), vocab_size=dims.vocab)
         paths = ensure_adapters(out / f"{model}_adapters", w, dims, log=lambda m: print(m, file=sys.stderr))
-        systems[f"{wname} N = {n}"] = (engine_for(runner, n, paths), generate_requests(w), w)
-    specs0 = next(iter(systems.values()))[1]
-    serve_once(base, specs0[:4], False)  # warm-up
-    for engine, specs, _ in systems.values():
-        serve_once(engine, specs[:4], True)
-    times = {"base": []}
+        systems = {"base": (base, False, "compiled"), "fused": (engine_for(runner, n, paths), True, "compiled"),
+                   "eager": (engine_for(runner, n, paths), True, "eager")}
+        if dtype == "float32":
+            systems[BF16] = (engine_for(runner, n, paths, lora_dtype="bfloat16"), True, "compiled")
+        cells[f"{wname} N = {n}"] = (systems, generate_requests(w), w)
+    for systems, specs, _ in cells.values():  # warm-up
+        lockstep(systems, specs[:4])
+    times = {}
     for _ in range(rounds):
-        times["base"].append(serve_once(base, specs0, False))
-        for cell, (engine, specs, _) in systems.items():
-            times.setdefault(cell, []).append(serve_once(engine, specs, True))
-            with kernels.using("eager"):
-                times.setdefault(cell + " eager", []).append(serve_once(engine, specs, True))
-        print(f"  {time.strftime('%H:%M:%S')} {model} {dtype} round: "
-              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()), file=sys.stderr, flush=True)
-    return times, {cell: weight_bytes_ratio(dims, w) for cell, (_, _, w) in systems.items()}
+        for cell, (systems, specs, _) in cells.items():
+            for name, tps in lockstep(systems, specs).items():
+                times.setdefault(cell, {}).setdefault(name, []).append(tps)
+        print(f"  {time.strftime('%H:%M:%S')} {model} {dtype} round: " + "; ".join(
+            f"{cell} " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in t.items()) for cell, t in times.items()),
+            file=sys.stderr, flush=True)
+    return times, {cell: weight_bytes_ratio(dims, w) for cell, (_, _, w) in cells.items()}
 
 
 def spread(num: list[float], den: list[float]) -> tuple[float, str]:
@@ -113,18 +130,19 @@ def spread(num: list[float], den: list[float]) -> tuple[float, str]:
 
 
 def table(runs: list[dict], limits: dict) -> str:
+    """One row per cell: tokens/s (run 1 medians) and each system / base per run, median (min–max) over rounds."""
+    bf16 = BF16 in next(iter(runs[0].values()))
     header = ["cell", "base tok/s", "fused tok/s", "eager tok/s"]
     header += [f"**fused / base** run {i + 1}" for i in range(len(runs))]
-    header += [f"eager / base run {i + 1}" for i in range(len(runs))] + [f"met (≥ {GOAL})", "weight bytes ratio"]
+    header += [f"eager / base run {i + 1}" for i in range(len(runs))] + [f"met (≥ {GOAL})"]
+    header += [f"fused, bf16 factors / base run {i + 1}" for i in range(len(runs)) if bf16] + ["weight bytes ratio"]
     body = []
-    for cell in [k for k in runs[0] if k != "base" and not k.endswith(" eager")]:
-        fused = [spread(r[cell], r["base"]) for r in runs]
-        eager = [spread(r[cell + " eager"], r["base"]) for r in runs]
-        med = runs[0]
-        body.append([cell, f"{statistics.median(med['base']):.1f}", f"{statistics.median(med[cell]):.1f}",
-                     f"{statistics.median(med[cell + ' eager']):.1f}", *(f"**{s}**" for _, s in fused),
-                     *(s for _, s in eager), "yes" if all(m >= GOAL for m, _ in fused) else "**no**",
-                     f"{limits[cell]:.3f}"])
+    for cell, first in runs[0].items():
+        fused = [spread(r[cell]["fused"], r[cell]["base"]) for r in runs]
+        body.append([cell, *(f"{statistics.median(first[k]):.1f}" for k in ("base", "fused", "eager")),
+                     *(f"**{s}**" for _, s in fused), *(spread(r[cell]["eager"], r[cell]["base"])[1] for r in runs),
+                     "yes" if all(m >= GOAL for m, _ in fused) else "**no**",
+                     *(spread(r[cell][BF16], r[cell]["base"])[1] for r in runs if bf16), f"{limits[cell]:.3f}"])
     return markdown_table(header, body)
 
 
@@ -150,13 +168,16 @@ def main():
             sections.append(f"### {title}, {dtype}\n\n{table([times for times, _ in results], results[0][1])}")
             print(sections[-1], flush=True)
     body = f"""
-{header_lines(load0, [f"- {args.rounds} interleaved rounds per run, {args.runs} independent runs (engines rebuilt), "
-                      f"{args.requests} requests per system and round; total {(time.time() - t0) / 60:.0f} min"])}
+{header_lines(load0, [f"- {args.rounds} rounds per run, {args.runs} independent runs (engines rebuilt), "
+                      f"{args.requests} requests per system and round, steps interleaved; total "
+                      f"{(time.time() - t0) / 60:.0f} min"])}
 
 Script: `.venv/bin/python bench/serve_overhead.py`. *base* = the Engine serving the same requests with no adapter;
-*fused* = with adapters, the fused CPU kernels (`lorakit.kernels`); *eager* = the same engine with
-`LORAKIT_KERNELS=eager` (segments / rank-bucketed bmm). Ratios: median (min–max) over the rounds of tokens/s ÷ the
-same round's base tokens/s. Goal (issue 22): fused / base ≥ {GOAL} in every run. Requests: closed loop, input
+*fused* = with adapters, the fused CPU kernels (`lorakit.kernels`); *eager* = the same with
+`LORAKIT_KERNELS=eager` (segments / rank-bucketed bmm); *fused, bf16 factors* (fp32 models) = fused with
+`EngineConfig(lora_dtype="bfloat16")`, the adapters held in bf16 (opt-in: factors rounded once at load; not counted
+for the goal, which is about fp32 adapters). Steps of all systems of a cell interleaved one by one; ratios: median
+(min–max) over the rounds of tokens/s ÷ the same round's base tokens/s. Goal (issue 22): fused / base ≥ {GOAL} in every run. Requests: closed loop, input
 U[8, 128], output U[8, 32] tokens, greedy, fixed length, at most 32 in flight; S1 = rank 8 on q/k/v/o, S2 = ranks
 8/16/32/64 cycled; N > 64 keeps 64 adapters in RAM. *weight bytes ratio*: base weight bytes ÷ (those + the
 factors of the distinct adapters the requests use), what a decode step bound by streaming weights would reach; not a

@@ -306,7 +306,7 @@ def run_serve(args) -> None:
     given = {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "max_cpu_loras": args.max_cpu_loras,
              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
              "max_waiting": args.max_waiting, "block_size": args.block_size, "dtype": args.dtype,
-             "fp32_max_rows": args.fp32_max_rows}
+             "fp32_max_rows": args.fp32_max_rows, "lora_dtype": args.lora_dtype}
     if args.memory_gb is not None:
         if not args.memory_gb > 0:
             raise ConfigError(f"--memory-gb must be > 0, got {args.memory_gb}")
@@ -622,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint's dtype (config.json dtype/torch_dtype): bf16 or fp16 checkpoints stay 16-bit, "
                           "anything else is served in float32. bfloat16 is faster on CPUs with avx512_bf16/AMX "
                           "from a few concurrent requests on (see BENCHMARKS.md); float16 is not tuned on CPU")
+    srv.add_argument("--lora-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="the dtype adapters are held in (default auto = --dtype). bfloat16 on a float32 model "
+                          "halves adapter memory and the bytes each step reads; the factors are rounded once at load, "
+                          "the CPU kernels widen them exactly and accumulate in fp32")
     srv.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: the "
                                                               "directory's name, or smollm2)")
     srv.add_argument("--host", default="127.0.0.1")

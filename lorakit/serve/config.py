@@ -37,6 +37,10 @@ class EngineConfig:
     - `fp32_max_rows`: with a 16-bit dtype, steps of at most this many rows run through fp32 copies of the weights
       (bf16 GEMMs on CPU are slower than fp32 ones at a few rows; see BENCHMARKS.md). 0 = never (no fp32 copies,
       half the weight memory); ignored for float32.
+    - `lora_dtype` (vLLM's `--lora-dtype`): the dtype adapters are held in, "auto" = `dtype`. "bfloat16" on a float32
+      model halves adapter RAM (the pool's byte budget counts it so) and the bytes each step streams; the fused
+      kernels widen the factors exactly and accumulate in fp32, so the only change is rounding the factors (s·B
+      after scaling) once at load. Without the kernels, the eager path converts to fp32 and keeps those copies.
     """
 
     max_loras: int = 32
@@ -52,6 +56,7 @@ class EngineConfig:
     load_workers: int = 2
     dtype: str = "auto"
     fp32_max_rows: int = 4
+    lora_dtype: str = "auto"
 
     def __post_init__(self):
         for f in fields(self):
@@ -59,9 +64,9 @@ class EngineConfig:
             if f.name == "lora_kernel":
                 if value not in LORA_KERNELS:
                     raise ConfigError(f"lora_kernel must be one of {list(LORA_KERNELS)}, got {value!r}")
-            elif f.name == "dtype":
+            elif f.name in ("dtype", "lora_dtype"):
                 if value != "auto" and value not in DTYPES:
-                    raise ConfigError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {value!r}")
+                    raise ConfigError(f"{f.name} must be 'auto' or one of {list(DTYPES)}, got {value!r}")
             elif (f.name == "max_cpu_loras" and value is None) or (f.name in ("load_workers", "fp32_max_rows")
                                                                    and value == 0):
                 continue

@@ -46,8 +46,9 @@ class Engine:
         if num_blocks < 1:
             raise CapacityError(f"memory_bytes {cfg.memory_bytes} cannot hold one KV block ({self.block_bytes} bytes)")
         self.cache = model.new_cache(num_blocks, cfg.block_size)
+        lora_dtype = model.dtype if cfg.lora_dtype == "auto" else DTYPES[cfg.lora_dtype]
         self.pool = AdapterPool(model.dims, cfg.max_lora_rank, cfg.max_cpu_loras, self.free_bytes, cfg.load_workers,
-                                model.dtype)
+                                lora_dtype)
         self.scheduler = Scheduler(self)
         self.stacks = StackCache()
         eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)

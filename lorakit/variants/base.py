@@ -67,6 +67,7 @@ class Variant(nn.Module):
     mergeable: ClassVar[bool] = True
     reads_base_weight: ClassVar[bool] = False  # True when the output depends on W (cannot run on a merged W)
     uses_base_out: ClassVar[bool] = True  # False when `delta` ignores `base_out` (saves gathering it)
+    reads_routing: ClassVar[bool] = False  # True when it reads per-token routing (`bind_routing`, see lorakit.routing)
     Options: ClassVar[Optional[type]] = None  # a dataclass of method options; __post_init__ validates values
 
     def __init__(self, kind, r: int, scale: float, dropout: float, config, shared: Optional[Shared] = None,

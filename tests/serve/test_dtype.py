@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fake_engine import tiny_model_dir
+from lorakit import kernels
 from lorakit.errors import ConfigError
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
 from lorakit.serve.config import serving_dtype
@@ -106,6 +107,8 @@ def test_dtype_setting_auto_and_errors(base):
         EngineConfig(dtype="bf16")
     with pytest.raises(ConfigError):
         EngineConfig(fp32_max_rows=-1)
+    with pytest.raises(ConfigError, match="lora_dtype"):
+        EngineConfig(lora_dtype="bf16")
     runner = LlamaRunner.from_hf(base)  # auto: the checkpoint's dtype
     assert runner.dtype is torch.float32
     assert LlamaRunner.from_hf(copy.deepcopy(base).to(torch.bfloat16)).dtype is torch.bfloat16
@@ -128,6 +131,50 @@ def test_bf16_halves_kv_and_adapter_bytes(base, adapter):
     loaded = e16.pool.acquire("a")
     assert all(w.a.dtype == torch.bfloat16 and all(p[4].dtype == torch.bfloat16 for p in w.parts)
                for w in loaded.groups.values())
+
+
+@pytest.mark.parametrize("kernel", ["fused", "segment", "bmm"])
+def test_bf16_adapters_on_an_fp32_model(base, adapter, kernel):
+    """`lora_dtype="bfloat16"`: adapters held in bf16 (half the bytes, counted so by the pool), and the logits equal
+    PEFT's fp32 model whose factors were rounded the same way (A, and s·B after scaling) — nothing else rounds."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if kernel == "fused" and kernels.sgmv() is None:
+        pytest.skip("no compiled kernels")
+    engines = {ld: Engine(LlamaRunner.from_hf(base, "float32"), EngineConfig(
+        memory_bytes=1 << 24, block_size=4, load_workers=0, lora_kernel=kernel, lora_dtype=ld))
+        for ld in ("auto", "bfloat16")}
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(256, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    logits = {}
+    for ld, engine in engines.items():
+        engine.register_adapter("a", adapter)
+        reqs = [Request(p, "a", SamplingParams(max_tokens=6, ignore_eos=True, record_logits=True)) for p in prompts]
+        engine.generate(reqs)
+        logits[ld] = reqs
+    e16, e32 = engines["bfloat16"], engines["auto"]
+    assert e16.pool.specs()["a"].nbytes * 2 == e32.pool.specs()["a"].nbytes
+    loaded = e16.pool.acquire("a")
+    assert all(w.a.dtype == torch.bfloat16 and all(p[4].dtype == torch.bfloat16 for p in w.parts)
+               for w in loaded.groups.values())
+    assert e16.model.layers[0]["qkv"].dtype == torch.float32
+
+    rounded = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
+    with torch.no_grad():
+        for m in rounded.modules():
+            if isinstance(m, LoraLayer):
+                s = m.scaling["default"]
+                m.lora_A["default"].weight.copy_(m.lora_A["default"].weight.bfloat16().float())
+                m.lora_B["default"].weight.copy_((m.lora_B["default"].weight * s).bfloat16().float() / s)
+    for r16, r32 in zip(logits["bfloat16"], logits["auto"]):
+        with torch.no_grad():
+            ref = rounded(torch.tensor([r16.all_ids])).logits[0]
+        ref = ref[len(r16.prompt_ids) - 1:len(r16.all_ids) - 1]
+        mine, scale = torch.stack(r16.logits), ref.abs().max()
+        assert len(r16.logits) == 6 and (mine - ref).abs().max() / scale <= 1e-4
+        drift = (mine[0] - r32.logits[0]).abs().max() / scale  # first position: the same input in both engines
+        assert 1e-3 < drift <= REL_TOL, drift  # the factors really are rounded (10× the tolerance above), a little
 
 
 def test_serve_accepts_the_name_smollm2(monkeypatch):
@@ -157,3 +204,15 @@ def test_serve_accepts_the_name_smollm2(monkeypatch):
     assert models[0]["id"] == "smollm2" and models[0]["root"] == str(tiny_model_dir().absolute())
     assert chat.status_code == 200, chat.text
     assert main(["serve", "smollm2", "--dtype", "bf16"]) == 2
+
+
+def test_serve_passes_lora_dtype(monkeypatch):
+    from lorakit.cli import main
+    from lorakit.serve import server
+
+    configs = []
+    monkeypatch.setattr(server, "serve", lambda *args, engine_config, **kwargs: configs.append(engine_config))
+    assert main(["serve", str(tiny_model_dir()), "--lora-dtype", "bfloat16"]) == 0
+    assert main(["serve", str(tiny_model_dir())]) == 0
+    assert [c.lora_dtype for c in configs] == ["bfloat16", "auto"]
+    assert main(["serve", str(tiny_model_dir()), "--lora-dtype", "bf16"]) == 2
