@@ -23,6 +23,19 @@ def ops():
         pytest.skip(f"the kernels cannot be built here: {e}")
 
 
+@pytest.fixture(scope="module", params=["native", "generic"])
+def any_ops(request, ops):
+    """The compiled ops, and on AVX2 machines also the generic loops (those AVX-512 and Arm CPUs run)."""
+    if request.param == "native":
+        return ops
+    if not ops.avx2_tiles():
+        pytest.skip("the native build runs the generic loops already")
+    try:
+        return kernels.generic_ops()
+    except kernels.KernelError as e:
+        pytest.skip(str(e))
+
+
 def adapted(variants=(("a", "lora", 3), ("b", "lora", 8), ("c", "lora", 20), ("d", "dora", 4)), model=None):
     """A tiny Llama with random (B ≠ 0) adapters of ranks that are and are not multiples of 8."""
     model = model or llama(eos_token_id=None, pad_token_id=0)
@@ -241,17 +254,17 @@ def test_training_keeps_the_autograd_path(ops, monkeypatch):
     assert model.model.layers[0].self_attn.q_proj.adapters["a"].lora_A.grad.abs().sum() > 0
 
 
-def test_direct_ops_match_a_reference(ops):
+def test_direct_ops_match_a_reference(any_ops):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(10, 24, generator=g)
     a = [torch.randn(r, 24, generator=g) for r in (5, 16)]
     b = [torch.randn(12, r, generator=g) for r in (5, 16)]
     order = torch.tensor([7, 1, 3, 9, 0, 4], dtype=torch.long)
     bounds = torch.tensor([0, 2, 6], dtype=torch.long)
-    h = ops.shrink(x, order, bounds, [kernels.down_factor(m) for m in a])
+    h = any_ops.shrink(x, order, bounds, [kernels.down_factor(m) for m in a])
     out = torch.randn(10, 20, generator=g)
     ref = out.clone()
-    ops.expand(out, order, bounds, h, [0, 0], [kernels.up_factor(m, 0.5) for m in b], 8)
+    any_ops.expand(out, order, bounds, h, [0, 0], [kernels.up_factor(m, 0.5) for m in b], 8)
     for (lo, hi), am, bm in zip([(0, 2), (2, 6)], a, b):
         rows = order[lo:hi]
         ref[rows, 8:20] += 0.5 * x[rows] @ am.T @ bm.T
@@ -259,7 +272,7 @@ def test_direct_ops_match_a_reference(ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_direct_ops_match_a_reference_at_tile_sizes(ops, dtype):
+def test_direct_ops_match_a_reference_at_tile_sizes(any_ops, dtype):
     """Segments of 1..31 rows (single rows, partial and full row tiles), ranks that fill one, several or part of a
     register tile, and 300 output columns (several column groups, full blocks and a ragged tail), against fp64."""
     g = torch.Generator().manual_seed(6)
@@ -275,15 +288,15 @@ def test_direct_ops_match_a_reference_at_tile_sizes(ops, dtype):
         rows = order[lo:hi]
         ref[rows, 10:] += 0.5 * x[rows].double() @ am.T.double() @ bm.T.double()
     out = out.to(dtype)
-    h = ops.shrink(x.to(dtype), order, bounds, [kernels.down_factor(m) for m in a])
-    ops.expand(out, order, bounds, h, [0] * 4, [kernels.up_factor(m, 0.5) for m in b], 10)
+    h = any_ops.shrink(x.to(dtype), order, bounds, [kernels.down_factor(m) for m in a])
+    any_ops.expand(out, order, bounds, h, [0] * 4, [kernels.up_factor(m, 0.5) for m in b], 10)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), ref.to(dtype).double(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_16_bit_factors_give_the_bits_of_their_fp32_copies(ops, dtype, factor_dtype):
+def test_16_bit_factors_give_the_bits_of_their_fp32_copies(any_ops, dtype, factor_dtype):
     """bf16 / fp16 factors (half the bytes) are widened exactly as they are read: the same bits as the kernels on
     fp32 copies of them, at tile sizes (single rows, partial and full tiles, ragged columns), mixed with an fp32
     factor in the same call."""
@@ -298,7 +311,7 @@ def test_16_bit_factors_give_the_bits_of_their_fp32_copies(ops, dtype, factor_dt
 
     def run(downs, ups):
         out = out0.clone()
-        ops.expand(out, order, bounds, ops.shrink(x, order, bounds, downs), [0] * 3, ups, 10)
+        any_ops.expand(out, order, bounds, any_ops.shrink(x, order, bounds, downs), [0] * 3, ups, 10)
         return out
 
     downs, ups = [kernels.down_factor(m) for m in a], [kernels.up_factor(m) for m in b]
@@ -317,7 +330,7 @@ def test_up_factor_reads_b_in_place_when_nothing_changes():
 
 
 @pytest.mark.parametrize("bad", ["order", "bounds", "factor", "columns"])
-def test_direct_ops_refuse_bad_input(ops, bad):
+def test_direct_ops_refuse_bad_input(any_ops, bad):
     x, out = torch.randn(4, 8), torch.zeros(4, 8)
     order, bounds = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 4])
     at, bt, c0 = [kernels.down_factor(torch.randn(2, 8))], [kernels.up_factor(torch.randn(8, 2))], 0
@@ -331,8 +344,8 @@ def test_direct_ops_refuse_bad_input(ops, bad):
         c0 = 4
     before = out.clone()
     with pytest.raises(RuntimeError):
-        h = ops.shrink(x, order, bounds, at)
-        ops.expand(out, order, bounds, h, [0], bt, c0)
+        h = any_ops.shrink(x, order, bounds, at)
+        any_ops.expand(out, order, bounds, h, [0], bt, c0)
     assert torch.equal(out, before)
 
 
@@ -374,7 +387,7 @@ def test_modes_and_fallback(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("d_out, ranks", [(36, (3, 12)), (300, (3, 12)), (300, (20, 70))])
-def test_a_rows_result_does_not_depend_on_its_batch(ops, d_out, ranks):
+def test_a_rows_result_does_not_depend_on_its_batch(any_ops, d_out, ranks):
     """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters (single
     rows and tiles take different loops: wide and narrow ranks, full and ragged column blocks)."""
     g = torch.Generator().manual_seed(5)
@@ -387,8 +400,8 @@ def test_a_rows_result_does_not_depend_on_its_batch(ops, d_out, ranks):
         counts = [sum(adapter_of(r) == k for r in rows) for k in (0, 1)]
         bounds = torch.tensor([0, counts[0], counts[0] + counts[1]], dtype=torch.long)
         out = out0.clone()
-        h = ops.shrink(x, order, bounds, at)
-        ops.expand(out, order, bounds, h, [0, 0], bt, 0)
+        h = any_ops.shrink(x, order, bounds, at)
+        any_ops.expand(out, order, bounds, h, [0, 0], bt, 0)
         return out
 
     alone = lora([7], lambda r: 1)[7]

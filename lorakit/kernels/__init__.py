@@ -141,27 +141,40 @@ def reset() -> None:
             _state.pop(key, None)
 
 
-def build_dir() -> Path:
+def build_dir(name: str = "lorakit_sgmv") -> Path:
     cpu = _cpu_signature()
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(),
-                                     cpu.encode()])).hexdigest()[:16]
+                                     cpu.encode(), name.encode()])).hexdigest()[:16]
     return cache_dir() / "kernels" / key
 
 
-def _build():
+def generic_ops():
+    """The kernels built without the AVX2 register tiles, as `torch.ops.lorakit_sgmv_generic`: the loops that
+    AVX-512 and Arm CPUs run, for tests on AVX2 machines. Raises KernelError when they cannot be built."""
+    if "generic" not in _state:
+        with _lock:
+            if "generic" not in _state:
+                _state["generic"] = _build("lorakit_sgmv_generic", ["-DLORAKIT_GENERIC"])
+    ops, error = _state["generic"]
+    if ops is None:
+        raise KernelError(f"the generic kernels could not be built: {error}")
+    return ops
+
+
+def _build(name: str = "lorakit_sgmv", defines: tuple = ()):
     """(ops, None), or (None, why not)."""
     try:
         _check_toolchain()
         from torch.utils.cpp_extension import load
 
-        directory = build_dir()
+        directory = build_dir(name)
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):
             print(f"lorakit: building the CPU kernels for mixed-adapter batches (once, ~10 s) in {directory}",
                   file=sys.stderr)
-        load("lorakit_sgmv", [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DLORAKIT_OPS={name}", *defines],
              extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
-        return torch.ops.lorakit_sgmv, None
+        return getattr(torch.ops, name), None
     except Exception as e:  # a missing compiler, ninja or header shows up as many exception types
         text = str(e).strip().splitlines()
         return None, f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -30,7 +31,8 @@
 
 // AVX2 without AVX-512 (16 vector registers of 8 floats): explicit 6 x 16 register tiles, as in GEMM micro-kernels;
 // the compiler's own vectorization of the generic loops spills there. Same fused multiply-adds per element.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+// LORAKIT_GENERIC builds the generic loops anyway (tests run them on AVX2 machines: what AVX-512 and Arm CPUs run).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__) && !defined(LORAKIT_GENERIC)
 #include <immintrin.h>
 #define LORAKIT_AVX2 1
 #else
@@ -172,7 +174,7 @@ inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, con
     for (int64_t i = 0; i < R; ++i) {
       const float xv = xr[i][k];
 #pragma omp simd
-      for (int c = 0; c < C; ++c) acc[i][c] += xv * static_cast<float>(a[c]);
+      for (int c = 0; c < C; ++c) acc[i][c] = std::fma(xv, static_cast<float>(a[c]), acc[i][c]);
     }
   }
   for (int64_t i = 0; i < rows; ++i)
@@ -213,7 +215,7 @@ inline void expand_tile(const float* const* hrow, const M* b, int64_t rb, int64_
       for (int64_t i = 0; i < R; ++i) {
         const float hv = hrow[i][j];
 #pragma omp simd
-        for (int64_t c = 0; c < COLS; ++c) acc[i][c] += hv * static_cast<float>(bj[c]);
+        for (int64_t c = 0; c < COLS; ++c) acc[i][c] = std::fma(hv, static_cast<float>(bj[c]), acc[i][c]);
       }
     }
   } else {  // the last column block of every row
@@ -222,7 +224,7 @@ inline void expand_tile(const float* const* hrow, const M* b, int64_t rb, int64_
       for (int64_t i = 0; i < R; ++i) {
         const float hv = hrow[i][j];
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) acc[i][c] += hv * static_cast<float>(bj[c]);
+        for (int64_t c = 0; c < cols; ++c) acc[i][c] = std::fma(hv, static_cast<float>(bj[c]), acc[i][c]);
       }
     }
   }
@@ -546,11 +548,17 @@ void expand(at::Tensor out, const at::Tensor& order, const at::Tensor& seg, cons
 }
 
 bool bf16_dot() { return LORAKIT_BF16_DOT; }
+bool avx2_tiles() { return LORAKIT_AVX2; }
 
 }  // namespace
 
-TORCH_LIBRARY(lorakit_sgmv, m) {
+#ifndef LORAKIT_OPS
+#define LORAKIT_OPS lorakit_sgmv  // the op namespace (another one for the LORAKIT_GENERIC test build)
+#endif
+
+TORCH_LIBRARY(LORAKIT_OPS, m) {
   m.def("bf16_dot() -> bool", &bf16_dot);
+  m.def("avx2_tiles() -> bool", &avx2_tiles);
   m.def("shrink(Tensor x, Tensor order, Tensor seg, Tensor?[] At) -> Tensor", &shrink);
   m.def("expand(Tensor(a!) out, Tensor order, Tensor seg, Tensor h, int[] r0, Tensor?[] Bt, int c0) -> ()", &expand);
 }
