@@ -229,7 +229,7 @@ def up_factor(b: torch.Tensor, scale=1.0, pairs: bool = False) -> torch.Tensor:
     """s·B (d_out, r) as the expand kernel reads it: (s·B)ᵀ (r, d_out) contiguous; fp32, or B's own bf16 / fp16 when
     s = 1 (then nothing is rounded; B itself when Bᵀ is already contiguous). `pairs`: bf16 (⌈r / 2⌉, d_out, 2) with
     [j, c, p] = (s·B)ᵀ[2j + p, c] (a zero row pads an odd rank)."""
-    if scale == 1 and not pairs and _factor_dtype(b) == b.dtype:
+    if isinstance(scale, (int, float)) and scale == 1 and not pairs and _factor_dtype(b) == b.dtype:
         return b.detach().T.contiguous()
     bt = (b.detach().float() * scale).T.contiguous()
     if not pairs:
