@@ -386,13 +386,14 @@ def test_modes_and_fallback(monkeypatch, tmp_path):
         kernels.reset()
 
 
-@pytest.mark.parametrize("d_out, ranks", [(36, (3, 12)), (300, (3, 12)), (300, (20, 70))])
-def test_a_rows_result_does_not_depend_on_its_batch(any_ops, d_out, ranks):
+@pytest.mark.parametrize("d_in, d_out, ranks", [(40, 36, (3, 12)), (40, 300, (3, 12)), (130, 300, (20, 70))])
+def test_a_rows_result_does_not_depend_on_its_batch(any_ops, d_in, d_out, ranks):
     """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters (single
-    rows and tiles take different loops: wide and narrow ranks, full and ragged column blocks)."""
+    rows, pairs of rows and tiles take different loops: wide and narrow ranks, full and ragged column blocks, one
+    or several blocks of inputs)."""
     g = torch.Generator().manual_seed(5)
-    x, out0 = torch.randn(19, 40, generator=g), torch.randn(19, d_out, generator=g)
-    at = [kernels.down_factor(torch.randn(r, 40, generator=g)) for r in ranks]
+    x, out0 = torch.randn(19, d_in, generator=g), torch.randn(19, d_out, generator=g)
+    at = [kernels.down_factor(torch.randn(r, d_in, generator=g)) for r in ranks]
     bt = [kernels.up_factor(torch.randn(d_out, r, generator=g)) for r in ranks]
 
     def lora(rows, adapter_of):  # rows of x through their adapters, grouped by adapter as a server lays them out

@@ -80,16 +80,20 @@ inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// acc[i] = s[i][0:n] · m[0:n, 0:8V] for R rows (m: row stride `stride`), in registers. Every element sees the same
+// acc[i] += s[i][0:n] · m[0:n, 0:8V] for R rows (m: row stride `stride`), in registers. Every element sees the same
 // sequence of fused multiply-adds for any R and V, so a row gets the same bits in every tile shape: 6 rows × 2
 // vectors for batches (12 accumulators), one row × up to 8 vectors for decode (8 independent chains where 2 would
 // wait on the FMA latency). Constant indices (unrolled loops) keep acc in registers.
-template <int R, int V, typename M>
-inline void tile_times(const float* const* s, int64_t n, const M* m, int64_t stride, __m256 (&acc)[R][V]) {
+template <int R, int V>
+inline void zero(__m256 (&acc)[R][V]) {
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
     #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
+}
+
+template <int R, int V, typename M>
+inline void tile_times(const float* const* s, int64_t n, const M* m, int64_t stride, __m256 (&acc)[R][V]) {
   for (int64_t k = 0; k < n; ++k) {
     __m256 mv[V];
     #pragma GCC unroll 16
@@ -118,12 +122,17 @@ inline void by_vectors(int64_t n, F&& f) {
   }
 }
 
-// h[i, 0:8V] = xr[i] · at for the first `rows` of R rows
+// h[i, 0:8V] (+)= xr[i] · at over n inputs for the first `rows` of R rows (`first`: h starts from zero)
 template <int R, int V, typename M>
-inline void shrink_vectors(const float* const* xr, int64_t rows, int64_t d_in, const M* at, int64_t rp, float* h,
-                           int64_t h_stride) {
+inline void shrink_vectors(const float* const* xr, int64_t rows, int64_t n, const M* at, int64_t rp, float* h,
+                           int64_t h_stride, bool first) {
   __m256 acc[R][V];
-  tile_times<R, V>(xr, d_in, at, rp, acc);
+  #pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v)
+      acc[i][v] = first || i >= rows ? _mm256_setzero_ps() : _mm256_loadu_ps(h + i * h_stride + 8 * v);
+  tile_times<R, V>(xr, n, at, rp, acc);
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
     if (i < rows)
@@ -136,6 +145,7 @@ template <int R, int V, typename M>
 inline void expand_add_f32(const float* const* hrow, int64_t rows, const M* b, int64_t rb, int64_t d,
                            float* const* orow, int64_t cb) {
   __m256 acc[R][V];
+  zero(acc);
   tile_times<R, V>(hrow, rb, b, d, acc);
   #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
@@ -147,17 +157,29 @@ inline void expand_add_f32(const float* const* hrow, int64_t rows, const M* b, i
       }
 }
 
-// h[i, 0:rp] = xr[i] · at for a tile of R rows (one row: passes of up to 64 columns)
+// h[i, 0:rp] = xr[i] · at for a tile of R rows (one row: passes of up to 64 columns). The inputs go in blocks of
+// KBLOCK: every column pass of a block reads its rows of At from L1/L2, so At streams from memory once however
+// many passes the rank needs. Partial sums wait in h between blocks: the same fused multiply-adds in the same
+// order per element as one pass over all inputs.
+constexpr int64_t KBLOCK = 64;
+
 template <int R, typename M>
 inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, const M* at, int64_t rp, float* h,
                         int64_t h_stride) {
-  if constexpr (R == 1) {
-    for (int64_t c = 0; c < rp; c += 64)
-      by_vectors((rp - c) / 8, [&](auto v) { shrink_vectors<1, v()>(xr, 1, d_in, at + c, rp, h + c, h_stride); });
-  } else {
-    int64_t c = 0;
-    for (; c + 16 <= rp; c += 16) shrink_vectors<R, 2>(xr, rows, d_in, at + c, rp, h + c, h_stride);
-    if (c < rp) shrink_vectors<R, 1>(xr, rows, d_in, at + c, rp, h + c, h_stride);  // rp is a multiple of 8
+  for (int64_t k0 = 0; k0 < d_in; k0 += KBLOCK) {
+    const int64_t n = std::min(KBLOCK, d_in - k0);
+    const float* xs[R];
+    for (int i = 0; i < R; ++i) xs[i] = xr[i] + k0;
+    const M* ak = at + k0 * rp;
+    const bool first = k0 == 0;
+    if constexpr (R == 1) {
+      for (int64_t c = 0; c < rp; c += 64)
+        by_vectors((rp - c) / 8, [&](auto v) { shrink_vectors<1, v()>(xs, 1, n, ak + c, rp, h + c, h_stride, first); });
+    } else {
+      int64_t c = 0;
+      for (; c + 16 <= rp; c += 16) shrink_vectors<R, 2>(xs, rows, n, ak + c, rp, h + c, h_stride, first);
+      if (c < rp) shrink_vectors<R, 1>(xs, rows, n, ak + c, rp, h + c, h_stride, first);  // rp: a multiple of 8
+    }
   }
 }
 #else
@@ -198,6 +220,7 @@ inline void expand_tile(const float* const* hrow, const M* b, int64_t rb, int64_
 #if LORAKIT_AVX2
   if (cols == COLS) {
     __m256 acc[R][2];
+    zero(acc);
     tile_times<R, 2>(hrow, rb, b, d, acc);
     #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
@@ -353,8 +376,8 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
       const int64_t rp = At[tile.seg].size(1);
       float* ht = hp + tile.first * hs;
       with_factor(At[tile.seg], [&](const auto* at) {
-        if (rows == 1)
-          shrink_tile<1>(xr, rows, d_in, at, rp, ht, hs);
+        if (rows <= 2)  // one or two rows (decode): single-row passes, not a tile of mostly padding
+          for (int64_t i = 0; i < rows; ++i) shrink_tile<1>(xr + i, 1, d_in, at, rp, ht + i * hs, hs);
         else
           shrink_tile<SHRINK_ROWS>(xr, rows, d_in, at, rp, ht, hs);
       });
