@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CapacityError, ConfigError, QueueFullError, RequestError, UnknownAdapterError
 from .adapters import AdapterPool
-from .config import DTYPES, EngineConfig
+from .config import DTYPES, EngineConfig, serving_dtype
 from .llama import LlamaRunner, SeqSlice, StepBatch
 from .lora import LoraStep, Segment, StackCache
 from .model_dir import resolve_model_dir
@@ -46,9 +46,8 @@ class Engine:
         if num_blocks < 1:
             raise CapacityError(f"memory_bytes {cfg.memory_bytes} cannot hold one KV block ({self.block_bytes} bytes)")
         self.cache = model.new_cache(num_blocks, cfg.block_size)
-        lora_dtype = model.dtype if cfg.lora_dtype == "auto" else DTYPES[cfg.lora_dtype]
         self.pool = AdapterPool(model.dims, cfg.max_lora_rank, cfg.max_cpu_loras, self.free_bytes, cfg.load_workers,
-                                lora_dtype)
+                                serving_dtype(cfg.lora_dtype, model.dtype))
         self.scheduler = Scheduler(self)
         self.stacks = StackCache()
         eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)

@@ -55,6 +55,12 @@ def reference(base, adapter, request, dtype):
     return logits[len(request.prompt_ids) - 1:len(request.all_ids) - 1]
 
 
+def held_in_bf16(loaded) -> bool:
+    """Every factor of a loaded adapter (A and each (s·B)ᵀ) is a bf16 tensor."""
+    return all(w.a.dtype == torch.bfloat16 and all(p[4].dtype == torch.bfloat16 for p in w.parts)
+               for w in loaded.groups.values())
+
+
 @pytest.mark.parametrize("dtype, fp32_max_rows", [("bfloat16", 0), ("bfloat16", 4), ("float16", 0)])
 def test_16bit_engine_logits_match_transformers_16bit(base, adapter, dtype, fp32_max_rows):
     """bf16 (and fp16, with the same bound) against transformers + PEFT in that dtype."""
@@ -128,9 +134,7 @@ def test_bf16_halves_kv_and_adapter_bytes(base, adapter):
     spec16, spec32 = e16.pool.specs()["a"], e32.pool.specs()["a"]
     assert spec16.nbytes * 2 == spec32.nbytes
     assert e16.pool.resident_bytes() * 2 == e32.pool.resident_bytes()
-    loaded = e16.pool.acquire("a")
-    assert all(w.a.dtype == torch.bfloat16 and all(p[4].dtype == torch.bfloat16 for p in w.parts)
-               for w in loaded.groups.values())
+    assert held_in_bf16(e16.pool.acquire("a"))
 
 
 @pytest.mark.parametrize("kernel", ["fused", "segment", "bmm"])
@@ -155,9 +159,7 @@ def test_bf16_adapters_on_an_fp32_model(base, adapter, kernel):
         logits[ld] = reqs
     e16, e32 = engines["bfloat16"], engines["auto"]
     assert e16.pool.specs()["a"].nbytes * 2 == e32.pool.specs()["a"].nbytes
-    loaded = e16.pool.acquire("a")
-    assert all(w.a.dtype == torch.bfloat16 and all(p[4].dtype == torch.bfloat16 for p in w.parts)
-               for w in loaded.groups.values())
+    assert held_in_bf16(e16.pool.acquire("a"))
     assert e16.model.layers[0]["qkv"].dtype == torch.float32
 
     rounded = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
