@@ -1,4 +1,5 @@
 """The fused CPU kernels (lorakit.kernels): the same outputs as the eager path, the fallback, and bad input."""
+import itertools
 import warnings
 from types import SimpleNamespace
 
@@ -271,25 +272,27 @@ def test_direct_ops_match_a_reference(any_ops):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d_out", [300, 1100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_direct_ops_match_a_reference_at_tile_sizes(any_ops, dtype):
-    """Segments of 1..31 rows (single rows, partial and full row tiles), ranks that fill one, several or part of a
-    register tile, and 300 output columns (several column groups, full blocks and a ragged tail), against fp64."""
+def test_direct_ops_match_a_reference_at_tile_sizes(any_ops, dtype, d_out):
+    """Segments of 1..31 rows (single rows and segments of a few rows that stream, partial and full row tiles),
+    ranks that fill one, several or part of a register tile, and 300 or 1100 output columns (several column groups
+    and streamed chunks, full blocks and a ragged tail), against fp64."""
     g = torch.Generator().manual_seed(6)
-    ranks, sizes = (1, 8, 24, 40), (1, 5, 13, 31)
+    ranks, sizes = (1, 8, 24, 40, 16), (1, 4, 5, 13, 31)
     x = torch.randn(60, 72, generator=g)
     a = [torch.randn(r, 72, generator=g) / 8 for r in ranks]
-    b = [torch.randn(300, r, generator=g) / 4 for r in ranks]
+    b = [torch.randn(d_out, r, generator=g) / 4 for r in ranks]
     order = torch.randperm(60, generator=g)[:sum(sizes)].contiguous()
-    bounds = torch.tensor([0, 1, 6, 19, 50], dtype=torch.long)
-    out = torch.randn(60, 310, generator=g)
+    bounds = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.long)
+    out = torch.randn(60, d_out + 10, generator=g)
     ref = out.double()
     for lo, hi, am, bm in zip(bounds[:-1], bounds[1:], a, b):
         rows = order[lo:hi]
         ref[rows, 10:] += 0.5 * x[rows].double() @ am.T.double() @ bm.T.double()
     out = out.to(dtype)
     h = any_ops.shrink(x.to(dtype), order, bounds, [kernels.down_factor(m) for m in a])
-    any_ops.expand(out, order, bounds, h, [0] * 4, [kernels.up_factor(m, 0.5) for m in b], 10)
+    any_ops.expand(out, order, bounds, h, [0] * len(ranks), [kernels.up_factor(m, 0.5) for m in b], 10)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), ref.to(dtype).double(), atol=tol, rtol=tol)
 
@@ -386,11 +389,12 @@ def test_modes_and_fallback(monkeypatch, tmp_path):
         kernels.reset()
 
 
-@pytest.mark.parametrize("d_in, d_out, ranks", [(40, 36, (3, 12)), (40, 300, (3, 12)), (130, 300, (20, 70))])
+@pytest.mark.parametrize("d_in, d_out, ranks", [(40, 36, (3, 12)), (40, 300, (3, 12)), (130, 300, (20, 70)),
+                                                (130, 1100, (20, 70))])
 def test_a_rows_result_does_not_depend_on_its_batch(any_ops, d_in, d_out, ranks):
     """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters (single
-    rows, pairs of rows and tiles take different loops: wide and narrow ranks, full and ragged column blocks, one
-    or several blocks of inputs)."""
+    rows, segments of a few rows and tiles take different loops: wide and narrow ranks, full and ragged column
+    blocks and streamed chunks, one or several blocks of inputs, shares of a segment split between threads)."""
     g = torch.Generator().manual_seed(5)
     x, out0 = torch.randn(19, d_in, generator=g), torch.randn(19, d_out, generator=g)
     at = [kernels.down_factor(torch.randn(r, d_in, generator=g)) for r in ranks]
@@ -405,7 +409,12 @@ def test_a_rows_result_does_not_depend_on_its_batch(any_ops, d_in, d_out, ranks)
         any_ops.expand(out, order, bounds, h, [0, 0], bt, 0)
         return out
 
-    alone = lora([7], lambda r: 1)[7]
-    for batch in ([7, 1, 2], list(range(19)), [3, 5, 7, 9, 11, 13, 15, 17, 18]):
-        got = lora(batch, lambda r: 1 if r in (7, 2, 9, 18) else 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # alone on one thread; the batches below on all, their shares cut through segments
+    try:
+        alone = lora([7], lambda r: 1)[7]
+    finally:
+        torch.set_num_threads(threads)
+    for batch in ([7, 1, 2], list(range(19)), [3, 5, 7, 9, 11, 13, 15, 17, 18], [2, 7, 9, 18, 4]):
+        got = lora(batch, lambda r: 1 if r in (7, 2, 9, 18) or r > 10 else 0)
         assert torch.equal(got[7], alone)

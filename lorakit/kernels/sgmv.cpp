@@ -317,6 +317,123 @@ inline void expand_bf16_tile(const float* const* hrow, c10::BFloat16* const* oro
 }
 #endif
 
+// ---- segments of a few rows (decode): each factor streams from memory once, in order, split evenly over threads
+// A row's accumulators lie in L1 (chunks of CHUNK columns) and every factor row is read once, start to end, for all
+// the segment's rows. Each element still gets its fused multiply-adds in the register tiles' order (inputs k, or
+// ranks j, in turn, from zero), so the bits match the tiles. Threads take equal shares of the factor bytes, cut at
+// multiples of 8 columns (never across inputs or ranks, which would change the order of the sums).
+constexpr int64_t STREAM_ROWS = 4;  // segments of at most this many rows stream
+constexpr int64_t CHUNK = 512;      // accumulator columns per pass (STREAM_ROWS x 2 KB)
+
+// acc[i][0:n] = fma(s[i], m[0:n], acc[i][0:n]) for the R rows
+template <int R, typename M>
+inline void fma_rows(const float (&s)[R], const M* m, int64_t n, float* const (&acc)[R]) {
+  int64_t c = 0;
+#if LORAKIT_AVX2
+  __m256 sv[R];
+  for (int i = 0; i < R; ++i) sv[i] = _mm256_set1_ps(s[i]);
+  for (; c + 8 <= n; c += 8) {
+    const __m256 mv = load8(m + c);
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; ++i)
+      _mm256_storeu_ps(acc[i] + c, _mm256_fmadd_ps(sv[i], mv, _mm256_loadu_ps(acc[i] + c)));
+  }
+#endif
+#pragma omp simd
+  for (int64_t k = c; k < n; ++k) {
+    const float mk = static_cast<float>(m[k]);
+    #pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) acc[i][k] = std::fma(s[i], mk, acc[i][k]);
+  }
+}
+
+// f(std::integral_constant<int, R>{}) for R = rows, 1 ≤ rows ≤ STREAM_ROWS
+template <typename F>
+inline void by_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+// h[i, c0:c1] (zeros on entry) = xr[i] · at[:, c0:c1] for R rows (at: (d_in, rp))
+template <int R, typename M>
+void stream_shrink(const float* const* xr, int64_t d_in, const M* at, int64_t rp, int64_t c0, int64_t c1, float* h,
+                   int64_t h_stride) {
+  for (int64_t c = c0; c < c1; c += CHUNK) {
+    float* acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = h + i * h_stride + c;
+    for (int64_t k = 0; k < d_in; ++k) {
+      float s[R];
+      for (int i = 0; i < R; ++i) s[i] = xr[i][k];
+      fma_rows<R>(s, at + k * rp + c, std::min(CHUNK, c1 - c), acc);
+    }
+  }
+}
+
+// orow[i][c0:c1] += hrow[i] · b[:, c0:c1] for R rows (b: (rb, d))
+template <int R, typename T, typename M>
+void stream_expand(const float* const* hrow, const M* b, int64_t rb, int64_t d, int64_t c0, int64_t c1,
+                   T* const* orow) {
+  float buffer[R][CHUNK];
+  for (int64_t c = c0; c < c1; c += CHUNK) {
+    const int64_t n = std::min(CHUNK, c1 - c);
+    float* acc[R];
+    for (int i = 0; i < R; ++i) {
+      acc[i] = buffer[i];
+      std::fill(acc[i], acc[i] + n, 0.f);
+    }
+    for (int64_t j = 0; j < rb; ++j) {
+      float s[R];
+      for (int i = 0; i < R; ++i) s[i] = hrow[i][j];
+      fma_rows<R>(s, b + j * d + c, n, acc);
+    }
+    for (int i = 0; i < R; ++i) {
+      T* o = orow[i] + c;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) o[k] = static_cast<T>(static_cast<float>(o[k]) + acc[i][k]);
+    }
+  }
+}
+
+struct Span {
+  int64_t seg, c0, c1;  // columns [c0, c1) of segment seg
+};
+
+// Per thread, its spans: contiguous equal shares of Σ_s width[s] · cost[s] (cost: per column), cut at multiples
+// of 8 columns. Segments of width 0 take no part.
+std::vector<std::vector<Span>> even_shares(const std::vector<int64_t>& width, const std::vector<int64_t>& cost,
+                                           int64_t parts) {
+  double total = 0;
+  for (size_t s = 0; s < width.size(); ++s) total += static_cast<double>(width[s]) * cost[s];
+  std::vector<std::vector<Span>> shares(parts);
+  double before = 0;
+  for (size_t s = 0; s < width.size(); ++s)
+    for (int64_t c = 0; c < width[s]; c += 8) {
+      const int64_t n = std::min<int64_t>(8, width[s] - c);
+      const double mid = before + 0.5 * n * cost[s];
+      before += static_cast<double>(n) * cost[s];
+      const int64_t t = std::min<int64_t>(parts - 1, static_cast<int64_t>(mid / total * parts));
+      auto& spans = shares[t];
+      if (!spans.empty() && spans.back().seg == static_cast<int64_t>(s) && spans.back().c1 == c)
+        spans.back().c1 = c + n;
+      else
+        spans.push_back({static_cast<int64_t>(s), c, c + n});
+    }
+  return shares;
+}
+
+// f(span) for every span of `shares`, each thread its own share
+template <typename F>
+void run_shares(const std::vector<std::vector<Span>>& shares, F&& f) {
+  at::parallel_for(0, shares.size(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (const Span& span : shares[t]) f(span);
+  });
+}
+
 struct Tile {
   int64_t seg, first;
 };
@@ -329,13 +446,60 @@ std::vector<Tile> tiles_of(const int64_t* seg, int64_t nseg, int64_t rows, const
   return tiles;
 }
 
+// Which segments stream (up to STREAM_ROWS rows, a plain-layout factor) and the threads' shares of them; `skip`
+// marks the rest for the register tiles. cost(factor, rows): a column's cost.
+struct Streamed {
+  std::vector<bool> skip;
+  std::vector<std::vector<Span>> shares;
+};
+
+template <typename Cost>
+Streamed streamed_segments(const int64_t* seg, const std::vector<at::Tensor>& factors, const std::vector<bool>& skip,
+                           Cost&& cost) {
+  const size_t nseg = factors.size();
+  Streamed streamed{skip, {}};
+  std::vector<int64_t> width(nseg, 0), costs(nseg, 0);
+  bool any = false;
+  for (size_t s = 0; s < nseg; ++s) {
+    const int64_t rows = seg[s + 1] - seg[s];
+    if (skip[s] || rows == 0 || rows > STREAM_ROWS || factors[s].dim() != 2) continue;
+    streamed.skip[s] = true;
+    width[s] = factors[s].size(1);
+    costs[s] = cost(factors[s], rows);
+    any = true;
+  }
+  if (any) streamed.shares = even_shares(width, costs, at::get_num_threads());
+  return streamed;
+}
+
 template <typename T>
 void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, const std::vector<at::Tensor>& At,
                  const std::vector<bool>& skip, at::Tensor& h) {
   const int64_t d_in = x.size(1), xs = x.stride(0), hs = h.stride(0);
   const T* xp = x.data_ptr<T>();
   float* hp = h.data_ptr<float>();
-  const auto tiles = tiles_of(seg, At.size(), SHRINK_ROWS, skip);
+  const auto row_of = [&](int64_t i) { return xp + (order ? order[i] : i) * xs; };
+  const Streamed streamed = streamed_segments(seg, At, skip, [&](const at::Tensor& a, int64_t) {
+    return d_in * a.element_size();
+  });
+  run_shares(streamed.shares, [&](const Span& span) {
+    const int64_t first = seg[span.seg], rows = seg[span.seg + 1] - first;
+    std::vector<float> xb(std::is_same_v<T, float> ? 0 : rows * d_in);
+    const float* xr[STREAM_ROWS];
+    for (int64_t i = 0; i < rows; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        xr[i] = row_of(first + i);
+      } else {
+        load_row(row_of(first + i), xb.data() + i * d_in, d_in);
+        xr[i] = xb.data() + i * d_in;
+      }
+    }
+    const int64_t rp = At[span.seg].size(1);
+    with_factor(At[span.seg], [&](const auto* at) {
+      by_rows(rows, [&](auto R) { stream_shrink<R()>(xr, d_in, at, rp, span.c0, span.c1, hp + first * hs, hs); });
+    });
+  });
+  const auto tiles = tiles_of(seg, At.size(), SHRINK_ROWS, streamed.skip);
   const std::vector<T> zero_row(d_in, T(0));
   const std::vector<float> zeros(d_in, 0.f);
   at::parallel_for(0, tiles.size(), 1, [&](int64_t begin, int64_t end) {
@@ -348,7 +512,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
         if (At[tile.seg].dim() == 3) {  // pair layout
           const uint16_t* rp_[SHRINK_ROWS];
           for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
-            const T* r = i < rows ? xp + (order ? order[tile.first + i] : tile.first + i) * xs : zero_row.data();
+            const T* r = i < rows ? row_of(tile.first + i) : zero_row.data();
             rp_[i] = reinterpret_cast<const uint16_t*>(r);
           }
           const auto* at2 = reinterpret_cast<const uint16_t*>(At[tile.seg].data_ptr<at::BFloat16>());
@@ -363,7 +527,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
 #endif
       const float* xr[SHRINK_ROWS];  // fp32 rows where they lie, others converted into xb; missing rows: zeros
       for (int64_t i = 0; i < SHRINK_ROWS; ++i) {
-        const T* row = i < rows ? xp + (order ? order[tile.first + i] : tile.first + i) * xs : nullptr;
+        const T* row = i < rows ? row_of(tile.first + i) : nullptr;
         if (row == nullptr) {
           xr[i] = zeros.data();
         } else if constexpr (std::is_same_v<T, float>) {
@@ -430,7 +594,24 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
   const int64_t hs = h.stride(0), os = out.stride(0), ncol = (d + COLS - 1) / COLS;
   T* op = out.data_ptr<T>();
   const float* hp = h.data_ptr<float>();
-  const auto tiles = tiles_of(seg, Bt.size(), EXPAND_ROWS, skip);
+  const auto out_row = [&](int64_t i) { return op + (order ? order[i] : i) * os + c0; };
+  const Streamed streamed = streamed_segments(seg, Bt, skip, [&](const at::Tensor& b, int64_t rows) {
+    return b.size(0) * b.element_size() + 8 * rows;  // factor bytes, and the rows' outputs read and written
+  });
+  run_shares(streamed.shares, [&](const Span& span) {
+    const int64_t first = seg[span.seg], rows = seg[span.seg + 1] - first;
+    const float* hrow[STREAM_ROWS];
+    T* orow[STREAM_ROWS];
+    for (int64_t i = 0; i < rows; ++i) {
+      hrow[i] = hp + (first + i) * hs + r0[span.seg];
+      orow[i] = out_row(first + i);
+    }
+    const int64_t rb = Bt[span.seg].size(0);
+    with_factor(Bt[span.seg], [&](const auto* b) {
+      by_rows(rows, [&](auto R) { stream_expand<R()>(hrow, b, rb, d, span.c0, span.c1, orow); });
+    });
+  });
+  const auto tiles = tiles_of(seg, Bt.size(), EXPAND_ROWS, streamed.skip);
   int64_t max_rank = 0;
   for (const auto& b : Bt)
     if (b.defined()) max_rank = std::max(max_rank, 2 * b.size(0));
@@ -447,7 +628,7 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
       T* orow[EXPAND_ROWS];
       for (int64_t i = 0; i < EXPAND_ROWS; ++i) {
         hrow[i] = i < rows ? hp + (tile.first + i) * hs + r0[tile.seg] : zeros.data();
-        orow[i] = i < rows ? op + (order ? order[tile.first + i] : tile.first + i) * os + c0 : nullptr;
+        orow[i] = i < rows ? out_row(tile.first + i) : nullptr;
       }
 #if LORAKIT_BF16_DOT
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
