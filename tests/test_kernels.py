@@ -394,7 +394,7 @@ def test_modes_and_fallback(monkeypatch, tmp_path):
 def test_a_rows_result_does_not_depend_on_its_batch(any_ops, d_in, d_out, ranks):
     """Bitwise: one row alone, and the same row at every position of batches of other rows and adapters (single
     rows, segments of a few rows and tiles take different loops: wide and narrow ranks, full and ragged column
-    blocks and streamed chunks, one or several blocks of inputs, shares of a segment split between threads)."""
+    blocks and streamed chunks, one or several blocks of inputs)."""
     g = torch.Generator().manual_seed(5)
     x, out0 = torch.randn(19, d_in, generator=g), torch.randn(19, d_out, generator=g)
     at = [kernels.down_factor(torch.randn(r, d_in, generator=g)) for r in ranks]
@@ -410,7 +410,7 @@ def test_a_rows_result_does_not_depend_on_its_batch(any_ops, d_in, d_out, ranks)
         return out
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # alone on one thread; the batches below on all, their shares cut through segments
+    torch.set_num_threads(1)  # alone on one thread, the batches below on all of them
     try:
         alone = lora([7], lambda r: 1)[7]
     finally:

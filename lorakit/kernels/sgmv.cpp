@@ -317,11 +317,10 @@ inline void expand_bf16_tile(const float* const* hrow, c10::BFloat16* const* oro
 }
 #endif
 
-// ---- segments of a few rows (decode): each factor streams from memory once, in order, split evenly over threads
+// ---- segments of a few rows (decode): each factor streams from memory once, in order
 // A row's accumulators lie in L1 (chunks of CHUNK columns) and every factor row is read once, start to end, for all
 // the segment's rows. Each element still gets its fused multiply-adds in the register tiles' order (inputs k, or
-// ranks j, in turn, from zero), so the bits match the tiles. Threads take equal shares of the factor bytes, cut at
-// multiples of 8 columns (never across inputs or ranks, which would change the order of the sums).
+// ranks j, in turn, from zero), so the bits match the tiles.
 constexpr int64_t STREAM_ROWS = 4;  // segments of at most this many rows stream
 constexpr int64_t CHUNK = 512;      // accumulator columns per pass (STREAM_ROWS x 2 KB)
 
@@ -358,28 +357,26 @@ inline void by_rows(int64_t rows, F&& f) {
   }
 }
 
-// h[i, c0:c1] (zeros on entry) = xr[i] · at[:, c0:c1] for R rows (at: (d_in, rp))
+// h[i, 0:rp] (zeros on entry) = xr[i] · at for R rows (at: (d_in, rp))
 template <int R, typename M>
-void stream_shrink(const float* const* xr, int64_t d_in, const M* at, int64_t rp, int64_t c0, int64_t c1, float* h,
-                   int64_t h_stride) {
-  for (int64_t c = c0; c < c1; c += CHUNK) {
+void stream_shrink(const float* const* xr, int64_t d_in, const M* at, int64_t rp, float* h, int64_t h_stride) {
+  for (int64_t c = 0; c < rp; c += CHUNK) {
     float* acc[R];
     for (int i = 0; i < R; ++i) acc[i] = h + i * h_stride + c;
     for (int64_t k = 0; k < d_in; ++k) {
       float s[R];
       for (int i = 0; i < R; ++i) s[i] = xr[i][k];
-      fma_rows<R>(s, at + k * rp + c, std::min(CHUNK, c1 - c), acc);
+      fma_rows<R>(s, at + k * rp + c, std::min(CHUNK, rp - c), acc);
     }
   }
 }
 
-// orow[i][c0:c1] += hrow[i] · b[:, c0:c1] for R rows (b: (rb, d))
+// orow[i][0:d] += hrow[i] · b for R rows (b: (rb, d))
 template <int R, typename T, typename M>
-void stream_expand(const float* const* hrow, const M* b, int64_t rb, int64_t d, int64_t c0, int64_t c1,
-                   T* const* orow) {
+void stream_expand(const float* const* hrow, const M* b, int64_t rb, int64_t d, T* const* orow) {
   float buffer[R][CHUNK];
-  for (int64_t c = c0; c < c1; c += CHUNK) {
-    const int64_t n = std::min(CHUNK, c1 - c);
+  for (int64_t c = 0; c < d; c += CHUNK) {
+    const int64_t n = std::min(CHUNK, d - c);
     float* acc[R];
     for (int i = 0; i < R; ++i) {
       acc[i] = buffer[i];
@@ -398,39 +395,32 @@ void stream_expand(const float* const* hrow, const M* b, int64_t rb, int64_t d, 
   }
 }
 
-struct Span {
-  int64_t seg, c0, c1;  // columns [c0, c1) of segment seg
-};
-
-// Per thread, its spans: contiguous equal shares of Σ_s width[s] · cost[s] (cost: per column), cut at multiples
-// of 8 columns. Segments of width 0 take no part.
-std::vector<std::vector<Span>> even_shares(const std::vector<int64_t>& width, const std::vector<int64_t>& cost,
-                                           int64_t parts) {
-  double total = 0;
-  for (size_t s = 0; s < width.size(); ++s) total += static_cast<double>(width[s]) * cost[s];
-  std::vector<std::vector<Span>> shares(parts);
-  double before = 0;
+// Per thread, the segments it streams: whole segments, the costliest first to the least loaded thread (each thread
+// then reads its factors start to end; splitting a factor's columns between threads measured slower). Segments of
+// width 0 take no part. cost: per column.
+std::vector<std::vector<int64_t>> shares_of(const std::vector<int64_t>& width, const std::vector<int64_t>& cost,
+                                         int64_t parts) {
+  std::vector<int64_t> order;
   for (size_t s = 0; s < width.size(); ++s)
-    for (int64_t c = 0; c < width[s]; c += 8) {
-      const int64_t n = std::min<int64_t>(8, width[s] - c);
-      const double mid = before + 0.5 * n * cost[s];
-      before += static_cast<double>(n) * cost[s];
-      const int64_t t = std::min<int64_t>(parts - 1, static_cast<int64_t>(mid / total * parts));
-      auto& spans = shares[t];
-      if (!spans.empty() && spans.back().seg == static_cast<int64_t>(s) && spans.back().c1 == c)
-        spans.back().c1 = c + n;
-      else
-        spans.push_back({static_cast<int64_t>(s), c, c + n});
-    }
+    if (width[s]) order.push_back(s);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return width[a] * cost[a] > width[b] * cost[b]; });
+  std::vector<std::vector<int64_t>> shares(parts);
+  std::vector<int64_t> load(parts, 0);
+  for (int64_t s : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    load[t] += width[s] * cost[s];
+    shares[t].push_back(s);
+  }
   return shares;
 }
 
-// f(span) for every span of `shares`, each thread its own share
+// f(segment) for every segment of `shares`, each thread its own share
 template <typename F>
-void run_shares(const std::vector<std::vector<Span>>& shares, F&& f) {
+void run_shares(const std::vector<std::vector<int64_t>>& shares, F&& f) {
   at::parallel_for(0, shares.size(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      for (const Span& span : shares[t]) f(span);
+      for (int64_t s : shares[t]) f(s);
   });
 }
 
@@ -450,7 +440,7 @@ std::vector<Tile> tiles_of(const int64_t* seg, int64_t nseg, int64_t rows, const
 // marks the rest for the register tiles. cost(factor, rows): a column's cost.
 struct Streamed {
   std::vector<bool> skip;
-  std::vector<std::vector<Span>> shares;
+  std::vector<std::vector<int64_t>> shares;  // per thread, the streamed segments
 };
 
 template <typename Cost>
@@ -468,7 +458,7 @@ Streamed streamed_segments(const int64_t* seg, const std::vector<at::Tensor>& fa
     costs[s] = cost(factors[s], rows);
     any = true;
   }
-  if (any) streamed.shares = even_shares(width, costs, at::get_num_threads());
+  if (any) streamed.shares = shares_of(width, costs, at::get_num_threads());
   return streamed;
 }
 
@@ -482,8 +472,8 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
   const Streamed streamed = streamed_segments(seg, At, skip, [&](const at::Tensor& a, int64_t) {
     return d_in * a.element_size();
   });
-  run_shares(streamed.shares, [&](const Span& span) {
-    const int64_t first = seg[span.seg], rows = seg[span.seg + 1] - first;
+  run_shares(streamed.shares, [&](int64_t s) {
+    const int64_t first = seg[s], rows = seg[s + 1] - first;
     std::vector<float> xb(std::is_same_v<T, float> ? 0 : rows * d_in);
     const float* xr[STREAM_ROWS];
     for (int64_t i = 0; i < rows; ++i) {
@@ -494,9 +484,9 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
         xr[i] = xb.data() + i * d_in;
       }
     }
-    const int64_t rp = At[span.seg].size(1);
-    with_factor(At[span.seg], [&](const auto* at) {
-      by_rows(rows, [&](auto R) { stream_shrink<R()>(xr, d_in, at, rp, span.c0, span.c1, hp + first * hs, hs); });
+    const int64_t rp = At[s].size(1);
+    with_factor(At[s], [&](const auto* at) {
+      by_rows(rows, [&](auto R) { stream_shrink<R()>(xr, d_in, at, rp, hp + first * hs, hs); });
     });
   });
   const auto tiles = tiles_of(seg, At.size(), SHRINK_ROWS, streamed.skip);
@@ -598,17 +588,17 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
   const Streamed streamed = streamed_segments(seg, Bt, skip, [&](const at::Tensor& b, int64_t rows) {
     return b.size(0) * b.element_size() + 8 * rows;  // factor bytes, and the rows' outputs read and written
   });
-  run_shares(streamed.shares, [&](const Span& span) {
-    const int64_t first = seg[span.seg], rows = seg[span.seg + 1] - first;
+  run_shares(streamed.shares, [&](int64_t s) {
+    const int64_t first = seg[s], rows = seg[s + 1] - first;
     const float* hrow[STREAM_ROWS];
     T* orow[STREAM_ROWS];
     for (int64_t i = 0; i < rows; ++i) {
-      hrow[i] = hp + (first + i) * hs + r0[span.seg];
+      hrow[i] = hp + (first + i) * hs + r0[s];
       orow[i] = out_row(first + i);
     }
-    const int64_t rb = Bt[span.seg].size(0);
-    with_factor(Bt[span.seg], [&](const auto* b) {
-      by_rows(rows, [&](auto R) { stream_expand<R()>(hrow, b, rb, d, span.c0, span.c1, orow); });
+    const int64_t rb = Bt[s].size(0);
+    with_factor(Bt[s], [&](const auto* b) {
+      by_rows(rows, [&](auto R) { stream_expand<R()>(hrow, b, rb, d, orow); });
     });
   });
   const auto tiles = tiles_of(seg, Bt.size(), EXPAND_ROWS, streamed.skip);

@@ -86,10 +86,13 @@ class LoraStep:
         self._decode_sets = list(by_rows.values())
         self._buckets: dict[tuple[int, str], list] = {}
         self._layout = None  # (bounds, adapter or None per kernel segment), built on the first fused call
+        self._fuses: dict[torch.dtype, bool] = {}  # per activation dtype: whether the fused kernels run this step
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += Σ_adapters s·x·Aᵀ·Bᵀ on each adapter's rows, for the modules of `group` this adapter targets."""
-        fused = self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x))
+        fused = self._fuses.get(x.dtype)
+        if fused is None:  # decided once per step: every layer sees the same device, dtype and kernel mode
+            fused = self._fuses[x.dtype] = self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x))
         if fused and self._fused(layer, group, x, out):
             return
         for seg in self.prefills:
@@ -103,10 +106,10 @@ class LoraStep:
     def _fused(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> bool:
         """All segments in one shrink call for the group and one expand call per module (`lorakit.kernels`);
         False (nothing done) where the bf16 kernels cannot take these shapes."""
-        ops = kernels.sgmv()
-        if ops is None:
-            raise kernels.KernelError("lora_kernel='fused' needs the compiled CPU kernels (see lorakit.kernels)")
         if self._layout is None:  # kernel segments: the step's segments in row order, rows between them skipped
+            self._ops = kernels.sgmv()
+            if self._ops is None:
+                raise kernels.KernelError("lora_kernel='fused' needs the compiled CPU kernels (see lorakit.kernels)")
             bounds, owners = [0], []
             for s in sorted(self.segments, key=lambda s: s.start):
                 if s.start > bounds[-1]:
@@ -115,7 +118,7 @@ class LoraStep:
                 bounds.append(s.stop)
                 owners.append(s.adapter)
             self._layout = torch.tensor(bounds, dtype=torch.long), tuple(owners)
-        bounds, owners = self._layout
+        ops, (bounds, owners) = self._ops, self._layout
         pairs = x.dtype == torch.bfloat16 and kernels.bf16_dot()
         # the factor lists depend on the adapters in row order only: kept across steps (steady decoding reuses them)
         down, modules = self.stacks.get(layer, ("fused", group, pairs), owners,
