@@ -7,9 +7,11 @@
 // Factors are fp32, bf16 or fp16 (each segment its own; 16-bit ones are widened exactly as they are read, so they
 // stream half the bytes and give the same result as their fp32 copies).
 // Rows are read and written in place (no gather, no scatter), accumulation is in fp32 whatever the activations'
-// dtype (fp32, bf16, fp16; fp64 is refused), a row's result does not depend on the other rows of the call (single
-// rows and padded full tiles do the same arithmetic per row), and the work (segment × row tile [× column block])
-// is spread over torch's threads. bf16 factors in pair layout use AVX512-BF16 dot products where the CPU has them.
+// dtype (fp32, bf16, fp16; fp64 is refused), and a row's result does not depend on the other rows of the call
+// (single rows, streamed segments and padded full tiles do the same arithmetic per row). Segments of up to 4 rows
+// (decode) stream their factor from memory once, start to end, whole segments spread over torch's threads; larger
+// ones run in register tiles, the work (segment × row tile [× column block]) spread over the threads. bf16 factors
+// in pair layout use AVX512-BF16 dot products where the CPU has them.
 // Written for this project. On AVX2 CPUs without AVX-512 the fp32 loops are explicit 6-row x 16-column register tiles
 // (FMA intrinsics); elsewhere they are plain C++ that the compiler vectorizes for the CPU it is built on.
 #include <ATen/ATen.h>

@@ -87,9 +87,12 @@ class LoraStep:
         self._buckets: dict[tuple[int, str], list] = {}
         self._layout = None  # (bounds, adapter or None per kernel segment), built on the first fused call
         self._fuses: dict[torch.dtype, bool] = {}  # per activation dtype: whether the fused kernels run this step
+        self._targeted = set().union(*(s.adapter.groups.keys() for s in segments))  # (layer, group) of any adapter
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += Σ_adapters s·x·Aᵀ·Bᵀ on each adapter's rows, for the modules of `group` this adapter targets."""
+        if (layer, group) not in self._targeted:
+            return
         fused = self._fuses.get(x.dtype)
         if fused is None:  # decided once per step: every layer sees the same device, dtype and kernel mode
             fused = self._fuses[x.dtype] = self.kernel == "fused" or (self.kernel == "auto" and kernels.uses(x))
