@@ -71,6 +71,15 @@ inline void with_factor(const at::Tensor& t, F&& f) {
   }
 }
 
+// f(std::integral_constant<int, min(n, N)>{}) for n ≥ 1: a loop count as a compile-time constant
+template <int N, typename F>
+inline void up_to(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return up_to<N - 1>(n, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
 #if LORAKIT_AVX2
 // 8 factor elements widened to fp32 (exact)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -106,21 +115,6 @@ inline void tile_times(const float* const* s, int64_t n, const M* m, int64_t str
       #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(sv, mv[v], acc[i][v]);
     }
-  }
-}
-
-// f(std::integral_constant<int, V>{}) for V = min(n, 8), n ≥ 1
-template <typename F>
-inline void by_vectors(int64_t n, F&& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
   }
 }
 
@@ -176,7 +170,7 @@ inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, cons
     const bool first = k0 == 0;
     if constexpr (R == 1) {
       for (int64_t c = 0; c < rp; c += 64)
-        by_vectors((rp - c) / 8, [&](auto v) { shrink_vectors<1, v()>(xs, 1, n, ak + c, rp, h + c, h_stride, first); });
+        up_to<8>((rp - c) / 8, [&](auto v) { shrink_vectors<1, v()>(xs, 1, n, ak + c, rp, h + c, h_stride, first); });
     } else {
       int64_t c = 0;
       for (; c + 16 <= rp; c += 16) shrink_vectors<R, 2>(xs, rows, n, ak + c, rp, h + c, h_stride, first);
@@ -348,17 +342,6 @@ inline void fma_rows(const float (&s)[R], const M* m, int64_t n, float* const (&
   }
 }
 
-// f(std::integral_constant<int, R>{}) for R = rows, 1 ≤ rows ≤ STREAM_ROWS
-template <typename F>
-inline void by_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
-}
-
 // h[i, 0:rp] (zeros on entry) = xr[i] · at for R rows (at: (d_in, rp))
 template <int R, typename M>
 void stream_shrink(const float* const* xr, int64_t d_in, const M* at, int64_t rp, float* h, int64_t h_stride) {
@@ -488,7 +471,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
     }
     const int64_t rp = At[s].size(1);
     with_factor(At[s], [&](const auto* at) {
-      by_rows(rows, [&](auto R) { stream_shrink<R()>(xr, d_in, at, rp, hp + first * hs, hs); });
+      up_to<STREAM_ROWS>(rows, [&](auto R) { stream_shrink<R()>(xr, d_in, at, rp, hp + first * hs, hs); });
     });
   });
   const auto tiles = tiles_of(seg, At.size(), SHRINK_ROWS, streamed.skip);
@@ -551,7 +534,7 @@ void expand_block(const float* const* hrow, int64_t rows, const M* b, int64_t rb
     if (rows == 1) {  // a single row: up to 64 columns per pass (see tile_times); a tail of < 8 columns below
       const int64_t end = last - (last - first) % 8;
       for (; cb < end; cb += 64)
-        by_vectors((end - cb) / 8, [&](auto v) { expand_add_f32<1, v()>(hrow, 1, b + cb, rb, d, orow, cb); });
+        up_to<8>((end - cb) / 8, [&](auto v) { expand_add_f32<1, v()>(hrow, 1, b + cb, rb, d, orow, cb); });
       cb = end;
     }
   }
@@ -600,7 +583,7 @@ void expand_impl(at::Tensor& out, const int64_t* order, const int64_t* seg, cons
     }
     const int64_t rb = Bt[s].size(0);
     with_factor(Bt[s], [&](const auto* b) {
-      by_rows(rows, [&](auto R) { stream_expand<R()>(hrow, b, rb, d, orow); });
+      up_to<STREAM_ROWS>(rows, [&](auto R) { stream_expand<R()>(hrow, b, rb, d, orow); });
     });
   });
   const auto tiles = tiles_of(seg, Bt.size(), EXPAND_ROWS, streamed.skip);
