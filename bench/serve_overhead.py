@@ -7,8 +7,9 @@ Usage: `.venv/bin/python bench/serve_overhead.py [--rounds 5] [--runs 2] [--dtyp
 Per cell, every system (its own Engine on one shared model runner) serves the same closed-loop request set (all
 requests at t = 0), their steps interleaved one by one (`lockstep`): a system's tokens/s is its generated tokens ÷
 the wall time of its own steps, and machine drift (on a shared 2-core VM, ±25 % within a minute) hits all systems
-of a cell alike. Each round does that once per cell; the ratios are per round. Cells (`bench/serve_workloads.py`): S1 = N adapters of rank 8 on q/k/v/o; S2 = ranks
-8/16/32/64 cycled. Requests use a uniformly drawn adapter (power-law alpha 1), input U[8, 128], output U[8, 32].
+of a cell alike. Each round does that once per cell; the ratios are per round. Cells (`bench/serve_workloads.py`):
+S1 = N adapters of rank 8 on q/k/v/o; S2 = ranks 8/16/32/64 cycled. Requests use a uniformly drawn adapter (power-law
+alpha 1), input U[8, 128], output U[8, 32].
 S1 N = 1000 keeps at most 64 adapters in RAM (evictions and disk loads happen during the run, page cache warm).
 """
 from __future__ import annotations
@@ -180,8 +181,9 @@ Script: `.venv/bin/python bench/serve_overhead.py`. *base* = the Engine serving 
 `LORAKIT_KERNELS=eager` (segments / rank-bucketed bmm); *fused, bf16 factors* (fp32 models) = fused with
 `EngineConfig(lora_dtype="bfloat16")`, the adapters held in bf16 (opt-in: factors rounded once at load; not counted
 for the goal, which is about fp32 adapters). Steps of all systems of a cell interleaved one by one; ratios: median
-(min–max) over the rounds of tokens/s ÷ the same round's base tokens/s. Goal (issue 22): fused / base ≥ {GOAL} in every run. Requests: closed loop, input
-U[8, 128], output U[8, 32] tokens, greedy, fixed length, at most 32 in flight; S1 = rank 8 on q/k/v/o, S2 = ranks
+(min–max) over the rounds of tokens/s ÷ the same round's base tokens/s. Goal (issue 22): fused / base ≥ {GOAL} in
+every run. Requests: closed loop, input U[8, 128], output U[8, 32] tokens, greedy, fixed length, at most 32 in
+flight; S1 = rank 8 on q/k/v/o, S2 = ranks
 8/16/32/64 cycled; N > 64 keeps 64 adapters in RAM. *weight bytes ratio*: base weight bytes ÷ (those + the
 factors of the distinct adapters the requests use), what a decode step bound by streaming weights would reach; not a
 bound here (decode steps on these CPUs are not bandwidth-bound: S2 measured above it).
