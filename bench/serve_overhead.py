@@ -183,10 +183,10 @@ Script: `.venv/bin/python bench/serve_overhead.py`. *base* = the Engine serving 
 for the goal, which is about fp32 adapters). Steps of all systems of a cell interleaved one by one; ratios: median
 (min–max) over the rounds of tokens/s ÷ the same round's base tokens/s. Goal (issue 22): fused / base ≥ {GOAL} in
 every run. Requests: closed loop, input U[8, 128], output U[8, 32] tokens, greedy, fixed length, at most 32 in
-flight; S1 = rank 8 on q/k/v/o, S2 = ranks
-8/16/32/64 cycled; N > 64 keeps 64 adapters in RAM. *weight bytes ratio*: base weight bytes ÷ (those + the
-factors of the distinct adapters the requests use), what a decode step bound by streaming weights would reach; not a
-bound here (decode steps on these CPUs are not bandwidth-bound: S2 measured above it).
+flight; S1 = rank 8 on q/k/v/o, S2 = ranks 8/16/32/64 cycled; N > 64 keeps 64 adapters in RAM. *weight bytes
+ratio*: base weight bytes ÷ (those + the factors of the distinct adapters the requests use), what a decode step
+bound by streaming weights would reach; not a bound here (decode steps on these CPUs are not bandwidth-bound: S2
+measured above it).
 
 {chr(10).join(s + chr(10) for s in sections)}"""
     if not args.no_write:

@@ -93,8 +93,8 @@ inline __m256 load8(const c10::Half* p) {
 
 // acc[i] += s[i][0:n] · m[0:n, 0:8V] for R rows (m: row stride `stride`), in registers. Every element sees the same
 // sequence of fused multiply-adds for any R and V, so a row gets the same bits in every tile shape: 6 rows × 2
-// vectors for batches (12 accumulators), one row × up to 8 vectors for decode (8 independent chains where 2 would
-// wait on the FMA latency). Constant indices (unrolled loops) keep acc in registers.
+// vectors for batches (12 accumulators), one row × up to 8 vectors for a segment's lone last rows (8 independent
+// chains where 2 would wait on the FMA latency). Constant indices (unrolled loops) keep acc in registers.
 template <int R, int V>
 inline void zero(__m256 (&acc)[R][V]) {
   #pragma GCC unroll 16
@@ -180,7 +180,7 @@ inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, cons
 }
 #else
 // h[i, 0:C] = sum_k xr[i][k] * at[k, 0:C] for the R rows of a tile (at: row stride rp). Partial tiles are
-// computed as full ones (missing rows point at zeros), single rows (decode) by the R = 1 instance: every row sees
+// computed as full ones (missing rows point at zeros), lone last rows by the R = 1 instance: every row sees
 // the same sequence of fused multiply-adds either way, so its result does not depend on the rows batched with it.
 template <int R, int C, typename M>
 inline void shrink_chunk(const float* const* xr, int64_t rows, int64_t d_in, const M* at, int64_t rp, float* h,
@@ -209,7 +209,7 @@ inline void shrink_tile(const float* const* xr, int64_t rows, int64_t d_in, cons
 #endif
 
 // acc[i, 0:cols] = sum_j hrow[i][j] * b[j, 0:cols] for R rows (b: row stride d); the same per-row arithmetic for
-// every R, so R = 1 (decode) and padded full tiles agree bit for bit.
+// every R, so R = 1 (a segment's lone last row) and padded full tiles agree bit for bit.
 template <int R, typename M>
 inline void expand_tile(const float* const* hrow, const M* b, int64_t rb, int64_t d, int64_t cols,
                         float* out_acc) {
@@ -515,7 +515,7 @@ void shrink_impl(const at::Tensor& x, const int64_t* order, const int64_t* seg, 
       const int64_t rp = At[tile.seg].size(1);
       float* ht = hp + tile.first * hs;
       with_factor(At[tile.seg], [&](const auto* at) {
-        if (rows <= 2)  // one or two rows (decode): single-row passes, not a tile of mostly padding
+        if (rows <= 2)  // a segment's last one or two rows: single-row passes, not a tile of mostly padding
           for (int64_t i = 0; i < rows; ++i) shrink_tile<1>(xr + i, 1, d_in, at, rp, ht + i * hs, hs);
         else
           shrink_tile<SHRINK_ROWS>(xr, rows, d_in, at, rp, ht, hs);
