@@ -73,6 +73,11 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(_book(model).configs)
 
 
+def adapter_ranks(model: nn.Module) -> dict[str, int]:
+    """Each adapter's rank r, by name (one pass over the configs: routing reads it on every `route()` entry)."""
+    return {name: config.r for name, config in _book(model).configs.items()}
+
+
 def get_config(model: nn.Module, name: str = "default") -> AdapterConfig:
     return _book(model).configs[_known(model, name)]
 

@@ -108,7 +108,9 @@ class Routing:
                  conditions: dict[str, torch.Tensor] | None = None, plan_cache: dict | None = None):
         self.names = None if adapter_names is None else list(adapter_names)
         self.mix = mix
-        self.distinct = list(dict.fromkeys(n for n in self.names or () if n != BASE))
+        distinct = dict.fromkeys(self.names or ())  # (C-level passes: with many adapters this runs per route())
+        distinct.pop(BASE, None)
+        self.distinct = list(distinct)
         self.ranks = ranks or {}  # when rows must be gathered anyway, same-rank adapters go side by side
         self.token_masks = {k: _check_mask(k, m) for k, m in (token_masks or {}).items()}
         self.conditions = {k: _check_condition(k, c) for k, c in (conditions or {}).items()}
@@ -179,7 +181,7 @@ class Routing:
         them (the fused kernels' factor lists)."""
         if cache is None or self.names is None:
             return {}
-        key = (tuple(self.names), tuple(self.ranks.get(n, 0) for n in self.distinct))
+        key = (tuple(self.names), tuple(map(self.ranks.get, self.distinct)))
         plans = cache.pop(key, None)
         if plans is None:
             plans = {}
@@ -415,7 +417,7 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
     Routing is refused while any layer is merged.
     """
     from .layers import AdaptedLayer
-    from .model import adapter_names as known_names, get_config
+    from .model import adapter_ranks
 
     if adapters is not None and weights is None:
         raise RoutingError("adapters= names the columns of weights=; pass weights too")
@@ -430,8 +432,9 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
         if len(set(names)) != len(names) or BASE in names:
             raise RoutingError(f"mixing needs distinct adapter names (not {BASE!r}), got {names}")
         mix = Mix(names, w, gate, {id(m): p for p, m in model.named_modules()} if gate is not None else None)
-    known = set(known_names(model))
-    unknown = sorted({n for n in (*(adapter_names or ()), *(mix.names if mix else ())) if n != BASE} - known)
+    ranks = adapter_ranks(model)
+    known = ranks.keys()
+    unknown = sorted(set(adapter_names or ()).union(mix.names if mix else ()) - known - {BASE})
     if unknown:
         raise RoutingError(f"unknown adapter name(s) {unknown}; this model has {sorted(known)} and {BASE!r}")
     modules = routed_modules(model)
@@ -439,7 +442,7 @@ def route(model: nn.Module, adapter_names: list[str] | None = None, *,
         raise RoutingError("routing needs unmerged layers; call lorakit.unmerge(model) first")
     if conditions is not None and not isinstance(conditions, dict):
         raise RoutingError(f"conditions must be a dict of names to (rows, d) tensors, got {type(conditions).__name__}")
-    routing = Routing(adapter_names, {n: get_config(model, n).r for n in known}, token_masks, mix, conditions,
+    routing = Routing(adapter_names, ranks, token_masks, mix, conditions,
                       plan_cache=model.__dict__.setdefault("_lorakit_plans", {}))
     if adapter_names is None:  # per-token weights, masks or conditions only: module copies keep their normal forward
         modules = [m for m in modules if isinstance(m, AdaptedLayer)]

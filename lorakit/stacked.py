@@ -12,6 +12,7 @@ per layer (a few entries) and rebuilt when any factor tensor or scale changes.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import NamedTuple
 
@@ -44,7 +45,7 @@ class Stacks:
     def __init__(self):
         self._cache: dict[tuple, tuple] = {}
         self._fused: dict[tuple, tuple] = {}  # (id(variant), pairs) → (variant, state, Aᵀ padded, (s·B)ᵀ)
-        self._lists: dict[tuple, tuple] = {}  # (id(plan), pairs) → (plan, variants, checks, fused_lists result)
+        self._lists: dict[tuple, tuple] = {}  # (id(plan), pairs) → (plan, _Checks, fused_lists result)
         self._packed: dict[tuple, tuple] = {}  # (id(plan), pairs) → (plan, layers' lists, `packed` result)
 
     def clear(self) -> None:
@@ -101,36 +102,34 @@ class Stacks:
     def fused_lists(self, plan, segments, pairs: bool = False) -> tuple[list, list, list]:
         """For the fused kernels, per segment of `plan`: Aᵀ and (s·B)ᵀ (None where this layer runs no kernel), and the
         `segments` left for the eager path. Kept per plan (plans outlive route() blocks with the same names) and
-        re-checked at each call: plain LoRA by its two parameters' identity and version, other variants by
-        `fused`'s full stamp."""
-        variants = [v for v, _, _ in segments]
+        re-checked at each call (`_Checks`)."""
+        variants = list(map(_FIRST, segments))
         hit = self._lists.get((id(plan), pairs))
-        if (hit is not None and hit[0] is plan and len(hit[1]) == len(variants)
-                and all(v is w for v, w in zip(variants, hit[1])) and all(map(self._unchanged, hit[2]))):
-            return hit[3]
-        ready, checks = {}, []
+        if hit is not None and hit[0] is plan and hit[1].hold(self, variants):
+            return hit[2]
+        ready, plain, others = {}, [], []
         for v, start, _ in segments:
             if v.training and isinstance(v.dropout, nn.Dropout):
                 continue
             factors = self.fused(v, pairs)
             if factors is not None:
                 ready[start] = factors
-                checks.append((v, pairs, factors, _lora_state(v) if _plain_lora(v) else None))
+                if _plain_lora(v):
+                    plain.append(v)
+                else:
+                    others.append((v, pairs, factors))
         lists = ([ready[a][0] if a in ready else None for _, a, _ in plan.segments],
                  [ready[a][1] if a in ready else None for _, a, _ in plan.segments],
                  [seg for seg in segments if seg[1] not in ready])
         if len(self._lists) >= MAX_CACHED_STACKS:
             self._lists.pop(next(iter(self._lists)))
-        self._lists[id(plan), pairs] = (plan, variants, checks, lists)  # keeps the plan alive: ids are not reused
+        # keeps the plan alive: ids are not reused
+        self._lists[id(plan), pairs] = (plan, _Checks.of(variants, plain, others), lists)
         return lists
 
-    def _unchanged(self, check) -> bool:
-        v, pairs, factors, state = check
-        if v.training:
-            return False
-        if state is not None:
-            return _same_state(state, _lora_state(v))
-        now = self.fused(v, pairs)  # recomputed only when its stamp changed, and then new tensors
+    def unchanged(self, v, pairs: bool, factors: tuple) -> bool:
+        """Variant `v`'s kernel factors are still `factors` (recomputed only when its stamp changed: new tensors)."""
+        now = self.fused(v, pairs)
         return now is not None and now[0] is factors[0] and now[1] is factors[1]
 
     def get(self, variants) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +152,44 @@ def _lora_state(v) -> tuple:
     """A plain LoRA's two parameters, their versions and its scale."""
     a, b = v._parameters["lora_A"], v._parameters["lora_B"]
     return a, b, a._version, b._version, v.scale
+
+
+_FIRST, _TRAINING, _VERSION = operator.itemgetter(0), operator.attrgetter("training"), operator.attrgetter("_version")
+_SCALE, _PARAMETERS = operator.attrgetter("scale"), operator.attrgetter("_parameters")
+
+
+def _parameters_named(variants, name: str):
+    return map(operator.getitem, map(_PARAMETERS, variants), itertools.repeat(name))
+
+
+class _Checks(NamedTuple):
+    """What a cached `fused_lists` result rests on, checked at every call in a few C-level passes (a server step
+    checks every adapter of the batch in every layer): each variant's training mode the same; each plain LoRA's two
+    parameters the same objects at the same versions, and its scale the same; other variants by `fused`'s stamp."""
+    variants: list
+    training: list         # each variant's mode (training with dropout keeps it off the kernels)
+    plain: list
+    a: list
+    b: list
+    versions: list
+    scales: list
+    others: list           # (variant, pairs, factors)
+
+    @classmethod
+    def of(cls, variants, plain, others) -> "_Checks":
+        a, b = list(_parameters_named(plain, "lora_A")), list(_parameters_named(plain, "lora_B"))
+        return cls(variants, list(map(_TRAINING, variants)), plain, a, b, list(map(_VERSION, a + b)),
+                   list(map(_SCALE, plain)), others)
+
+    def hold(self, stacks: Stacks, variants: list) -> bool:
+        """The result still holds for this layer's `variants` now."""
+        return (len(variants) == len(self.variants) and all(map(operator.is_, variants, self.variants))
+                and list(map(_TRAINING, variants)) == self.training
+                and all(map(operator.is_, _parameters_named(self.plain, "lora_A"), self.a))
+                and all(map(operator.is_, _parameters_named(self.plain, "lora_B"), self.b))
+                and list(map(_VERSION, self.a + self.b)) == self.versions
+                and list(map(_SCALE, self.plain)) == self.scales
+                and all(stacks.unchanged(*other) for other in self.others))
 
 
 def _same_state(old: tuple, new: tuple) -> bool:

@@ -230,20 +230,43 @@ def test_half_precision_model_through_the_kernels_close_to_eager(ops, monkeypatc
     assert (eager - base)[:3].abs().max() > 0.1  # the adapters matter at this scale
 
 
+@pytest.mark.parametrize("change", ["in place", "replaced", "scale"])
 @pytest.mark.parametrize("which", ["q_proj", "v_proj"], ids=["shrinking layer", "follower"])
-def test_updated_weights_are_used_at_the_next_forward(ops, which):
+def test_updated_weights_are_used_at_the_next_forward(ops, which, change):
     model = adapted([("a", "lora", 4), ("b", "lora", 8)])
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
     routed(model, ["a", "b"], ids)  # learns the shared shrinks
     before = routed(model, ["a", "b"], ids)
     layer = getattr(model.model.layers[0].self_attn, which)
     with torch.no_grad():
-        layer.adapters["a"].lora_A.mul_(3.0)  # in place
-        layer.adapters["b"].lora_A = torch.nn.Parameter(layer.adapters["b"].lora_A * 2.0)  # replaced
+        if change == "in place":
+            layer.adapters["a"].lora_A.mul_(3.0)
+        elif change == "replaced":
+            layer.adapters["b"].lora_A = torch.nn.Parameter(layer.adapters["b"].lora_A * 2.0)
+        else:
+            layer.adapters["b"].scale *= 3.0
     after = routed(model, ["a", "b"], ids)
     with kernels.using("eager"):
         torch.testing.assert_close(after, routed(model, ["a", "b"], ids), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_dropout_in_training_mode_leaves_the_kernels(ops):
+    """An adapter switched to training mode with dropout runs its dropout (off the kernels) even under no_grad,
+    after forwards in eval mode that cached its kernel factors; back in eval mode it is deterministic again."""
+    model = llama(eos_token_id=None, pad_token_id=0)
+    for i, name in enumerate("ab"):
+        torch.manual_seed(20 + i)
+        lorakit.inject(model, lorakit.AdapterConfig(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False,
+                                                    target_modules="all-linear"), name)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    evaluated = routed(model, ["a", "b"], ids)
+    torch.testing.assert_close(routed(model, ["a", "b"], ids), evaluated)
+    model.train()
+    assert not torch.allclose(routed(model, ["a", "b"], ids), routed(model, ["a", "b"], ids))
+    model.eval()
+    torch.testing.assert_close(routed(model, ["a", "b"], ids), evaluated)
 
 
 def test_training_keeps_the_autograd_path(ops, monkeypatch):
