@@ -32,7 +32,7 @@ def adapter(i: int, r: int) -> LoadedAdapter:
     g = torch.Generator().manual_seed(i)
     parts = [(k * r, (k + 1) * r, k * HIDDEN, (k + 1) * HIDDEN, torch.randn(r, HIDDEN, generator=g) * 0.01)
              for k in range(3)]
-    group = GroupWeights(torch.randn(3 * r, HIDDEN, generator=g), parts)
+    group = GroupWeights.of(torch.randn(3 * r, HIDDEN, generator=g), parts)
     spec = AdapterSpec(f"a{i}", "", {}, {}, 0)
     return LoadedAdapter(spec, {(0, "qkv"): group}, 0)
 

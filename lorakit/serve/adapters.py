@@ -53,31 +53,46 @@ class AdapterSpec:
 class GroupWeights:
     """One adapter's factors for one fused projection group of one layer.
 
-    `a`: the group's A factors stacked, (Σr, in). `parts`: per module (rank offset r0, r1, output columns c0, c1
-    of the fused output, (s·B)ᵀ of shape (r, out))."""
+    `at`: the group's A factors stacked and transposed, (in, Σr) zero-padded to the fused kernels' rank multiple
+    (`lorakit.kernels.down_factor`): the one copy of A that a loaded adapter holds, so the pool's byte count is
+    what it keeps. `parts`: per module (rank offset r0, r1, output columns c0, c1 of the fused output, (s·B)ᵀ of
+    shape (r, out))."""
 
-    a: torch.Tensor
+    at: torch.Tensor
     parts: list[tuple[int, int, int, int, torch.Tensor]]
     _casts: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @classmethod
+    def of(cls, a: torch.Tensor, parts: list) -> "GroupWeights":
+        """From the stacked A factors (Σr, in)."""
+        from ..kernels import down_factor
+
+        return cls(down_factor(a).to(a.dtype), parts)
+
+    @property
+    def a(self) -> torch.Tensor:
+        """The stacked A factors (Σr, in): a view of `at`."""
+        return self.at[:, :self.parts[-1][1]].T
+
     def cast(self, dtype: torch.dtype) -> "GroupWeights":
         """These factors in `dtype` (itself when it already is; other dtypes made once and kept)."""
-        if self.a.dtype == dtype:
+        if self.at.dtype == dtype:
             return self
         if dtype not in self._casts:
-            self._casts[dtype] = GroupWeights(self.a.to(dtype), [(*p[:4], p[4].to(dtype)) for p in self.parts])
+            self._casts[dtype] = GroupWeights(self.at.to(dtype), [(*p[:4], p[4].to(dtype)) for p in self.parts])
         return self._casts[dtype]
 
     def fused(self, pairs: bool = False) -> tuple[torch.Tensor, list[tuple[int, int, int, torch.Tensor]]]:
-        """These factors as the fused kernels take them (`lorakit.kernels`; `pairs`: their bf16 layout): Aᵀ
-        (in, Σr padded) and per module (columns c0, c1, rank offset r0, (s·B)ᵀ), made once and kept."""
-        key = "fused-pairs" if pairs else "fused"
-        if key not in self._casts:
+        """These factors as the fused kernels take them (`lorakit.kernels`; `pairs`: their bf16 layout, a copy made
+        once and kept): Aᵀ (in, Σr padded) and per module (columns c0, c1, rank offset r0, (s·B)ᵀ)."""
+        if not pairs:
+            return self.at, [(c0, c1, r0, bt) for r0, _, c0, c1, bt in self.parts]
+        if "fused-pairs" not in self._casts:
             from ..kernels import down_factor, up_factor
 
-            self._casts[key] = (down_factor(self.a, pairs), [(c0, c1, r0, up_factor(bt.T, 1.0, pairs))
-                                                             for r0, _, c0, c1, bt in self.parts])
-        return self._casts[key]
+            self._casts["fused-pairs"] = (down_factor(self.a, True), [(c0, c1, r0, up_factor(bt.T, 1.0, True))
+                                                                      for r0, _, c0, c1, bt in self.parts])
+        return self._casts["fused-pairs"]
 
     @property
     def key(self) -> tuple:
@@ -147,7 +162,7 @@ def inspect_adapter(name: str, path, dims: Dims, max_lora_rank: int, itemsize: i
         factors.setdefault((int(m[1]), m[2]), {})[m[3]] = shape
     if not factors:
         raise StateDictError(f"adapter {name!r}: {weights_path} holds no LoRA factors")
-    ranks, scales, nbytes = {}, {}, 0
+    ranks, scales = {}, {}
     for (layer, module), pair in sorted(factors.items()):
         where = f"adapter {name!r}, layer {layer} {module}"
         if set(pair) != {"A", "B"}:
@@ -164,8 +179,23 @@ def inspect_adapter(name: str, path, dims: Dims, max_lora_rank: int, itemsize: i
             raise ConfigError(f"LoRA rank {r} of adapter {name!r} ({module}, layer {layer}) is greater than "
                               f"max_lora_rank {max_lora_rank}")
         ranks[layer, module], scales[layer, module] = r, config.scale_for(path_)
-        nbytes += itemsize * r * (fan_in + fan_out)
-    return AdapterSpec(name, str(folder), ranks, scales, nbytes)
+    return AdapterSpec(name, str(folder), ranks, scales, loaded_bytes(ranks, dims, itemsize))
+
+
+def loaded_bytes(ranks: dict[tuple[int, str], int], dims: Dims, itemsize: int) -> int:
+    """The bytes `load_adapter_weights` will hold for these ranks: per layer and group, Aᵀ with its ranks padded to
+    the kernels' multiple, and each module's (s·B)ᵀ."""
+    from ..kernels import RANK_MULTIPLE
+
+    group_ranks: dict[tuple[int, str], int] = {}
+    elements = 0
+    for (layer, module), r in ranks.items():
+        key = layer, GROUP_OF[module]
+        group_ranks[key] = group_ranks.get(key, 0) + r
+        elements += r * dims.projection_shape(module)[1]
+    for (_, group), r in group_ranks.items():
+        elements += -(-r // RANK_MULTIPLE) * RANK_MULTIPLE * dims.projection_shape(GROUPS[group][0])[0]
+    return itemsize * elements
 
 
 def load_adapter_weights(spec: AdapterSpec, dims: Dims, dtype: torch.dtype = torch.float32) -> LoadedAdapter:
@@ -195,8 +225,8 @@ def load_adapter_weights(spec: AdapterSpec, dims: Dims, dtype: torch.dtype = tor
                     parts.append((r0, r0 + r, c0, c0 + width, bt))
                     r0 += r
                 c0 += width
-            groups[layer, group] = GroupWeights(torch.cat(a_parts).to(dtype).contiguous(), parts)
-    nbytes = sum(g.a.nbytes + sum(p[4].nbytes for p in g.parts) for g in groups.values())
+            groups[layer, group] = GroupWeights.of(torch.cat(a_parts).to(dtype), parts)
+    nbytes = sum(g.at.nbytes + sum(p[4].nbytes for p in g.parts) for g in groups.values())
     return LoadedAdapter(spec, groups, nbytes)
 
 

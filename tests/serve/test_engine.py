@@ -251,6 +251,33 @@ def test_adapter_cache_is_lru_in_count_and_bytes_and_never_evicts_a_running_adap
     assert tight.metrics()["adapters_loaded"] == 0 and tight.metrics()["adapter_evictions_total"] == 1
 
 
+def held_bytes(loaded) -> int:
+    """The bytes of every distinct storage a loaded adapter keeps (its factors and any copies made of them)."""
+    tensors = []
+    for g in loaded.groups.values():
+        tensors += [g.at, *(p[4] for p in g.parts)]
+        for cast in g._casts.values():
+            tensors += [cast.at, *(p[4] for p in cast.parts)] if hasattr(cast, "at") else [cast[0]] + \
+                [part[3] for part in cast[1]]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kernel", ["auto", "segment"])
+def test_the_pool_counts_the_bytes_a_served_adapter_holds(base, adapters, tmp_path, kernel):
+    """The budget's count of an adapter (known before it loads) is what it holds once steps have run with it:
+    rank 3 on every projection (q/k/v's Aᵀ padded from 9 to 16 ranks) and rank 64 on q/k/v/o."""
+    odd = peft_adapter(base, tmp_path / "r3", 3, "all-linear", seed=7)
+    engine = Engine(LlamaRunner.from_hf(base), EngineConfig(memory_bytes=8 << 20, block_size=4, lora_kernel=kernel))
+    engine.register_adapter("r3", odd)
+    engine.register_adapter("r64", adapters["ad3"][0])
+    engine.generate([Request([1, 2, 3], name, SamplingParams(max_tokens=3, ignore_eos=True)) for name in
+                     ("r3", "r64", "r3")])
+    for name in ("r3", "r64"):
+        loaded = engine.pool._entries[name].loaded
+        assert loaded.nbytes == engine.pool.specs()[name].nbytes == held_bytes(loaded)
+
+
 def test_runner_logits_at_every_prefill_position_match_transformers(base):
     """Two prompts prefilled in one step (all positions' logits), then a decode step of both."""
     from lorakit.serve.llama import SeqSlice, StepBatch
