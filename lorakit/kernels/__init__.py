@@ -43,7 +43,7 @@ class KernelError(LorakitError):
 
 
 _lock = threading.Lock()
-_state: dict = {}  # "ops": the op namespace or None, once tried; "mode": set by `using`
+_state: dict = {}  # "ops" / "generic": (op namespace or None, why not), once tried; "mode": set by `using`
 
 
 def mode() -> str:
@@ -59,18 +59,17 @@ def sgmv():
     current = mode()
     if current == "eager":
         return None
-    if "ops" not in _state:
-        with _lock:
-            if "ops" not in _state:
-                _state["ops"], _state["error"] = _build()
-                if _state["ops"] is None and current == "auto":
-                    warnings.warn(f"lorakit: the CPU kernels for mixed-adapter batches could not be built "
-                                  f"({_state['error']}); using the eager PyTorch path (same results, slower with "
-                                  "many adapters). Set LORAKIT_KERNELS=eager to skip the build.", RuntimeWarning,
-                                  stacklevel=2)
-    if _state["ops"] is None and current == "compiled":
-        raise KernelError(f"LORAKIT_KERNELS=compiled, but the CPU kernels could not be built: {_state['error']}")
-    return _state["ops"]
+    ops, error = _built("ops", first=_warn_fallback if current == "auto" else None)
+    if ops is None and current == "compiled":
+        raise KernelError(f"LORAKIT_KERNELS=compiled, but the CPU kernels could not be built: {error}")
+    return ops
+
+
+def _warn_fallback(ops, error) -> None:
+    if ops is None:
+        warnings.warn(f"lorakit: the CPU kernels for mixed-adapter batches could not be built ({error}); using the "
+                      "eager PyTorch path (same results, slower with many adapters). Set LORAKIT_KERNELS=eager to "
+                      "skip the build.", RuntimeWarning, stacklevel=4)  # the caller of sgmv()
 
 
 def uses(x: torch.Tensor, out_features: int | None = None) -> bool:
@@ -137,7 +136,7 @@ def using(value: str):
 def reset() -> None:
     """Forget the build outcome (the next `sgmv()` tries again: tests switch modes with it)."""
     with _lock:
-        for key in ("ops", "error", "bf16_dot"):
+        for key in ("ops", "bf16_dot"):
             _state.pop(key, None)
 
 
@@ -151,14 +150,22 @@ def build_dir(name: str = "lorakit_sgmv") -> Path:
 def generic_ops():
     """The kernels built without the AVX2 register tiles, as `torch.ops.lorakit_sgmv_generic`: the loops that
     AVX-512 and Arm CPUs run, for tests on AVX2 machines. Raises KernelError when they cannot be built."""
-    if "generic" not in _state:
-        with _lock:
-            if "generic" not in _state:
-                _state["generic"] = _build("lorakit_sgmv_generic", ["-DLORAKIT_GENERIC"])
-    ops, error = _state["generic"]
+    ops, error = _built("generic", name="lorakit_sgmv_generic", defines=("-DLORAKIT_GENERIC",))
     if ops is None:
         raise KernelError(f"the generic kernels could not be built: {error}")
     return ops
+
+
+def _built(key: str, first=None, name: str = "lorakit_sgmv", defines: tuple = ()) -> tuple:
+    """`_build`'s outcome, kept in `_state[key]`: built by the first caller while other threads wait; `first(ops,
+    error)` runs once, after that build."""
+    if key not in _state:
+        with _lock:
+            if key not in _state:
+                _state[key] = _build(name, defines)
+                if first is not None:
+                    first(*_state[key])
+    return _state[key]
 
 
 def _build(name: str = "lorakit_sgmv", defines: tuple = ()):
