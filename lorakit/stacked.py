@@ -163,8 +163,8 @@ def _parameters_named(variants, name: str):
 
 
 class _Checks(NamedTuple):
-    """What a cached `fused_lists` result rests on, checked at every call in a few C-level passes (a server step
-    checks every adapter of the batch in every layer): each variant's training mode the same; each plain LoRA's two
+    """What a cached `fused_lists` result rests on, checked at every call in a few C-level passes (a mixed batch
+    checks every adapter it routes, in every layer): each variant's training mode the same; each plain LoRA's two
     parameters the same objects at the same versions, and its scale the same; other variants by `fused`'s stamp."""
     variants: list
     training: list         # each variant's mode (training with dropout keeps it off the kernels)
