@@ -251,15 +251,20 @@ def test_adapter_cache_is_lru_in_count_and_bytes_and_never_evicts_a_running_adap
     assert tight.metrics()["adapters_loaded"] == 0 and tight.metrics()["adapter_evictions_total"] == 1
 
 
+def tensors_in(obj):
+    """Every tensor inside `obj`: group weights (and the copies they keep), lists, tuples, dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif hasattr(obj, "parts"):  # GroupWeights
+        yield from tensors_in([obj.at, obj.parts, obj._casts])
+    elif isinstance(obj, (list, tuple, dict)):
+        for item in obj.values() if isinstance(obj, dict) else obj:
+            yield from tensors_in(item)
+
+
 def held_bytes(loaded) -> int:
     """The bytes of every distinct storage a loaded adapter keeps (its factors and any copies made of them)."""
-    tensors = []
-    for g in loaded.groups.values():
-        tensors += [g.at, *(p[4] for p in g.parts)]
-        for cast in g._casts.values():
-            tensors += [cast.at, *(p[4] for p in cast.parts)] if hasattr(cast, "at") else [cast[0]] + \
-                [part[3] for part in cast[1]]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(loaded.groups)}
     return sum(storages.values())
 
 
